@@ -1,0 +1,46 @@
+# The two commands a newcomer needs: `make repro` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+export DVC_NO_ANALYTICS=1 RAY_USAGE_STATS_ENABLED=0 BENTOML_DO_NOT_TRACK=True MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
+
+.PHONY: setup data repro test test-fast serve ui bench clean-outputs
+
+## setup: virtualenv with the pinned stack, plus Fashion-MNIST's Debian package when missing
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+data:
+	@if [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "note: install Debian's dataset-fashion-mnist, or fetch will download Fashion-MNIST"; fi; \
+	fi
+
+## repro: the whole pipeline on the default data, then a summary of what it produced
+repro: setup
+	PATH=$(BIN):$$PATH $(BIN)/dvc repro
+	$(PY) -m pipelines.report
+
+## test: the whole suite (unit + integration with real MLflow, Ray, BentoML, DVC)
+test: setup
+	$(PY) -m pytest -q
+
+serve:
+	PATH=$(BIN):$$PATH $(PY) -m services.serve
+
+ui:
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+bench:
+	$(PY) bench/train_throughput.py
+	$(PY) bench/tune_efficiency.py
+	$(PY) bench/serve.py
+	$(PY) bench/report.py

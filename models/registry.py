@@ -1,0 +1,137 @@
+"""One registry of architecture families per task, timm-style: a family registers itself.
+
+A family is a builder `fn(num_classes, in_channels, image_size, **hparams) -> nn.Module`
+plus its hyperparameter space, declared next to it:
+
+    @register("classify", "resnet", space={"depth": Choice([8, 14, 20]), "width": Choice([16, 32])},
+              defaults={"depth": 8, "width": 16})
+    def resnet(num_classes, in_channels, image_size, depth=8, width=16): ...
+
+Output conventions, the same for every family of a task:
+- classify: logits [N, num_classes]; in train mode a family with auxiliary heads
+  returns `AuxLogits(logits, aux=[...])` (auxiliary losses count in training only).
+- detect: a torchvision detection model (list of images in, list of dicts
+  `boxes`/`labels`/`scores`[/`masks`] out in eval mode, a dict of losses in train
+  mode). `num_classes` counts object classes; label 0 is background inside torchvision,
+  so class index c is label c + 1.
+- segment: logits [N, num_classes + 1, H, W] at the input resolution, channel 0 =
+  background, channel c + 1 = class c.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
+
+from torch import Tensor, nn
+
+TASKS = ("classify", "detect", "segment")
+
+
+class AuxLogits(NamedTuple):
+    """Train-mode output of a classifier with auxiliary heads (GoogLeNet)."""
+
+    logits: Tensor
+    aux: list[Tensor]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical hyperparameter."""
+
+    values: Sequence[Any]
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """An integer hyperparameter in [low, high]."""
+
+    low: int
+    high: int
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A float hyperparameter in [low, high]."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+Space = dict[str, Choice | IntRange | FloatRange]
+
+
+@dataclass(frozen=True)
+class Family:
+    task: str
+    name: str
+    builder: Callable[..., nn.Module]
+    space: Space = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    paper: str = ""
+
+
+_REGISTRY: dict[str, dict[str, Family]] = {task: {} for task in TASKS}
+
+
+def register(task: str, name: str, *, space: Space | None = None, defaults: dict[str, Any] | None = None,
+             paper: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register `builder` as family `name` of `task` with its search space."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY[task]:
+            raise ValueError(f"family {name!r} is registered twice for {task}")
+        _REGISTRY[task][name] = Family(task, name, builder, dict(space or {}), dict(defaults or {}), paper)
+        return builder
+
+    return decorate
+
+
+_loaded = False
+
+
+def _load_families() -> None:
+    """Import every module of the `models` package once, so their decorators run."""
+    global _loaded
+    if _loaded:
+        return
+    import models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        if info.name not in {"registry", "summary", "checkpoint"}:
+            importlib.import_module(f"models.{info.name}")
+    _loaded = True
+
+
+def families(task: str) -> list[str]:
+    """The family names registered for `task`, sorted."""
+    _load_families()
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    return sorted(_REGISTRY[task])
+
+
+def family(task: str, name: str) -> Family:
+    """The registered family, or a KeyError that lists the valid names."""
+    names = families(task)
+    if name not in _REGISTRY[task]:
+        raise KeyError(f"unknown {task} family {name!r}; known: {', '.join(names)}")
+    return _REGISTRY[task][name]
+
+
+def build(task: str, family_name: str, num_classes: int, in_channels: int, image_size: int,
+          **hparams: Any) -> nn.Module:
+    """Build a model of `family_name` for `task`; unspecified hparams take the family's defaults."""
+    fam = family(task, family_name)
+    unknown = set(hparams) - set(fam.defaults) - set(fam.space)
+    if unknown:
+        raise KeyError(f"{task} family {family_name!r} has no hyperparameter(s) {sorted(unknown)}; "
+                       f"known: {sorted(set(fam.defaults) | set(fam.space))}")
+    return fam.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                       **{**fam.defaults, **hparams})

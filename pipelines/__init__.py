@@ -1,0 +1,1 @@
+"""ConvForge pipeline stages (`python -m pipelines.<stage>`) and the library code they share."""
