@@ -70,6 +70,7 @@ class AugmentParams(Section):
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)]
     copies: NonNegInt
     preview_count: Annotated[int, Field(ge=1, le=256)]
+    crop_size: Annotated[int, Field(ge=8, le=1024)]
     policy: PolicyParams
 
 
@@ -79,6 +80,8 @@ class SceneParams(Section):
     max_items: PosInt
     scale_range: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=2, max_length=2)]
     max_overlap: Fraction
+    min_visible: Fraction
+    foreground_threshold: Annotated[int, Field(ge=0, le=254)]
     train_scenes: PosInt
     val_scenes: PosInt
     test_scenes: PosInt
@@ -92,6 +95,33 @@ class SceneParams(Section):
         return self
 
 
+Optimizer = Literal["sgd", "adamw"]
+PosRange = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)]
+NonNegRange = Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=2, max_length=2)]
+
+
+class TrainSpaceParams(Section):
+    """The training hyperparameters a search tunes: [low, high] ranges and lists of choices."""
+
+    optimizer: Annotated[list[Optimizer], Field(min_length=1)]
+    lr: dict[Optimizer, PosRange]  # log-uniform, one range per optimizer
+    weight_decay: PosRange  # log-uniform
+    batch_size: Annotated[list[Annotated[int, Field(ge=1, le=8192)]], Field(min_length=1)]
+    aug_strength: Annotated[list[Annotated[float, Field(ge=0, le=4)]], Field(min_length=2, max_length=2)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSpaceParams":
+        missing = [name for name in self.optimizer if name not in self.lr]
+        if missing:
+            raise ValueError(f"lr: no range for optimizer(s) {missing}")
+        ranges = {f"lr.{k}": v for k, v in self.lr.items()}
+        ranges.update(weight_decay=self.weight_decay, aug_strength=self.aug_strength)
+        for name, (low, high) in ranges.items():
+            if low > high:
+                raise ValueError(f"{name} must be [low, high] with low <= high, got {[low, high]}")
+        return self
+
+
 class TaskSearchParams(Section):
     families: Annotated[list[str], Field(min_length=1)]
     num_samples: PosInt
@@ -99,20 +129,29 @@ class TaskSearchParams(Section):
     grace_period: PosInt
     time_budget_s: Annotated[float, Field(gt=0)]
     train_subset: PosInt | None
+    space: TrainSpaceParams
 
 
 class SearchParams(Section):
     scheduler: Literal["asha", "hyperband", "pbt"]
     algorithm: Literal["optuna", "random"]
+    reduction_factor: Annotated[int, Field(ge=2)]
     cpus_per_trial: Annotated[float, Field(gt=0)]
     gpus_per_trial: Annotated[float, Field(ge=0)]
     max_concurrent: PosInt
     max_failures: NonNegInt
     ray_address: str | None
+    storage: str | None
     max_latency_ms: Annotated[float, Field(gt=0)] | None
     classify: TaskSearchParams
     detect: TaskSearchParams
     segment: TaskSearchParams
+
+    @model_validator(mode="after")
+    def _pbt_needs_random(self) -> "SearchParams":
+        if self.scheduler == "pbt" and self.algorithm != "random":
+            raise ValueError("scheduler pbt mutates trials itself: set search.algorithm to random")
+        return self
 
     def task(self, task: str) -> TaskSearchParams:
         return getattr(self, task)

@@ -79,6 +79,7 @@ def write_json(path: Path, data: Any) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; outputs are for everyone to read
     os.replace(handle.name, path)
 
 
@@ -93,6 +94,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    os.chmod(staging, 0o755)  # mkdtemp creates 0700
     if path.exists():
         shutil.rmtree(path)
     os.replace(staging, path)

@@ -1,0 +1,71 @@
+"""Tiny real data for tests: prepared classify data and scenes built by the pipeline library.
+
+From scikit-learn's digits (real data, bundled, offline), upscaled from 8x8 to 16x16 so
+every family's pooling has room: 360 train / 40 val / 100 test items, 1 channel,
+10 classes. Scenes: 40 train / 10 val / 10 test canvases of 40 px with 1-3 digits each.
+Built once per test session through pipelines.augment, the same code the stage runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from pipelines.params import Params, SceneParams, load_params, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="session")
+def project_params() -> Params:
+    """The repo's params.yaml, validated; build overrides with `pipelines.params.validate`."""
+    return load_params(ROOT / "params.yaml")
+
+
+def tiny_scene_params(params: Params, **overrides) -> SceneParams:
+    """Small scene settings for tests (canvas 40, 40/10/10 scenes), with optional overrides."""
+    values = {**params.scenes.model_dump(), "canvas_size": 40, "train_scenes": 40, "val_scenes": 10,
+              "test_scenes": 10, **overrides}
+    return validate(SceneParams, values, prefix="scenes")
+
+
+def digits_splits(params: Params, max_train: int = 400, max_test: int = 100, size: int = FIXTURE_IMAGE_SIZE):
+    """sklearn digits through the fetch reader, first N items per split, resized to size x size."""
+    from pipelines.sources import read_digits
+
+    data = params.data.model_copy(update={"dataset": "digits", "max_train": max_train, "max_test": max_test})
+    raw = read_digits(data)
+
+    def resize(images: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        return np.ascontiguousarray(F.resize(tensor, [size, size], antialias=True).numpy().transpose(0, 2, 3, 1))
+
+    return replace(raw, train_images=resize(raw.train_images), test_images=resize(raw.test_images))
+
+
+@pytest.fixture(scope="session")
+def _prepared_digits(tmp_path_factory, project_params) -> Path:
+    from pipelines.augment import prepare_from_classify
+
+    root = tmp_path_factory.mktemp("prepared")
+    prepare_from_classify(digits_splits(project_params), root / "data" / "prepared", root / "reports" / "augment",
+                          project_params.augment, tiny_scene_params(project_params), project_params.seed)
+    return root / "data" / "prepared"
+
+
+@pytest.fixture(scope="session")
+def prepared_classify(_prepared_digits) -> Path:
+    """A data/prepared/classify-like folder (digits 16x16, 360/40/100): use with pipelines.datasets.load_classify."""
+    return _prepared_digits / "classify"
+
+
+@pytest.fixture(scope="session")
+def prepared_scenes(_prepared_digits) -> Path:
+    """A data/prepared/scenes-like folder (40/10/10 scenes, 40 px, 1-3 digits): use with load_scenes."""
+    return _prepared_digits / "scenes"

@@ -1,0 +1,170 @@
+"""The augment stage's library: determinism, stratified split, train-only stats, copies, policies, own data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.augment import (channel_stats, load_raw, prepare_from_classify, prepare_from_scenes,
+                               stratified_split)
+from pipelines.datasets import load_classify, load_scenes
+from pipelines.errors import ConvForgeError
+from pipelines.fetch import write_raw
+from pipelines.params import AugmentParams, PolicyParams, validate
+from pipelines.scenes import compose_scenes
+from pipelines.sources import SceneSplits
+from pipelines.transforms import apply_policy, build_policy, build_scene_policy
+from tests.fixtures import digits_splits, tiny_scene_params
+
+
+def augment_params(project_params, **overrides) -> AugmentParams:
+    return validate(AugmentParams, {**project_params.augment.model_dump(), **overrides}, prefix="augment")
+
+
+def policy_params(**values) -> PolicyParams:
+    base = {"crop_padding": 0, "hflip": 0.0, "rotation_deg": 0.0, "translate": 0.0, "erasing": 0.0,
+            "color_jitter": 0.0}
+    return validate(PolicyParams, {**base, **values}, prefix="augment.policy")
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def raw(project_params):
+    return digits_splits(project_params, max_train=300, max_test=60)
+
+
+def run(raw, root: Path, project_params, seed: int = 42, **augment) -> Path:
+    scenes = tiny_scene_params(project_params, train_scenes=12, val_scenes=4, test_scenes=4)
+    prepare_from_classify(raw, root / "prepared", root / "reports", augment_params(project_params, **augment),
+                          scenes, seed)
+    return root
+
+
+def test_two_runs_are_byte_identical(raw, tmp_path, project_params):
+    first = files_of(run(raw, tmp_path / "a", project_params, copies=1))
+    second = files_of(run(raw, tmp_path / "b", project_params, copies=1))
+    assert first.keys() == second.keys()
+    assert {"prepared/classify/train.npz", "prepared/scenes/train/instances.json", "reports/classify_preview.png",
+            "reports/scenes_preview.png", "prepared/scenes/val/masks/000001.png"} <= first.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+    other = files_of(run(raw, tmp_path / "c", project_params, seed=7, copies=1))
+    assert other["prepared/classify/val.npz"] != first["prepared/classify/val.npz"]
+
+
+def test_stratified_split():
+    labels = np.repeat(np.arange(4), [40, 20, 10, 30])
+    train, val = stratified_split(labels, 0.1, np.random.default_rng(0))
+    assert np.intersect1d(train, val).size == 0 and len(train) + len(val) == len(labels)
+    assert np.bincount(labels[val], minlength=4).tolist() == [4, 2, 1, 3]
+    again, _ = stratified_split(labels, 0.1, np.random.default_rng(0))
+    np.testing.assert_array_equal(train, again)
+
+
+def test_stats_from_train_only(raw, tmp_path, project_params):
+    root = run(raw, tmp_path, project_params, copies=0)
+    meta = json.loads((root / "prepared/classify/meta.json").read_text())
+    train = load_classify(root / "prepared/classify", "train")
+    test = load_classify(root / "prepared/classify", "test")
+    pixels = train.images.double() / 255
+    assert meta["mean"] == pytest.approx([pixels.mean().item()], abs=1e-6)
+    assert meta["std"] == pytest.approx([pixels.std(unbiased=False).item()], abs=1e-6)
+    everything = torch.cat([train.images, test.images]).double() / 255
+    assert abs(everything.mean().item() - meta["mean"][0]) > 1e-5  # test images did not count
+    counts = meta["counts"]
+    assert counts["train"] + counts["val"] == 300 and 25 <= counts["val"] <= 35
+    assert counts["copies"] == 0 and counts["test"] == 60 == len(test)
+    assert train.mean == meta["mean"] and train.classes == [str(d) for d in range(10)]
+
+
+def test_copies_are_augmented_and_flagged(raw, tmp_path, project_params):
+    policy = policy_params(crop_padding=2, hflip=0.5)
+    root = run(raw, tmp_path, project_params, copies=2, policy=policy.model_dump())
+    data = load_classify(root / "prepared/classify", "train")
+    n = int((~data.is_copy).sum())
+    assert n > 250 and len(data) == 3 * n and data.is_copy.tolist() == [False] * n + [True] * (2 * n)
+    originals = data.images[:n]
+    for k in (1, 2):
+        copies = data.images[k * n:(k + 1) * n]
+        assert torch.equal(data.labels[k * n:(k + 1) * n], data.labels[:n])
+        assert (copies != originals).flatten(1).any(1).float().mean() > 0.5
+    meta = json.loads((root / "prepared/classify/meta.json").read_text())
+    assert meta["counts"]["copies"] == 2 * n and meta["policy"]["crop_padding"] == 2
+    small = data.subset(10, seed=1)
+    assert len(small) == 10 and small.is_copy is not None
+
+
+def test_policy_strength_zero_is_identity_and_keeps_dtype():
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    strong = policy_params(crop_padding=3, hflip=1.0, rotation_deg=20, translate=0.1, erasing=0.5, color_jitter=0.4)
+    assert torch.equal(apply_policy(build_policy(strong, 16, 3, strength=0.0), images, seed=0), images)
+    out = apply_policy(build_policy(strong, 16, 3), images, seed=0)
+    assert out.dtype == torch.uint8 and out.shape == images.shape and not torch.equal(out, images)
+    assert torch.equal(out, apply_policy(build_policy(strong, 16, 3), images, seed=0))
+
+
+def test_colour_jitter_only_for_rgb():
+    policy = policy_params(color_jitter=0.8)
+    gray = torch.randint(0, 256, (4, 1, 12, 12), dtype=torch.uint8)
+    assert torch.equal(apply_policy(build_policy(policy, 12, 1), gray, seed=0), gray)
+    rgb = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    assert not torch.equal(apply_policy(build_policy(policy, 12, 3), rgb, seed=0), rgb)
+
+
+def test_scene_policy_moves_boxes_and_masks_with_the_image(prepared_scenes):
+    data = load_scenes(prepared_scenes, "train")
+    image, target = data.images[0], {**data.targets[0], "semantic": data.masks[0]}
+    flip = build_scene_policy(policy_params(hflip=1.0), 40, 1)
+    out_image, out = flip(image, target)
+    assert torch.equal(out_image, image.flip(-1)) and torch.equal(out["masks"], target["masks"].flip(-1))
+    assert torch.equal(out["semantic"], target["semantic"].flip(-1))
+    expected = target["boxes"].clone()
+    expected[:, [0, 2]] = 40 - target["boxes"][:, [2, 0]]
+    assert torch.equal(out["boxes"], expected)
+    rotate = build_scene_policy(policy_params(rotation_deg=30, translate=0.2), 40, 1)
+    torch.manual_seed(0)
+    for i in range(len(data)):
+        out_image, out = rotate(data.images[i], {**data.targets[i], "semantic": data.masks[i]})
+        assert len(out["labels"]) == len(out["masks"]) == len(out["boxes"])
+        for mask, box in zip(out["masks"], out["boxes"]):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_own_scene_data_gives_instance_crops(raw, tmp_path, project_params):
+    params = tiny_scene_params(project_params)
+    sources = [f"x/{i}" for i in range(len(raw.train_labels))]
+    train = compose_scenes(raw.train_images, raw.train_labels, sources, 20, params, np.random.default_rng(0))
+    test = compose_scenes(raw.train_images, raw.train_labels, sources, 5, params, np.random.default_rng(1))
+    write_raw(SceneSplits("masks", "test", [str(d) for d in range(10)], train, test, 1), tmp_path / "raw")
+    own = load_raw(tmp_path / "raw")
+    assert isinstance(own, SceneSplits) and own.in_channels == 1 and len(own.train) == 20
+    prepare_from_scenes(own, tmp_path / "prepared", tmp_path / "reports", augment_params(project_params, crop_size=16),
+                        seed=0)
+    crops = load_classify(tmp_path / "prepared/classify", "train")
+    meta = json.loads((tmp_path / "prepared/classify/meta.json").read_text())
+    assert crops.images.shape[1:] == (1, 16, 16) and "instance crops" in meta["note"]
+    scenes = {split: load_scenes(tmp_path / "prepared/scenes", split) for split in ("train", "val", "test")}
+    assert (len(scenes["train"]), len(scenes["val"]), len(scenes["test"])) == (18, 2, 5)
+    assert len(crops) == sum(len(t["labels"]) for t in scenes["train"].targets)
+    preview = Image.open(tmp_path / "reports/scenes_preview.png")
+    assert preview.mode == "RGB" and preview.width > 400
+
+
+def test_missing_prepared_data_says_what_to_run(tmp_path):
+    with pytest.raises(ConvForgeError, match="dvc repro augment"):
+        load_classify(tmp_path / "nothing", "train")
+    with pytest.raises(ConvForgeError, match="dvc repro augment"):
+        load_scenes(tmp_path / "nothing", "val")
+
+
+def test_channel_stats_exact():
+    images = np.array([0, 255, 255, 0], np.uint8).reshape(1, 2, 2, 1)
+    assert channel_stats(images) == ([0.5], [0.5])

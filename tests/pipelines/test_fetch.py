@@ -1,0 +1,260 @@
+"""The fetch stage's readers on small real files the tests write: IDX (Debian layout), ImageFolder, COCO, masks."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines.errors import ConvForgeError
+from pipelines.fetch import fetch
+from pipelines.params import DataParams, validate
+from pipelines.runtime import sha256_file
+from pipelines.sources import (DEBIAN_FASHION_MNIST, read_dataset, read_digits, read_fashion_mnist)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_params(project_params, **overrides) -> DataParams:
+    return validate(DataParams, {**project_params.data.model_dump(), **overrides}, prefix="data")
+
+
+# ---- fashion-mnist (Debian layout) -----------------------------------------------------------
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> dict[str, str]:
+    """Write gzip'd IDX files as the Debian package ships them; returns the MD5s of the IDX bytes."""
+    image_bytes = struct.pack(">IIII", 0x803, *images.shape) + images.tobytes()
+    label_bytes = struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes()
+    md5 = {}
+    for name, payload in ((f"{prefix}-images-idx3-ubyte", image_bytes), (f"{prefix}-labels-idx1-ubyte", label_bytes)):
+        (folder / f"{name}.gz").write_bytes(gzip.compress(payload, mtime=0))
+        md5[name] = hashlib.md5(payload).hexdigest()
+    return md5
+
+
+@pytest.fixture
+def debian_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    arrays = {"train": (rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12) % 10),
+              "t10k": (rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.arange(5) % 10)}
+    md5 = {}
+    for prefix, (images, labels) in arrays.items():
+        md5.update(write_idx(folder, prefix, images, labels))
+    return folder, md5, arrays
+
+
+def test_fashion_mnist_from_debian_layout(debian_dir, project_params):
+    folder, md5, arrays = debian_dir
+    data = data_params(project_params, download=False)
+    splits = read_fashion_mnist(data, debian_dir=folder, idx_md5=md5)
+    assert splits.train_images.shape == (12, 28, 28, 1) and splits.test_images.shape == (5, 28, 28, 1)
+    np.testing.assert_array_equal(splits.train_images[..., 0], arrays["train"][0])
+    np.testing.assert_array_equal(splits.test_labels, arrays["t10k"][1])
+    assert splits.classes[0] == "T-shirt/top" and len(splits.classes) == 10
+
+
+def test_fashion_mnist_checksum_mismatch_is_one_clear_error(debian_dir, project_params):
+    folder, md5, _ = debian_dir
+    wrong = {name: "0" * 32 for name in md5}
+    with pytest.raises(ConvForgeError, match="checksum mismatch.*apt-get install --reinstall"):
+        read_fashion_mnist(data_params(project_params, download=False), debian_dir=folder, idx_md5=wrong)
+
+
+def test_missing_fashion_mnist_names_both_ways(tmp_path, project_params):
+    data = data_params(project_params, download=False, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConvForgeError) as exc:
+        read_fashion_mnist(data, debian_dir=tmp_path / "absent")
+    message = str(exc.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "data.download: true" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
+def test_torchvision_datasets_without_download_give_clear_error(tmp_path, project_params, name):
+    data = data_params(project_params, dataset=name, download=False, cache_dir=str(tmp_path))
+    with pytest.raises(ConvForgeError, match=f"{name} is not in .* data.download is false"):
+        read_dataset(data)
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_real_debian_fashion_mnist(project_params):
+    data = data_params(project_params, max_train=50, max_test=20)
+    splits = read_fashion_mnist(data)
+    assert splits.train_images.shape == (50, 28, 28, 1) and splits.test_labels.shape == (20,)
+    assert splits.train_labels.max() <= 9 and splits.train_images.max() > 200
+
+
+# ---- digits and the stage's outputs ----------------------------------------------------------
+
+def test_digits_stratified_and_scaled(project_params):
+    splits = read_digits(data_params(project_params, dataset="digits"))
+    assert splits.train_images.shape[1:] == (8, 8, 1) and splits.train_images.dtype == np.uint8
+    assert splits.train_images.max() == 255
+    assert len(splits.train_labels) + len(splits.test_labels) == 1797
+    train_share = np.bincount(splits.train_labels, minlength=10) / len(splits.train_labels)
+    test_share = np.bincount(splits.test_labels, minlength=10) / len(splits.test_labels)
+    assert np.abs(train_share - test_share).max() < 0.02
+
+
+def test_fetch_writes_meta_with_checksums(tmp_path, project_params):
+    meta = fetch(data_params(project_params, dataset="digits", max_train=100, max_test=30), tmp_path / "raw")
+    assert meta["kind"] == "classify" and meta["splits"] == {"train": 100, "test": 30}
+    assert meta["in_channels"] == 1 and meta["image_size"] == [8, 8] and meta["skipped"] == []
+    on_disk = json.loads((tmp_path / "raw" / "meta.json").read_text())
+    assert on_disk == meta
+    assert set(meta["checksums"]) == {"train.npz", "test.npz"}
+    for name, digest in meta["checksums"].items():
+        assert sha256_file(tmp_path / "raw" / name) == digest
+    with np.load(tmp_path / "raw" / "train.npz", allow_pickle=False) as arrays:
+        assert arrays["images"].shape == (100, 8, 8, 1) and arrays["labels"].dtype == np.int64
+
+
+# ---- own data: ImageFolder ---------------------------------------------------------------------
+
+def write_imagefolder(root: Path, rgb: bool = True) -> None:
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            size = (20 + 3 * i, 14 + 2 * c)  # different sizes and aspect ratios
+            if rgb and i == 0:
+                image = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8), "RGB")
+            else:
+                image = Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8), "L")
+            image.save(root / name / f"{i:02d}.png")
+
+
+def test_imagefolder_flat_split_resize_and_channels(tmp_path, project_params):
+    write_imagefolder(tmp_path / "pets")
+    splits = read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", image_size=16))
+    assert splits.classes == ["cat", "dog"]
+    assert splits.train_images.shape == (8, 16, 16, 3) and splits.test_images.shape == (2, 16, 16, 3)
+    assert list(splits.test_labels) == [0, 1]  # every 5th per class
+
+
+def test_imagefolder_all_gray_keeps_one_channel_and_presplit(tmp_path, project_params):
+    write_imagefolder(tmp_path / "pets" / "train", rgb=False)
+    write_imagefolder(tmp_path / "pets" / "test", rgb=False)
+    splits = read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", image_size=12))
+    assert splits.train_images.shape == (10, 12, 12, 1) and splits.test_images.shape == (10, 12, 12, 1)
+
+
+def test_corrupt_image_skip_and_fail(tmp_path, project_params):
+    write_imagefolder(tmp_path / "pets")
+    bad = tmp_path / "pets" / "dog" / "zz_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    skip = read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", on_corrupt="skip"))
+    assert skip.skipped == [str(bad)]
+    assert len(skip.train_labels) + len(skip.test_labels) == 10
+    with pytest.raises(ConvForgeError, match="zz_broken.png: unreadable image .*data.on_corrupt: skip"):
+        read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", on_corrupt="fail"))
+
+
+def test_missing_own_data_folder(tmp_path, project_params):
+    with pytest.raises(ConvForgeError, match="no such folder"):
+        read_dataset(data_params(project_params, dataset=f"masks:{tmp_path / 'nothing'}"))
+
+
+# ---- own data: COCO and masks ------------------------------------------------------------------
+
+def write_coco(root: Path, count: int = 5) -> None:
+    """Images 40x30 with one square 'box' and one triangle 'roof' each, polygon annotations."""
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(count):
+        array = np.zeros((30, 40, 3), np.uint8)
+        array[5:15, 4 + i:14 + i] = (200, 50, 50)
+        Image.fromarray(array).save(root / "images" / f"img{i}.png")
+        images.append({"id": i + 10, "file_name": f"img{i}.png", "height": 30, "width": 40})
+        annotations.append({"id": 2 * i + 1, "image_id": i + 10, "category_id": 7, "iscrowd": 0, "area": 100,
+                            "bbox": [4 + i, 5, 10, 10],
+                            "segmentation": [[4 + i, 5, 14 + i, 5, 14 + i, 15, 4 + i, 15]]})
+        annotations.append({"id": 2 * i + 2, "image_id": i + 10, "category_id": 3, "iscrowd": 0, "area": 50,
+                            "bbox": [20, 18, 10, 10], "segmentation": [[20, 28, 30, 28, 25, 18]]})
+    categories = [{"id": 3, "name": "roof"}, {"id": 7, "name": "box"}]
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                     "categories": categories}))
+
+
+def test_coco_folder(tmp_path, project_params):
+    write_coco(tmp_path / "coco")
+    splits = read_dataset(data_params(project_params, dataset=f"coco:{tmp_path / 'coco'}", image_size=20))
+    assert splits.classes == ["roof", "box"] and splits.in_channels == 3
+    assert len(splits.train) == 4 and len(splits.test) == 1
+    for scene in splits.train + splits.test:
+        assert scene.image.shape == (20, 20, 3) and scene.semantic.shape == (20, 20)
+        assert sorted(scene.labels.tolist()) == [0, 1]
+        for mask, box in zip(scene.instance_masks, scene.boxes):
+            ys, xs = np.nonzero(mask)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert scene.semantic[20 // 2 + 5:, :].max() == 0  # letterbox: 40x30 -> 20x15, bottom rows padded
+
+
+def test_coco_presplit_folders(tmp_path, project_params):
+    write_coco(tmp_path / "coco" / "train", count=3)
+    write_coco(tmp_path / "coco" / "test", count=2)
+    splits = read_dataset(data_params(project_params, dataset=f"coco:{tmp_path / 'coco'}", image_size=20,
+                                      max_train=2))
+    assert (len(splits.train), len(splits.test)) == (2, 2)
+    assert [s.image_id for s in splits.test] == [1, 2]
+
+
+def test_coco_stage_output_roundtrip(tmp_path, project_params):
+    from pipelines.coco import read_split
+
+    write_coco(tmp_path / "coco")
+    meta = fetch(data_params(project_params, dataset=f"coco:{tmp_path / 'coco'}", image_size=20), tmp_path / "raw")
+    assert meta["kind"] == "coco" and meta["splits"] == {"train": 4, "test": 1} and meta["image_size"] == [20, 20]
+    assert "train/instances.json" in meta["checksums"] and "train/images/000001.png" in meta["checksums"]
+    scenes, classes = read_split(tmp_path / "raw" / "train")
+    assert classes == ["roof", "box"] and len(scenes) == 4
+
+
+def test_masks_folder_instances_from_components(tmp_path, project_params):
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("road\ncar\n")
+    for i in range(5):
+        mask = np.zeros((24, 24), np.uint8)
+        mask[2:8, 2:8] = 2      # car
+        mask[14:20, 14:20] = 2  # another car (separate component)
+        mask[2:6, 16:22] = 1    # road
+        mask[0, 23] = 255       # ignore label -> background
+        Image.fromarray((mask * 60).astype(np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    (root / "images" / "orphan.png").write_bytes((root / "images" / "0.png").read_bytes())  # has no mask
+    splits = read_dataset(data_params(project_params, dataset=f"masks:{root}", image_size=24, on_corrupt="skip"))
+    assert splits.classes == ["road", "car"] and splits.in_channels == 1
+    assert splits.skipped == [str(root / "images" / "orphan.png")]
+    assert len(splits.train) + len(splits.test) == 5
+    scene = splits.train[0]
+    assert sorted(scene.labels.tolist()) == [0, 1, 1]
+    assert scene.semantic.max() == 2 and scene.semantic[0, 23] == 0
+
+
+# ---- the stage as a process --------------------------------------------------------------------
+
+def test_stage_exits_2_with_one_line(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["dataset"] = f"imagefolder:{tmp_path / 'nowhere'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "pipelines.fetch"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: data.dataset imagefolder:{tmp_path / 'nowhere'}: "
+                                                  f"no such folder"]
+    assert not (tmp_path / "data" / "raw").exists()
