@@ -16,6 +16,12 @@ Output conventions, the same for every family of a task:
   so class index c is label c + 1.
 - segment: logits [N, num_classes + 1, H, W] at the input resolution, channel 0 =
   background, channel c + 1 = class c.
+
+Every family works for image_size >= 8 (models/stages.py `stride_plan` drops the strides that
+would shrink the last feature map below 2 px). Every model keeps its backbone stages in an
+`nn.Sequential` named `features` (item 0 = stem): detectors and segmenters take a registry
+classifier's `features` as their backbone (`backbone`, `backbone_hparams` hparams), and every
+family also takes the transfer hparams `pretrained`, `freeze`, `freeze_bn` (models/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -125,13 +131,25 @@ def family(task: str, name: str) -> Family:
     return _REGISTRY[task][name]
 
 
+# Hyperparameters every family takes: transfer learning, applied after the builder runs
+# (models.checkpoint.apply_transfer): `pretrained` (a saved registry model's directory or
+# "torchvision:<weights>"), `freeze` (first N stages of `features`), `freeze_bn`.
+TRANSFER_KEYS = ("pretrained", "freeze", "freeze_bn")
+
+
 def build(task: str, family_name: str, num_classes: int, in_channels: int, image_size: int,
           **hparams: Any) -> nn.Module:
     """Build a model of `family_name` for `task`; unspecified hparams take the family's defaults."""
     fam = family(task, family_name)
+    transfer = {key: hparams.pop(key) for key in TRANSFER_KEYS if key in hparams}
     unknown = set(hparams) - set(fam.defaults) - set(fam.space)
     if unknown:
         raise KeyError(f"{task} family {family_name!r} has no hyperparameter(s) {sorted(unknown)}; "
-                       f"known: {sorted(set(fam.defaults) | set(fam.space))}")
-    return fam.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                       **{**fam.defaults, **hparams})
+                       f"known: {sorted(set(fam.defaults) | set(fam.space) | set(TRANSFER_KEYS))}")
+    model = fam.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                        **{**fam.defaults, **hparams})
+    if any(transfer.values()):
+        from models.checkpoint import apply_transfer
+
+        apply_transfer(model, **transfer)
+    return model

@@ -1,0 +1,51 @@
+"""Faster R-CNN (Ren et al. 2015, "Faster R-CNN: Towards Real-Time Object Detection with Region
+Proposal Networks"): torchvision's two-stage detector on a registry backbone with an FPN, anchors
+and proposal counts sized for a few small items per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from models.pyramid import BACKBONE_DEFAULTS, BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
+from models.registry import Choice, register
+
+SPACE = {**BACKBONE_SPACE, "representation": Choice([64, 128, 256]), "proposals": Choice([50, 100, 200])}
+DEFAULTS = {**BACKBONE_DEFAULTS, "representation": 128, "proposals": 100, "detections_per_img": 20}
+
+
+def two_stage_parts(num_classes: int, in_channels: int, image_size: int, backbone: str, backbone_hparams: dict | None,
+                    fpn_channels: int, representation: int, proposals: int,
+                    detections_per_img: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The FPN backbone and the FasterRCNN keyword arguments Mask R-CNN shares."""
+    body = pyramid_backbone(backbone, backbone_hparams, in_channels, image_size, fpn_channels, extra_pool=True)
+    strides = level_strides(body, image_size, in_channels)
+    # Two anchor sizes per level (2 and 3 x stride) x three aspect ratios: 8-48 px boxes at strides 4-16.
+    anchors = AnchorGenerator(tuple((2 * s, 3 * s) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
+    names = [str(i) for i in range(len(strides) - 1)]  # RoIs pool from the FPN maps, not the extra one
+    box_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
+    kwargs = dict(
+        rpn_anchor_generator=anchors, box_roi_pool=box_pool,
+        box_head=TwoMLPHead(fpn_channels * 49, representation),
+        box_predictor=FastRCNNPredictor(representation, num_classes + 1),
+        rpn_pre_nms_top_n_train=2 * proposals, rpn_pre_nms_top_n_test=proposals,
+        rpn_post_nms_top_n_train=proposals, rpn_post_nms_top_n_test=proposals // 2,
+        rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=detections_per_img,
+        **transform_kwargs(in_channels, image_size))
+    return body, kwargs
+
+
+@register("detect", "faster_rcnn", paper="Ren et al. 2015, arXiv:1506.01497", space=SPACE, defaults=DEFAULTS)
+def faster_rcnn(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
+                backbone_hparams: dict | None = None, fpn_channels: int = 32, representation: int = 128,
+                proposals: int = 100, detections_per_img: int = 20) -> FasterRCNN:
+    """Faster R-CNN + FPN; `proposals` RPN proposals per image in training (half at test)."""
+    body, kwargs = two_stage_parts(num_classes, in_channels, image_size, backbone, backbone_hparams, fpn_channels,
+                                   representation, proposals, detections_per_img)
+    return FasterRCNN(body, **kwargs)

@@ -1,0 +1,27 @@
+"""Mask R-CNN (He et al. 2017, "Mask R-CNN"): Faster R-CNN (models/faster_rcnn.py) plus
+torchvision's mask branch, a small FCN predicting a 28x28 mask per detected box.
+"""
+
+from __future__ import annotations
+
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+from models.faster_rcnn import DEFAULTS, SPACE, two_stage_parts
+from models.registry import Choice, register
+
+
+@register("detect", "mask_rcnn", paper="He et al. 2017, arXiv:1703.06870",
+          space={**SPACE, "mask_channels": Choice([32, 64, 128])}, defaults={**DEFAULTS, "mask_channels": 64})
+def mask_rcnn(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
+              backbone_hparams: dict | None = None, fpn_channels: int = 32, representation: int = 128,
+              proposals: int = 100, detections_per_img: int = 20, mask_channels: int = 64) -> MaskRCNN:
+    """Mask R-CNN + FPN; targets need `masks` in training, outputs carry `masks` [k, 1, H, W] in [0, 1]."""
+    body, kwargs = two_stage_parts(num_classes, in_channels, image_size, backbone, backbone_hparams, fpn_channels,
+                                   representation, proposals, detections_per_img)
+    names = kwargs["box_roi_pool"].featmap_names
+    # The paper's head has four 3x3 convs at 256 channels; two narrower ones keep CPUs fast.
+    return MaskRCNN(body, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+                    mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 2, 1),
+                    mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1), **kwargs)

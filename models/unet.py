@@ -1,0 +1,80 @@
+"""U-Net (Ronneberger et al. 2015, "U-Net: Convolutional Networks for Biomedical Image Segmentation"):
+a contracting path, an expanding path, and skip connections that concatenate encoder features.
+
+Padded convolutions (output at the input resolution, as in most re-implementations) and BN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from models.registry import Choice, FloatRange, IntRange, register
+from models.stages import stride_plan
+
+
+def double_conv(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn.Sequential:
+    """(3x3 conv, BN, ReLU) twice: the unit of both paths (Ronneberger et al. 2015, Fig. 1)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True), nn.Dropout2d(dropout),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True))
+
+
+class Up(nn.Module):
+    """Upsample x2 (learned transposed conv or bilinear + 1x1 conv), concatenate the skip, double conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, upsample: str) -> None:
+        super().__init__()
+        self.bilinear = upsample == "bilinear"
+        self.up = (nn.Conv2d(in_channels, out_channels, 1) if self.bilinear
+                   else nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2))
+        self.conv = double_conv(2 * out_channels, out_channels)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        if self.bilinear:
+            x = self.up(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+        else:  # ceil-mode pooling may have rounded odd sizes up: crop back to the skip's size
+            x = self.up(x)[..., : skip.shape[-2], : skip.shape[-1]]
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """Encoder stages in `features` (item 0 at full resolution), decoder in `decoder`, 1x1 classifier."""
+
+    def __init__(self, num_classes: int, in_channels: int, depth: int, width: int, upsample: str,
+                 dropout: float) -> None:
+        super().__init__()
+        widths = [width * 2 ** i for i in range(depth + 1)]
+        stages = [double_conv(in_channels, widths[0])]
+        for i in range(1, depth + 1):
+            drop = dropout if i == depth else 0.0  # the paper's dropout sits at the end of the contracting path
+            pool = nn.MaxPool2d(2, 2, ceil_mode=True)
+            stages.append(nn.Sequential(pool, double_conv(widths[i - 1], widths[i], drop)))
+        self.features = nn.Sequential(*stages)
+        self.decoder = nn.ModuleList(Up(widths[i], widths[i - 1], upsample) for i in range(depth, 0, -1))
+        self.classifier = nn.Conv2d(widths[0], num_classes + 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for stage in self.features:
+            x = stage(x)
+            skips.append(x)
+        for up, skip in zip(self.decoder, reversed(skips[:-1])):
+            x = up(x, skip)
+        return self.classifier(x)
+
+
+@register("segment", "unet", paper="Ronneberger et al. 2015, arXiv:1505.04597",
+          space={"depth": IntRange(2, 5), "width": Choice([8, 16, 32, 64]),
+                 "upsample": Choice(["transpose", "bilinear"]), "dropout": FloatRange(0.0, 0.5)},
+          defaults={"depth": 3, "width": 16, "upsample": "transpose", "dropout": 0.0})
+def unet(num_classes: int, in_channels: int, image_size: int, depth: int = 3, width: int = 16,
+         upsample: str = "transpose", dropout: float = 0.0) -> UNet:
+    """U-Net with `depth` poolings (fewer when the input is too small for them), `width` first-level channels."""
+    if upsample not in ("transpose", "bilinear"):
+        raise KeyError(f"unet upsample must be transpose or bilinear, got {upsample!r}")
+    depth = max(1, stride_plan(image_size, depth).count(2))
+    return UNet(num_classes, in_channels, depth, width, upsample, dropout)
