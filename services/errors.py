@@ -1,0 +1,17 @@
+"""The error a client's request can cause: an HTTP 4xx with a one-line message."""
+
+from __future__ import annotations
+
+from pipelines.errors import ConvForgeError
+
+
+class InputError(ConvForgeError):
+    """A bad request (undecodable image, too many images, wrong field): `status` is its 4xx code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Overloaded(Exception):
+    """The batching queue cannot answer within its latency budget: HTTP 503 with Retry-After."""

@@ -1,0 +1,281 @@
+"""The ConvForge BentoML service: POST /classify, /detect, /segment, GET /version.
+
+The service class loads each task's model once in `__init__` (BentoML model store, or
+CONVFORGE_MODELS_DIR in development), warms every model up in the background, and only
+then answers /readyz. Each endpoint is one short method: read the request, decode and
+resize off the event loop, await the images' places in the model's adaptive batch
+(services.runners), map the outputs back to the client's pixels and encode them.
+Endpoints are FastAPI routes mounted on the BentoML service, because they take both
+multipart uploads and base64 JSON with our own hardened decoding; BentoML supplies the
+lifecycle, the model store, /livez /readyz /metrics, the timeout (504) and the
+concurrency cap (429), and the Bento.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pipelines.runtime  # noqa: F401  (telemetry off before bentoml is imported)
+
+import anyio
+import bentoml
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.params import ServeParams, load_params
+from services import catalog, imaging
+from services import observability as obs
+from services.errors import InputError, Overloaded
+from services.guard import RequestGuard
+from services.payloads import read_request
+from services.results import classify_result, detect_result, foreground_fraction, segment_result
+from services.runners import TaskRunner, load_runner
+from services.schemas import SCHEMA_VERSION, ErrorResponse, ImageResult, JsonRequest, Options, PredictionResponse
+
+logger = logging.getLogger("convforge.service")
+PARAMS_ENV = "CONVFORGE_PARAMS"
+ROUTES = {"/classify": "classify", "/detect": "detect", "/segment": "segment"}
+WARMUP_QUEUE_CALLS = 16
+INLINE_BYTES = 64 * 1024  # uploads up to this size are decoded on the event loop (well under 1 ms)
+INLINE_PIXELS = 128 * 128  # outputs up to this many input pixels are encoded on the event loop  # trains the dispatcher's latency model on real timings before the first client
+
+
+def serve_params() -> ServeParams:
+    """params.yaml's `serve` section (CONVFORGE_PARAMS points elsewhere; a Bento carries its own copy)."""
+    default = Path(__file__).resolve().parents[1] / "params.yaml"
+    return load_params(os.environ.get(PARAMS_ENV, default)).serve
+
+
+PARAMS = serve_params()
+
+app = FastAPI(
+    title="ConvForge",
+    version=SCHEMA_VERSION,
+    description="Image classification, object detection and semantic segmentation with CNNs trained by "
+                "ConvForge. Send images as multipart uploads (field `images`) or JSON with base64 strings.",
+)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@app.exception_handler(InputError)
+async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+    return _error(exc.status, str(exc))
+
+
+@app.exception_handler(Overloaded)
+async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+    return _error(503, str(exc), {"Retry-After": "1"})
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    return _error(422, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+def _request_body_doc() -> dict[str, Any]:
+    """OpenAPI requestBody for JSON (base64) and multipart, with examples (1x1 PNG)."""
+    pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
+    options = Options.model_json_schema()
+    multipart = {"type": "object", "required": ["images"], "additionalProperties": False,
+                 "properties": {"images": {"type": "array", "minItems": 1,
+                                           "items": {"type": "string", "format": "binary"}},
+                                **options["properties"]}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": JsonRequest.model_json_schema(ref_template="#/components/schemas/{model}"),
+                             "example": {"images": [pixel], "top_k": 3, "box_format": "xyxy",
+                                         "mask_format": "png"}},
+        "multipart/form-data": {"schema": multipart},
+    }}}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in {
+        400: "unreadable image or body", 413: "body, image or image count over the limit",
+        415: "unsupported content type", 422: "wrong field name or type", 429: "over the concurrency cap",
+        404: "no model of this task is served", 503: "shedding load (Retry-After)",
+        504: "over the request timeout"}.items()}
+
+
+@bentoml.service(
+    name="convforge",
+    workers=PARAMS.workers,
+    traffic={"timeout": PARAMS.timeout_s, "max_concurrency": PARAMS.max_concurrency},
+    http={"host": os.environ.get("CONVFORGE_HOST", PARAMS.host),
+          "port": int(os.environ.get("CONVFORGE_PORT", PARAMS.port))},
+)
+@bentoml.asgi_app(app, path="/")
+class ConvForge:
+    """Serves the packaged classify, detect and segment models."""
+
+    def __init__(self) -> None:
+        from pipelines.runtime import set_threads
+
+        self.params = PARAMS
+        # One intra-op thread by default: with 2 cores the other one decodes, and more threads than
+        # free cores make OpenMP spin (a 28 px ResNet went from 4.5 ms to 47 ms on a loaded 2-core box).
+        self.threads = set_threads(PARAMS.num_threads)
+        self.limits = imaging.DecodeLimits(PARAMS.max_pixels, tuple(PARAMS.formats))
+        self.runners: dict[str, TaskRunner] = {}
+        for source in catalog.sources():
+            self.runners[source.task] = load_runner(
+                source.task, source.directory, name=source.name, version=source.version,
+                backend=PARAMS.backend, max_batch_size=PARAMS.max_batch_size,
+                max_latency_ms=PARAMS.max_latency_ms, lineage=source.lineage,
+                expected_sha256=source.expected_sha256, num_threads=self.threads)
+            logger.info("loaded %s model %s (%s)", source.task, source.version, self.runners[source.task].card.backend)
+        if not self.runners:
+            raise RuntimeError("no models to serve: run `python -m pipelines.package` (or set "
+                               f"{catalog.MODELS_DIR_ENV}=artifacts/models)")
+        self.ready = False
+
+    @bentoml.on_startup
+    async def start_warm_up(self) -> None:
+        """Warm up in the background, so /livez answers while /readyz still says 503."""
+        self._warm_up_task = asyncio.get_running_loop().create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        """Each model at batch 1 and at the largest batch, then through its queue so the batching
+        dispatcher has measured real latencies before the first client arrives."""
+        try:
+            for task, runner in self.runners.items():
+                start = time.perf_counter()
+                await anyio.to_thread.run_sync(runner.warm_up)
+                blank = np.zeros((runner.image_size, runner.image_size, runner.in_channels), np.uint8)
+                for _ in range(WARMUP_QUEUE_CALLS):
+                    await runner.predict(blank)
+                # Shedding here only means the box is busy; the model itself has run.
+                await asyncio.gather(*(runner.predict(blank) for _ in range(runner.max_batch_size)),
+                                     return_exceptions=True)
+                obs.WARMUP_SECONDS.labels(task, runner.card.version).set(time.perf_counter() - start)
+        except Exception:  # noqa: BLE001 - stay not-ready and say why; /livez still answers
+            logger.exception("warm-up failed: the service stays not ready")
+            return
+        self.ready = True
+        logger.info("warm-up done: ready")
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    @app.get("/version", summary="Lineage of every served model")
+    async def version(self) -> dict[str, Any]:
+        """Git commit, DVC data hash, search trial, MLflow run, registered version and Bento tag per model."""
+        from bentoml._internal.context import server_context
+
+        known = server_context.bento_version not in (None, "", "not available")
+        bento = f"{server_context.bento_name}:{server_context.bento_version}" if known else None
+        return {"schema_version": SCHEMA_VERSION, "bento": bento, "models": {
+            task: {"name": r.card.name, "version": r.card.version, "tag": r.card.tag, "family": r.card.family,
+                   "backend": r.card.backend, "classes": r.classes, "image_size": r.image_size, **r.card.lineage}
+            for task, r in self.runners.items()}}
+
+    @app.post("/classify", response_model=PredictionResponse, responses=ERROR_RESPONSES,
+              openapi_extra=_request_body_doc(), summary="Top-k labels with probabilities for one or many images")
+    async def classify(self, request: Request) -> JSONResponse:
+        """Each image resized as in training; `top_k` labels per image, highest probability first."""
+        return await self._predict("classify", request)
+
+    @app.post("/detect", response_model=PredictionResponse, responses=ERROR_RESPONSES,
+              openapi_extra=_request_body_doc(), summary="Boxes, labels and scores in the input's own pixels")
+    async def detect(self, request: Request) -> JSONResponse:
+        """Letterboxed as in training; boxes mapped back in `box_format`; `score_threshold`, `max_detections`."""
+        return await self._predict("detect", request)
+
+    @app.post("/segment", response_model=PredictionResponse, responses=ERROR_RESPONSES,
+              openapi_extra=_request_body_doc(), summary="Class mask at the input's size and pixels per class")
+    async def segment(self, request: Request) -> JSONResponse:
+        """Class mask (PNG base64, pixel = class + 1; or per-class RLE/polygons) and per-class pixel counts."""
+        return await self._predict("segment", request)
+
+    async def _predict(self, task: str, request: Request) -> JSONResponse:
+        runner = self.runners.get(task)
+        if runner is None:
+            return _error(404, f"no {task} model is served (package one with `python -m pipelines.package`)")
+        headers = {"X-Model-Version": runner.card.tag}
+        labels = (task, f"/{task}", runner.card.version)
+        try:
+            start = time.perf_counter()
+            blobs, options = await read_request(request, self.params.max_images)
+            # Small uploads decode faster than a thread hop takes on a busy 2-core box: inline them.
+            if sum(map(len, blobs)) <= INLINE_BYTES:
+                prepared = self._prepare(runner, blobs)
+            else:
+                prepared = await anyio.to_thread.run_sync(self._prepare, runner, blobs)
+            obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+            outputs = await asyncio.gather(*(runner.predict(image) for image, _ in prepared))
+            for out in outputs:
+                obs.QUEUE_SECONDS.labels(*labels).observe(out.queue_s)
+                obs.INFERENCE_SECONDS.labels(*labels).observe(out.inference_s)
+            start = time.perf_counter()
+            values, placements = [out.value for out in outputs], [p for _, p in prepared]
+            if sum(p.width * p.height for p in placements) <= INLINE_PIXELS:
+                results = self._results(runner, values, placements, options)
+            else:
+                results = await anyio.to_thread.run_sync(self._results, runner, values, placements, options)
+            body = PredictionResponse(
+                task=task, model={"task": task, "family": runner.card.family, "name": runner.card.name,
+                                  "version": runner.card.version},
+                box_format=options.box_format if task == "detect" else None,
+                mask_format=options.mask_format if task != "classify" else None, results=results)
+            response = JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
+            obs.POSTPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+            return response
+        except InputError as exc:
+            return _error(exc.status, str(exc), headers)
+        except Overloaded as exc:
+            return _error(503, str(exc), {**headers, "Retry-After": "1"})
+
+    def _prepare(self, runner: TaskRunner, blobs: list[bytes]) -> list[tuple[np.ndarray, imaging.Placement]]:
+        """Decode and resize (classify) or letterbox (detect/segment) each image as in training."""
+        fit = imaging.fit_square if runner.task == "classify" else imaging.letterbox
+        prepared = []
+        for index, blob in enumerate(blobs):
+            try:
+                image = imaging.decode(blob, self.limits)
+            except InputError as exc:
+                raise InputError(exc.status, f"images[{index}]: {exc}") from None
+            obs.IMAGE_PIXELS.labels(runner.task, f"/{runner.task}", runner.card.version).observe(
+                image.width * image.height)
+            prepared.append(fit(imaging.to_array(image, runner.in_channels), runner.image_size))
+        return prepared
+
+    def _results(self, runner: TaskRunner, values: list[Any], placements: list[imaging.Placement],
+                 options: Options) -> list[ImageResult]:
+        task, version, classes = runner.task, runner.card.version, runner.classes
+        results = []
+        for index, (value, placement) in enumerate(zip(values, placements)):
+            if task == "classify":
+                result = classify_result(index, value, classes, options.top_k or self.params.top_k, placement)
+                top = result.labels[0]
+                obs.PREDICTIONS.labels(task, version, top.label).inc()
+                obs.SCORES.labels(task, version).observe(top.score)
+            elif task == "detect":
+                result = detect_result(index, value, classes, options, placement)
+                obs.DETECTIONS.labels(task, version).observe(len(result.detections or []))
+                for det in result.detections or []:
+                    obs.PREDICTIONS.labels(task, version, det.label).inc()
+                    obs.SCORES.labels(task, version).observe(det.score)
+            else:
+                result = segment_result(index, value, classes, options, placement)
+                obs.MASK_AREA.labels(task, version).observe(foreground_fraction(result))
+            results.append(result)
+        return results
+
+
+ConvForge.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.max_body_bytes, routes=ROUTES)

@@ -1,0 +1,112 @@
+"""The request guard (services/guard.py) and request reading (services/payloads.py) on a real Starlette app."""
+
+from __future__ import annotations
+
+import base64
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+import asyncio
+
+import httpx
+
+from services.errors import InputError
+from services.guard import RequestGuard
+from services.payloads import read_request
+
+
+async def echo(request: Request) -> Response:
+    try:
+        blobs, options = await read_request(request, max_images=2)
+    except InputError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    return JSONResponse({"sizes": [len(b) for b in blobs], "top_k": options.top_k,
+                         "box_format": options.box_format}, headers={"X-Model-Version": "m:1"})
+
+
+async def busy(_: Request) -> Response:
+    return JSONResponse({"error": "busy"}, status_code=503)
+
+
+class Client:
+    """Synchronous calls into the guarded ASGI app through httpx's in-process ASGI transport."""
+
+    def __init__(self, cap: int) -> None:
+        app = Starlette(routes=[Route("/classify", echo, methods=["POST"]), Route("/busy", busy, methods=["GET"])])
+        self.app = RequestGuard(app, max_body_bytes=cap, routes={"/classify": "classify"})
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        async def call() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://guard") as client:
+                return await client.request(method, path, **kwargs)
+
+        return asyncio.run(call())
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+
+def client(cap: int = 100) -> Client:
+    return Client(cap)
+
+
+def test_body_cap_with_and_without_content_length():
+    c = client(cap=100)
+    assert c.post("/classify", content=b"x" * 101, headers={"Content-Type": "application/json"}).status_code == 413
+
+    async def chunks():  # chunked: no Content-Length, counted while streaming
+        for _ in range(5):
+            yield b"x" * 30
+
+    reply = c.post("/classify", content=chunks(), headers={"Content-Type": "application/json"})
+    assert reply.status_code == 413 and "100 bytes" in reply.json()["error"]
+
+
+def test_pickle_media_type_is_415_anywhere():
+    c = client()
+    for path in ("/classify", "/busy", "/missing"):
+        reply = c.post(path, content=b"\x80\x04.", headers={"Content-Type": "application/vnd.bentoml+pickle; x=1"})
+        assert reply.status_code == 415
+
+
+def test_retry_after_is_added_to_503():
+    assert client().get("/busy").headers["retry-after"] == "1"
+
+
+def test_json_and_multipart_are_read_the_same():
+    c = client(cap=10_000)
+    text = base64.b64encode(b"abc").decode()
+    as_json = c.post("/classify", json={"images": [text, "data:image/png;base64," + text], "top_k": 2})
+    assert as_json.json() == {"sizes": [3, 3], "top_k": 2, "box_format": "xyxy"}
+    as_form = c.post("/classify", files=[("images", ("a", b"abc")), ("images", ("b", b"abcd"))],
+                     data={"top_k": "2", "box_format": "xywh"})
+    assert as_form.json() == {"sizes": [3, 4], "top_k": 2, "box_format": "xywh"}
+
+
+def test_request_problems_are_one_line_4xx():
+    c = client(cap=10_000)
+    cases = [
+        (dict(json={"images": ["YQ==", "YQ==", "YQ=="]}), 413, "limit is 2"),
+        (dict(json={"images": []}), 422, "images"),
+        (dict(json={"image": "YQ==", "images": ["YQ=="]}), 422, "not both"),
+        (dict(json={"images": ["YQ=="], "colour": 1}), 422, "unknown field 'colour'"),
+        (dict(json={"images": ["YQ=="], "top_k": 0}), 422, "top_k"),
+        (dict(files=[("images", ("a", b"x"))], data={"top_k": "lots"}), 422, "top_k"),
+        (dict(files=[("photo", ("a", b"x"))]), 422, "unknown field 'photo'"),
+        (dict(files=[("images", (None, "text, not a file"))]), 422, "file upload"),
+        (dict(content=b"--nope\r\n", headers={"Content-Type": "multipart/form-data; boundary=zz"}), 400, "malformed"),
+        (dict(content=b"--zz--\r\n", headers={"Content-Type": "multipart/form-data; boundary=zz"}), 422, "no images"),
+        (dict(content=b"{", headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
+        (dict(content=b"", headers={"Content-Type": "application/json"}), 400, "empty request body"),
+        (dict(content=b"hi", headers={"Content-Type": "image/png"}), 415, "unsupported content type"),
+    ]
+    for kwargs, status, words in cases:
+        reply = c.post("/classify", **kwargs)
+        assert reply.status_code == status, (kwargs, reply.text)
+        assert words in reply.json()["error"] and "\n" not in reply.json()["error"]

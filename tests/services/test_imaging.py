@@ -1,0 +1,155 @@
+"""Hardened decoding and training-equal geometry (services/imaging.py) on real encoded images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.errors import InputError
+from services.imaging import (DecodeLimits, Placement, boxes_to_image, decode, fit_square, letterbox,
+                              mask_to_image, to_array)
+
+LIMITS = DecodeLimits(max_pixels=4_000_000, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"))
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def gradient(width: int = 20, height: int = 12, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(array, "RGB").convert(mode)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with one tiny IDAT: a decompression-bomb shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"])
+def test_allowed_formats_decode_fully(fmt):
+    image = decode(encode(gradient(), fmt), LIMITS)
+    assert image.size == (20, 12)
+    assert to_array(image, 3).shape == (12, 20, 3)
+
+
+def test_png_pixels_survive_exactly():
+    source = gradient()
+    assert np.array_equal(to_array(decode(encode(source, "PNG"), LIMITS), 3), np.asarray(source))
+
+
+def test_modes_grey_rgba_16bit_palette_to_channels():
+    grey = decode(encode(gradient(mode="L"), "PNG"), LIMITS)
+    assert to_array(grey, 1).shape == (12, 20, 1)
+    assert to_array(grey, 3).shape == (12, 20, 3)
+    rgba = Image.new("RGBA", (4, 4), (200, 100, 50, 0))
+    rgba.putpixel((0, 0), (200, 100, 50, 255))
+    out = to_array(decode(encode(rgba, "PNG"), LIMITS), 3)
+    assert out[0, 0].tolist() == [200, 100, 50] and out[1, 1].tolist() == [0, 0, 0]  # transparent = black
+    wide = Image.fromarray(np.full((5, 6), 65535, np.uint16))
+    sixteen = decode(encode(wide, "PNG"), LIMITS)
+    assert sixteen.mode.startswith("I")
+    assert to_array(sixteen, 1).max() == 255
+    palette = decode(encode(gradient().convert("P"), "GIF"), LIMITS)
+    assert to_array(palette, 3).dtype == np.uint8
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"", 400, "empty"),
+    (b"definitely not an image, just text bytes", 400, "not a readable image"),
+    (b"\x80\x04\x95pickle-ish", 400, "not a readable image"),
+])
+def test_bad_bytes_are_4xx(data, status, words):
+    with pytest.raises(InputError) as info:
+        decode(data, LIMITS)
+    assert info.value.status == status and words in str(info.value)
+
+
+def test_truncated_files_are_400():
+    for fmt in ("PNG", "JPEG"):
+        data = encode(gradient(200, 200), fmt)
+        with pytest.raises(InputError) as info:
+            decode(data[: len(data) // 2], LIMITS)
+        assert info.value.status == 400
+        assert "\n" not in str(info.value)
+
+
+def test_formats_outside_the_allow_list_are_refused():
+    ico = encode(gradient(16, 16), "ICO")
+    with pytest.raises(InputError) as info:
+        decode(ico, LIMITS)
+    assert info.value.status == 400
+    only_png = DecodeLimits(LIMITS.max_pixels, ("PNG",))
+    with pytest.raises(InputError):
+        decode(encode(gradient(), "JPEG"), only_png)
+
+
+def test_pixel_cap_and_decompression_bombs_are_413_before_decoding():
+    with pytest.raises(InputError) as info:
+        decode(png_header_only(3000, 3000), LIMITS)  # 9 MP > 4 MP cap, from the header alone
+    assert info.value.status == 413
+    with pytest.raises(InputError) as info:
+        decode(png_header_only(20000, 20000), DecodeLimits(10**9, ("PNG",)))  # Pillow's own bomb check
+    assert info.value.status == 413
+
+
+def test_large_image_under_the_cap_decodes():
+    big = gradient(1900, 1000)
+    assert decode(encode(big, "JPEG", quality=70), LIMITS).size == (1900, 1000)
+
+
+def test_zero_size_header_is_400():
+    with pytest.raises(InputError) as info:
+        decode(png_header_only(0, 10), LIMITS)
+    assert info.value.status == 400
+
+
+def test_letterbox_keeps_aspect_and_maps_boxes_back():
+    array = np.zeros((50, 100, 1), np.uint8)
+    array[10:20, 40:60] = 255
+    boxed, placement = letterbox(array, 40)
+    assert boxed.shape == (40, 40, 1)
+    assert placement == Placement(100, 50, 0.4, 0.4)
+    assert boxed[20:, :].max() == 0  # padding at the bottom
+    ys, xs = np.nonzero(boxed[:, :, 0] > 127)
+    model_box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float64)
+    back = boxes_to_image(model_box, placement)
+    assert np.allclose(back, [[40, 10, 60, 20]], atol=2.5)
+
+
+def test_boxes_are_clipped_to_the_image():
+    placement = Placement(100, 50, 0.4, 0.4)
+    assert boxes_to_image(np.array([[-4, -4, 45, 45]]), placement).tolist() == [[0, 0, 100, 50]]
+
+
+def test_mask_back_to_input_size_drops_padding():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[0:20, 0:20] = 3
+    mask[30:, :] = 7  # in the padding: must vanish
+    back = mask_to_image(mask, Placement(100, 50, 0.4, 0.4))
+    assert back.shape == (50, 100)
+    assert set(np.unique(back)) == {0, 3}
+    assert back[:50, :50].min() == 3
+
+
+def test_fit_square_matches_training_geometry():
+    from torchvision.transforms.v2 import functional as F
+
+    image = gradient(30, 20, "L")
+    expected = np.asarray(F.center_crop(F.resize(image, 16, antialias=True), 16))
+    out, placement = fit_square(np.asarray(image)[:, :, None], 16)
+    assert np.array_equal(out[:, :, 0], expected)
+    assert placement.width == 30 and placement.height == 20

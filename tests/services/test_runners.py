@@ -1,0 +1,108 @@
+"""Served models (services/runners.py): torch vs ONNX Runtime, adaptive batching, load shedding."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from models import checkpoint
+from models.registry import build
+from pipelines.export import export_checked
+from services.errors import Overloaded
+from services.runners import ModelCard, TaskRunner, load_runner
+
+CLASSES = [str(i) for i in range(10)]
+
+
+def save_tiny(directory, task: str = "classify", family: str = "lenet5", size: int = 16, **hparams):
+    torch.manual_seed(0)
+    num_classes = 3 if task == "segment" else 10
+    model = build(task, family, num_classes, 1, size, **hparams)
+    config = {"task": task, "family": family, "hparams": hparams, "num_classes": num_classes, "in_channels": 1,
+              "image_size": size, "classes": CLASSES[:num_classes], "mean": [0.3], "std": [0.2]}
+    checkpoint.save(model, config, directory)
+    if task != "detect":
+        export_checked(model, config, directory / "model.onnx")
+    return model, config
+
+
+def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("task, family, hparams", [("classify", "lenet5", {}),
+                                                   ("segment", "unet", {"depth": 2, "width": 8})])
+def test_torch_and_onnx_backends_agree_with_the_model(tmp_path, task, family, hparams):
+    model, config = save_tiny(tmp_path, task, family, **hparams)
+    batch = images(4)
+    runners = {backend: load_runner(task, tmp_path, name=f"convforge-{task}", version="v1", backend=backend,
+                                    max_batch_size=8, max_latency_ms=1000) for backend in ("torch", "onnx")}
+    assert runners["onnx"].card.backend == "onnx" and runners["torch"].card.backend == "torch"
+    normalized = torch.from_numpy(batch.transpose(0, 3, 1, 2)).float() / 255
+    with torch.inference_mode():
+        logits = model.eval()((normalized - 0.3) / 0.2)
+    out_torch, out_onnx = runners["torch"].run(batch), runners["onnx"].run(batch)
+    if task == "classify":
+        expected = torch.softmax(logits, 1).numpy()
+        assert np.allclose(np.stack(out_torch), expected, atol=1e-5)
+        assert np.allclose(np.stack(out_onnx), expected, atol=1e-4)
+    else:
+        expected = logits.argmax(1).numpy()
+        assert (np.stack(out_torch) == expected).all()
+        assert (np.stack(out_onnx) == expected).mean() > 0.999
+
+
+def test_detect_stays_on_torch_even_when_onnx_is_asked(tmp_path):
+    save_tiny(tmp_path, "detect", "fcos", size=32)
+    runner = load_runner("detect", tmp_path, name="convforge-detect", version="v1", backend="onnx",
+                         max_batch_size=4, max_latency_ms=1000)
+    assert runner.card.backend == "torch"
+    (out,) = runner.run(images(1, 32))
+    assert set(out) >= {"boxes", "scores", "labels"} and out["boxes"].shape[-1] == 4
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(tmp_path):
+    save_tiny(tmp_path)
+    runner = load_runner("classify", tmp_path, name="convforge-classify", version="v1", backend="torch",
+                         max_batch_size=16, max_latency_ms=5000)
+    inputs = images(48, seed=1)
+    alone = runner.run(inputs)
+
+    async def main():
+        return await asyncio.gather(*(runner.predict(image) for image in inputs))
+
+    outputs = asyncio.run(main())
+    assert max(out.batch_size for out in outputs) > 1  # adaptive batching grouped them
+    assert max(out.batch_size for out in outputs) <= 16
+    for out, expected in zip(outputs, alone):
+        assert np.allclose(out.value, expected, atol=1e-5)
+        assert out.queue_s >= 0 and out.inference_s > 0
+
+
+def test_over_the_latency_budget_the_queue_sheds_with_overloaded():
+    def slow(batch: np.ndarray) -> list:
+        time.sleep(0.02)
+        return [np.ones(10, np.float32) / 10] * len(batch)
+
+    card = ModelCard("classify", "slow", "convforge-classify", "v1", "torch")
+    config = {"classes": CLASSES, "image_size": 16, "in_channels": 1, "mean": [0.0], "std": [1.0]}
+    runner = TaskRunner(card, config, slow, max_batch_size=2, max_latency_ms=30)
+
+    async def main():
+        return await asyncio.gather(*(runner.predict(image) for image in images(60)), return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    shed = [o for o in outcomes if isinstance(o, Exception)]
+    assert shed and all(isinstance(o, Overloaded) for o in shed)
+    assert any(not isinstance(o, Exception) for o in outcomes)
+
+
+def test_warm_up_runs_both_batch_shapes(tmp_path):
+    save_tiny(tmp_path)
+    runner = load_runner("classify", tmp_path, name="convforge-classify", version="v1", backend="onnx",
+                         max_batch_size=8, max_latency_ms=1000)
+    assert runner.warm_up() > 0
