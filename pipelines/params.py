@@ -175,6 +175,7 @@ class TrainConfig(Section):
     grad_clip: Annotated[float, Field(ge=0)]
     early_stop_patience: NonNegInt
     aug_strength: Annotated[float, Field(ge=0, le=4)]
+    dice_weight: Annotated[float, Field(ge=0)]  # segment: CE + dice_weight * soft Dice loss
 
     def updated(self, **overrides: Any) -> "TrainConfig":
         """A validated copy with some keys replaced (e.g. by a search trial)."""
@@ -215,6 +216,8 @@ class ServeParams(Section):
     max_batch_size: PosInt
     max_latency_ms: PosInt
     top_k: PosInt
+    num_threads: NonNegInt
+    workers: PosInt
 
 
 class Params(Section):

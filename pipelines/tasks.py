@@ -1,0 +1,238 @@
+"""Per-task adapters for the one training engine: batches, loss, predictions and metric meters.
+
+Every task's batch is `Batch(images uint8 [B, C, H, W], targets)` on the CPU; the engine moves it,
+normalizes the images and hands them back to the adapter. Targets are labels int64 [B] (classify),
+a list of {"boxes" xyxy, "labels" 0..C-1, "masks" [k, H, W]} (detect) or semantic masks [B, H, W]
+(segment, 0 = background, c + 1 = class c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipelines.metrics import ClassifyMeter, DetectMeter, SegmentMeter
+from pipelines.params import PolicyParams, TrainConfig
+
+AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2015, Sec. 5)
+
+
+@dataclass
+class Batch:
+    """Images uint8 [B, C, H, W] (float and normalized once on the device) and the task's targets."""
+
+    images: Tensor
+    targets: Any
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=non_blocking), _to(self.targets, device, non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.images.pin_memory(), _pin(self.targets))
+
+
+def _to(value: Any, device: torch.device, non_blocking: bool) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, dict):
+        return {k: _to(v, device, non_blocking) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to(v, device, non_blocking) for v in value]
+    return value
+
+
+def _pin(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {k: _pin(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_pin(v) for v in value]
+    return value
+
+
+def main_logits(output: Any) -> Tensor:
+    """The main logits of a classifier's output (AuxLogits in train mode, a tensor in eval mode)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def scene_augmenter(data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
+    """Joint image + target augmentation of scenes (detect, segment), or None when off."""
+    from pipelines.transforms import build_scene_policy
+
+    if policy is None or strength <= 0:
+        return None
+    return build_scene_policy(policy, data.image_size, data.in_channels, strength)
+
+
+class ClassifyTask:
+    name, metric = "classify", "accuracy"
+
+    def gather(self, data: Any, idx: Tensor) -> Batch:
+        return Batch(data.images[idx], data.labels[idx])
+
+    def augmenter(self, data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
+        from pipelines.transforms import build_policy
+
+        if policy is None or strength <= 0:
+            return None
+        return build_policy(policy, data.image_size, data.in_channels, strength)
+
+    def item(self, data: Any, i: int, augment: Callable) -> tuple[Tensor, Any]:
+        return augment(data.images[i]), data.labels[i]
+
+    def collate(self, items: Sequence[tuple[Tensor, Any]]) -> Batch:
+        return Batch(torch.stack([image for image, _ in items]), torch.stack([label for _, label in items]))
+
+    def mixer(self, cfg: TrainConfig, num_classes: int) -> Callable | None:
+        """MixUp (Zhang et al. 2018) / CutMix (Yun et al. 2019) on a normalized batch, or None."""
+        from torchvision.transforms import v2
+
+        choices = []
+        if cfg.mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+        if cfg.cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+        if not choices:
+            return None
+        return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+    def loss(self, model: nn.Module, images: Tensor, targets: Tensor, cfg: TrainConfig,
+             mixer: Callable | None = None) -> Tensor:
+        if mixer is not None:
+            images, targets = mixer(images, targets)  # targets become soft labels [B, C]
+        output = model(images)
+        loss = F.cross_entropy(main_logits(output).float(), targets, label_smoothing=cfg.label_smoothing)
+        for aux in getattr(output, "aux", None) or []:
+            loss = loss + AUX_WEIGHT * F.cross_entropy(aux.float(), targets, label_smoothing=cfg.label_smoothing)
+        return loss
+
+    def outputs(self, model: nn.Module, images: Tensor) -> Tensor:
+        return main_logits(model(images)).float()
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        """Class probabilities [N, C]."""
+        return outputs.softmax(1)
+
+    def meter(self, classes: Sequence[str]) -> ClassifyMeter:
+        return ClassifyMeter(classes)
+
+    def update(self, meter: ClassifyMeter, outputs: Tensor, batch: Batch) -> None:
+        meter.update(outputs, batch.targets)
+
+
+class DetectTask:
+    name, metric = "detect", "map"
+
+    def gather(self, data: Any, idx: Tensor) -> Batch:
+        return Batch(data.images[idx], [data.targets[i] for i in idx.tolist()])
+
+    def augmenter(self, data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
+        return scene_augmenter(data, policy, strength)
+
+    def item(self, data: Any, i: int, augment: Callable) -> tuple[Tensor, Any]:
+        image, target = augment(data.images[i], data.targets[i])
+        return image, {k: target[k] for k in ("boxes", "labels", "masks")}
+
+    def collate(self, items: Sequence[tuple[Tensor, Any]]) -> Batch:
+        return Batch(torch.stack([image for image, _ in items]), [target for _, target in items])
+
+    def mixer(self, cfg: TrainConfig, num_classes: int) -> None:
+        return None
+
+    def loss(self, model: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig,
+             mixer: Callable | None = None) -> Tensor:
+        # torchvision keeps label 0 for the background: class c is label c + 1
+        shifted = [{"boxes": t["boxes"].float(), "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
+        losses = model(list(images), shifted)
+        return sum(value.float() for value in losses.values())
+
+    def outputs(self, model: nn.Module, images: Tensor) -> list[dict[str, Tensor]]:
+        return self.decode(model(list(images)))
+
+    def decode(self, outputs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per image {"boxes" xyxy, "scores", "labels" 0..C-1[, "masks" bool [k, H, W]]}."""
+        decoded = []
+        for out in outputs:
+            item = {"boxes": out["boxes"].float(), "scores": out["scores"].float(), "labels": out["labels"] - 1}
+            if "masks" in out:  # Mask R-CNN: soft masks [k, 1, H, W], thresholded at 0.5 as in He et al. 2017
+                item["masks"] = out["masks"].reshape(len(out["boxes"]), *out["masks"].shape[-2:]) > 0.5
+            decoded.append(item)
+        return decoded
+
+    def meter(self, classes: Sequence[str]) -> DetectMeter:
+        return DetectMeter(classes)
+
+    def update(self, meter: DetectMeter, outputs: list[dict[str, Tensor]], batch: Batch) -> None:
+        meter.update(outputs, batch.targets)
+
+
+class SegmentTask:
+    name, metric = "segment", "miou"
+
+    def gather(self, data: Any, idx: Tensor) -> Batch:
+        return Batch(data.images[idx], data.masks[idx])
+
+    def augmenter(self, data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
+        return scene_augmenter(data, policy, strength)
+
+    def item(self, data: Any, i: int, augment: Callable) -> tuple[Tensor, Any]:
+        image, target = augment(data.images[i], {**data.targets[i], "semantic": data.masks[i]})
+        return image, target["semantic"]
+
+    def collate(self, items: Sequence[tuple[Tensor, Any]]) -> Batch:
+        return Batch(torch.stack([image for image, _ in items]), torch.stack([mask for _, mask in items]))
+
+    def mixer(self, cfg: TrainConfig, num_classes: int) -> None:
+        return None
+
+    def loss(self, model: nn.Module, images: Tensor, targets: Tensor, cfg: TrainConfig,
+             mixer: Callable | None = None) -> Tensor:
+        logits = model(images).float()
+        target = targets.long()
+        loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        if cfg.dice_weight > 0:
+            loss = loss + cfg.dice_weight * soft_dice_loss(logits, target)
+        return loss
+
+    def outputs(self, model: nn.Module, images: Tensor) -> Tensor:
+        return self.decode(model(images))
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        """Class-index masks [N, H, W] (0 = background, c + 1 = class c)."""
+        return outputs.argmax(1)
+
+    def meter(self, classes: Sequence[str]) -> SegmentMeter:
+        return SegmentMeter(classes)
+
+    def update(self, meter: SegmentMeter, outputs: Tensor, batch: Batch) -> None:
+        meter.update(outputs, batch.targets)
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """1 - mean soft Dice over classes (Milletari et al. 2016, V-Net), from logits [N, K, H, W]."""
+    probs = logits.softmax(1)
+    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    intersection = (probs * one_hot).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
+    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
+
+
+TASKS: dict[str, ClassifyTask | DetectTask | SegmentTask] = {
+    "classify": ClassifyTask(), "detect": DetectTask(), "segment": SegmentTask()}
+# The primary validation metric of each task, as the engine reports it (maximized).
+PRIMARY = {name: f"val_{task.metric}" for name, task in TASKS.items()}
+
+
+def get_task(name: str) -> ClassifyTask | DetectTask | SegmentTask:
+    """The adapter of task `name`."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,143 @@
+"""pipelines/tracking.py against a real MLflow SQLite store in tmp: URIs, experiments, names, data hashes,
+the models-from-code pyfunc and the `champion` alias."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import tracking
+from pipelines.params import MlflowParams
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture()
+def store(store_dir, monkeypatch):
+    """One SQLite store for the module (creating its tables takes seconds), reached through the env."""
+    import mlflow
+
+    uri = f"sqlite:///{store_dir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure(MlflowParams(tracking_uri="sqlite:///ignored.db", experiment="x",
+                                    registered_model_prefix="p"), store_dir)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def test_relative_store_paths_resolve_against_the_project_root_and_the_env_wins(tmp_path, monkeypatch):
+    assert tracking.resolve_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.resolve_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert tracking.resolve_uri("mlruns", tmp_path) == (tmp_path / "mlruns").as_uri()
+    assert tracking.resolve_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+    params = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="e", registered_model_prefix="p")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.configure(params, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.configure(params, tmp_path) == "http://127.0.0.1:5999"
+
+
+def test_sanitized_names_are_accepted_by_mlflow(store):
+    import mlflow
+    from mlflow import MlflowClient
+
+    names = ["map@.5", "AP(T-shirt/top)", "/leading", "../up", "ok_name-1.2 x"]
+    clean = [tracking.sanitize(n) for n in names]
+    assert clean[0] == "map_.5" and clean[1] == "AP_T-shirt/top_" and clean[4] == "ok_name-1.2 x"
+    experiment = tracking.ensure_experiment("names")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        tracking.log_metrics({n: float(i) for i, n in enumerate(names)} | {"nan": math.nan, "flag": True})
+    logged = MlflowClient(store).get_run(run.info.run_id).data.metrics
+    assert set(logged) == set(clean)  # NaN and non-numbers are left out
+
+
+def test_flatten_nests_with_dots():
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_experiment_is_created_once_with_artifacts_next_to_the_database(store, store_dir):
+    from mlflow import MlflowClient
+
+    first = tracking.ensure_experiment("convforge")
+    assert tracking.ensure_experiment("convforge") == first
+    location = MlflowClient(store).get_experiment(first).artifact_location
+    assert location == (store_dir / "mlartifacts").as_uri()
+
+
+def test_data_hash_prefers_dvc_lock_and_else_hashes_the_files(tmp_path):
+    data = tmp_path / "data" / "prepared" / "classify"
+    data.mkdir(parents=True)
+    (data / "train.npz").write_bytes(b"one")
+    first = tracking.data_hash(data, tmp_path)
+    assert first.startswith("sha256:") and first == tracking.data_hash(data, tmp_path)
+    (data / "train.npz").write_bytes(b"two")
+    assert tracking.data_hash(data, tmp_path) != first
+    lock = {"schema": "2.0", "stages": {"augment": {"cmd": "x", "outs": [
+        {"path": "data/prepared/classify", "md5": "0123abcd.dir", "size": 3, "nfiles": 1}]}}}
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
+    assert tracking.data_hash(data, tmp_path) == "0123abcd.dir"
+
+
+def _saved_model(tmp_path, prepared_classify):
+    from models import checkpoint
+    from models.registry import build
+    from pipelines.datasets import load_classify
+
+    data = load_classify(prepared_classify, "test")
+    torch.manual_seed(0)
+    model = build("classify", "lenet5", len(data.classes), data.in_channels, data.image_size)
+    config = {"task": "classify", "family": "lenet5", "hparams": {}, "num_classes": len(data.classes),
+              "in_channels": data.in_channels, "image_size": data.image_size, "classes": data.classes,
+              "mean": data.mean, "std": data.std}
+    folder = tmp_path / "model"
+    checkpoint.save(model, config, folder)
+    return model, data, folder
+
+
+def test_pyfunc_from_code_round_trip_and_champion_alias(store, tmp_path, prepared_classify):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.engine import EngineSettings, predict
+
+    model, data, folder = _saved_model(tmp_path, prepared_classify)
+    settings = EngineSettings(device="cpu", channels_last=False)
+    example = data.images[:2].numpy()
+    expected = predict(model, "classify", data.images[:5], data.mean, data.std, settings).numpy()
+    experiment = tracking.ensure_experiment("models")
+    versions = []
+    for _ in range(3):
+        with mlflow.start_run(experiment_id=experiment):
+            versions.append(tracking.log_model(folder, example, expected[:2], "p-classify").version)
+    client = MlflowClient(store)
+    assert [int(v) for v in versions] == [1, 2, 3]
+    # No pickled module: the logged model is the code file plus the safetensors/JSON folder.
+    source = client.get_model_version("p-classify", versions[0]).source
+    local = mlflow.artifacts.download_artifacts(source)
+    files = {p.name for p in Path(local).rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "mlflow_model.py", "MLmodel"} <= files
+    assert not any(name.endswith((".pkl", ".pickle", ".pt")) for name in files)
+
+    loaded = mlflow.pyfunc.load_model(f"models:/p-classify/{versions[0]}")
+    np.testing.assert_allclose(loaded.predict(data.images[:5].numpy()), expected, rtol=1e-5, atol=1e-6)
+    assert loaded.metadata.get_input_schema() is not None
+
+    def champion() -> str:
+        return client.get_model_version_by_alias("p-classify", "champion").version
+
+    assert tracking.promote("p-classify", versions[0], "val_accuracy", 0.5, "h1") and champion() == versions[0]
+    assert not tracking.promote("p-classify", versions[1], "val_accuracy", 0.4, "h1")
+    assert champion() == versions[0]
+    assert tracking.promote("p-classify", versions[2], "val_accuracy", 0.6, "h1") and champion() == versions[2]
+    # Other data: scores are not comparable, the newer model takes over.
+    assert tracking.promote("p-classify", versions[1], "val_accuracy", 0.1, "h2") and champion() == versions[1]
+    assert client.get_model_version("p-classify", versions[2]).tags["score"] == "0.6"

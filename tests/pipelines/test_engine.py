@@ -1,0 +1,136 @@
+"""The one training loop: determinism, resume, options, schedules, evaluate/predict for every task."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.registry import build
+from pipelines.datasets import load_classify, load_scenes
+from pipelines.engine import (CHECKPOINT, EngineSettings, batches_per_epoch, evaluate, fit, make_optimizer,
+                              make_scheduler, predict)
+
+CPU = EngineSettings(device="cpu", num_threads=1, seed=3)
+TIMING = {"epoch_s", "wall_s", "images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def digits(prepared_classify):
+    return load_classify(prepared_classify, "train").subset(160, 0), load_classify(prepared_classify, "val")
+
+
+@pytest.fixture(scope="module")
+def cfg(project_params):
+    return project_params.train.classify.updated(epochs=2, batch_size=32, warmup_epochs=1, lr=0.05)
+
+
+def lenet(data, **hparams):
+    torch.manual_seed(0)
+    return build("classify", "lenet5", len(data.classes), data.in_channels, data.image_size, **hparams)
+
+
+def learned(history):
+    """Per-epoch metrics without the timings."""
+    return [{k: v for k, v in r.metrics.items() if k not in TIMING} for r in history]
+
+
+def test_two_cpu_runs_give_identical_metrics_with_augmentation(digits, cfg, project_params):
+    train, val = digits
+    runs = [fit(lenet(train, dropout=0.2), "classify", train, val, cfg, CPU, policy=project_params.augment.policy,
+                log=None) for _ in range(2)]
+    assert learned(runs[0].history) == learned(runs[1].history)
+    assert [r.epoch for r in runs[0].history] == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(),
+                                                 runs[1].model.state_dict().values()))
+
+
+def test_an_interrupted_run_resumes_at_the_next_epoch_with_the_same_result(digits, cfg, project_params, tmp_path):
+    train, val = digits
+    options = cfg.updated(ema_decay=0.9, label_smoothing=0.1, mixup_alpha=0.2, grad_clip=1.0)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(result):
+        assert (tmp_path / CHECKPOINT).is_file()  # written before the callback
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit(lenet(train), "classify", train, val, options, CPU, policy=project_params.augment.policy,
+            checkpoint_dir=tmp_path, on_epoch=stop_after_first, log=None)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # tensors and plain values only
+    assert state["epoch"] == 1
+    lines = []
+    resumed = fit(lenet(train), "classify", train, val, options, CPU, policy=project_params.augment.policy,
+                  checkpoint_dir=tmp_path, log=lines.append)
+    assert any("resuming classify at epoch 2" in line for line in lines)
+    assert sum(line.startswith("epoch ") for line in lines) == 1
+    whole = fit(lenet(train), "classify", train, val, options, CPU, policy=project_params.augment.policy, log=None)
+    assert learned(resumed.history) == learned(whole.history)
+    assert resumed.best_epoch == whole.best_epoch and resumed.best_score == whole.best_score
+
+
+def test_progress_lines_and_best_epoch_selection(digits, cfg):
+    train, val = digits
+    lines = []
+    result = fit(lenet(train), "classify", train, val, cfg.updated(optimizer="adamw", lr=0.003,
+                                                                     schedule="onecycle"), CPU, log=lines.append)
+    assert len(lines) == 2 and all("loss" in l and "val_accuracy" in l and "img/s" in l and "ETA" in l for l in lines)
+    scores = [r.score for r in result.history]
+    assert result.best_score == max(scores) and result.history[result.best_epoch - 1].score == max(scores)
+    assert result.metric == "val_accuracy" and result.images_per_s > 0
+    metrics = result.history[-1].metrics
+    assert {"train_loss", "val_accuracy", "val_top5", "val_f1_macro", "val_nll", "val_ece", "lr"} <= set(metrics)
+    assert evaluate(result.model, "classify", val, CPU)["accuracy"] == pytest.approx(result.best_score)
+
+
+def test_early_stopping_when_validation_stops_improving(digits, cfg):
+    train, val = digits
+    # A learning rate too small to change any prediction: the score cannot improve after epoch 1.
+    frozen = cfg.updated(epochs=5, lr=1e-9, schedule="constant", warmup_epochs=0, early_stop_patience=2)
+    result = fit(lenet(train, variant="classic"), "classify", train, val, frozen, CPU, log=None)
+    assert [r.epoch for r in result.history] == [1, 2, 3] and result.best_epoch == 1
+
+
+def test_warmup_then_cosine_and_no_decay_on_biases(digits, cfg):
+    model = lenet(digits[0])
+    optimizer = make_optimizer(model, cfg)
+    assert optimizer.defaults["nesterov"] and [g["weight_decay"] for g in optimizer.param_groups] == [
+        cfg.weight_decay, 0.0]
+    assert all(p.ndim <= 1 for p in optimizer.param_groups[1]["params"])
+    steps = 10
+    scheduler = make_scheduler(optimizer, cfg.updated(epochs=3, warmup_epochs=1), steps)
+    lrs = []
+    for _ in range(3 * steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(cfg.lr * 0.01) and lrs[steps] == pytest.approx(cfg.lr)
+    assert all(a <= b for a, b in zip(lrs[:steps], lrs[1:steps + 1]))
+    assert all(a >= b for a, b in zip(lrs[steps:], lrs[steps + 1:])) and lrs[-1] < 0.01 * cfg.lr
+    assert batches_per_epoch(65, 32) == 2 and batches_per_epoch(66, 32) == 3  # a last batch of 1 is dropped
+
+
+@pytest.mark.parametrize("task,family,hparams", [
+    ("detect", "fcos", {"head_convs": 1, "backbone_hparams": {"depth": 10, "width": 8}}),
+    ("segment", "unet", {"depth": 2, "width": 8}),
+])
+def test_scene_tasks_train_with_joint_augmentation_and_predict(prepared_scenes, project_params, task, family, hparams):
+    train, val = load_scenes(prepared_scenes, "train").subset(16, 0), load_scenes(prepared_scenes, "val")
+    torch.manual_seed(0)
+    model = build(task, family, len(train.classes), train.in_channels, train.image_size, **hparams)
+    cfg = project_params.train.task(task).updated(epochs=1, batch_size=8, warmup_epochs=0, dice_weight=0.5)
+    result = fit(model, task, train, val, cfg, CPU, policy=project_params.augment.policy, log=None)
+    metric = {"detect": "val_map", "segment": "val_miou"}[task]
+    assert math.isfinite(result.history[0].metrics["train_loss"]) and 0.0 <= result.best_score <= 1.0
+    assert metric in result.history[0].metrics
+    out = predict(result.model, task, val.images[:3], val.mean, val.std, CPU)
+    if task == "detect":
+        assert len(out) == 3 and all(set(d) >= {"boxes", "scores", "labels"} for d in out)
+        assert all(((d["labels"] >= 0) & (d["labels"] < len(val.classes))).all() for d in out)
+    else:
+        assert out.shape == (3, *val.images.shape[-2:]) and int(out.max()) <= len(val.classes)
+    flat = evaluate(result.model, task, val, CPU)
+    assert all(isinstance(v, float) for v in flat.values())
