@@ -43,19 +43,13 @@ def _subset_indices(total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:n].sort().values
 
 
-@dataclass(frozen=True)
-class ClassifyData:
-    """Images uint8 [N, C, H, W], labels int64 [N], class names and train mean/std (in [0, 1] units)."""
+class _ImageTensors:
+    """What both datasets share: uint8 images [N, C, H, W]."""
 
     images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    mean: list[float]
-    std: list[float]
-    is_copy: torch.Tensor | None = None  # bool [N] on train: materialized augmented copies
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.images.shape[0])
 
     @property
     def in_channels(self) -> int:
@@ -64,6 +58,18 @@ class ClassifyData:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
+
+
+@dataclass(frozen=True)
+class ClassifyData(_ImageTensors):
+    """Images uint8 [N, C, H, W], labels int64 [N], class names and train mean/std (in [0, 1] units)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    is_copy: torch.Tensor | None = None  # bool [N] on train: materialized augmented copies
 
     def subset(self, n: int | None, seed: int) -> "ClassifyData":
         """A random subset of `n` items (all of them when n is None or >= len)."""
@@ -90,7 +96,7 @@ def load_classify(root: Path, split: str) -> ClassifyData:
 
 
 @dataclass(frozen=True)
-class SceneData:
+class SceneData(_ImageTensors):
     """Scene images uint8 [N, C, H, W], semantic masks uint8 [N, H, W] (0 = background, c + 1 = class c),
     per-image targets {"boxes" float32 [k, 4] xyxy, "labels" int64 [k] (0..C-1), "masks" uint8 [k, H, W]}."""
 
@@ -101,17 +107,6 @@ class SceneData:
     mean: list[float]
     std: list[float]
     image_ids: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.images.shape[-1])
 
     def subset(self, n: int | None, seed: int) -> "SceneData":
         """A random subset of `n` scenes (all of them when n is None or >= len)."""

@@ -130,6 +130,8 @@ class TaskSearchParams(Section):
     time_budget_s: Annotated[float, Field(gt=0)]
     train_subset: PosInt | None
     space: TrainSpaceParams
+    # Narrows a family's registry space for this budget: {family: {hparam: [choices]}}.
+    model_space: dict[str, dict[str, Annotated[list[Any], Field(min_length=1)]]]
 
 
 class SearchParams(Section):

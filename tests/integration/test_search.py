@@ -1,0 +1,222 @@
+"""The search on real Ray and a real MLflow store: two nodes, a failing trial, and a killed-then-resumed stage.
+
+Digits 16x16 (the prepared_classify fixture), two small families, 1-2 epochs per trial.
+One two-node Ray cluster (`ray.cluster_utils.Cluster`, 1 CPU per node) serves the in-process
+searches; the resume test runs the stage as a subprocess on its own local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.registry import Choice
+from pipelines.params import Params, validate
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = ["lenet5", "resnet"]
+
+
+def tiny_params(project_params: Params, tracking_uri: str, **task_overrides) -> Params:
+    """The repo's params with a tiny classify search: 2 families, 4 trials, <= 2 epochs, 1 CPU a trial."""
+    raw = project_params.model_dump()
+    raw["search"].update(scheduler="asha", algorithm="optuna", cpus_per_trial=1, gpus_per_trial=0.0,
+                         max_concurrent=2, max_failures=1, ray_address=None, storage=None, max_latency_ms=None)
+    raw["search"]["classify"].update({"families": FAMILIES, "num_samples": 4, "max_epochs": 2, "grace_period": 1,
+                                      "time_budget_s": 300, "train_subset": None, **task_overrides})
+    raw["search"]["classify"]["space"]["batch_size"] = [32, 64]
+    narrowed = raw["search"]["classify"]["model_space"]
+    raw["search"]["classify"]["model_space"] = {k: v for k, v in narrowed.items() if k in FAMILIES}
+    raw["train"].update(device="cpu", amp="off", compile=False, num_threads=1, num_workers=0)
+    raw["mlflow"]["tracking_uri"] = tracking_uri
+    return validate(Params, raw)
+
+
+def children_of(client, parent_id: str) -> list:
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes on this machine, 1 CPU each; the test process is the driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipelines.tuning import init_ray
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20})
+    cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
+    cluster.wait_for_nodes()
+    init_ray(address=cluster.address)  # the library's cluster path: the project ships as working_dir
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite store in tmp; cwd in tmp so nothing lands in the repo."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, prepared_classify, tmp_path,
+                                                  mlflow_store):
+    import ray
+    from mlflow import MlflowClient
+
+    from pipelines.search import run_search
+
+    params = tiny_params(project_params, mlflow_store)
+    out = tmp_path / "artifacts/search/classify"
+    best = run_search(params, "classify", prepared_classify, out, storage=str(tmp_path / "ray"))
+
+    written = json.loads((out / "best.json").read_text())
+    assert written == json.loads(json.dumps(best))
+    assert set(written) == {"task", "family", "model", "train", "metric", "score", "trial_id",
+                            "mlflow_parent_run_id", "mlflow_run_id", "families"}
+    assert written["task"] == "classify" and written["metric"] == "val_accuracy"
+    assert written["family"] in FAMILIES and 0.0 <= written["score"] <= 1.0
+    assert set(written["train"]) == {"optimizer", "lr", "weight_decay", "batch_size", "aug_strength"}
+    params.train.classify.updated(**written["train"])  # the train stage can apply it
+    assert {row["family"] for row in written["families"]} == set(FAMILIES)  # each family ran at its defaults
+    for row in written["families"]:
+        assert row["params"] > 0 and row["macs"] > 0 and row["latency_ms"] > 0
+    assert (out / "score_vs_latency.png").stat().st_size > 0 and (out / "families.csv").is_file()
+
+    trials = json.loads((out / "families.json").read_text())["trials"]
+    assert len(trials) == 4 and all(t["status"] in ("completed", "stopped") for t in trials)
+    node_ids = {t["node_id"] for t in trials}
+    assert node_ids == {node["NodeID"] for node in ray.nodes() if node["Alive"]}  # both nodes trained trials
+
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(written["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["convforge.winner.family"] == written["family"]
+    assert parent.data.metrics["best_score"] == pytest.approx(written["score"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best.json", "families.csv", "score_vs_latency.png", "families_table.json"} <= artifacts
+    children = children_of(client, parent.info.run_id)
+    assert len(children) == 4 and written["mlflow_run_id"] in {c.info.run_id for c in children}
+    by_trial = {c.data.tags["convforge.trial_id"]: c for c in children}
+    assert set(by_trial) == {t["trial_id"] for t in trials}
+    for trial in trials:
+        child = by_trial[trial["trial_id"]]
+        assert child.info.status == "FINISHED" and child.data.params["family"] == trial["family"]
+        assert child.data.tags["convforge.trial_state"] == trial["status"]
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(1, trial["epochs"] + 1))  # every epoch, once
+
+
+def test_failing_trial_is_retried_reported_and_the_search_goes_on(ray_cluster, project_params, prepared_classify,
+                                                                  tmp_path, mlflow_store):
+    from mlflow import MlflowClient
+
+    from pipelines.search import run_search
+    from pipelines.tuning import SearchSpace
+
+    params = tiny_params(project_params, mlflow_store, num_samples=2, max_epochs=1)
+    space = SearchSpace.build("classify", FAMILIES, params.search.classify.space,
+                              params.search.classify.model_space)
+    # An invalid hyperparameter: every lenet5 trial raises in models.build on the worker.
+    broken = replace(space, families={**space.families, "lenet5": {**space.families["lenet5"],
+                                                                   "no_such_hparam": Choice([1])}})
+    out = tmp_path / "out"
+    best = run_search(params, "classify", prepared_classify, out, storage=str(tmp_path / "ray"), space=broken)
+
+    assert best["family"] == "resnet"
+    trials = {t["family"]: t for t in json.loads((out / "families.json").read_text())["trials"]}
+    assert trials["lenet5"]["status"] == "error" and "no_such_hparam" in trials["lenet5"]["error"]
+    assert trials["resnet"]["status"] == "completed"
+    lenet = next(row for row in best["families"] if row["family"] == "lenet5")
+    assert lenet["score"] is None
+
+    client = MlflowClient(mlflow_store)
+    failed = [c for c in children_of(client, best["mlflow_parent_run_id"]) if c.data.params["family"] == "lenet5"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert failed[0].data.tags["convforge.retries"] == "1"  # max_failures = 1: one retry, then given up
+    assert "no_such_hparam" in failed[0].data.tags["convforge.error"]
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(project_params, prepared_classify, tmp_path):
+    """Run the stage, SIGKILL it once a trial has finished, rerun it: the search completes from where it was."""
+    from mlflow import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = tiny_params(project_params, tracking_uri, num_samples=4)
+    raw = params.model_dump()
+    raw["search"]["max_concurrent"] = 1  # one trial at a time: the kill lands between trials' progress
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/classify").symlink_to(prepared_classify)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "pipelines.search", "classify"]
+    client = MlflowClient(tracking_uri)
+
+    def finished_children() -> dict[str, int]:
+        """trial id -> number of val_accuracy points, for child runs that are FINISHED."""
+        if not (tmp_path / "mlflow.db").exists():
+            return {}
+        try:
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                filter_string="attributes.status = 'FINISHED' and tags.`convforge.trial_id` != ''")
+        except Exception:  # the store is still being created by the stage
+            return {}
+        return {r.data.tags["convforge.trial_id"]: len(client.get_metric_history(r.info.run_id, "val_accuracy"))
+                for r in runs}
+
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.monotonic() + 240
+    done: dict[str, int] = {}
+    while time.monotonic() < deadline and first.poll() is None and not done:
+        time.sleep(1)
+        done = finished_children()
+    assert first.poll() is None, "the first run ended before it could be interrupted:\n" + \
+        (tmp_path / "first.log").read_text()[-3000:]
+    assert done, "no trial finished in time:\n" + (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first.wait()
+    log.close()
+    done = finished_children()
+    assert len(done) < 4 and not (tmp_path / "artifacts/search/classify/best.json").exists()
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search" in second.stdout
+    best = json.loads((tmp_path / "artifacts/search/classify/best.json").read_text())
+    trials = json.loads((tmp_path / "artifacts/search/classify/families.json").read_text())["trials"]
+    assert len(trials) == 4 and best["trial_id"] in {t["trial_id"] for t in trials}
+    after = finished_children()
+    assert len(after) == 4
+    assert set(done) <= {t["trial_id"] for t in trials}  # finished trials are kept...
+    for trial_id, points in done.items():
+        assert after[trial_id] == points  # ...and not trained again
+    # The resumed search logged into the same parent: one child per trial, all closed. A trial that the
+    # killed driver started after Tune's last state snapshot is drawn anew; its child run ends as `lost`.
+    children = children_of(client, best["mlflow_parent_run_id"])
+    by_trial = {}
+    for child in children:
+        by_trial.setdefault(child.data.tags["convforge.trial_id"], []).append(child)
+    assert all(len(runs) == 1 for runs in by_trial.values())
+    assert {t["trial_id"] for t in trials} <= set(by_trial)
+    for trial_id, (child,) in by_trial.items():
+        if trial_id in {t["trial_id"] for t in trials}:
+            assert child.info.status == "FINISHED"
+        else:
+            assert child.info.status == "KILLED" and child.data.tags["convforge.trial_state"] == "lost"

@@ -1,0 +1,218 @@
+"""Search space conversion (Optuna define-by-run and Ray random), starting points, schedulers, searchers."""
+
+from __future__ import annotations
+
+import pickle
+
+import optuna
+import pytest
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBasedTraining
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.sample import Categorical, Float, Integer
+from ray.tune.search.variant_generator import generate_variants
+
+from models.registry import Choice, FloatRange, IntRange, family as family_of
+from pipelines.errors import ConvForgeError
+from pipelines.params import TrainSpaceParams, validate
+from pipelines.search import families_table, pareto_front, pick_winner
+from pipelines.tuning import SearchSpace, make_scheduler, make_search_alg, ray_domain
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture()
+def space() -> SearchSpace:
+    """Two made-up families (one with a tuple-valued choice) and the classify training space."""
+    return SearchSpace(
+        families={
+            "wide": {"width": Choice([16, 32]), "dropout": FloatRange(0.0, 0.5), "stages": Choice([(1, 1), (2, 2)])},
+            "deep": {"depth": IntRange(2, 8, log=True)},
+        },
+        optimizers={"sgd": {"lr": FloatRange(0.01, 0.2, log=True)}, "adamw": {"lr": FloatRange(5e-4, 5e-3, log=True)}},
+        train={"weight_decay": FloatRange(1e-5, 1e-3, log=True), "batch_size": Choice([64, 128]),
+               "aug_strength": FloatRange(0.0, 1.5)},
+        defaults={"wide": {"width": 16, "dropout": 0.1, "stages": (2, 2)}, "deep": {"depth": 4}},
+    )
+
+
+def test_optuna_space_samples_only_the_chosen_branches(space):
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        config = space(trial)
+        family, optimizer = config["family"], config["optimizer"]
+        seen.add((family, optimizer))
+        expected = {"family", "optimizer", f"{optimizer}.lr", "weight_decay", "batch_size", "aug_strength",
+                    *(f"{family}.{k}" for k in space.families[family])}
+        assert set(config) == expected
+        assert set(trial.params) == expected  # Optuna itself saw no key of another branch
+        chosen = space.choice(config)
+        assert chosen.family == family and set(chosen.hparams) == set(space.families[family])
+        assert set(chosen.train) == {"optimizer", "lr", "weight_decay", "batch_size", "aug_strength"}
+        low, high = space.optimizers[optimizer]["lr"].low, space.optimizers[optimizer]["lr"].high
+        assert low <= chosen.train["lr"] <= high
+        if family == "wide":
+            assert chosen.hparams["stages"] in [(1, 1), (2, 2)]  # tuple choices come back as values
+            assert isinstance(trial.params["wide.stages"], int)  # Optuna stores their index
+        else:
+            assert isinstance(chosen.hparams["depth"], int) and 2 <= chosen.hparams["depth"] <= 8
+        study.tell(trial, 0.5)
+    assert len(seen) == 4
+
+
+def test_space_pickles_for_a_restored_search(space):
+    again = pickle.loads(pickle.dumps(space))
+    assert again == space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    assert again(study.ask())["family"] in space.families
+
+
+def test_ray_space_has_every_key_and_the_trial_reads_its_branch(space):
+    ray_space = space.ray_space()
+    assert isinstance(ray_space["family"], Categorical) and ray_space["family"].categories == ["wide", "deep"]
+    assert isinstance(ray_space["deep.depth"], Integer) and ray_space["deep.depth"].upper == 9  # exclusive
+    assert isinstance(ray_space["sgd.lr"], Float) and isinstance(ray_space["adamw.lr"], Float)
+    families = set()
+    for index in range(12):  # how Ray's random search resolves a sample, seeded
+        _, config = next(generate_variants(ray_space, random_state=index))
+        chosen = space.choice(config)
+        families.add(chosen.family)
+        assert set(chosen.hparams) == set(space.families[chosen.family])
+        assert chosen.train["batch_size"] in (64, 128) and 0.0 <= chosen.train["aug_strength"] <= 1.5
+    assert families == {"wide", "deep"}
+
+
+def test_ray_domain_conversions():
+    assert ray_domain(FloatRange(0.3, 0.3)) == 0.3
+    assert ray_domain(FloatRange(1e-3, 1e-1, log=True)).sampler.__class__.__name__ == "_LogUniform"
+    assert ray_domain(IntRange(1, 4)).lower == 1 and ray_domain(IntRange(1, 4)).upper == 5
+    assert ray_domain(Choice(["a", "b"])).categories == ["a", "b"]
+
+
+def test_points_start_each_family_at_its_defaults(space, project_params):
+    base = project_params.train.classify.updated(lr=0.5, batch_size=100, optimizer="sgd")
+    points = space.points(base)
+    assert [p["family"] for p in points] == ["wide", "deep"]
+    wide = points[0]
+    assert wide["wide.width"] == 16 and wide["wide.stages"] == (2, 2) and wide["optimizer"] == "sgd"
+    assert wide["sgd.lr"] == 0.2  # clamped into the range
+    assert "batch_size" not in wide  # 100 is no choice: left to the searcher
+    assert space.optuna_point(wide)["wide.stages"] == 1
+    # Optuna replays an enqueued point exactly, tuple-valued choices included.
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(space.optuna_point(wide))
+    config = space(study.ask())
+    assert config["family"] == "wide" and config["wide.stages"] == (2, 2) and config["sgd.lr"] == 0.2
+
+
+def test_build_reads_params_and_rejects_unknown_families(project_params):
+    train_space = project_params.search.classify.space
+    with pytest.raises(ConvForgeError, match="search.classify.families"):
+        SearchSpace.build("classify", ["no_such_family"], train_space)
+
+
+def test_model_space_narrows_registry_spaces(project_params):
+    train_space = project_params.search.classify.space
+    space = SearchSpace.build("classify", ["resnet", "lenet5"], train_space, {"resnet": {"depth": [10, 14]}})
+    assert space.families["resnet"]["depth"] == Choice([10, 14])
+    assert space.families["lenet5"] == dict(family_of("classify", "lenet5").space)  # not narrowed: registry's
+    # Narrowing a family the search leaves out is ignored, so `-S search.classify.families=[...]` alone works.
+    assert set(SearchSpace.build("classify", ["resnet"], train_space, {"vgg": {"depth": [11]}}).families) == {"resnet"}
+    with pytest.raises(ConvForgeError, match="model_space.resnet.colour: not a searched hyperparameter"):
+        SearchSpace.build("classify", ["resnet"], train_space, {"resnet": {"colour": [1]}})
+
+
+def test_train_space_params_validate():
+    good = {"optimizer": ["sgd"], "lr": {"sgd": [0.01, 0.1]}, "weight_decay": [1e-5, 1e-3],
+            "batch_size": [32], "aug_strength": [0.0, 1.0]}
+    assert validate(TrainSpaceParams, good).lr == {"sgd": [0.01, 0.1]}
+    with pytest.raises(ConvForgeError, match="no range for optimizer"):
+        validate(TrainSpaceParams, {**good, "optimizer": ["sgd", "adamw"]})
+    with pytest.raises(ConvForgeError, match="low <= high"):
+        validate(TrainSpaceParams, {**good, "weight_decay": [1e-3, 1e-5]})
+    with pytest.raises(ConvForgeError, match="weight_decay"):
+        validate(TrainSpaceParams, {**good, "weight_decay": [0.0, 1e-3]})  # log range needs low > 0
+
+
+def test_scheduler_factory(space):
+    asha = make_scheduler("asha", max_epochs=3, grace_period=5, reduction_factor=2, space=space)
+    assert isinstance(asha, ASHAScheduler)
+    assert asha._max_t == 3 and asha._reduction_factor == 2  # grace period capped at max_epochs
+    assert isinstance(make_scheduler("hyperband", 9, 1, 3, space), HyperBandScheduler)
+    pbt = make_scheduler("pbt", 4, 1, 2, space)
+    assert isinstance(pbt, PopulationBasedTraining)
+    assert set(pbt._hyperparam_mutations) == {"sgd.lr", "adamw.lr", "weight_decay", "aug_strength"}
+    with pytest.raises(ConvForgeError):
+        make_scheduler("median", 3, 1, 2, space)
+
+
+def test_search_alg_factory(space, project_params):
+    points = space.points(project_params.train.classify)
+    optuna_alg = make_search_alg("optuna", space, "val_accuracy", points, max_concurrent=2, seed=0)
+    assert isinstance(optuna_alg, ConcurrencyLimiter) and optuna_alg.max_concurrent == 2
+    # The first suggestions are the families' starting points, in order.
+    assert optuna_alg.suggest("t1")["family"] == "wide" and optuna_alg.suggest("t2")["family"] == "deep"
+    random_alg = make_search_alg("random", space, "val_accuracy", points, max_concurrent=2, seed=0)
+    assert isinstance(random_alg, BasicVariantGenerator)
+    with pytest.raises(ConvForgeError):
+        make_search_alg("grid", space, "val_accuracy", points, 1, 0)
+
+
+def test_pbt_needs_random_search(project_params):
+    from pipelines.params import SearchParams
+
+    raw = {**project_params.search.model_dump(), "scheduler": "pbt", "algorithm": "optuna"}
+    with pytest.raises(ConvForgeError, match="pbt"):
+        validate(SearchParams, raw, prefix="search")
+
+
+def test_pareto_front_and_winner_under_latency():
+    points = [(1.0, 0.80), (2.0, 0.90), (3.0, 0.85), (0.5, 0.70), (4.0, 0.95)]
+    assert pareto_front(points) == [3, 0, 1, 4]
+    rows = [{"trial_id": str(i), "family": "f", "score": s, "latency_ms": lat, "status": "completed"}
+            for i, (lat, s) in enumerate(points)]
+    rows.append({"trial_id": "x", "family": "g", "score": None, "latency_ms": None, "status": "error"})
+    assert pick_winner(rows, None)["trial_id"] == "4"
+    assert pick_winner(rows, 2.5)["trial_id"] == "1"
+    with pytest.raises(ConvForgeError, match="fastest takes 0.5 ms"):
+        pick_winner(rows, 0.1)
+
+
+def test_families_table_keeps_failed_families():
+    rows = [
+        {"trial_id": "a", "family": "f", "score": 0.8, "params": 10, "macs": 100, "latency_ms": 1.0,
+         "hparams": {"w": 1}, "status": "completed"},
+        {"trial_id": "b", "family": "f", "score": 0.9, "params": 20, "macs": 200, "latency_ms": 2.0,
+         "hparams": {"w": 2}, "status": "stopped"},
+        {"trial_id": "c", "family": "g", "score": None, "params": None, "macs": None, "latency_ms": None,
+         "hparams": {}, "status": "error"},
+    ]
+    table = families_table(["g", "f"], rows)
+    assert [row["family"] for row in table] == ["f", "g"]
+    assert table[0]["score"] == 0.9 and table[0]["trial_id"] == "b" and table[0]["trials"] == 2
+    assert table[1]["score"] is None and table[1]["errors"] == 1
+
+
+def test_search_key_changes_with_what_shapes_the_trials_only(project_params, space, prepared_classify):
+    from pipelines.params import Params
+    from pipelines.search import search_key
+    from pipelines.tracking import data_hash
+
+    def with_search(**changes) -> Params:
+        raw = project_params.model_dump()
+        raw["search"].update(changes)
+        return validate(Params, raw)
+
+    data = data_hash(prepared_classify)
+    key = search_key(project_params, "classify", space, data)
+    assert key == search_key(project_params, "classify", space, data)
+    # Picking among finished trials, or where Ray runs, is no new search: the finished one is reused.
+    assert search_key(with_search(max_latency_ms=5.0, ray_address="10.0.0.1:6379"), "classify", space, data) == key
+    assert search_key(with_search(max_concurrent=7), "classify", space, data) != key
+    raw = project_params.model_dump()
+    raw["search"]["detect"]["num_samples"] = 99  # another task's budget
+    assert search_key(validate(Params, raw), "classify", space, data) == key
+    raw["search"]["classify"]["num_samples"] = 99
+    assert search_key(validate(Params, raw), "classify", space, data) != key
+    assert search_key(project_params, "classify", space, "other data") != key
