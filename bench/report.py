@@ -1,8 +1,8 @@
 """Write BENCHMARKS.md from the bench scripts' JSON results (bench/results/*.json).
 
-Each bench script writes `{"title", "command", "machine", "tables": [{"name", "rows": [{...}]}],
-"targets": [{"name", "value", "target", "met"}], "notes": [...]}`; this renders them
-side by side, so the numbers in BENCHMARKS.md are always the ones a script measured.
+Each bench script writes one JSON object; lists of records and dicts of dicts become
+tables, everything else a bullet, so the numbers in BENCHMARKS.md are always the ones
+a script measured.
 """
 
 from __future__ import annotations
@@ -33,6 +33,38 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+TITLES = {
+    "train_throughput": "Training throughput: engine vs plain PyTorch loop vs naive PIL DataLoader loop",
+    "tune_efficiency": "Tuning efficiency: ASHA vs every trial at full budget; Ray per-trial overhead",
+    "serve": "Serving: BentoML batched vs unbatched vs ONNX Runtime vs a bare FastAPI handler",
+}
+
+
+def _is_records(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _flat_rows(value: dict) -> list[dict]:
+    """A dict of dicts ({"asha": {...}, "full_budget": {...}}) as rows named by their key."""
+    return [{"name": key, **{k: v for k, v in row.items() if not isinstance(v, (dict, list))}}
+            for key, row in value.items()]
+
+
+def section(name: str, result: dict) -> list[str]:
+    """One bench result: its record lists and dicts of dicts as tables, the rest as bullets."""
+    out = [f"## {TITLES.get(name, name)}", "", f"`bench/results/{name}.json`, written by `bench/{name}.py`.", ""]
+    bullets = []
+    for key, value in result.items():
+        if _is_records(value):
+            rows = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()} for row in value]
+            out += [f"**{key}**", ""] + table(rows) + [""]
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            out += [f"**{key}**", ""] + table(_flat_rows(value)) + [""]
+        else:
+            bullets.append(f"- {key}: {_cell(value) if not isinstance(value, (dict, list)) else json.dumps(value)}")
+    return out + bullets + [""]
+
+
 def render(results: dict[str, dict]) -> str:
     """The whole BENCHMARKS.md text."""
     out = ["# ConvForge benchmarks", "",
@@ -40,20 +72,7 @@ def render(results: dict[str, dict]) -> str:
            "below was measured by a bench script in one run, next to its baseline from the same run.", ""]
     names = [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER))
     for name in names:
-        result = results[name]
-        out += [f"## {result.get('title', name)}", ""]
-        if result.get("command"):
-            out += [f"Command: `{result['command']}`", ""]
-        if result.get("machine"):
-            out += [f"Machine: {result['machine']}", ""]
-        for tab in result.get("tables", []):
-            if tab.get("name"):
-                out += [f"**{tab['name']}**", ""]
-            out += table(tab["rows"]) + [""]
-        if result.get("targets"):
-            out += ["Targets:", ""] + table(result["targets"]) + [""]
-        out += [f"- {note}" for note in result.get("notes", [])]
-        out += [""]
+        out += section(name, results[name])
     return "\n".join(out).rstrip() + "\n"
 
 
