@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import pytest
+
+from pipelines.export import export_onnx
 import torch
 from torch import nn
 
@@ -85,19 +85,16 @@ def test_train_and_eval_modes_differ_and_eval_is_deterministic(name: str) -> Non
 
 
 @pytest.mark.parametrize("name", CLASSIFY)
-def test_exports_to_onnx_with_onnxruntime_parity(name: str) -> None:
+def test_exports_to_onnx_with_onnxruntime_parity(name: str, tmp_path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(0)
     model = build("classify", name, 4, 1, 16).eval()
     x = torch.randn(2, 1, 16, 16)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    # The same export the package stage uses (dynamic batch axis, input "input").
+    path = export_onnx(model, {"image_size": 16, "in_channels": 1}, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x3 = torch.randn(3, 1, 16, 16)  # another batch size than traced
-    (got,) = session.run(None, {"images": x3.numpy()})
+    (got,) = session.run(None, {"input": x3.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x3).numpy(), rtol=1e-4, atol=1e-4)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import pytest
+
+from pipelines.export import export_onnx
 import torch
 
 from models import build, families
@@ -54,18 +54,15 @@ def test_unet_options_change_the_decoder() -> None:
 
 
 @pytest.mark.parametrize("name", SEGMENT)
-def test_exports_to_onnx_with_onnxruntime_parity(name: str) -> None:
+def test_exports_to_onnx_with_onnxruntime_parity(name: str, tmp_path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(0)
     model = build("segment", name, 2, 1, 32).eval()
     x = torch.randn(2, 1, 32, 32)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": x[:1].numpy()})
+    # The same export the package stage uses (dynamic batch axis, input "input").
+    path = export_onnx(model, {"image_size": 32, "in_channels": 1}, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x[:1].numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x[:1]).numpy(), rtol=1e-4, atol=1e-4)
