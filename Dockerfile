@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# ConvForge serving image: the Bento that `python -m pipelines.package` wrote to
+# ConvForge serving image: the Bento that `python -m pipelines.stages.package` wrote to
 # artifacts/bento/convforge.bento, served by `python -m services.serve` on port 3000.
 #   docker build -t convforge .                                   # CPU torch
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t convforge:cuda .

@@ -27,7 +27,7 @@ data:
 ## repro: the whole pipeline on the default data, then a summary of what it produced
 repro: setup
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro
-	$(PY) -m pipelines.report
+	$(PY) -m pipelines.stages.report
 
 ## test: the whole suite (unit + integration with real MLflow, Ray, BentoML, DVC)
 test: setup

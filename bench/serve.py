@@ -48,8 +48,8 @@ def bench_models(work: Path) -> tuple[Path, dict[str, str]]:
     """artifacts/models/<task> where trained, else fresh default-size registry models saved to `work`."""
     import torch
 
-    from models import checkpoint
-    from models.registry import build, families
+    from models import _checkpoint as checkpoint
+    from models._registry import build, families
 
     where, source = work / "models", {}
     fresh = {"classify": ("resnet", 28, 10), "detect": ("fcos", 64, 10), "segment": ("unet", 64, 10)}
@@ -163,7 +163,7 @@ def baseline_app(model_dir: Path, num_threads: int):
     from fastapi import FastAPI
     from PIL import Image
 
-    from models import checkpoint
+    from models import _checkpoint as checkpoint
 
     runtime.set_threads(num_threads)  # the same intra-op threads as the service (serve.num_threads)
     model, config = checkpoint.load(model_dir)

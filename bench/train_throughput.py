@@ -54,7 +54,7 @@ def fashion_mnist(root: Path):
 def build(name: str, seed: int = 0):
     import torch
 
-    from models.registry import build as build_model
+    from models._registry import build as build_model
 
     torch.manual_seed(seed)
     return build_model("classify", name, 10, 1, 28, **MODELS[name][0])

@@ -1,5 +1,12 @@
-"""ConvForge's architecture families, classic to modern, behind one registry (see registry.py)."""
+"""ConvForge's architecture families, classic to modern, behind one registry.
 
-from models.registry import AuxLogits, Choice, FloatRange, IntRange, build, families, family, register
+One family per public module; the registry's infrastructure is the `_private` modules
+(`_registry` the decorator and builder, `_stages` shared stage helpers, `_pyramid` the detector
+backbone, `_checkpoint` saving/loading and transfer, `_errors`/`_files` the leaf helpers).
+"""
 
-__all__ = ["AuxLogits", "Choice", "FloatRange", "IntRange", "build", "families", "family", "register"]
+from models._errors import ConvForgeError
+from models._registry import AuxLogits, Choice, FloatRange, IntRange, build, families, family, register
+
+__all__ = ["AuxLogits", "Choice", "ConvForgeError", "FloatRange", "IntRange", "build", "families", "family",
+           "register"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, scaled, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, scaled, stride_plan
 
 
 def pool(stride: int) -> nn.Module:

@@ -10,8 +10,8 @@ from functools import partial
 from torch import nn
 from torchvision.models.convnext import CNBlock, LayerNorm2d
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, stride_plan
 
 
 @register("classify", "convnext", paper="Liu et al. 2022, arXiv:2201.03545",

@@ -8,8 +8,8 @@ from __future__ import annotations
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from models.fcn import BACKBONES
-from models.registry import Choice, register
-from models.stages import SegmentationModel, trunk_to_stride
+from models._registry import Choice, register
+from models._stages import SegmentationModel, trunk_to_stride
 
 # The paper's rates (6, 12, 18) at output stride 16 suit 33x33 maps; ConvForge's are 4-16 px wide.
 RATES = {"small": (1, 2, 3), "medium": (2, 4, 6), "paper": (6, 12, 18)}

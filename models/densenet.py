@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.densenet import _DenseBlock, _Transition
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, stride_plan
 
 
 @register("classify", "densenet", paper="Huang et al. 2017, arXiv:1608.06993",

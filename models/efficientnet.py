@@ -12,8 +12,8 @@ from torch import nn
 from torchvision.models.efficientnet import MBConv, MBConvConfig
 from torchvision.ops.misc import Conv2dNormActivation
 
-from models.registry import FloatRange, IntRange, register
-from models.stages import StagedClassifier, pooled_head, stride_plan
+from models._registry import FloatRange, IntRange, register
+from models._stages import StagedClassifier, pooled_head, stride_plan
 
 # Tan & Le 2019, Table 1 (B0): expand ratio, kernel, stride, in, out, layers.
 B0 = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),

@@ -13,8 +13,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from models.pyramid import BACKBONE_DEFAULTS, BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
-from models.registry import Choice, register
+from models._pyramid import BACKBONE_DEFAULTS, BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
+from models._registry import Choice, register
 
 SPACE = {**BACKBONE_SPACE, "representation": Choice([64, 128, 256]), "proposals": Choice([50, 100, 200])}
 DEFAULTS = {**BACKBONE_DEFAULTS, "representation": 128, "proposals": 100, "detections_per_img": 20}

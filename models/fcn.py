@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torchvision.models.segmentation.fcn import FCNHead
 
-from models.registry import Choice, register
-from models.stages import SegmentationModel, trunk_to_stride
+from models._registry import Choice, register
+from models._stages import SegmentationModel, trunk_to_stride
 
 BACKBONES = ["resnet", "mobilenet_v2", "vgg", "efficientnet", "convnext", "densenet"]
 

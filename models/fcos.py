@@ -11,8 +11,8 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 
-from models.pyramid import BACKBONE_DEFAULTS, BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
-from models.registry import FloatRange, IntRange, register
+from models._pyramid import BACKBONE_DEFAULTS, BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
+from models._registry import FloatRange, IntRange, register
 
 
 class FCOSDetector(FCOS):

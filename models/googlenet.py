@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.models.googlenet import BasicConv2d, Inception
 
-from models.registry import AuxLogits, Choice, FloatRange, register
-from models.stages import StagedClassifier, pooled_head, scaled, stride_plan
+from models._registry import AuxLogits, Choice, FloatRange, register
+from models._stages import StagedClassifier, pooled_head, scaled, stride_plan
 
 # Szegedy et al. 2015, Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 MODULES = {

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, pooled_head, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, pooled_head, stride_plan
 
 
 class HighwayConv(nn.Module):

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier
 
 # LeCun et al. 1998, Table I: the S2 maps (0-5) each C3 map (0-15) reads.
 C3_TABLE = [(0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 0), (5, 0, 1),

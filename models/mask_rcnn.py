@@ -9,7 +9,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 
 from models.faster_rcnn import DEFAULTS, SPACE, two_stage_parts
-from models.registry import Choice, register
+from models._registry import Choice, register
 
 
 @register("detect", "mask_rcnn", paper="He et al. 2017, arXiv:1703.06870",

@@ -11,8 +11,8 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual, _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, pooled_head, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, pooled_head, stride_plan
 
 # Sandler et al. 2018, Table 2: expansion t, channels c, repeats n, stride s.
 LAYOUT = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, pooled_head, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, pooled_head, stride_plan
 
 # depth -> (block, blocks per stage); He et al. 2016, Table 1 (14 and 26 are the bottleneck minis).
 LAYOUTS = {

@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.squeezenet import Fire
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, scaled, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, scaled, stride_plan
 
 # torchvision's SqueezeNet 1.1: (squeeze, expand 1x1, expand 3x3) per fire module, pools between groups.
 GROUPS = [[(16, 64, 64), (16, 64, 64)], [(32, 128, 128), (32, 128, 128)],

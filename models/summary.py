@@ -10,6 +10,7 @@ torch.inference_mode, with the current torch thread count.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.registry import TASKS, build, families, family
+from models._registry import TASKS, build, families, family
 
 # Default inputs: Fashion-MNIST items for classify, the default 64 px scenes for detect/segment.
 DEFAULT_INPUT = {"classify": (1, 28), "detect": (1, 64), "segment": (1, 64)}
@@ -104,9 +105,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Print the model card; optionally write it as JSON."""
-    import pipelines.runtime  # noqa: F401  (telemetry off)
-    from pipelines.errors import ConvForgeError
-    from pipelines.runtime import set_threads, write_json
+    from models._errors import ConvForgeError
+    from models._files import write_json
 
     parser = argparse.ArgumentParser(prog="python -m models.summary", description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=TASKS, action="append", help="only this task (repeatable)")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     args = parser.parse_args(argv)
     try:
-        set_threads(args.threads)
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
         print("profiling every family at its defaults...", file=sys.stderr)
         rows = summarize(args.task or list(TASKS), args.family, max(1, args.reps),
                          log=lambda m: print(m, file=sys.stderr))

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.registry import Choice, FloatRange, IntRange, register
-from models.stages import stride_plan
+from models._registry import Choice, FloatRange, IntRange, register
+from models._stages import stride_plan
 
 
 def double_conv(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn.Sequential:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.vgg import cfgs
 
-from models.registry import Choice, FloatRange, register
-from models.stages import StagedClassifier, scaled, stride_plan
+from models._registry import Choice, FloatRange, register
+from models._stages import StagedClassifier, scaled, stride_plan
 
 LAYOUTS = {11: "A", 13: "B", 16: "D", 19: "E"}
 

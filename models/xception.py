@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.registry import Choice, FloatRange, IntRange, register
-from models.stages import StagedClassifier, pooled_head, scaled, stride_plan
+from models._registry import Choice, FloatRange, IntRange, register
+from models._stages import StagedClassifier, pooled_head, scaled, stride_plan
 
 
 def separable(in_channels: int, out_channels: int) -> nn.Sequential:

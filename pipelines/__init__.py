@@ -1,1 +1,1 @@
-"""ConvForge pipeline stages (`python -m pipelines.<stage>`) and the library code they share."""
+"""ConvForge pipelines: stage entry modules in `pipelines.stages`, the library code they share here."""

@@ -7,8 +7,9 @@ import sys
 from typing import Callable
 
 
-class ConvForgeError(Exception):
-    """A user-facing error (bad params, missing data, corrupt input): printed as one line."""
+from models._errors import ConvForgeError
+
+__all__ = ["ConvForgeError", "stage_entry"]
 
 
 def stage_entry(main: Callable[[], None]) -> Callable[[], None]:

@@ -1,7 +1,7 @@
 """The MLflow pyfunc of a ConvForge model, logged as "models from code" (no pickled module).
 
 Its artifact `model_dir` is a trained model's folder (model.safetensors + config.json), rebuilt
-through `models.checkpoint.load`. Input: uint8 images [N, C, H, W] (numpy). Output per task:
+through `models._checkpoint.load`. Input: uint8 images [N, C, H, W] (numpy). Output per task:
 classify probabilities [N, C]; segment class-index masks [N, H, W] (0 = background, c + 1 = class c);
 detect a table of boxes with columns image, x1, y1, x2, y2, label, class, score.
 """
@@ -33,7 +33,7 @@ def detections_table(detections: list[dict[str, Any]], classes: list[str]) -> An
 
 class ConvForgeModel(PythonModel):
     def load_context(self, context: Any) -> None:
-        from models.checkpoint import load
+        from models._checkpoint import load
 
         loaded = load(Path(context.artifacts["model_dir"]))
         self.model, self.config = loaded[0], loaded[1]

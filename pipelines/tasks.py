@@ -9,6 +9,7 @@ a list of {"boxes" xyxy, "labels" 0..C-1, "masks" [k, H, W]} (detect) or semanti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -74,6 +75,31 @@ def scene_augmenter(data: Any, policy: PolicyParams | None, strength: float) -> 
 
 class ClassifyTask:
     name, metric = "classify", "accuracy"
+    data = "classify"  # the prepared-data folder it reads (data/prepared/<data>)
+    compiles = True  # torch.compile works on its models
+    pr_title = "precision-recall (one vs rest)"
+
+    def load_split(self, root: Path, split: str) -> Any:
+        """A prepared split as in-memory tensors."""
+        from pipelines.datasets import load_classify
+
+        return load_classify(Path(root), split)
+
+    def target_array(self, data: Any) -> Tensor:
+        """What a split's targets are, as one tensor (recorded with the dataset in MLflow)."""
+        return data.labels
+
+    def forward(self, model: nn.Module, images: Tensor) -> Any:
+        """The model's raw forward pass on a normalized batch."""
+        return model(images)
+
+    def cpu_predictions(self, outputs: Tensor) -> Tensor:
+        """A chunk's predictions on the CPU: class probabilities [N, C]."""
+        return self.decode(outputs.float()).cpu()
+
+    def join(self, chunks: list[Any]) -> Any:
+        """The chunks of `cpu_predictions` as one prediction for the whole input."""
+        return torch.cat(chunks) if chunks else torch.zeros((0,), dtype=torch.float32)
 
     def gather(self, data: Any, idx: Tensor) -> Batch:
         return Batch(data.images[idx], data.labels[idx])
@@ -130,6 +156,27 @@ class ClassifyTask:
 
 class DetectTask:
     name, metric = "detect", "map"
+    data = "scenes"
+    compiles = False  # torchvision's detection models do not compile cleanly
+    pr_title = "precision-recall at IoU 0.5"
+
+    def load_split(self, root: Path, split: str) -> Any:
+        from pipelines.datasets import load_scenes
+
+        return load_scenes(Path(root), split)
+
+    def target_array(self, data: Any) -> Tensor:
+        return data.masks
+
+    def forward(self, model: nn.Module, images: Tensor) -> Any:
+        return model(list(images))
+
+    def cpu_predictions(self, outputs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per image {"boxes" xyxy, "scores", "labels" 0..C-1[, "masks"]} on the CPU."""
+        return [{k: v.cpu() for k, v in item.items()} for item in outputs]
+
+    def join(self, chunks: list[Any]) -> list[dict[str, Tensor]]:
+        return [item for chunk in chunks for item in chunk]
 
     def gather(self, data: Any, idx: Tensor) -> Batch:
         return Batch(data.images[idx], [data.targets[i] for i in idx.tolist()])
@@ -176,6 +223,27 @@ class DetectTask:
 
 class SegmentTask:
     name, metric = "segment", "miou"
+    data = "scenes"
+    compiles = True
+    pr_title = "precision-recall (one vs rest)"
+
+    def load_split(self, root: Path, split: str) -> Any:
+        from pipelines.datasets import load_scenes
+
+        return load_scenes(Path(root), split)
+
+    def target_array(self, data: Any) -> Tensor:
+        return data.masks
+
+    def forward(self, model: nn.Module, images: Tensor) -> Any:
+        return model(images)
+
+    def cpu_predictions(self, outputs: Tensor) -> Tensor:
+        """Class-index masks [N, H, W] on the CPU."""
+        return outputs.cpu()
+
+    def join(self, chunks: list[Any]) -> Any:
+        return torch.cat(chunks) if chunks else torch.zeros((0,), dtype=torch.int64)
 
     def gather(self, data: Any, idx: Tensor) -> Batch:
         return Batch(data.images[idx], data.masks[idx])

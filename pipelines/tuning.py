@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBas
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from models.registry import Choice, FloatRange, IntRange, Space, family as registry_family
+from models._registry import Choice, FloatRange, IntRange, Space, family as registry_family
 from pipelines.errors import ConvForgeError
 from pipelines.params import SearchParams, TaskSearchParams, TrainConfig, TrainSpaceParams
 
@@ -276,7 +276,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: Calla
 def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, train_data: Any, val_data: Any,
                 base: TrainConfig, settings: Any, policy: Any, max_epochs: int) -> None:
     """One trial: build the chosen family, train it with the engine, report and checkpoint every epoch."""
-    from models.registry import build
+    from models._registry import build
     from pipelines.engine import EpochResult, fit
 
     chosen = space.choice(config)

@@ -1,6 +1,6 @@
 """Which models the service serves, and where their files and lineage come from.
 
-Production: the BentoML model store (the tags `pipelines.package` wrote; inside a Bento,
+Production: the BentoML model store (the tags `pipelines.stages.package` wrote; inside a Bento,
 its own store). Development and tests: `CONVFORGE_MODELS_DIR=artifacts/models` serves
 `<dir>/<task>/` (model.safetensors + config.json) straight from the train stage's outputs.
 """

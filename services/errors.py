@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.errors import ConvForgeError
+from models._errors import ConvForgeError
 
 
 class InputError(ConvForgeError):

@@ -172,7 +172,7 @@ def load_runner(task: str, directory: Path, *, name: str, version: str, backend:
                 max_latency_ms: int, lineage: dict[str, Any] | None = None,
                 expected_sha256: str | None = None, num_threads: int = 0) -> TaskRunner:
     """Load `directory` (safetensors + config.json [+ model.onnx]) as a runner; records load time and info."""
-    from models import checkpoint
+    from models import _checkpoint as checkpoint
 
     start = time.perf_counter()
     module, config = checkpoint.load(Path(directory), expected_sha256=expected_sha256, device="cpu")

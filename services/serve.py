@@ -3,7 +3,7 @@
 Serves, in this order: `--models-dir DIR` / CONVFORGE_MODELS_DIR (the train stage's
 artifacts/models, from the working tree: development and tests); `--bento TAG|FILE.bento`
 / CONVFORGE_BENTO (a .bento archive is imported into the store first); else the Bento
-that `pipelines.package` recorded in artifacts/bento/bento.json. Host and port come from
+that `pipelines.stages.package` recorded in artifacts/bento/bento.json. Host and port come from
 params.yaml's `serve` section (127.0.0.1:3000), overridden by --host/--port or
 CONVFORGE_HOST/CONVFORGE_PORT. The store is `<project>/.bentoml` unless BENTOML_HOME is set.
 """
@@ -47,11 +47,11 @@ def import_archive(path: Path) -> str:
 
 def resolve_bento(bento: str | None) -> str:
     """The Bento tag to serve: an explicit tag/archive, else bento.json's."""
-    from pipelines.errors import ConvForgeError
+    from models._errors import ConvForgeError
 
     if bento is None:
         if not BENTO_JSON.is_file():
-            raise ConvForgeError(f"{BENTO_JSON.relative_to(ROOT)} not found: run `python -m pipelines.package` "
+            raise ConvForgeError(f"{BENTO_JSON.relative_to(ROOT)} not found: run `python -m pipelines.stages.package` "
                                  "(or `dvc repro`) first, or serve artifacts/models with --models-dir")
         summary = json.loads(BENTO_JSON.read_text())
         # The archive is the packaged Bento itself: importing it (once) works with any BENTOML_HOME.

@@ -141,7 +141,7 @@ class ConvForge:
                 expected_sha256=source.expected_sha256, num_threads=self.threads)
             logger.info("loaded %s model %s (%s)", source.task, source.version, self.runners[source.task].card.backend)
         if not self.runners:
-            raise RuntimeError("no models to serve: run `python -m pipelines.package` (or set "
+            raise RuntimeError("no models to serve: run `python -m pipelines.stages.package` (or set "
                                f"{catalog.MODELS_DIR_ENV}=artifacts/models)")
         self.ready = False
 
@@ -206,7 +206,7 @@ class ConvForge:
     async def _predict(self, task: str, request: Request) -> JSONResponse:
         runner = self.runners.get(task)
         if runner is None:
-            return _error(404, f"no {task} model is served (package one with `python -m pipelines.package`)")
+            return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
         headers = {"X-Model-Version": runner.card.tag}
         labels = (task, f"/{task}", runner.card.version)
         try:

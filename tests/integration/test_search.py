@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.registry import Choice
+from models._registry import Choice
 from pipelines.params import Params, validate
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, p
     import ray
     from mlflow import MlflowClient
 
-    from pipelines.search import run_search
+    from pipelines.stages.search import run_search
 
     params = tiny_params(project_params, mlflow_store)
     out = tmp_path / "artifacts/search/classify"
@@ -124,7 +124,7 @@ def test_failing_trial_is_retried_reported_and_the_search_goes_on(ray_cluster, p
                                                                   tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
-    from pipelines.search import run_search
+    from pipelines.stages.search import run_search
     from pipelines.tuning import SearchSpace
 
     params = tiny_params(project_params, mlflow_store, num_samples=2, max_epochs=1)
@@ -163,7 +163,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(project_params,
     (tmp_path / "data/prepared/classify").symlink_to(prepared_classify)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "pipelines.search", "classify"]
+    command = [sys.executable, "-m", "pipelines.stages.search", "classify"]
     client = MlflowClient(tracking_uri)
 
     def finished_children() -> dict[str, int]:

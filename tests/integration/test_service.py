@@ -82,8 +82,8 @@ def free_port() -> int:
 
 def train_tiny(task: str, prepared: Path, directory: Path, params) -> None:
     """A few optimizer steps of a small family with the real engine, saved as the train stage does."""
-    from models import checkpoint
-    from models.registry import build, families
+    from models import _checkpoint as checkpoint
+    from models._registry import build, families
     from pipelines.datasets import load_classify, load_scenes
     from pipelines.engine import EngineSettings, fit
 
@@ -120,7 +120,7 @@ def server(models_dir, tmp_path_factory):
     metrics = work / "metrics"
     metrics.mkdir()
     (metrics / "classify.json").write_text(json.dumps({"test_accuracy": 0.5}))
-    code = ("import pipelines.runtime; from pathlib import Path; from pipelines.package import package; "
+    code = ("import pipelines.runtime; from pathlib import Path; from pipelines.stages.package import package; "
             f"package(Path({str(models_dir)!r}), Path({str(metrics)!r}), Path({str(out)!r}))")
     packaged = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=base_env, capture_output=True,
                               text=True, timeout=300)
@@ -195,7 +195,7 @@ def scene(prepared_scenes: Path, index: int = 0) -> tuple[np.ndarray, Image.Imag
 
 def direct(models_dir: Path, task: str, images: np.ndarray):
     """The model run directly through the engine on uint8 [N, C, H, W] images."""
-    from models import checkpoint
+    from models import _checkpoint as checkpoint
     from pipelines.engine import EngineSettings, predict
 
     model, config = checkpoint.load(models_dir / task)

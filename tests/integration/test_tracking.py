@@ -88,8 +88,8 @@ def test_data_hash_prefers_dvc_lock_and_else_hashes_the_files(tmp_path):
 
 
 def _saved_model(tmp_path, prepared_classify):
-    from models import checkpoint
-    from models.registry import build
+    from models import _checkpoint as checkpoint
+    from models._registry import build
     from pipelines.datasets import load_classify
 
     data = load_classify(prepared_classify, "test")

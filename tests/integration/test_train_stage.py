@@ -55,8 +55,8 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(store, project_params, prepared_classify, prepared_scenes):
     """Train and evaluate each task once; returns {task: (config, metrics, out paths)}."""
-    from pipelines.evaluate import run_evaluation
-    from pipelines.train import run_training
+    from pipelines.stages.evaluate import run_evaluation
+    from pipelines.stages.train import run_training
 
     root, _ = store
     params = tiny_params(project_params)
@@ -112,9 +112,9 @@ def test_model_is_registered_champion_and_loads_back_through_mlflow(trained, sto
     import mlflow
     from mlflow import MlflowClient
 
-    from models import checkpoint
+    from models import _checkpoint as checkpoint
     from pipelines.engine import EngineSettings, predict
-    from pipelines.train import load_split
+    from pipelines.stages.train import load_split
 
     _, uri = store
     config = trained[task]["config"]
@@ -173,7 +173,7 @@ def test_saved_model_and_reports_follow_the_contracts(trained, task):
 
 
 def test_missing_best_json_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    from pipelines.train import main
+    from pipelines.stages.train import main
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
@@ -187,4 +187,4 @@ def test_missing_best_json_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys)
         if argv[1] == "classify":
             assert "artifacts/search/classify/best.json" in lines[0] and "dvc repro search@classify" in lines[0]
         else:
-            assert "usage: python -m pipelines.train" in lines[0]
+            assert "usage: python -m pipelines.stages.train" in lines[0]

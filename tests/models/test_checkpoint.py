@@ -1,4 +1,4 @@
-"""models.checkpoint: safetensors + JSON round trips for every family, hash checks, transfer learning."""
+"""models._checkpoint: safetensors + JSON round trips for every family, hash checks, transfer learning."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from models import build, families
-from models.checkpoint import CheckpointError, apply_transfer, load, save
+from models._checkpoint import CheckpointError, apply_transfer, load, save
 from pipelines.errors import ConvForgeError
 
 SIZES = {"classify": (1, 16), "segment": (1, 32), "detect": (1, 40)}

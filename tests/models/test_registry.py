@@ -1,4 +1,4 @@
-"""models.registry: families per task, hparam checking, transfer hparams for every family."""
+"""models._registry: families per task, hparam checking, transfer hparams for every family."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import Choice, build, families, family, register
-from models.registry import TASKS, TRANSFER_KEYS
+from models._registry import TASKS, TRANSFER_KEYS
 
 
 def test_every_task_has_families_and_every_family_a_space_and_paper() -> None:

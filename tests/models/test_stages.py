@@ -1,11 +1,11 @@
-"""models.stages: the stride plan for small inputs and the backbone helpers."""
+"""models._stages: the stride plan for small inputs and the backbone helpers."""
 
 from __future__ import annotations
 
 import pytest
 
 from models import build
-from models.stages import stage_shapes, stride_plan
+from models._stages import stage_shapes, stride_plan
 
 
 @pytest.mark.parametrize("size,points,plan", [(8, 5, [1, 1, 1, 2, 2]), (28, 5, [1, 2, 2, 2, 2]),

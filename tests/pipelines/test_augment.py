@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.augment import (channel_stats, load_raw, prepare_from_classify, prepare_from_scenes,
+from pipelines.stages.augment import (channel_stats, load_raw, prepare_from_classify, prepare_from_scenes,
                                stratified_split)
 from pipelines.datasets import load_classify, load_scenes
 from pipelines.errors import ConvForgeError
-from pipelines.fetch import write_raw
+from pipelines.stages.fetch import write_raw
 from pipelines.params import AugmentParams, PolicyParams, validate
 from pipelines.scenes import compose_scenes
 from pipelines.sources import SceneSplits

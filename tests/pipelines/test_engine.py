@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.registry import build
+from models._registry import build
 from pipelines.datasets import load_classify, load_scenes
 from pipelines.engine import (CHECKPOINT, EngineSettings, batches_per_epoch, evaluate, fit, make_optimizer,
                               make_scheduler, predict)

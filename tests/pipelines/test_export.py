@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.registry import build
+from models._registry import build
 from pipelines.errors import ConvForgeError
 from pipelines.export import export_checked, export_onnx, parity
 

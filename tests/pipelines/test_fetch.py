@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from pipelines.errors import ConvForgeError
-from pipelines.fetch import fetch
+from pipelines.stages.fetch import fetch
 from pipelines.params import DataParams, validate
 from pipelines.runtime import sha256_file
 from pipelines.sources import (DEBIAN_FASHION_MNIST, read_dataset, read_digits, read_fashion_mnist)
@@ -252,7 +252,7 @@ def test_stage_exits_2_with_one_line(tmp_path):
     raw["data"]["dataset"] = f"imagefolder:{tmp_path / 'nowhere'}"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "pipelines.fetch"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "pipelines.stages.fetch"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: data.dataset imagefolder:{tmp_path / 'nowhere'}: "

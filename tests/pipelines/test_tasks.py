@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.registry import AuxLogits, build
+from models._registry import AuxLogits, build
 from pipelines.datasets import load_classify, load_scenes
 from pipelines.params import TrainConfig
 from pipelines.tasks import AUX_WEIGHT, PRIMARY, get_task, main_logits, soft_dice_loss

@@ -11,10 +11,10 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.sample import Categorical, Float, Integer
 from ray.tune.search.variant_generator import generate_variants
 
-from models.registry import Choice, FloatRange, IntRange, family as family_of
+from models._registry import Choice, FloatRange, IntRange, family as family_of
 from pipelines.errors import ConvForgeError
 from pipelines.params import TrainSpaceParams, validate
-from pipelines.search import families_table, pareto_front, pick_winner
+from pipelines.stages.search import families_table, pareto_front, pick_winner
 from pipelines.tuning import SearchSpace, make_scheduler, make_search_alg, ray_domain
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -196,7 +196,7 @@ def test_families_table_keeps_failed_families():
 
 def test_search_key_changes_with_what_shapes_the_trials_only(project_params, space, prepared_classify):
     from pipelines.params import Params
-    from pipelines.search import search_key
+    from pipelines.stages.search import search_key
     from pipelines.tracking import data_hash
 
     def with_search(**changes) -> Params:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import checkpoint
-from models.registry import build
+from models import _checkpoint as checkpoint
+from models._registry import build
 from pipelines.export import export_checked
 from services.errors import Overloaded
 from services.runners import ModelCard, TaskRunner, load_runner

@@ -17,11 +17,11 @@ Output conventions, the same for every family of a task:
 - segment: logits [N, num_classes + 1, H, W] at the input resolution, channel 0 =
   background, channel c + 1 = class c.
 
-Every family works for image_size >= 8 (models/stages.py `stride_plan` drops the strides that
+Every family works for image_size >= 8 (models/_stages.py `stride_plan` drops the strides that
 would shrink the last feature map below 2 px). Every model keeps its backbone stages in an
 `nn.Sequential` named `features` (item 0 = stem): detectors and segmenters take a registry
 classifier's `features` as their backbone (`backbone`, `backbone_hparams` hparams), and every
-family also takes the transfer hparams `pretrained`, `freeze`, `freeze_bn` (models/checkpoint.py).
+family also takes the transfer hparams `pretrained`, `freeze`, `freeze_bn` (models/_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _load_families() -> None:
     import models
 
     for info in pkgutil.iter_modules(models.__path__):
-        if info.name not in {"registry", "summary", "checkpoint"}:
+        if not info.name.startswith("_") and info.name != "summary":  # infrastructure is _private
             importlib.import_module(f"models.{info.name}")
     _loaded = True
 
@@ -132,7 +132,7 @@ def family(task: str, name: str) -> Family:
 
 
 # Hyperparameters every family takes: transfer learning, applied after the builder runs
-# (models.checkpoint.apply_transfer): `pretrained` (a saved registry model's directory or
+# (models._checkpoint.apply_transfer): `pretrained` (a saved registry model's directory or
 # "torchvision:<weights>"), `freeze` (first N stages of `features`), `freeze_bn`.
 TRANSFER_KEYS = ("pretrained", "freeze", "freeze_bn")
 
@@ -149,7 +149,7 @@ def build(task: str, family_name: str, num_classes: int, in_channels: int, image
     model = fam.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                         **{**fam.defaults, **hparams})
     if any(transfer.values()):
-        from models.checkpoint import apply_transfer
+        from models._checkpoint import apply_transfer
 
         apply_transfer(model, **transfer)
     return model

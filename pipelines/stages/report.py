@@ -1,6 +1,6 @@
 """What a finished `dvc repro` produced: per task the winner, its test metrics, where to look next.
 
-`python -m pipelines.report` prints the summary; `--markdown PATH` also writes the
+`python -m pipelines.stages.report` prints the summary; `--markdown PATH` also writes the
 results table (per task and family, from the pipeline's own outputs) as Markdown,
 and `--readme` replaces the table between the RESULTS markers in README.md.
 """

@@ -1,6 +1,6 @@
 """Stage `evaluate@task`: the trained model's metrics and plots on the test split.
 
-`python -m pipelines.evaluate classify|detect|segment` writes `reports/metrics/<task>.json` (flat
+`python -m pipelines.stages.evaluate classify|detect|segment` writes `reports/metrics/<task>.json` (flat
 `test_*` scalars for `dvc metrics show/diff`) and `reports/plots/<task>/` (JSON records for
 `dvc plots show`: learning curve, PR curve, per-class values, classify's confusion records; and
 PNGs), and adds both to the training run in MLflow.
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pipelines.runtime as runtime  # first: telemetry off before the stack is imported
 from pipelines.errors import ConvForgeError, stage_entry
 from pipelines.params import Params, load_params
-from pipelines.train import DATA, PROJECT_ROOT, load_split, parse_task
+from pipelines.stages.train import DATA, PROJECT_ROOT, load_split, parse_task
 
 
 def per_class_records(per_class: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ def write_plots(task: str, report: Any, history: list[dict[str, Any]], model: An
 def run_evaluation(params: Params, task: str, data_root: Path, model_dir: Path, metrics_path: Path,
                    plots_dir: Path, *, root: Path = PROJECT_ROOT, log: Callable[[str], None] = print) -> dict[str, float]:
     """Test metrics and plots of the model in `model_dir`; returns the metrics written."""
-    from models import checkpoint
+    from models import _checkpoint as checkpoint
     from pipelines.engine import EngineSettings, evaluate_report
 
     model, config = checkpoint.load(Path(model_dir))

@@ -1,6 +1,6 @@
 """Stage `search@task`: a Ray Tune search over the task's families, tracked in MLflow.
 
-`python -m pipelines.search classify|detect|segment` trains `search.<task>.num_samples` trials
+`python -m pipelines.stages.search classify|detect|segment` trains `search.<task>.num_samples` trials
 on `train_subset` training items for at most `max_epochs` epochs each, logs one MLflow parent
 run with every trial as a child run, and writes `artifacts/search/<task>/`: `best.json` (the
 winner, read by `train@task`), `families.json`/`families.csv` (each family's best trial with its
@@ -84,7 +84,7 @@ def profile_trials(task: str, records: list[TrialRecord], data: Any) -> dict[str
     """Size, MACs and CPU latency (1 thread) of each scored trial's model, by trial id."""
     import torch
 
-    from models.registry import build
+    from models._registry import build
     from models.summary import profile
 
     # One thread: per-request serving latency, and stable figures on a busy machine (two threads
@@ -324,7 +324,7 @@ def format_table(table: list[dict[str, Any]], metric: str) -> str:
 @stage_entry
 def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in TASKS:
-        raise ConvForgeError(f"usage: python -m pipelines.search {{{'|'.join(TASKS)}}}")
+        raise ConvForgeError(f"usage: python -m pipelines.stages.search {{{'|'.join(TASKS)}}}")
     task = sys.argv[1]
     params = load_params()
     runtime.seed_everything(params.seed, params.deterministic)

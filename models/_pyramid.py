@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from models.registry import Choice
-from models.stages import stage_shapes, trunk
-from pipelines.errors import ConvForgeError
+from models._registry import Choice
+from models._stages import stage_shapes, trunk
+from models._errors import ConvForgeError
 
 # Items of ~10-35 px on 32-128 px canvases: pyramid levels at strides 4, 8 and 16.
 LEVEL_STRIDES = (4, 8, 16)

@@ -1,6 +1,6 @@
 """Stage `package`: trained models into the BentoML model store, ONNX exports, and the Bento.
 
-`python -m pipelines.package` imports each `artifacts/models/<task>/` as BentoML model
+`python -m pipelines.stages.package` imports each `artifacts/models/<task>/` as BentoML model
 `convforge-<task>` (files only: safetensors weights + config.json [+ model.onnx], never a
 pickled module), labelled with its MLflow run, registered version, search trial, DVC data
 hash and git commit, with the test metrics (reports/metrics/<task>.json) as metadata;
@@ -20,7 +20,7 @@ from typing import Any
 
 from services.catalog import TASKS, lineage_from_config, model_name, use_project_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = ROOT / "services" / "bentofile.yaml"
 ARCHIVE = "convforge.bento"
 
@@ -52,7 +52,7 @@ def import_model(task: str, directory: Path, metrics_path: Path | None, export: 
     """Store `directory` as `convforge-<task>` (+ ONNX for classify/segment); returns (tag, ONNX report)."""
     import bentoml
 
-    from models import checkpoint
+    from models import _checkpoint as checkpoint
     from pipelines.errors import ConvForgeError
     from pipelines.export import EXPORTABLE, export_checked
     from pipelines.runtime import sha256_file

@@ -2,7 +2,7 @@
 that keeps small inputs (8-64 px) from being downsampled to nothing.
 
 Detectors and segmenters reuse a classifier's `features` as their backbone, and transfer learning
-matches weights by their name below `features.` (see models/checkpoint.py).
+matches weights by their name below `features.` (see models/_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def stage_shapes(features: nn.Sequential, in_channels: int, image_size: int) -> 
 def trunk(task: str, backbone: str, in_channels: int, image_size: int,
           backbone_hparams: dict | None) -> nn.Sequential:
     """The `features` of registry classifier `backbone`, for a detector or segmenter of `task`."""
-    from models.registry import build
-    from pipelines.errors import ConvForgeError
+    from models._registry import build
+    from models._errors import ConvForgeError
 
     model = build("classify", backbone, 1, in_channels, image_size, **dict(backbone_hparams or {}))
     if not isinstance(getattr(model, "features", None), nn.Sequential):

@@ -1,6 +1,6 @@
 """Stage `train@task`: train the search's best config on train, select the epoch on val, log it all to MLflow.
 
-`python -m pipelines.train classify|detect|segment` reads `artifacts/search/<task>/best.json`
+`python -m pipelines.stages.train classify|detect|segment` reads `artifacts/search/<task>/best.json`
 (family, hparams, tuned TrainConfig keys), trains with the engine, and writes
 `artifacts/models/<task>/` (model.safetensors + config.json + history.json). The MLflow run holds
 params, per-epoch and system metrics, the dataset, plots and the model (registered as
@@ -25,7 +25,7 @@ from pipelines.errors import ConvForgeError, stage_entry
 from pipelines.params import TASKS, Params, load_params
 
 DATA = {"classify": "classify", "detect": "scenes", "segment": "scenes"}
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_task(argv: list[str], stage: str) -> str:
@@ -80,8 +80,8 @@ def run_training(params: Params, task: str, data_root: Path, best_path: Path, ou
     import mlflow
     import torch
 
-    from models import checkpoint
-    from models.registry import build, family as registry_family
+    from models import _checkpoint as checkpoint
+    from models._registry import build, family as registry_family
     from pipelines import tracking
     from pipelines.engine import EngineSettings, evaluate_report, fit, predict
     from pipelines.mlflow_model import pyfunc_output

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from models.registry import build
-from pipelines.errors import ConvForgeError
-from pipelines.runtime import sha256_file, write_json
+from models._registry import build
+from models._errors import ConvForgeError
+from models._files import sha256_file, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
