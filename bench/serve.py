@@ -5,13 +5,13 @@ config after config, so the box's other load hits them alike), measured by the s
 client (N keep-alive connections, one request in flight each, for `--duration` seconds a level):
   bento-torch-batched    the ConvForge service, PyTorch, adaptive batching (serve.max_batch_size)
   bento-torch-unbatched  the same with max_batch_size 1 (one image per forward)
-  bento-onnx-batched     ONNX Runtime backend (classify, segment), batching on
+  bento-onnx-batched     ONNX Runtime backend (the tasks pipelines/export.py exports), batching on
   fastapi-bare           the same classify model in a plain FastAPI handler under uvicorn
 Requests are JSON with one base64 PNG (28 px grey for classify, a 64 px scene for detect and
 segment). Models: artifacts/models/<task> when trained, else fresh registry models of the
 default sizes (ResNet on 28 px, FCOS and U-Net on 64 px; weights do not change the speed).
 
-    .venv/bin/python bench/serve.py              # ~3-4 min on 2 cores
+    .venv/bin/python bench/serve.py              # a few minutes
 Writes bench/results/serve.json and prints a table.
 """
 
@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+from pipelines.export import EXPORTABLE  # noqa: E402
+from pipelines.tasks import TASKS as ADAPTERS  # noqa: E402
 from starlette.requests import Request  # noqa: E402  (FastAPI resolves the baseline handler's annotation here)
 
 LEVELS = (1, 8, 32, 64)
-TASKS = ("classify", "detect", "segment")
+TASKS = tuple(ADAPTERS)
 
 
 # ---------------------------------------------------------------- models and payloads
@@ -331,7 +333,7 @@ def main() -> None:
     configs = [
         ("bento-torch-batched", "bento", {"backend": "torch"}, TASKS),
         ("bento-torch-unbatched", "bento", {"backend": "torch", "max_batch_size": 1}, TASKS),
-        ("bento-onnx-batched", "bento", {"backend": "onnx"}, ("classify", "segment")),
+        ("bento-onnx-batched", "bento", {"backend": "onnx"}, EXPORTABLE),
         ("fastapi-bare", "bare", {}, ("classify",)),
     ]
     common = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}

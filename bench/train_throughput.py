@@ -131,8 +131,6 @@ def naive_loop(name: str, dataset, count: int, mean: float, std: float, batch: i
 
 def engine_run(name: str, train, val, batch: int, epochs: int, lr: float, threads: int,
                store: Path) -> dict[str, float]:
-    import mlflow
-
     from pipelines import tracking
     from pipelines.engine import EngineSettings, fit
     from pipelines.params import load_params
@@ -142,10 +140,10 @@ def engine_run(name: str, train, val, batch: int, epochs: int, lr: float, thread
     settings = EngineSettings(**{**settings.__dict__, "num_threads": threads, "device": "cpu"})
     cfg = params.train.classify.updated(epochs=epochs, batch_size=batch, lr=lr, optimizer="sgd", warmup_epochs=0,
                                         schedule="constant", aug_strength=0.0)
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    tracking.use_store(f"sqlite:///{store / 'mlflow.db'}")
     experiment = tracking.ensure_experiment("bench")
     times = []
-    with mlflow.start_run(experiment_id=experiment, log_system_metrics=tracking.system_metrics_available()):
+    with tracking.training_run(experiment, None, "classify", name):
         tracking.log_params({"family": name, "train": cfg.model_dump()})
         model = build(name)
         clock = Clock()

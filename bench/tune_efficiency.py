@@ -61,12 +61,13 @@ def run_search(label: str, scheduler, trainable, space, points, args, storage: s
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from pipelines.tuning import METRICS, trial_dirname
+    from pipelines.tasks import PRIMARY
+    from pipelines.tuner import MODE, trial_dirname
 
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}), param_space=space.ray_space(),
         tune_config=tune.TuneConfig(
-            metric=METRICS["classify"], mode="max", scheduler=scheduler, num_samples=args.samples,
+            metric=PRIMARY["classify"], mode=MODE, scheduler=scheduler, num_samples=args.samples,
             search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=args.concurrent,
                                              random_state=seed),
             reuse_actors=True, trial_dirname_creator=trial_dirname),
@@ -75,7 +76,7 @@ def run_search(label: str, scheduler, trainable, space, points, args, storage: s
     started = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - started
-    scores = [r.metrics.get(METRICS["classify"]) for r in grid if r.metrics]
+    scores = [r.metrics.get(PRIMARY["classify"]) for r in grid if r.metrics]
     scores = [s for s in scores if isinstance(s, (int, float))]
     return {"best_score": max(scores) if scores else None, "trial_epochs": sum(int(r.metrics.get("epoch", 0))
                                                                                for r in grid if r.metrics),
@@ -121,21 +122,22 @@ def main() -> None:
 
     from pipelines.engine import EngineSettings
     from pipelines.params import load_params
-    from pipelines.tuning import SearchSpace, init_ray, make_scheduler, train_trial
+    from pipelines.search_space import SearchSpace
+    from pipelines.tuner import init_ray, make_scheduler, train_trial, trial_base
 
     params = load_params(ROOT / "params.yaml")
     seed = params.seed
     data_name, train_data, val_data = load_data(args, seed)
     space = SearchSpace.build("classify", args.families, params.search.classify.space,
                                params.search.classify.model_space)
-    base = params.train.classify
+    base = trial_base(params.train.classify, args.epochs)
     points = space.points(base)[:args.samples]
     settings = EngineSettings.from_params(params.model_copy(
         update={"train": params.train.model_copy(update={"num_threads": 1})}))
     init_ray(num_cpus=2)
     trainable = tune.with_parameters(train_trial, task="classify", space=space, train_data=train_data,
                                      val_data=val_data, base=base, settings=settings,
-                                     policy=params.augment.policy, max_epochs=args.epochs)
+                                     policy=params.augment.policy)
     print(f"data: {data_name}, {len(train_data)} train / {len(val_data)} val; {args.samples} trials of "
           f"{args.families}, <= {args.epochs} epochs, {args.concurrent} at a time")
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:

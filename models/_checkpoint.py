@@ -25,6 +25,9 @@ from models._files import sha256_file, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# Written next to config.json once the model is registered: never part of config.json, which the
+# registry's logged copy of the model shares byte for byte.
+REGISTRATION = "registration.json"
 REQUIRED = ("task", "family", "num_classes", "in_channels", "image_size", "hparams")
 TRUNK = "features."  # every registry model keeps its backbone stages under a module named `features`
 
@@ -100,6 +103,12 @@ def read_weights(directory: Path, expected_sha256: str | None = None, device: st
             raise CheckpointError(f"{path} has SHA-256 {sha[:12]}..., but {source} says {wanted[:12]}...: "
                                   "the weights were changed or belong to another model")
     return load_file(path, device=str(device))
+
+
+def read_registration(directory: Path) -> dict[str, Any]:
+    """A saved model's registration.json (`registered_model`, `registered_version`), or {} if never registered."""
+    path = Path(directory) / REGISTRATION
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load(directory: Path, expected_sha256: str | None = None,

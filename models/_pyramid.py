@@ -20,9 +20,8 @@ from models._errors import ConvForgeError
 # Items of ~10-35 px on 32-128 px canvases: pyramid levels at strides 4, 8 and 16.
 LEVEL_STRIDES = (4, 8, 16)
 BACKBONES = ["resnet", "mobilenet_v2", "vgg", "efficientnet", "convnext"]
-# The hparams every detector takes for its backbone (its own hparams come in `backbone_hparams`).
+# The searched hparams every detector takes for its backbone (its own hparams come in `backbone_hparams`).
 BACKBONE_SPACE = {"backbone": Choice(BACKBONES), "fpn_channels": Choice([32, 64, 128])}
-BACKBONE_DEFAULTS: dict[str, Any] = {"backbone": "resnet", "backbone_hparams": {}, "fpn_channels": 32}
 
 
 class PyramidBackbone(nn.Module):
@@ -47,7 +46,7 @@ class PyramidBackbone(nn.Module):
 def pyramid_backbone(backbone: str, backbone_hparams: dict | None, in_channels: int, image_size: int,
                      fpn_channels: int, extra_pool: bool = False) -> PyramidBackbone:
     """Registry classifier `backbone` as an FPN backbone; the last stage of each stride in LEVEL_STRIDES is a level."""
-    features = trunk("detect", backbone, in_channels, image_size, backbone_hparams)
+    features = trunk(backbone, in_channels, image_size, backbone_hparams)
     shapes = stage_shapes(features, in_channels, image_size)
     last_of_stride = {stride: i for i, (_, stride) in enumerate(shapes)}
     levels = [last_of_stride[s] for s in LEVEL_STRIDES if s in last_of_stride]

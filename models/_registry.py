@@ -3,9 +3,12 @@
 A family is a builder `fn(num_classes, in_channels, image_size, **hparams) -> nn.Module`
 plus its hyperparameter space, declared next to it:
 
-    @register("classify", "resnet", space={"depth": Choice([8, 14, 20]), "width": Choice([16, 32])},
-              defaults={"depth": 8, "width": 16})
+    @register("classify", "resnet", space={"depth": Choice([8, 14, 20]), "width": Choice([16, 32])})
     def resnet(num_classes, in_channels, image_size, depth=8, width=16): ...
+
+The builder's signature is the only home of the family's defaults (as timm's `@register_model`):
+the registry reads them from it, and hands each build its own copy (so a `backbone_hparams={}`
+default is never shared). A task exists once a family registers for it.
 
 Output conventions, the same for every family of a task:
 - classify: logits [N, num_classes]; in train mode a family with auxiliary heads
@@ -26,14 +29,17 @@ family also takes the transfer hparams `pretrained`, `freeze`, `freeze_bn` (mode
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 from torch import Tensor, nn
 
-TASKS = ("classify", "detect", "segment")
+# What every builder takes first; the hyperparameters are the keyword parameters after them.
+INPUTS = ("num_classes", "in_channels", "image_size")
 
 
 class AuxLogits(NamedTuple):
@@ -77,23 +83,43 @@ class Family:
     name: str
     builder: Callable[..., nn.Module]
     space: Space = field(default_factory=dict)
-    defaults: dict[str, Any] = field(default_factory=dict)
     paper: str = ""
 
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The builder's hyperparameters and their default values, read from its signature (a fresh copy)."""
+        return copy.deepcopy(_signature_defaults(self.builder))
 
-_REGISTRY: dict[str, dict[str, Family]] = {task: {} for task in TASKS}
+
+def _signature_defaults(builder: Callable[..., nn.Module]) -> dict[str, Any]:
+    params = list(inspect.signature(builder).parameters.values())
+    return {p.name: p.default for p in params[len(INPUTS):] if p.default is not inspect.Parameter.empty}
 
 
-def register(task: str, name: str, *, space: Space | None = None, defaults: dict[str, Any] | None = None,
+_REGISTRY: dict[str, dict[str, Family]] = {}
+# Detectors and segmenters take the `features` of one of this task's families as their trunk.
+BACKBONE_TASK = "classify"
+# (in_channels, image_size) each task's families are profiled at (`python -m models.summary`): the
+# default data, Fashion-MNIST items and the 64 px scenes composed from them.
+PROFILE_INPUT = {"classify": (1, 28), "detect": (1, 64), "segment": (1, 64)}
+
+
+def register(task: str, name: str, *, space: Space | None = None,
              paper: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register `builder` as family `name` of `task` with its search space."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY[task]:
+        if name in _REGISTRY.get(task, {}):
             raise ValueError(f"family {name!r} is registered twice for {task}")
-        _REGISTRY[task][name] = Family(task, name, builder, dict(space or {}), dict(defaults or {}), paper)
+        inputs = tuple(inspect.signature(builder).parameters)[:len(INPUTS)]
+        if inputs != INPUTS:
+            raise TypeError(f"{task} family {name!r}: the builder must take {', '.join(INPUTS)} first, "
+                            f"got {', '.join(inputs)}")
+        undefaulted = set(space or {}) - set(_signature_defaults(builder))
+        if undefaulted:
+            raise TypeError(f"{task} family {name!r}: searched hyperparameter(s) {sorted(undefaulted)} "
+                            "need a default in the builder's signature")
+        _REGISTRY.setdefault(task, {})[name] = Family(task, name, builder, dict(space or {}), paper)
         return builder
 
     return decorate
@@ -115,11 +141,16 @@ def _load_families() -> None:
     _loaded = True
 
 
+def tasks() -> list[str]:
+    """The task names some family registers for, sorted."""
+    _load_families()
+    return sorted(_REGISTRY)
+
+
 def families(task: str) -> list[str]:
     """The family names registered for `task`, sorted."""
-    _load_families()
-    if task not in TASKS:
-        raise KeyError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    if task not in tasks():
+        raise KeyError(f"unknown task {task!r}; tasks are {', '.join(tasks())}")
     return sorted(_REGISTRY[task])
 
 
@@ -142,12 +173,13 @@ def build(task: str, family_name: str, num_classes: int, in_channels: int, image
     """Build a model of `family_name` for `task`; unspecified hparams take the family's defaults."""
     fam = family(task, family_name)
     transfer = {key: hparams.pop(key) for key in TRANSFER_KEYS if key in hparams}
-    unknown = set(hparams) - set(fam.defaults) - set(fam.space)
+    known = fam.defaults
+    unknown = set(hparams) - set(known)
     if unknown:
         raise KeyError(f"{task} family {family_name!r} has no hyperparameter(s) {sorted(unknown)}; "
-                       f"known: {sorted(set(fam.defaults) | set(fam.space) | set(TRANSFER_KEYS))}")
+                       f"known: {sorted(set(known) | set(TRANSFER_KEYS))}")
     model = fam.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                        **{**fam.defaults, **hparams})
+                        **{**known, **hparams})
     if any(transfer.values()):
         from models._checkpoint import apply_transfer
 

@@ -62,22 +62,21 @@ def stage_shapes(features: nn.Sequential, in_channels: int, image_size: int) -> 
     return shapes
 
 
-def trunk(task: str, backbone: str, in_channels: int, image_size: int,
-          backbone_hparams: dict | None) -> nn.Sequential:
-    """The `features` of registry classifier `backbone`, for a detector or segmenter of `task`."""
-    from models._registry import build
+def trunk(backbone: str, in_channels: int, image_size: int, backbone_hparams: dict | None) -> nn.Sequential:
+    """The `features` of registry classifier `backbone`, the trunk of a detector or segmenter."""
     from models._errors import ConvForgeError
+    from models._registry import BACKBONE_TASK, build
 
-    model = build("classify", backbone, 1, in_channels, image_size, **dict(backbone_hparams or {}))
+    model = build(BACKBONE_TASK, backbone, 1, in_channels, image_size, **dict(backbone_hparams or {}))
     if not isinstance(getattr(model, "features", None), nn.Sequential):
-        raise ConvForgeError(f"classify family {backbone!r} has no `features` stages to serve as a {task} backbone")
+        raise ConvForgeError(f"{BACKBONE_TASK} family {backbone!r} has no `features` stages to serve as a backbone")
     return model.features
 
 
-def trunk_to_stride(task: str, backbone: str, in_channels: int, image_size: int, backbone_hparams: dict | None,
+def trunk_to_stride(backbone: str, in_channels: int, image_size: int, backbone_hparams: dict | None,
                     output_stride: int) -> tuple[nn.Sequential, int]:
     """The backbone's stages up to the last one at most `output_stride` coarse, and its channel count."""
-    features = trunk(task, backbone, in_channels, image_size, backbone_hparams)
+    features = trunk(backbone, in_channels, image_size, backbone_hparams)
     shapes = stage_shapes(features, in_channels, image_size)
     last = max(i for i, (_, stride) in enumerate(shapes) if stride <= output_stride or i == 0)
     return features[: last + 1], shapes[last][0]

@@ -18,8 +18,7 @@ def pool(stride: int) -> nn.Module:
 
 @register("classify", "alexnet", paper="Krizhevsky et al. 2012, NeurIPS",
           space={"width": Choice([0.125, 0.25, 0.5, 1.0]), "lrn": Choice([True, False]),
-                 "dropout": FloatRange(0.0, 0.6)},
-          defaults={"width": 0.25, "lrn": True, "dropout": 0.5})
+                 "dropout": FloatRange(0.0, 0.6)})
 def alexnet(num_classes: int, in_channels: int, image_size: int, width: float = 0.25, lrn: bool = True,
             dropout: float = 0.5) -> StagedClassifier:
     """Five convs (96-256-384-384-256 x `width`) and a 4096x`width` two-layer classifier."""

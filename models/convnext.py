@@ -16,8 +16,7 @@ from models._stages import StagedClassifier, stride_plan
 
 @register("classify", "convnext", paper="Liu et al. 2022, arXiv:2201.03545",
           space={"width": Choice([16, 32, 48, 96]), "depth": Choice([1, 2, 3]),
-                 "stochastic_depth": FloatRange(0.0, 0.2), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"width": 32, "depth": 1, "stochastic_depth": 0.0, "dropout": 0.0})
+                 "stochastic_depth": FloatRange(0.0, 0.2), "dropout": FloatRange(0.0, 0.5)})
 def convnext(num_classes: int, in_channels: int, image_size: int, width: int = 32, depth: int = 1,
              stochastic_depth: float = 0.0, dropout: float = 0.0) -> StagedClassifier:
     """Stages of (d, d, 3d, d) blocks with width x (1, 2, 4, 8) channels (depth 3, width 96 = ConvNeXt-T)."""

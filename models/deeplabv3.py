@@ -17,14 +17,13 @@ RATES = {"small": (1, 2, 3), "medium": (2, 4, 6), "paper": (6, 12, 18)}
 
 @register("segment", "deeplabv3", paper="Chen et al. 2017, arXiv:1706.05587",
           space={"backbone": Choice(BACKBONES), "output_stride": Choice([4, 8, 16]),
-                 "atrous_rates": Choice(list(RATES))},
-          defaults={"backbone": "resnet", "backbone_hparams": {}, "output_stride": 8, "atrous_rates": "small"})
+                 "atrous_rates": Choice(list(RATES))})
 def deeplabv3(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
-              backbone_hparams: dict | None = None, output_stride: int = 8,
+              backbone_hparams: dict | None = {}, output_stride: int = 8,
               atrous_rates: str = "small") -> SegmentationModel:
     """ASPP head on `backbone`'s stages up to `output_stride` (its image-pooling BN needs training batches > 1)."""
     if atrous_rates not in RATES:
         raise KeyError(f"deeplabv3 atrous_rates must be one of {sorted(RATES)}, got {atrous_rates!r}")
-    features, channels = trunk_to_stride("segment", backbone, in_channels, image_size, backbone_hparams,
+    features, channels = trunk_to_stride(backbone, in_channels, image_size, backbone_hparams,
                                          output_stride)
     return SegmentationModel(features, DeepLabHead(channels, num_classes + 1, RATES[atrous_rates]))

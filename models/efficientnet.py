@@ -22,8 +22,7 @@ ALPHA, BETA = 1.2, 1.1  # depth and width bases found by the paper's grid search
 
 
 @register("classify", "efficientnet", paper="Tan & Le 2019, arXiv:1905.11946",
-          space={"phi": IntRange(-8, 3), "dropout": FloatRange(0.1, 0.5), "stochastic_depth": FloatRange(0.0, 0.2)},
-          defaults={"phi": -6, "dropout": 0.2, "stochastic_depth": 0.0})
+          space={"phi": IntRange(-8, 3), "dropout": FloatRange(0.1, 0.5), "stochastic_depth": FloatRange(0.0, 0.2)})
 def efficientnet(num_classes: int, in_channels: int, image_size: int, phi: int = -6, dropout: float = 0.2,
                  stochastic_depth: float = 0.0) -> StagedClassifier:
     """EfficientNet-B0 scaled by compound coefficient `phi` (0 = B0; negative = smaller, for CPUs)."""

@@ -13,11 +13,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from models._pyramid import BACKBONE_DEFAULTS, BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
+from models._pyramid import BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
 from models._registry import Choice, register
 
 SPACE = {**BACKBONE_SPACE, "representation": Choice([64, 128, 256]), "proposals": Choice([50, 100, 200])}
-DEFAULTS = {**BACKBONE_DEFAULTS, "representation": 128, "proposals": 100, "detections_per_img": 20}
 
 
 def two_stage_parts(num_classes: int, in_channels: int, image_size: int, backbone: str, backbone_hparams: dict | None,
@@ -41,9 +40,9 @@ def two_stage_parts(num_classes: int, in_channels: int, image_size: int, backbon
     return body, kwargs
 
 
-@register("detect", "faster_rcnn", paper="Ren et al. 2015, arXiv:1506.01497", space=SPACE, defaults=DEFAULTS)
+@register("detect", "faster_rcnn", paper="Ren et al. 2015, arXiv:1506.01497", space=SPACE)
 def faster_rcnn(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
-                backbone_hparams: dict | None = None, fpn_channels: int = 32, representation: int = 128,
+                backbone_hparams: dict | None = {}, fpn_channels: int = 32, representation: int = 128,
                 proposals: int = 100, detections_per_img: int = 20) -> FasterRCNN:
     """Faster R-CNN + FPN; `proposals` RPN proposals per image in training (half at test)."""
     body, kwargs = two_stage_parts(num_classes, in_channels, image_size, backbone, backbone_hparams, fpn_channels,

@@ -11,7 +11,7 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 
-from models._pyramid import BACKBONE_DEFAULTS, BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
+from models._pyramid import BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
 from models._registry import FloatRange, IntRange, register
 
 
@@ -29,11 +29,9 @@ class FCOSDetector(FCOS):
 
 
 @register("detect", "fcos", paper="Tian et al. 2019, arXiv:1904.01355",
-          space={**BACKBONE_SPACE, "head_convs": IntRange(1, 4), "center_sampling_radius": FloatRange(1.0, 2.0)},
-          defaults={**BACKBONE_DEFAULTS, "head_convs": 2, "center_sampling_radius": 1.5, "score_thresh": 0.05,
-                    "detections_per_img": 20})
+          space={**BACKBONE_SPACE, "head_convs": IntRange(1, 4), "center_sampling_radius": FloatRange(1.0, 2.0)})
 def fcos(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
-         backbone_hparams: dict | None = None, fpn_channels: int = 32, head_convs: int = 2,
+         backbone_hparams: dict | None = {}, fpn_channels: int = 32, head_convs: int = 2,
          center_sampling_radius: float = 1.5, score_thresh: float = 0.05, detections_per_img: int = 20) -> FCOSDetector:
     """FCOS with `head_convs` GroupNorm convs per head branch (the paper's 4 is slow on CPU); a low
     `score_thresh` (torchvision: 0.2) keeps the low-confidence detections mAP counts."""

@@ -50,8 +50,7 @@ class GoogLeNet(StagedClassifier):
 
 @register("classify", "googlenet", paper="Szegedy et al. 2015, arXiv:1409.4842",
           space={"width": Choice([0.125, 0.25, 0.5, 1.0]), "aux_logits": Choice([True, False]),
-                 "dropout": FloatRange(0.0, 0.5)},
-          defaults={"width": 0.25, "aux_logits": True, "dropout": 0.4})
+                 "dropout": FloatRange(0.0, 0.5)})
 def googlenet(num_classes: int, in_channels: int, image_size: int, width: float = 0.25, aux_logits: bool = True,
               dropout: float = 0.4) -> GoogLeNet:
     """Inception v1 with `width` times the paper's channels and a stem for small inputs."""

@@ -28,8 +28,7 @@ class HighwayConv(nn.Module):
 
 @register("classify", "highway", paper="Srivastava et al. 2015, arXiv:1507.06228",
           space={"width": Choice([8, 16, 32, 64]), "layers": Choice([2, 3, 4, 6, 9]),
-                 "gate_bias": FloatRange(-3.0, -1.0), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"width": 16, "layers": 3, "gate_bias": -2.0, "dropout": 0.0})
+                 "gate_bias": FloatRange(-3.0, -1.0), "dropout": FloatRange(0.0, 0.5)})
 def highway(num_classes: int, in_channels: int, image_size: int, width: int = 16, layers: int = 3,
             gate_bias: float = -2.0, dropout: float = 0.0) -> StagedClassifier:
     """Three stages of `layers` highway layers (width, 2x, 4x channels) joined by conv + max-pool."""

@@ -37,8 +37,7 @@ class SparseConv2d(nn.Conv2d):
 
 @register("classify", "lenet5", paper="LeCun et al. 1998, doi:10.1109/5.726791",
           space={"variant": Choice(["classic", "modern"]), "width": Choice([1, 2, 4]),
-                 "sparse_c3": Choice([False, True]), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"variant": "modern", "width": 1, "sparse_c3": False, "dropout": 0.0})
+                 "sparse_c3": Choice([False, True]), "dropout": FloatRange(0.0, 0.5)})
 def lenet5(num_classes: int, in_channels: int, image_size: int, variant: str = "modern", width: int = 1,
            sparse_c3: bool = False, dropout: float = 0.0) -> StagedClassifier:
     """C1-S2-C3-S4-C5-F6-output with `width` times the paper's 6/16/120/84 units."""

@@ -8,14 +8,14 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from models.faster_rcnn import DEFAULTS, SPACE, two_stage_parts
+from models.faster_rcnn import SPACE, two_stage_parts
 from models._registry import Choice, register
 
 
 @register("detect", "mask_rcnn", paper="He et al. 2017, arXiv:1703.06870",
-          space={**SPACE, "mask_channels": Choice([32, 64, 128])}, defaults={**DEFAULTS, "mask_channels": 64})
+          space={**SPACE, "mask_channels": Choice([32, 64, 128])})
 def mask_rcnn(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
-              backbone_hparams: dict | None = None, fpn_channels: int = 32, representation: int = 128,
+              backbone_hparams: dict | None = {}, fpn_channels: int = 32, representation: int = 128,
               proposals: int = 100, detections_per_img: int = 20, mask_channels: int = 64) -> MaskRCNN:
     """Mask R-CNN + FPN; targets need `masks` in training, outputs carry `masks` [k, 1, H, W] in [0, 1]."""
     body, kwargs = two_stage_parts(num_classes, in_channels, image_size, backbone, backbone_hparams, fpn_channels,

@@ -80,8 +80,7 @@ def make_stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int, 
 
 @register("classify", "resnet", paper="He et al. 2016, arXiv:1512.03385",
           space={"depth": Choice([10, 14, 18, 26, 34, 50]), "width": Choice([8, 16, 32, 64]),
-                 "preact": Choice([False, True]), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"depth": 10, "width": 16, "preact": False, "dropout": 0.0})
+                 "preact": Choice([False, True]), "dropout": FloatRange(0.0, 0.5)})
 def resnet(num_classes: int, in_channels: int, image_size: int, depth: int = 10, width: int = 16,
            preact: bool = False, dropout: float = 0.0) -> StagedClassifier:
     """ResNet-`depth` with `width` stem channels (64 = torchvision's)."""

@@ -17,8 +17,7 @@ GROUPS = [[(16, 64, 64), (16, 64, 64)], [(32, 128, 128), (32, 128, 128)],
 
 
 @register("classify", "squeezenet", paper="Iandola et al. 2016, arXiv:1602.07360",
-          space={"width": Choice([0.25, 0.5, 1.0]), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"width": 0.5, "dropout": 0.5})
+          space={"width": Choice([0.25, 0.5, 1.0]), "dropout": FloatRange(0.0, 0.5)})
 def squeezenet(num_classes: int, in_channels: int, image_size: int, width: float = 0.5,
                dropout: float = 0.5) -> StagedClassifier:
     """SqueezeNet 1.1 with `width` times its channels; stride points: stem conv and three pools."""

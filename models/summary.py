@@ -21,35 +21,43 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models._registry import TASKS, build, families, family
+from models import _registry
+from models._registry import build, families, family, tasks
 
-# Default inputs: Fashion-MNIST items for classify, the default 64 px scenes for detect/segment.
-DEFAULT_INPUT = {"classify": (1, 28), "detect": (1, 64), "segment": (1, 64)}
 NUM_CLASSES = 10
 
 
-def _call(model: nn.Module, task: str, in_channels: int, image_size: int, batch: int) -> Callable[[], Any]:
-    """A closure running `model` on a seeded random batch in the task's input form."""
+def default_input(task: str) -> tuple[int, int]:
+    """(in_channels, image_size) a task's families are profiled at: the project's default data
+    (Fashion-MNIST items for classification, its 64 px scenes for detection and segmentation)."""
+    return _registry.PROFILE_INPUT[task]
+
+
+def _call(model: nn.Module, in_channels: int, image_size: int, batch: int) -> Callable[[], Any]:
+    """A closure running `model` on a seeded random batch in its input form (a list of images for
+    torchvision's detection models, a batch tensor otherwise)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, in_channels, image_size, image_size, generator=generator)
-    if task == "detect":
+    if isinstance(getattr(model, "transform", None), GeneralizedRCNNTransform):
         as_list = list(images)
         return lambda: model(as_list)
     return lambda: model(images)
 
 
-def count_macs(model: nn.Module, task: str, in_channels: int, image_size: int) -> int:
+def count_macs(model: nn.Module, in_channels: int, image_size: int) -> int:
     """Multiply-accumulates of one eval-mode forward pass of one image."""
-    run = _call(model, task, in_channels, image_size, 1)
+    run = _call(model, in_channels, image_size, 1)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         run()
     return counter.get_total_flops() // 2
 
 
-def latency_ms(model: nn.Module, task: str, in_channels: int, image_size: int, batch: int, reps: int = 3) -> float:
+def latency_ms(model: nn.Module, in_channels: int, image_size: int, batch: int, reps: int = 3) -> float:
     """Median wall time (ms) of an eval-mode forward pass of `batch` images, after one warm-up."""
-    run = _call(model, task, in_channels, image_size, batch)
+    run = _call(model, in_channels, image_size, batch)
     times = []
     with torch.inference_mode():
         run()
@@ -61,13 +69,15 @@ def latency_ms(model: nn.Module, task: str, in_channels: int, image_size: int, b
 
 
 def profile(model: nn.Module, task: str, in_channels: int, image_size: int, reps: int = 3) -> dict[str, Any]:
-    """`params`, `macs` (1 image) and CPU `latency_ms_1` / `latency_ms_64` of `model` (left in eval mode on CPU)."""
+    """`params`, `macs` (1 image) and CPU `latency_ms_1` / `latency_ms_64` of `model` (left in eval mode on CPU).
+
+    `task` names the model's task for callers' records; the input form comes from the model itself."""
     model = model.cpu().eval()
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "macs": count_macs(model, task, in_channels, image_size),
-        "latency_ms_1": round(latency_ms(model, task, in_channels, image_size, 1, reps), 3),
-        "latency_ms_64": round(latency_ms(model, task, in_channels, image_size, 64, max(1, reps - 1)), 3),
+        "macs": count_macs(model, in_channels, image_size),
+        "latency_ms_1": round(latency_ms(model, in_channels, image_size, 1, reps), 3),
+        "latency_ms_64": round(latency_ms(model, in_channels, image_size, 64, max(1, reps - 1)), 3),
     }
 
 
@@ -76,7 +86,7 @@ def summarize(tasks: list[str], only: list[str] | None = None, reps: int = 3,
     """One profile row per family of each task (or those in `only`), at its defaults and the task's default input."""
     rows = []
     for task in tasks:
-        in_channels, image_size = DEFAULT_INPUT[task]
+        in_channels, image_size = default_input(task)
         for name in families(task):
             if only and name not in only:
                 continue
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     from models._files import write_json
 
     parser = argparse.ArgumentParser(prog="python -m models.summary", description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=TASKS, action="append", help="only this task (repeatable)")
+    parser.add_argument("--task", choices=tasks(), action="append", help="only this task (repeatable)")
     parser.add_argument("--family", action="append", help="only this family (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per latency (median)")
@@ -118,10 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
         print("profiling every family at its defaults...", file=sys.stderr)
-        rows = summarize(args.task or list(TASKS), args.family, max(1, args.reps),
+        rows = summarize(args.task or tasks(), args.family, max(1, args.reps),
                          log=lambda m: print(m, file=sys.stderr))
         if not rows:
-            raise ConvForgeError(f"no family {args.family} in task(s) {args.task or list(TASKS)}")
+            raise ConvForgeError(f"no family {args.family} in task(s) {args.task or tasks()}")
         print(table(rows))
         if args.json:
             write_json(args.json, {"threads": torch.get_num_threads(), "rows": rows})

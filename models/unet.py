@@ -69,8 +69,7 @@ class UNet(nn.Module):
 
 @register("segment", "unet", paper="Ronneberger et al. 2015, arXiv:1505.04597",
           space={"depth": IntRange(2, 5), "width": Choice([8, 16, 32, 64]),
-                 "upsample": Choice(["transpose", "bilinear"]), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"depth": 3, "width": 16, "upsample": "transpose", "dropout": 0.0})
+                 "upsample": Choice(["transpose", "bilinear"]), "dropout": FloatRange(0.0, 0.5)})
 def unet(num_classes: int, in_channels: int, image_size: int, depth: int = 3, width: int = 16,
          upsample: str = "transpose", dropout: float = 0.0) -> UNet:
     """U-Net with `depth` poolings (fewer when the input is too small for them), `width` first-level channels."""

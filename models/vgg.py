@@ -16,8 +16,7 @@ LAYOUTS = {11: "A", 13: "B", 16: "D", 19: "E"}
 
 @register("classify", "vgg", paper="Simonyan & Zisserman 2015, arXiv:1409.1556",
           space={"depth": Choice([11, 13, 16, 19]), "width": Choice([8, 16, 32, 64]),
-                 "batch_norm": Choice([True, False]), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"depth": 11, "width": 16, "batch_norm": True, "dropout": 0.5})
+                 "batch_norm": Choice([True, False]), "dropout": FloatRange(0.0, 0.5)})
 def vgg(num_classes: int, in_channels: int, image_size: int, depth: int = 11, width: int = 16,
         batch_norm: bool = True, dropout: float = 0.5) -> StagedClassifier:
     """VGG-`depth` with `width` first-block channels (64 = the paper's); one stage per pooling block."""

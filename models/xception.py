@@ -39,8 +39,7 @@ class XceptionBlock(nn.Module):
 
 
 @register("classify", "xception", paper="Chollet 2017, arXiv:1610.02357",
-          space={"width": Choice([8, 16, 32, 64]), "middle_blocks": IntRange(1, 8), "dropout": FloatRange(0.0, 0.5)},
-          defaults={"width": 16, "middle_blocks": 2, "dropout": 0.0})
+          space={"width": Choice([8, 16, 32, 64]), "middle_blocks": IntRange(1, 8), "dropout": FloatRange(0.0, 0.5)})
 def xception(num_classes: int, in_channels: int, image_size: int, width: int = 16, middle_blocks: int = 2,
              dropout: float = 0.0) -> StagedClassifier:
     """Xception with `width`/64 of the paper's channels and `middle_blocks` (8 in the paper) middle-flow blocks."""

@@ -19,6 +19,9 @@ import torch
 from pipelines.errors import ConvForgeError
 
 SPLITS = ("train", "val", "test")
+# The prepared-data folders under data/prepared, both written by the augment stage: classification
+# items, and the scenes composed from them that detection and segmentation share.
+ITEMS_DATA, SCENES_DATA = "classify", "scenes"
 
 
 def _missing(path: Path) -> ConvForgeError:

@@ -5,6 +5,7 @@ is a slice of the in-memory tensors (normalized on the device); with it, a DataL
 torchvision.transforms.v2 policy per sample. On CUDA: AMP (bf16 by default), pinned memory and
 one batch of copy-ahead; everywhere: channels_last, optional torch.compile, a checkpoint per
 epoch to resume from, and a deterministic mode in which two CPU runs give identical metrics.
+The learning rate is a function of the step (pipelines/optim.py), so resuming needs only the step.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.errors import ConvForgeError
+from pipelines.optim import lr_at, make_ema, make_optimizer, set_hyperparameters
 from pipelines.params import PolicyParams, TrainConfig
 from pipelines.runtime import resolve_device, set_threads
 from pipelines.tasks import PRIMARY, Batch, get_task
@@ -84,6 +85,11 @@ def amp_dtype(settings: EngineSettings, device: torch.device) -> torch.dtype | N
     return torch.float16 if settings.amp == "fp16" else torch.bfloat16
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Mixed precision in `dtype` on `device`; a no-op when `dtype` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def prepare(model: nn.Module, settings: EngineSettings) -> torch.device:
     """Threads, determinism, device and memory format for a run; returns the device."""
     if settings.num_threads > 0:
@@ -101,47 +107,6 @@ def prepare(model: nn.Module, settings: EngineSettings) -> torch.device:
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     return device
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (Sutskever et al. 2013) or AdamW (Loshchilov & Hutter 2019).
-
-    No weight decay on biases and normalization parameters (1-D tensors), as is standard practice.
-    """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-                   ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule: linear warm-up then cosine (Loshchilov & Hutter 2017), one-cycle (Smith 2018), or constant."""
-    from torch.optim import lr_scheduler as sched
-
-    total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
-        warm = min(0.3, max(cfg.warmup_epochs * steps_per_epoch / total, 1 / total))
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total + 1, pct_start=warm,
-                                cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0)
-    warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-    main = (sched.CosineAnnealingLR(optimizer, T_max=total - warmup) if cfg.schedule == "cosine"
-            else sched.ConstantLR(optimizer, factor=1.0, total_iters=0))
-    if warmup <= 0:
-        return main
-    return sched.SequentialLR(optimizer, [sched.LinearLR(optimizer, 0.01, 1.0, total_iters=warmup), main],
-                              milestones=[warmup])
-
-
-def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    """An exponential moving average of weights and buffers (Polyak & Juditsky 1992), or None when off."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    if decay <= 0:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 # ---------------------------------------------------------------- data
@@ -242,14 +207,132 @@ def resident(data: Any, device: torch.device) -> Any:
     return replace(data, **moved)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- one run's parts and state
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save of tensors and plain values only, written atomically (loaded with weights_only=True)."""
+@dataclass
+class Setup:
+    """What one `fit` trains with, built once from the model, the task, the data and the settings."""
+
+    model: nn.Module
+    forward_model: nn.Module  # the model, compiled when the settings ask and the task allows
+    adapter: Any
+    optimizer: torch.optim.Optimizer
+    ema: torch.optim.swa_utils.AveragedModel | None
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's, None when off
+    mean: Tensor
+    std: Tensor
+    augment: Callable | None
+    mixer: Callable | None
+    data: Any  # the training split, on the GPU when it fits and nothing augments it per sample
+    channels_last: bool
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to validate, keep and return: the EMA's when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def set_up(model: nn.Module, task: str, train: Any, cfg: TrainConfig, settings: EngineSettings,
+           policy: PolicyParams | None) -> Setup:
+    """Device, optimizer, EMA, loss scaler, normalization, augmentation and mixing for training on `train`."""
+    adapter = get_task(task)
+    device = prepare(model, settings)
+    dtype = amp_dtype(settings, device)
+    if len(train) < 2:
+        raise ConvForgeError(f"{task}: the training split has {len(train)} item(s); need at least 2")
+    forward_model = torch.compile(model) if settings.compile and adapter.compiles else model
+    optimizer = make_optimizer(model, cfg)
+    ema = make_ema(model, cfg.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
+    mean, std = _normalizer(train.mean, train.std, device)
+    augment = adapter.augmenter(train, policy, cfg.aug_strength)
+    mixer = adapter.mixer(cfg, len(train.classes))
+    data = resident(train, device) if augment is None else train
+    return Setup(model, forward_model, adapter, optimizer, ema, scaler, device, dtype, mean, std, augment, mixer, data,
+                 settings.channels_last)
+
+
+@dataclass
+class RunState:
+    """Where a run stands after an epoch; the checkpoint holds it, and `resume` goes on from it."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps done: the learning rate's position in its schedule
+    history: list[EpochResult] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict[str, Tensor] | None = None  # the best epoch's weights, on the CPU
+    bad_epochs: int = 0  # epochs since the best one
+
+    def record(self, result: EpochResult, steps: int, model: nn.Module) -> None:
+        """Adds a finished epoch of `steps` steps; keeps `model`'s weights when it scored best so far."""
+        self.epoch, self.step = result.epoch, self.step + steps
+        self.history.append(result)
+        if result.score > self.best_score:
+            self.best_score, self.best_epoch, self.best_state, self.bad_epochs = (
+                result.score, result.epoch, _cpu_state(model), 0)
+        else:
+            self.bad_epochs += 1
+
+    def stopped_early(self, cfg: TrainConfig) -> bool:
+        """Whether validation has not improved for `cfg.early_stop_patience` epochs (0: never stop early)."""
+        return cfg.early_stop_patience > 0 and self.bad_epochs >= cfg.early_stop_patience
+
+    def done(self, cfg: TrainConfig) -> bool:
+        """Whether the run has trained every epoch of `cfg` or stopped early."""
+        return self.epoch >= cfg.epochs or self.stopped_early(cfg)
+
+    def images_per_s(self) -> float:
+        """Training throughput over every epoch so far, validation excluded."""
+        seconds = sum(r.metrics["epoch_s"] for r in self.history)
+        images = sum(r.metrics["images_per_s"] * r.metrics["epoch_s"] for r in self.history)
+        return images / seconds if seconds > 0 else 0.0
+
+    def eta_s(self, cfg: TrainConfig) -> float:
+        """Seconds left at the mean wall time (training and validation) of the epochs so far."""
+        if self.stopped_early(cfg):
+            return 0.0
+        wall = sum(r.metrics.get("wall_s", r.metrics["epoch_s"]) for r in self.history)
+        return (cfg.epochs - self.epoch) * wall / len(self.history)
+
+
+def save_checkpoint(path: Path, setup: Setup, state: RunState, cfg: TrainConfig) -> None:
+    """The run state with the weights, optimizer, scaler and EMA: tensors and plain values only, written
+    atomically, so `torch.load(weights_only=True)` reads it and an interruption never leaves half a file."""
+    checkpoint = {**vars(state), "history": [asdict(r) for r in state.history], "cfg": cfg.model_dump(),
+                  "model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                  "scaler": setup.scaler.state_dict(), "ema": setup.ema.state_dict() if setup.ema is not None else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(checkpoint, tmp)
     os.replace(tmp, path)
+
+
+def resume(path: Path | None, setup: Setup, cfg: TrainConfig, say: Callable[[str], None]) -> RunState:
+    """The state saved at `path`, with the run's weights, optimizer, scaler and EMA restored; a new state without one.
+
+    The optimizer keeps its moments; its hyperparameters come from `cfg` at every step (a tuner may change them).
+    """
+    if path is None or not path.is_file():
+        return RunState()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if "step" not in saved:
+        raise ConvForgeError(f"{path}: a checkpoint of an older engine; delete it to train from the start")
+    setup.model.load_state_dict(saved["model"])
+    setup.optimizer.load_state_dict(saved["optimizer"])
+    setup.scaler.load_state_dict(saved["scaler"])
+    if setup.ema is not None and saved["ema"] is not None:
+        setup.ema.load_state_dict(saved["ema"])
+    state = RunState(**{f.name: saved[f.name] for f in fields(RunState)})
+    state.history = [EpochResult(**entry) for entry in state.history]
+    changed = ", ".join(f"{k} {saved['cfg'].get(k)} -> {v}" for k, v in cfg.model_dump().items()
+                        if saved["cfg"].get(k) != v)
+    say(f"resuming {setup.adapter.name} at epoch {state.epoch + 1}"
+        + (f" with changed config: {changed}" if changed else ""))
+    return state
 
 
 def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
@@ -258,11 +341,48 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
             for k, v in module.state_dict().items()}
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
-
-
 # ---------------------------------------------------------------- the loop
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seeds everything random in an epoch (order, augmentation, dropout, mixup) from (seed, epoch), so a
+    resumed run repeats the uninterrupted one exactly; returns the generator that shuffles the epoch."""
+    epoch_seed = (seed * 1_000_003 + epoch) % (2**63)
+    torch.manual_seed(epoch_seed)
+    return torch.Generator().manual_seed(epoch_seed)
+
+
+def train_one_epoch(setup: Setup, batches: Iterable[Batch], cfg: TrainConfig, epoch: int, first_step: int,
+                    steps: int, say: Callable[[str], None]) -> tuple[float, int, float]:
+    """One epoch of optimizer steps from `first_step` on; returns the mean loss, the images seen and the seconds."""
+    setup.model.train()
+    started = last_note = time.perf_counter()
+    loss_sum = torch.zeros((), device=setup.device)  # summed on the device: no sync per step
+    seen = 0
+    for i, batch in enumerate(prefetch(batches, setup.device), 1):
+        set_hyperparameters(setup.optimizer, first_step + i - 1, cfg, steps)
+        images = normalize(batch.images, setup.mean, setup.std, setup.channels_last)
+        with _autocast(setup.device, setup.dtype):
+            loss = setup.adapter.loss(setup.forward_model, images, batch.targets, cfg, setup.mixer)
+        setup.optimizer.zero_grad(set_to_none=True)
+        setup.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            setup.scaler.unscale_(setup.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
+        setup.scaler.step(setup.optimizer)
+        setup.scaler.update()
+        if setup.ema is not None:
+            setup.ema.update_parameters(setup.model)
+        loss_sum += loss.detach() * len(batch)
+        seen += len(batch)
+        now = time.perf_counter()
+        if now - last_note > PROGRESS_EVERY_S:
+            last_note = now
+            say(f"epoch {epoch}/{cfg.epochs}: {i}/{steps} batches, loss {float(loss_sum) / seen:.4f}, "
+                f"{seen / (now - started):.0f} img/s")
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    return float(loss_sum) / max(1, seen), seen, time.perf_counter() - started
 
 
 def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, settings: EngineSettings, *,
@@ -274,137 +394,39 @@ def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, set
     `on_epoch` runs after the epoch's checkpoint is written (a tuner may report and copy it).
     """
     say = log or (lambda message: None)
-    adapter = get_task(task)
-    device = prepare(model, settings)
-    dtype = amp_dtype(settings, device)
-    if len(train) < 2:
-        raise ConvForgeError(f"{task}: the training split has {len(train)} item(s); need at least 2")
-    forward_model = model
-    if settings.compile and task != "detect":  # torchvision's detection models do not compile cleanly
-        forward_model = torch.compile(model)
-    optimizer = make_optimizer(model, cfg)
-    steps = batches_per_epoch(len(train), cfg.batch_size)
-    ema = make_ema(model, cfg.ema_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    mean, std = _normalizer(train.mean, train.std, device)
-    augment = adapter.augmenter(train, policy, cfg.aug_strength)
-    mixer = adapter.mixer(cfg, len(train.classes))
-    train_data = resident(train, device) if augment is None else train
-    channels_last = settings.channels_last
-
-    history: list[EpochResult] = []
-    best_score, best_epoch, best_state, bad_epochs, start = -math.inf, 0, None, 0, 1
+    setup = set_up(model, task, train, cfg, settings, policy)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        history = [EpochResult(**entry) for entry in state["history"]]
-        best_score, best_epoch, best_state = state["best_score"], state["best_epoch"], state["best_state"]
-        bad_epochs, start = state["bad_epochs"], state["epoch"] + 1
-        changed = _changed(state["cfg"], cfg.model_dump())
-        say(f"resuming {task} at epoch {start}" + (f" with changed config: {changed}" if changed else ""))
-    # The optimizer keeps its moments; its hyperparameters come from cfg (a tuner may have changed them).
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr
-        group.pop("initial_lr", None)
-        if "momentum" in group:
-            group["momentum"] = cfg.momentum
-    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 1 (biases, norms) never decays
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    with warnings.catch_warnings():  # replaying the finished steps of the schedule
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(min(start - 1, cfg.epochs) * steps):
-            scheduler.step()
-
-    train_seconds = sum(r.metrics["epoch_s"] for r in history)
-    wall_seconds = sum(r.metrics.get("wall_s", r.metrics["epoch_s"]) for r in history)
-    train_images = sum(r.metrics["images_per_s"] * r.metrics["epoch_s"] for r in history)
-    stop = start > cfg.epochs or (cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience)
-    for epoch in range(start, cfg.epochs + 1):
-        if stop:
-            break
-        # Everything random in an epoch (order, augmentation, dropout, mixup) follows from (seed, epoch):
-        # a resumed run repeats the uninterrupted one exactly.
-        epoch_seed = (settings.seed * 1_000_003 + epoch) % (2**63)
-        torch.manual_seed(epoch_seed)
-        generator = torch.Generator().manual_seed(epoch_seed)
-        model.train()
-        started = last_note = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
-        batches = train_batches(adapter, train_data, cfg.batch_size, generator, augment, settings,
-                                pin=device.type == "cuda")
-        for step, batch in enumerate(prefetch(batches, device), 1):
-            images = normalize(batch.images, mean, std, channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = adapter.loss(forward_model, images, batch.targets, cfg, mixer)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.detach() * len(batch)
-            seen += len(batch)
-            now = time.perf_counter()
-            if now - last_note > PROGRESS_EVERY_S:
-                last_note = now
-                say(f"epoch {epoch}/{cfg.epochs}: {step}/{steps} batches, loss {float(loss_sum) / seen:.4f}, "
-                    f"{seen / (now - started):.0f} img/s")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_s = time.perf_counter() - started
-        train_loss = float(loss_sum) / max(1, seen)
+    state = resume(path, setup, cfg, say)
+    steps = batches_per_epoch(len(train), cfg.batch_size)
+    while not state.done(cfg):
+        epoch = state.epoch + 1
+        generator = seed_epoch(settings.seed, epoch)
+        started = time.perf_counter()
+        batches = train_batches(setup.adapter, setup.data, cfg.batch_size, generator, setup.augment, settings,
+                                pin=setup.device.type == "cuda")
+        train_loss, seen, epoch_s = train_one_epoch(setup, batches, cfg, epoch, state.step, steps, say)
         if not math.isfinite(train_loss):
             raise ConvForgeError(f"{task}: training diverged in epoch {epoch} (loss {train_loss}); "
                                  f"lower train.{task}.lr (now {cfg.lr})")
-        train_seconds += epoch_s
-        train_images += seen
-
-        eval_model = ema.module if ema is not None else model
-        report = _evaluate(eval_model, adapter, val, settings, device, cfg.batch_size)
-        score = report.scalars[adapter.metric]
-        wall_s = time.perf_counter() - started
-        wall_seconds += wall_s
+        report = _evaluate(setup.eval_model, setup.adapter, val, settings, setup.device, cfg.batch_size)
         metrics = {"train_loss": train_loss, **{f"val_{k}": v for k, v in report.scalars.items()},
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / epoch_s, "epoch_s": epoch_s,
-                   "wall_s": wall_s}
-        result = EpochResult(epoch, metrics, score)
-        history.append(result)
-        if score > best_score:
-            best_score, best_epoch, best_state, bad_epochs = score, epoch, _cpu_state(eval_model), 0
-        else:
-            bad_epochs += 1
-        stop = cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience
+                   "lr": lr_at(state.step + steps, cfg, steps),  # the rate the next epoch starts at
+                   "images_per_s": seen / epoch_s,
+                   "epoch_s": epoch_s, "wall_s": time.perf_counter() - started}
+        result = EpochResult(epoch, metrics, report.scalars[setup.adapter.metric])
+        state.record(result, steps, setup.eval_model)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(path, {
-                "epoch": epoch, "cfg": cfg.model_dump(), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "history": [asdict(r) for r in history],
-                "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
-                "bad_epochs": bad_epochs})
-        eta = 0.0 if stop else (cfg.epochs - epoch) * wall_seconds / len(history)
-        say(f"epoch {epoch}/{cfg.epochs}  loss {train_loss:.4f}  {PRIMARY[task]} {score:.4f}  "
-            f"lr {metrics['lr']:.2e}  {metrics['images_per_s']:.0f} img/s  {epoch_s:.1f} s  ETA {eta:.0f} s"
-            + ("  (early stop)" if stop else ""))
+            save_checkpoint(path, setup, state, cfg)
+        say(f"epoch {epoch}/{cfg.epochs}  loss {train_loss:.4f}  {PRIMARY[task]} {result.score:.4f}  "
+            f"lr {metrics['lr']:.2e}  {metrics['images_per_s']:.0f} img/s  {epoch_s:.1f} s  "
+            f"ETA {state.eta_s(cfg):.0f} s" + ("  (early stop)" if state.stopped_early(cfg) else ""))
         if on_epoch is not None:
             on_epoch(result)
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     model.to(memory_format=torch.contiguous_format)  # plain tensors for saving and export
     model.eval()
-    return FitResult(model, history, best_epoch, best_score, PRIMARY[task],
-                     train_images / train_seconds if train_seconds > 0 else 0.0)
+    return FitResult(model, state.history, state.best_epoch, state.best_score, PRIMARY[task], state.images_per_s())
 
 
 # ---------------------------------------------------------------- evaluation and prediction
@@ -413,13 +435,14 @@ def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, set
 @torch.inference_mode()
 def _evaluate(model: nn.Module, adapter: Any, data: Any, settings: EngineSettings, device: torch.device,
               batch_size: int) -> "MetricReport":
+    """The adapter's metric report of `model` on a split, in order and without gradients."""
     model.eval()
     dtype = amp_dtype(settings, device)
     mean, std = _normalizer(data.mean, data.std, device)
     meter = adapter.meter(data.classes)
     for batch in prefetch(eval_batches(adapter, data, batch_size), device):
         images = normalize(batch.images, mean, std, settings.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with _autocast(device, dtype):
             outputs = adapter.outputs(model, images)
         adapter.update(meter, outputs, batch)
     return meter.compute()
@@ -441,27 +464,20 @@ def evaluate(model: nn.Module, task: str, data: Any, settings: EngineSettings,
 @torch.inference_mode()
 def predict(model: nn.Module, task: str, images: Tensor, mean: Iterable[float], std: Iterable[float],
             settings: EngineSettings, batch_size: int = 64) -> Any:
-    """Predictions for uint8 images [N, C, H, W], on the CPU.
+    """The task adapter's predictions for uint8 images [N, C, H, W], on the CPU.
 
-    classify: probabilities [N, C]; detect: per image {"boxes" xyxy, "scores", "labels" 0..C-1[, "masks"]};
-    segment: class-index masks [N, H, W] (0 = background, c + 1 = class c).
+    Class probabilities [N, C], per-image detections {"boxes" xyxy, "scores", "labels" 0..C-1[, "masks"]},
+    or class-index masks [N, H, W] (0 = background, c + 1 = class c).
     """
     adapter = get_task(task)
     device = prepare(model, settings)
     dtype = amp_dtype(settings, device)
     model.eval()
     mean_t, std_t = _normalizer(mean, std, device)
-    outputs: list[Any] = []
+    chunks: list[Any] = []
     for start in range(0, len(images), batch_size):
         chunk = normalize(images[start:start + batch_size].to(device), mean_t, std_t, settings.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = adapter.outputs(model, chunk)
-        if task == "detect":
-            outputs += [{k: v.cpu() for k, v in item.items()} for item in out]
-        else:
-            outputs.append(adapter.decode(out.float()).cpu() if task == "classify" else out.cpu())
-    if task == "detect":
-        return outputs
-    if not outputs:
-        return torch.zeros((0,), dtype=torch.float32)
-    return torch.cat(outputs)
+        with _autocast(device, dtype):
+            outputs = adapter.outputs(model, chunk)
+        chunks.append(adapter.cpu_predictions(outputs))
+    return adapter.join(chunks)

@@ -1,4 +1,4 @@
-"""ONNX export of classify and segment models, checked against PyTorch on ONNX Runtime.
+"""ONNX export of the models of tasks whose adapter `exports_onnx`, checked against PyTorch on ONNX Runtime.
 
 The service runs the exported graph when `serve.backend: onnx` (detect models stay on
 PyTorch: torchvision's detection post-processing is data-dependent). The export uses the
@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from pipelines.errors import ConvForgeError
+from pipelines.tasks import TASKS
 
-EXPORTABLE = ("classify", "segment")
+EXPORTABLE = tuple(name for name, task in TASKS.items() if task.exports_onnx)
 OPSET = 17
 
 

@@ -2,12 +2,20 @@
 
 Unknown keys, wrong types and out-of-range values fail at once with the key's
 path and what is allowed, e.g. `augment.copies: expected int >= 0, got 'two'`.
+
+With `CONVFORGE_PARAMS_TRACE=<dir>` set, the sections `load_params()` returns record which keys the
+stage reads, and the stage writes them to `<dir>/<stage>.json` when it exits: `python -m
+pipelines.depcheck --traces <dir>` compares them with the `params:` that dvc.yaml declares.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -310,4 +318,150 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConvForgeError(f"{path}: no such params file (run from the project root)") from None
     except yaml.YAMLError as exc:
         raise ConvForgeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return validate(Params, raw)
+    params = validate(Params, raw)
+    trace_dir = os.environ.get(TRACE_ENV)
+    return _start_trace(params, Path(trace_dir)) if trace_dir else params
+
+
+# Which keys a stage reads, recorded for `pipelines.depcheck`. Off unless TRACE_ENV is set; then
+# load_params() returns traced subclasses of the sections, so the plain classes never pay for it.
+# Rules: reading a leaf field records its dotted path (a dict or list value is one leaf); reading a
+# sub-section records nothing by itself. Values that leave the traced objects count as reads of
+# every leaf they carry: model_dump()/model_dump_json(), iteration, comparison, pickling (a section
+# handed to a Ray trial arrives plain, so other processes never record). Copies stay traced:
+# model_copy(update=...) and TrainConfig.updated(**changes) record nothing themselves, and the keys
+# they replace no longer come from params.yaml, so reading those in the copy records nothing.
+# Reads inside forked DataLoader workers stay in the worker: pass them values, not sections.
+TRACE_ENV = "CONVFORGE_PARAMS_TRACE"
+_reads: set[str] = set()
+_trace_owner: list[int] = []  # the pid that started tracing: the only process that writes the reads
+_traced_classes: dict[tuple[type, str, frozenset[str]], type] = {}
+
+
+def stage_name(main_module: str | None, argv: list[str]) -> str | None:
+    """`search@classify` for `python -m pipelines.stages.search classify`; None outside a stage."""
+    package, _, stage = (main_module or "").rpartition(".")
+    if package != "pipelines.stages":
+        return None
+    return f"{stage}@{argv[1]}" if len(argv) > 1 else stage
+
+
+def params_reads() -> set[str]:
+    """The dotted keys read so far through traced sections (a copy)."""
+    return set(_reads)
+
+
+def _start_trace(params: Params, trace_dir: Path) -> Params:
+    if not _trace_owner:
+        _trace_owner.append(os.getpid())
+        atexit.register(_write_trace, trace_dir)
+    return traced(params)
+
+
+def _write_trace(trace_dir: Path) -> None:
+    """At exit of the stage process (not of its forked workers): its reads as `<trace_dir>/<stage>.json`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    stage = stage_name(getattr(spec, "name", None), sys.argv)
+    if stage is None or os.getpid() != _trace_owner[0]:
+        return
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    (trace_dir / f"{stage}.json").write_text(json.dumps(sorted(_reads), indent=1) + "\n")
+
+
+def _trace_info(section: Section) -> tuple[type, str | None, frozenset[str]]:
+    """(plain class, path, replaced keys) of a section; path None when it is not traced."""
+    return getattr(type(section), "__convforge_trace__", (type(section), None, frozenset()))
+
+
+def traced(section: Section, path: str = "", replaced: frozenset[str] = frozenset()) -> Any:
+    """A copy of plain `section` (and its sub-sections) that records each leaf read as `path.key`."""
+    values = {name: traced(value, f"{path}.{name}".lstrip(".")) if isinstance(value, Section) else value
+              for name, value in section.__dict__.items()}
+    return _traced_class(type(section), path, replaced).model_construct(section.model_fields_set, **values)
+
+
+def plain(section: Section) -> Any:
+    """An untraced copy of `section`, made without recording (what a pickled section becomes)."""
+    cls, path, _ = _trace_info(section)
+    if path is None:
+        return section
+    values = {name: plain(value) if isinstance(value, Section) else value
+              for name, value in object.__getattribute__(section, "__dict__").items()}
+    return cls.model_construct(section.model_fields_set, **values)
+
+
+def _leaves(section: Section, include: Any = None, exclude: Any = None) -> Iterator[str]:
+    """The params keys that `model_dump(include=..., exclude=...)` of `section` carries out."""
+    _, path, replaced = _trace_info(section)
+    for name, value in object.__getattribute__(section, "__dict__").items():
+        inner_include = include.get(name) if isinstance(include, dict) else None
+        inner_exclude = exclude.get(name) if isinstance(exclude, dict) else None
+        if include is not None and name not in include:
+            continue
+        if exclude is not None and name in exclude and not isinstance(inner_exclude, (set, dict)):
+            continue
+        if isinstance(value, Section):
+            yield from _leaves(value, inner_include if isinstance(inner_include, (set, dict)) else None,
+                               inner_exclude if isinstance(inner_exclude, (set, dict)) else None)
+        elif path is not None and name not in replaced:
+            yield f"{path}.{name}".lstrip(".")
+
+
+def _as_is(section: Section) -> Section:
+    return section
+
+
+def _traced_class(cls: type, path: str, replaced: frozenset[str]) -> type:
+    """The subclass of section class `cls` whose instances record their reads under `path`."""
+    key = (cls, path, replaced)
+    if key not in _traced_classes:
+        _traced_classes[key] = type(cls)(f"Traced{cls.__name__}", (cls,), _traced_methods(cls, path, replaced))
+    return _traced_classes[key]
+
+
+def _traced_methods(cls: type, path: str, replaced: frozenset[str]) -> dict[str, Any]:
+    fields = frozenset(cls.model_fields)
+
+    def __getattribute__(self: Section, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if name in fields and name not in replaced and not isinstance(value, Section):
+            _reads.add(f"{path}.{name}".lstrip("."))
+        return value
+
+    def model_dump(self: Section, **kwargs: Any) -> dict[str, Any]:
+        _reads.update(_leaves(self, kwargs.get("include"), kwargs.get("exclude")))
+        return plain(self).model_dump(**kwargs)
+
+    def model_dump_json(self: Section, **kwargs: Any) -> str:
+        _reads.update(_leaves(self, kwargs.get("include"), kwargs.get("exclude")))
+        return plain(self).model_dump_json(**kwargs)
+
+    def model_copy(self: Section, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
+        values = {**object.__getattribute__(self, "__dict__"), **(update or {})}
+        copy = _traced_class(cls, path, replaced | frozenset(update or {})).model_construct(
+            self.model_fields_set | set(update or {}), **values)
+        return copy.__deepcopy__() if deep else copy
+
+    def __iter__(self: Section) -> Iterator[tuple[str, Any]]:
+        values = object.__getattribute__(self, "__dict__")
+        _reads.update(_leaves(self, include={k for k, v in values.items() if not isinstance(v, Section)}))
+        return iter(values.items())
+
+    def __reduce_ex__(self: Section, protocol: Any) -> Any:
+        _reads.update(_leaves(self))
+        return _as_is, (plain(self),)  # unpickles as the plain section
+
+    def __eq__(self: Section, other: Any) -> bool:
+        _reads.update(_leaves(self))
+        return plain(self) == (plain(other) if isinstance(other, Section) else other)
+
+    def updated(self: Section, **changes: Any) -> Any:
+        return traced(cls.updated(plain(self), **changes), path, replaced | frozenset(changes))
+
+    methods = {"__convforge_trace__": (cls, path, replaced), "__module__": __name__,
+               "__getattribute__": __getattribute__, "model_dump": model_dump, "model_dump_json": model_dump_json,
+               "model_copy": model_copy, "__iter__": __iter__, "__reduce_ex__": __reduce_ex__, "__eq__": __eq__,
+               "__hash__": cls.__hash__, "__repr_name__": lambda self: cls.__name__}
+    if hasattr(cls, "updated"):
+        methods["updated"] = updated
+    return methods

@@ -1,6 +1,9 @@
 """Pictures and plot data people look at: learning curves, confusion matrix, PR curve, sample
 predictions (boxes/masks via pipelines/drawing.py), feature maps and Grad-CAM.
 
+Which sample pictures a task gets is its adapter's `visuals` (pipelines/tasks.py); the confusion
+matrix is for tasks whose adapter has `confusion`.
+
 PNG writers take a path and return it; `*_records` functions give the JSON rows DVC plots read.
 """
 
@@ -14,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.drawing import class_colors, draw_detections, draw_semantic, grid, save_png, upscale
+from pipelines.tasks import get_task
 
 
 def _pyplot() -> Any:
@@ -162,10 +166,6 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
-def _forward(model: nn.Module, task: str, inputs: Tensor) -> Any:
-    return model(list(inputs)) if task == "detect" else model(inputs)
-
-
 def feature_maps(model: nn.Module, task: str, inputs: Tensor) -> dict[str, Tensor]:
     """Outputs [N, C, h, w] of the first, a middle and the last conv layer to run (execution order,
     which differs from declaration order e.g. for ResNet's shortcut convs) for normalized `inputs`."""
@@ -181,7 +181,7 @@ def feature_maps(model: nn.Module, task: str, inputs: Tensor) -> dict[str, Tenso
     try:
         with torch.inference_mode():
             model.eval()
-            _forward(model, task, inputs)
+            get_task(task).forward(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -263,8 +263,8 @@ def plot_grad_cam(images: Tensor, heatmaps: Tensor, predicted: Tensor, classes: 
 
 
 def write_visuals(model: nn.Module, task: str, data: Any, folder: Path, count: int = 16) -> list[Path]:
-    """Sample predictions, feature maps (first/middle/last conv) and, for classify, Grad-CAM of the first
-    `count` items of `data`, as PNGs in `folder` (computed on the CPU)."""
+    """The task's sample visuals (pipelines/tasks.py `visuals`) and feature maps (first/middle/last conv)
+    of the first `count` items of `data`, as PNGs in `folder` (computed on the CPU)."""
     from pipelines.engine import EngineSettings, inputs_of, predict
 
     folder = Path(folder)
@@ -272,16 +272,6 @@ def write_visuals(model: nn.Module, task: str, data: Any, folder: Path, count: i
     images = data.images[:count].cpu()
     predictions = predict(model, task, images, data.mean, data.std,
                           EngineSettings(device="cpu", amp="off", channels_last=False))
-    if task == "classify":
-        paths = [plot_classify_samples(images, predictions, data.labels[:count].cpu(), data.classes,
-                                       folder / "sample_predictions.png")]
-        heat, top = grad_cam(model, inputs_of(images, data.mean, data.std))
-        paths.append(plot_grad_cam(images, heat, top, data.classes, folder / "grad_cam.png"))
-    elif task == "detect":
-        paths = [draw_detect_samples(images, predictions, data.targets[:count], data.classes,
-                                     folder / "sample_predictions.png")]
-    else:
-        paths = [draw_segment_samples(images, predictions, data.masks[:count].cpu(), data.classes,
-                                      folder / "sample_predictions.png")]
+    paths = get_task(task).visuals(model, data, images, predictions, folder)
     maps = feature_maps(model, task, inputs_of(images[:4], data.mean, data.std))
     return paths + save_feature_maps(maps, folder)

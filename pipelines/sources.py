@@ -488,13 +488,14 @@ def read_dataset(data: DataParams) -> ClassifySplits | SceneSplits:
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """An .npz that np.load reads, with fixed zip timestamps so the same arrays give the same bytes."""
+    """An .npz that np.load reads, with fixed zip timestamps so the same arrays give the same bytes.
+
+    Members opened by name take the archive's compression and level, and ZipInfo's fixed
+    default timestamp (1980-01-01)."""
     from numpy.lib import format as npy_format
 
+    # Level 1 is fast: ~3x smaller than raw uint8 images at little cost.
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for name in sorted(arrays):
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info._compresslevel = 1  # fast: ~3x smaller than raw uint8 images at little cost
-            with archive.open(info, "w", force_zip64=True) as handle:
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as handle:
                 npy_format.write_array(handle, np.ascontiguousarray(arrays[name]), allow_pickle=False)

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.datasets import ITEMS_DATA, SCENES_DATA
 from pipelines.metrics import ClassifyMeter, DetectMeter, SegmentMeter
 from pipelines.params import PolicyParams, TrainConfig
 
 AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2015, Sec. 5)
+SAMPLES_PNG = "sample_predictions.png"
 
 
 @dataclass
@@ -75,9 +77,12 @@ def scene_augmenter(data: Any, policy: PolicyParams | None, strength: float) -> 
 
 class ClassifyTask:
     name, metric = "classify", "accuracy"
-    data = "classify"  # the prepared-data folder it reads (data/prepared/<data>)
+    data = ITEMS_DATA  # the prepared-data folder it reads (data/prepared/<data>)
     compiles = True  # torch.compile works on its models
+    exports_onnx = True  # its models run on ONNX Runtime when serve.backend is onnx
+    confusion = True  # its evaluation has a confusion matrix
     pr_title = "precision-recall (one vs rest)"
+    headline = ("test_accuracy", "test_top5", "test_f1_macro", "test_ece")  # what a person reads first
 
     def load_split(self, root: Path, split: str) -> Any:
         """A prepared split as in-memory tensors."""
@@ -153,12 +158,25 @@ class ClassifyTask:
     def update(self, meter: ClassifyMeter, outputs: Tensor, batch: Batch) -> None:
         meter.update(outputs, batch.targets)
 
+    def visuals(self, model: nn.Module, data: Any, images: Tensor, predictions: Tensor, folder: Path) -> list[Path]:
+        """Sample predictions titled with their probability, and Grad-CAM (Selvaraju et al. 2017) of the same images."""
+        from pipelines.engine import inputs_of
+        from pipelines.plots import grad_cam, plot_classify_samples, plot_grad_cam
+
+        labels = data.labels[:len(images)].cpu()
+        paths = [plot_classify_samples(images, predictions, labels, data.classes, folder / SAMPLES_PNG)]
+        heat, top = grad_cam(model, inputs_of(images, data.mean, data.std))
+        return paths + [plot_grad_cam(images, heat, top, data.classes, folder / "grad_cam.png")]
+
 
 class DetectTask:
     name, metric = "detect", "map"
-    data = "scenes"
+    data = SCENES_DATA
     compiles = False  # torchvision's detection models do not compile cleanly
+    exports_onnx = False  # torchvision's detection post-processing is data-dependent
+    confusion = False
     pr_title = "precision-recall at IoU 0.5"
+    headline = ("test_map", "test_map_50", "test_mask_map")
 
     def load_split(self, root: Path, split: str) -> Any:
         from pipelines.datasets import load_scenes
@@ -220,12 +238,23 @@ class DetectTask:
     def update(self, meter: DetectMeter, outputs: list[dict[str, Tensor]], batch: Batch) -> None:
         meter.update(outputs, batch.targets)
 
+    def visuals(self, model: nn.Module, data: Any, images: Tensor, predictions: list[dict[str, Tensor]],
+                folder: Path) -> list[Path]:
+        """Truth and predicted boxes (and masks) side by side."""
+        from pipelines.plots import draw_detect_samples
+
+        targets = data.targets[:len(images)]
+        return [draw_detect_samples(images, predictions, targets, data.classes, folder / SAMPLES_PNG)]
+
 
 class SegmentTask:
     name, metric = "segment", "miou"
-    data = "scenes"
+    data = SCENES_DATA
     compiles = True
+    exports_onnx = True
+    confusion = False
     pr_title = "precision-recall (one vs rest)"
+    headline = ("test_miou", "test_pixel_accuracy", "test_dice")
 
     def load_split(self, root: Path, split: str) -> Any:
         from pipelines.datasets import load_scenes
@@ -283,6 +312,13 @@ class SegmentTask:
     def update(self, meter: SegmentMeter, outputs: Tensor, batch: Batch) -> None:
         meter.update(outputs, batch.targets)
 
+    def visuals(self, model: nn.Module, data: Any, images: Tensor, predictions: Tensor, folder: Path) -> list[Path]:
+        """True and predicted masks side by side."""
+        from pipelines.plots import draw_segment_samples
+
+        truth = data.masks[:len(images)].cpu()
+        return [draw_segment_samples(images, predictions, truth, data.classes, folder / SAMPLES_PNG)]
+
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     """1 - mean soft Dice over classes (Milletari et al. 2016, V-Net), from logits [N, K, H, W]."""
@@ -293,13 +329,14 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
-TASKS: dict[str, ClassifyTask | DetectTask | SegmentTask] = {
-    "classify": ClassifyTask(), "detect": DetectTask(), "segment": SegmentTask()}
+Task = ClassifyTask | DetectTask | SegmentTask
+# The one declaration of the tasks: everything task-specific hangs off these adapters.
+TASKS: dict[str, Task] = {task.name: task for task in (ClassifyTask(), DetectTask(), SegmentTask())}
 # The primary validation metric of each task, as the engine reports it (maximized).
 PRIMARY = {name: f"val_{task.metric}" for name, task in TASKS.items()}
 
 
-def get_task(name: str) -> ClassifyTask | DetectTask | SegmentTask:
+def get_task(name: str) -> Task:
     """The adapter of task `name`."""
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}")

@@ -2,7 +2,8 @@
 
 Production: the BentoML model store (the tags `pipelines.stages.package` wrote; inside a Bento,
 its own store). Development and tests: `CONVFORGE_MODELS_DIR=artifacts/models` serves
-`<dir>/<task>/` (model.safetensors + config.json) straight from the train stage's outputs.
+`<dir>/<task>/` (model.safetensors + config.json, registration.json for the registered version)
+straight from the train stage's outputs.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASKS = ("classify", "detect", "segment")
+from models._checkpoint import read_registration
+from pipelines.tasks import TASKS
+
 MODELS_DIR_ENV = "CONVFORGE_MODELS_DIR"
-MODEL_TAGS_ENV = "CONVFORGE_MODEL_TAGS"  # JSON {"classify": "convforge-classify:<version>", ...}
+MODEL_TAGS_ENV = "CONVFORGE_MODEL_TAGS"  # JSON {"<task>": "convforge-<task>:<version>", ...}
 LINEAGE_KEYS = ("git_commit", "data_hash", "search_trial_id", "mlflow_run_id", "registered_model",
                 "registered_version", "registered_alias", "weights_sha256")
 
@@ -44,13 +47,15 @@ def model_name(task: str) -> str:
     return f"convforge-{task}"
 
 
-def lineage_from_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The lineage fields of a model's config.json (train stage contract); missing ones are None."""
-    return {key: config.get(key) for key in LINEAGE_KEYS}
+def lineage_from_config(config: dict[str, Any], registration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The lineage fields of a model's config.json and registration.json (train stage contract);
+    missing ones are None."""
+    merged = {**config, **(registration or {})}
+    return {key: merged.get(key) for key in LINEAGE_KEYS}
 
 
 def from_directory(root: Path) -> list[ModelSource]:
-    """`root/<task>/config.json` for each task present (train stage outputs)."""
+    """`root/<task>/config.json` (+ registration.json) for each task present (train stage outputs)."""
     found = []
     for task in TASKS:
         directory = Path(root) / task
@@ -59,7 +64,7 @@ def from_directory(root: Path) -> list[ModelSource]:
         config = json.loads((directory / "config.json").read_text())
         sha = str(config.get("weights_sha256") or "")
         found.append(ModelSource(task, directory, model_name(task), sha[:12] or "dev",
-                                 lineage_from_config(config), sha or None))
+                                 lineage_from_config(config, read_registration(directory)), sha or None))
     return found
 
 

@@ -1,6 +1,6 @@
 """Safe decoding of client images and the geometry between a client's image and the model input.
 
-Decoding is hardened (PITFALLS, Serving): formats come from a server-side allow-list
+Decoding is hardened: formats come from a server-side allow-list
 (never from the client's Content-Type), the pixel count is checked from the header
 before any pixel is decoded, Pillow's decompression-bomb warning is an error, and
 `load()` forces a full decode so a truncated file fails here, as a 4xx, not in the model.

@@ -2,9 +2,9 @@
 
 Labels stay within a fixed budget: task, endpoint, model_version, status_class, plus
 `class` on the per-class counter, whose values are the served model's class names
-(bounded by the model, never by the client). Latency buckets span what bench/serve.py
-measured on a 2-core CPU box: ~0.3 ms preprocessing of a 28 px image up to seconds for a
-16 MP upload or a queue under 64 clients. Under `bentoml serve` these live in BentoML's
+(bounded by the model, never by the client). Latency buckets span sub-millisecond
+preprocessing of a small image up to seconds for a 16 MP upload or a long queue (bench/serve.py
+measures them). Under `bentoml serve` these live in BentoML's
 multiprocess registry (PROMETHEUS_MULTIPROC_DIR), so gauges say how to merge workers.
 """
 

@@ -1,4 +1,8 @@
-"""Model outputs of one image to its `ImageResult`, in the client image's own pixels."""
+"""Model outputs of one image to its `ImageResult`, in the client image's own pixels.
+
+Every task's function takes (index, output, classes, options, placement); services/endpoints.py
+says which one a task uses.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ from services.imaging import Placement, boxes_to_image, mask_to_image
 from services.schemas import Detection, ImageResult, LabelScore, Options, convert_boxes, encode_mask
 
 
-def classify_result(index: int, probs: np.ndarray, classes: list[str], top_k: int,
+def classify_result(index: int, probs: np.ndarray, classes: list[str], options: Options,
                     placement: Placement) -> ImageResult:
-    """The `top_k` classes by probability, highest first."""
-    order = np.argsort(-probs, kind="stable")[:top_k]
+    """The `options.top_k` classes by probability, highest first."""
+    order = np.argsort(-probs, kind="stable")[:options.top_k]
     labels = [LabelScore(class_index=int(c), label=classes[c], score=float(probs[c])) for c in order]
     return ImageResult(index=index, width=placement.width, height=placement.height, labels=labels)
 

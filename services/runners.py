@@ -1,15 +1,15 @@
 """One served model per task: loading, the torch / ONNX Runtime backends, and adaptive batching.
 
-Batching is BentoML's own CORK dispatcher (the one behind `@bentoml.api(batchable=True)`),
-used in-process: each endpoint stays one short async method that decodes, awaits its
-images' places in the shared per-model batch, and encodes; no internal HTTP hop or
-serialization, and no internal batch route open to clients. The dispatcher sheds load
-whose queue wait would exceed `max_latency_ms` (then the client gets 503 + Retry-After).
+Batching is BentoML's own CORK dispatcher (services/batching.py), used in-process: each
+endpoint stays one short async method that decodes, awaits its images' places in the shared
+per-model batch, and encodes; no internal HTTP hop or serialization, and no internal batch
+route open to clients. The dispatcher sheds load whose queue wait would exceed
+`max_latency_ms` (then the client gets 503 + Retry-After). What a batch's outputs are per
+image is the task's endpoint (services/endpoints.py).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipelines.tasks import get_task
 from services import observability as obs
+from services.batching import batched
+from services.endpoints import endpoint
 from services.errors import Overloaded
-
-TASKS = ("classify", "detect", "segment")
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _size(config: dict[str, Any]) -> int:
 
 
 class TorchBackend:
-    """Runs the PyTorch module (eval mode, inference_mode) and reduces outputs per task."""
+    """Runs the PyTorch module (eval mode, inference_mode) the way its task's adapter calls it."""
 
     name = "torch"
 
@@ -64,22 +65,17 @@ class TorchBackend:
 
         self.torch = torch
         self.module = module.eval()
-        self.task = task
+        self.adapter = get_task(task)
+        self.per_image = endpoint(task).per_image
 
     def __call__(self, batch: np.ndarray) -> list[Any]:
-        torch = self.torch
-        with torch.inference_mode():
-            inputs = torch.from_numpy(batch)
-            if self.task == "detect":
-                outputs = self.module(list(inputs))
-                return [{key: value.float().numpy() if key != "labels" else value.numpy()
-                         for key, value in out.items()} for out in outputs]
-            logits = self.module(inputs)
-            return _reduce(self.task, logits.float().numpy())
+        with self.torch.inference_mode():
+            outputs = self.adapter.forward(self.module, self.torch.from_numpy(batch))
+            return self.per_image(_numpy(outputs))
 
 
 class OnnxBackend:
-    """Runs the exported ONNX graph on ONNX Runtime's CPU provider (classify and segment)."""
+    """Runs the exported ONNX graph on ONNX Runtime's CPU provider (tasks whose adapter `exports_onnx`)."""
 
     name = "onnx"
 
@@ -93,21 +89,20 @@ class OnnxBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        self.task = task
+        self.per_image = endpoint(task).per_image
 
     def __call__(self, batch: np.ndarray) -> list[Any]:
         (logits,) = self.session.run(None, {self.input_name: batch})[:1]
-        return _reduce(self.task, logits)
+        return self.per_image(logits)
 
 
-def _reduce(task: str, logits: np.ndarray) -> list[Any]:
-    """classify: softmax probabilities [C]; segment: label mask uint8 [S, S] (argmax, 0 = background)."""
-    if task == "classify":
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(shifted)
-        probs /= probs.sum(axis=1, keepdims=True)
-        return list(probs.astype(np.float32))
-    return list(logits.argmax(axis=1).astype(np.uint8))
+def _numpy(value: Any) -> Any:
+    """Tensors (also inside lists and dicts) as numpy arrays: float ones as float32, the rest as they are."""
+    if isinstance(value, dict):
+        return {key: _numpy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numpy(item) for item in value]
+    return value.float().numpy() if value.is_floating_point() else value.numpy()
 
 
 class TaskRunner:
@@ -115,8 +110,6 @@ class TaskRunner:
 
     def __init__(self, card: ModelCard, config: dict[str, Any], backend: Callable[[np.ndarray], list[Any]],
                  max_batch_size: int, max_latency_ms: int) -> None:
-        from bentoml._internal.marshal.dispatcher import CorkDispatcher
-
         self.card = card
         self.config = config
         self.task = card.task
@@ -131,9 +124,7 @@ class TaskRunner:
         def overloaded() -> None:
             raise Overloaded(f"{self.task} queue is over its {max_latency_ms} ms latency budget")
 
-        self.dispatcher = CorkDispatcher(max_latency_ms, self.max_batch_size, fallback=overloaded,
-                                         get_batch_size=lambda job: 1)
-        self._submit = self.dispatcher(self._run_batch)
+        self._submit = batched(self._run_batch, max_latency_ms, self.max_batch_size, overloaded)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, C] to the model's float32 [N, C, S, S] input (training's mean/std)."""
@@ -163,11 +154,6 @@ class TaskRunner:
         return time.perf_counter() - start
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    """The model's config.json (train stage's contract)."""
-    return json.loads((Path(directory) / "config.json").read_text())
-
-
 def load_runner(task: str, directory: Path, *, name: str, version: str, backend: str, max_batch_size: int,
                 max_latency_ms: int, lineage: dict[str, Any] | None = None,
                 expected_sha256: str | None = None, num_threads: int = 0) -> TaskRunner:
@@ -177,8 +163,8 @@ def load_runner(task: str, directory: Path, *, name: str, version: str, backend:
     start = time.perf_counter()
     module, config = checkpoint.load(Path(directory), expected_sha256=expected_sha256, device="cpu")
     onnx_path = Path(directory) / "model.onnx"
-    # Detection models stay on torch: only classify and segment are exported.
-    use_onnx = backend == "onnx" and task != "detect" and onnx_path.is_file()
+    # Tasks whose models are not exported (detection) stay on torch.
+    use_onnx = backend == "onnx" and get_task(task).exports_onnx and onnx_path.is_file()
     runner_backend = OnnxBackend(onnx_path, task, num_threads) if use_onnx else TorchBackend(module, task)
     card = ModelCard(task=task, family=str(config.get("family", "")), name=name, version=version,
                      backend=runner_backend.name, lineage=dict(lineage or {}))

@@ -18,7 +18,10 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.tasks import TASKS
+
 SCHEMA_VERSION = "1"
+TaskName = Literal[tuple(TASKS)]  # one value per task of pipelines/tasks.py
 BoxFormat = Literal["xyxy", "xywh", "normalized"]
 MaskFormat = Literal["png", "rle", "polygon", "none"]
 
@@ -97,7 +100,7 @@ class ModelInfo(BaseModel):
 
 class PredictionResponse(BaseModel):
     schema_version: str = SCHEMA_VERSION
-    task: Literal["classify", "detect", "segment"]
+    task: TaskName
     model: ModelInfo
     box_format: BoxFormat | None = None
     mask_format: MaskFormat | None = None

@@ -4,7 +4,8 @@ The service class loads each task's model once in `__init__` (BentoML model stor
 CONVFORGE_MODELS_DIR in development), warms every model up in the background, and only
 then answers /readyz. Each endpoint is one short method: read the request, decode and
 resize off the event loop, await the images' places in the model's adaptive batch
-(services.runners), map the outputs back to the client's pixels and encode them.
+(services.runners), map the outputs back to the client's pixels and encode them. What differs
+per task (geometry, result, metrics) is its endpoint in services/endpoints.py.
 Endpoints are FastAPI routes mounted on the BentoML service, because they take both
 multipart uploads and base64 JSON with our own hardened decoding; BentoML supplies the
 lifecycle, the model store, /livez /readyz /metrics, the timeout (504) and the
@@ -31,21 +32,21 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.params import ServeParams, load_params
+from pipelines.tasks import ClassifyTask, DetectTask, SegmentTask
 from services import catalog, imaging
 from services import observability as obs
+from services.endpoints import ROUTES, endpoint
 from services.errors import InputError, Overloaded
 from services.guard import RequestGuard
 from services.payloads import read_request
-from services.results import classify_result, detect_result, foreground_fraction, segment_result
 from services.runners import TaskRunner, load_runner
 from services.schemas import SCHEMA_VERSION, ErrorResponse, ImageResult, JsonRequest, Options, PredictionResponse
 
 logger = logging.getLogger("convforge.service")
 PARAMS_ENV = "CONVFORGE_PARAMS"
-ROUTES = {"/classify": "classify", "/detect": "detect", "/segment": "segment"}
-WARMUP_QUEUE_CALLS = 16
-INLINE_BYTES = 64 * 1024  # uploads up to this size are decoded on the event loop (well under 1 ms)
-INLINE_PIXELS = 128 * 128  # outputs up to this many input pixels are encoded on the event loop  # trains the dispatcher's latency model on real timings before the first client
+WARMUP_QUEUE_CALLS = 16  # trains the dispatcher's latency model on real timings before the first client
+INLINE_BYTES = 64 * 1024  # uploads up to this size are decoded on the event loop
+INLINE_PIXELS = 128 * 128  # outputs up to this many input pixels are encoded on the event loop
 
 
 def serve_params() -> ServeParams:
@@ -113,6 +114,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         504: "over the request timeout"}.items()}
 
 
+def _prediction_route() -> dict[str, Any]:
+    """What every prediction route declares in OpenAPI: its response, its errors and its request body."""
+    return {"response_model": PredictionResponse, "responses": ERROR_RESPONSES, "openapi_extra": _request_body_doc()}
+
+
 @bentoml.service(
     name="convforge",
     workers=PARAMS.workers,
@@ -129,7 +135,7 @@ class ConvForge:
 
         self.params = PARAMS
         # One intra-op thread by default: with 2 cores the other one decodes, and more threads than
-        # free cores make OpenMP spin (a 28 px ResNet went from 4.5 ms to 47 ms on a loaded 2-core box).
+        # free cores make OpenMP spin (BENCHMARKS.md).
         self.threads = set_threads(PARAMS.num_threads)
         self.limits = imaging.DecodeLimits(PARAMS.max_pixels, tuple(PARAMS.formats))
         self.runners: dict[str, TaskRunner] = {}
@@ -176,8 +182,7 @@ class ConvForge:
     @app.get("/version", summary="Lineage of every served model")
     async def version(self) -> dict[str, Any]:
         """Git commit, DVC data hash, search trial, MLflow run, registered version and Bento tag per model."""
-        from bentoml._internal.context import server_context
-
+        server_context = bentoml.server_context
         known = server_context.bento_version not in (None, "", "not available")
         bento = f"{server_context.bento_name}:{server_context.bento_version}" if known else None
         return {"schema_version": SCHEMA_VERSION, "bento": bento, "models": {
@@ -185,25 +190,26 @@ class ConvForge:
                    "backend": r.card.backend, "classes": r.classes, "image_size": r.image_size, **r.card.lineage}
             for task, r in self.runners.items()}}
 
-    @app.post("/classify", response_model=PredictionResponse, responses=ERROR_RESPONSES,
-              openapi_extra=_request_body_doc(), summary="Top-k labels with probabilities for one or many images")
+    @app.post(f"/{ClassifyTask.name}", summary="Top-k labels with probabilities for one or many images",
+              **_prediction_route())
     async def classify(self, request: Request) -> JSONResponse:
         """Each image resized as in training; `top_k` labels per image, highest probability first."""
-        return await self._predict("classify", request)
+        return await self._predict(ClassifyTask.name, request)
 
-    @app.post("/detect", response_model=PredictionResponse, responses=ERROR_RESPONSES,
-              openapi_extra=_request_body_doc(), summary="Boxes, labels and scores in the input's own pixels")
+    @app.post(f"/{DetectTask.name}", summary="Boxes, labels and scores in the input's own pixels",
+              **_prediction_route())
     async def detect(self, request: Request) -> JSONResponse:
         """Letterboxed as in training; boxes mapped back in `box_format`; `score_threshold`, `max_detections`."""
-        return await self._predict("detect", request)
+        return await self._predict(DetectTask.name, request)
 
-    @app.post("/segment", response_model=PredictionResponse, responses=ERROR_RESPONSES,
-              openapi_extra=_request_body_doc(), summary="Class mask at the input's size and pixels per class")
+    @app.post(f"/{SegmentTask.name}", summary="Class mask at the input's size and pixels per class",
+              **_prediction_route())
     async def segment(self, request: Request) -> JSONResponse:
         """Class mask (PNG base64, pixel = class + 1; or per-class RLE/polygons) and per-class pixel counts."""
-        return await self._predict("segment", request)
+        return await self._predict(SegmentTask.name, request)
 
     async def _predict(self, task: str, request: Request) -> JSONResponse:
+        """One prediction request of any task: read, prepare, batch, map back and encode."""
         runner = self.runners.get(task)
         if runner is None:
             return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
@@ -212,7 +218,8 @@ class ConvForge:
         try:
             start = time.perf_counter()
             blobs, options = await read_request(request, self.params.max_images)
-            # Small uploads decode faster than a thread hop takes on a busy 2-core box: inline them.
+            options = options.model_copy(update={"top_k": options.top_k or self.params.top_k})
+            # Small uploads decode faster inline than a hop to a worker thread: keep them on the loop.
             if sum(map(len, blobs)) <= INLINE_BYTES:
                 prepared = self._prepare(runner, blobs)
             else:
@@ -223,17 +230,8 @@ class ConvForge:
                 obs.QUEUE_SECONDS.labels(*labels).observe(out.queue_s)
                 obs.INFERENCE_SECONDS.labels(*labels).observe(out.inference_s)
             start = time.perf_counter()
-            values, placements = [out.value for out in outputs], [p for _, p in prepared]
-            if sum(p.width * p.height for p in placements) <= INLINE_PIXELS:
-                results = self._results(runner, values, placements, options)
-            else:
-                results = await anyio.to_thread.run_sync(self._results, runner, values, placements, options)
-            body = PredictionResponse(
-                task=task, model={"task": task, "family": runner.card.family, "name": runner.card.name,
-                                  "version": runner.card.version},
-                box_format=options.box_format if task == "detect" else None,
-                mask_format=options.mask_format if task != "classify" else None, results=results)
-            response = JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
+            response = await self._respond(runner, [out.value for out in outputs], [p for _, p in prepared],
+                                           options, headers)
             obs.POSTPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
             return response
         except InputError as exc:
@@ -241,9 +239,22 @@ class ConvForge:
         except Overloaded as exc:
             return _error(503, str(exc), {**headers, "Retry-After": "1"})
 
+    async def _respond(self, runner: TaskRunner, values: list[Any], placements: list[imaging.Placement],
+                       options: Options, headers: dict[str, str]) -> JSONResponse:
+        """The JSON response: results mapped back and encoded (inline when small, else in a thread)."""
+        if sum(p.width * p.height for p in placements) <= INLINE_PIXELS:
+            results = self._results(runner, values, placements, options)
+        else:
+            results = await anyio.to_thread.run_sync(self._results, runner, values, placements, options)
+        task, card = runner.task, runner.card
+        body = PredictionResponse(
+            task=task, model={"task": task, "family": card.family, "name": card.name, "version": card.version},
+            **{key: getattr(options, key) for key in endpoint(task).echoes}, results=results)
+        return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
+
     def _prepare(self, runner: TaskRunner, blobs: list[bytes]) -> list[tuple[np.ndarray, imaging.Placement]]:
-        """Decode and resize (classify) or letterbox (detect/segment) each image as in training."""
-        fit = imaging.fit_square if runner.task == "classify" else imaging.letterbox
+        """Decode each image and fit it to the model input with its task's training geometry."""
+        fit = endpoint(runner.task).fit
         prepared = []
         for index, blob in enumerate(blobs):
             try:
@@ -257,23 +268,12 @@ class ConvForge:
 
     def _results(self, runner: TaskRunner, values: list[Any], placements: list[imaging.Placement],
                  options: Options) -> list[ImageResult]:
-        task, version, classes = runner.task, runner.card.version, runner.classes
+        """Each image's result in its own pixels, observed in the task's metrics."""
+        served, task, version = endpoint(runner.task), runner.task, runner.card.version
         results = []
         for index, (value, placement) in enumerate(zip(values, placements)):
-            if task == "classify":
-                result = classify_result(index, value, classes, options.top_k or self.params.top_k, placement)
-                top = result.labels[0]
-                obs.PREDICTIONS.labels(task, version, top.label).inc()
-                obs.SCORES.labels(task, version).observe(top.score)
-            elif task == "detect":
-                result = detect_result(index, value, classes, options, placement)
-                obs.DETECTIONS.labels(task, version).observe(len(result.detections or []))
-                for det in result.detections or []:
-                    obs.PREDICTIONS.labels(task, version, det.label).inc()
-                    obs.SCORES.labels(task, version).observe(det.score)
-            else:
-                result = segment_result(index, value, classes, options, placement)
-                obs.MASK_AREA.labels(task, version).observe(foreground_fraction(result))
+            result = served.result(index, value, runner.classes, options, placement)
+            served.observe(result, task, version)
             results.append(result)
         return results
 

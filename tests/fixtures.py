@@ -3,7 +3,7 @@
 From scikit-learn's digits (real data, bundled, offline), upscaled from 8x8 to 16x16 so
 every family's pooling has room: 360 train / 40 val / 100 test items, 1 channel,
 10 classes. Scenes: 40 train / 10 val / 10 test canvases of 40 px with 1-3 digits each.
-Built once per test session through pipelines.stages.augment, the same code the stage runs.
+Built once per test session through pipelines.preparation, the same code the augment stage runs.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def digits_splits(params: Params, max_train: int = 400, max_test: int = 100, siz
 
 @pytest.fixture(scope="session")
 def _prepared_digits(tmp_path_factory, project_params) -> Path:
-    from pipelines.stages.augment import prepare_from_classify
+    from pipelines.preparation import prepare_from_classify
 
     root = tmp_path_factory.mktemp("prepared")
     prepare_from_classify(digits_splits(project_params), root / "data" / "prepared", root / "reports" / "augment",

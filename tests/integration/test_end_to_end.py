@@ -1,7 +1,8 @@
 """The whole chain in a temp clone: `dvc repro` on digits, a no-op second repro, MLflow, the Bento served.
 
 One module-scoped pipeline run (tiny params: digits, two families, two trials, one
-epoch) is shared by the checks below; it takes a few minutes on 2 cores.
+epoch) is shared by the checks below; it takes a few minutes on 2 cores. It records the params
+each stage reads (CONVFORGE_PARAMS_TRACE), so dvc.yaml's deps and params are checked against it.
 """
 
 from __future__ import annotations
@@ -102,13 +103,14 @@ def project(tmp_path_factory):
     set_params(root / "params.yaml", {**TINY, "serve.port": port})
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"],
                    cwd=root, check=True)
+    traces = tmp_path_factory.mktemp("params-traces")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "BENTOML_HOME": str(root / ".bentoml"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "CONVFORGE_PARAMS_TRACE": str(traces)}
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.monotonic()
     first = run(["dvc", "repro"], root, env)
     print(f"first dvc repro: {time.monotonic() - started:.0f} s")
-    return {"root": root, "env": env, "port": port, "first": first}
+    return {"root": root, "env": env, "port": port, "first": first, "traces": traces}
 
 
 def test_every_stage_ran_and_status_is_clean(project):
@@ -126,6 +128,30 @@ def test_every_stage_ran_and_status_is_clean(project):
     second = run(["dvc", "repro"], root, env)
     assert "Running stage" not in second.stdout
     assert time.monotonic() - started < 30
+
+
+def test_dvc_yaml_declares_the_files_each_stage_imports_and_the_params_it_reads(project):
+    root, env = project["root"], project["env"]
+    checked = subprocess.run([sys.executable, "-m", "pipelines.depcheck", "--traces", str(project["traces"])],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_new_epoch_count_outdates_train_but_not_search(project):
+    """`dvc exp run -S train.classify.epochs=...` must not rerun the search: it only declares the keys it reads."""
+    root, env = project["root"], project["env"]
+    params = root / "params.yaml"
+    before = params.read_text()
+    try:
+        set_params(params, {"train.classify.epochs": 3})
+        status = run(["dvc", "status"], root, env).stdout
+        changed = {line.split(":")[0].strip() for line in status.splitlines() if line and not line[0].isspace()}
+        assert "train@classify" in changed, status
+        assert not {stage for stage in changed if stage.startswith("search@")}, status
+        dry = run(["dvc", "repro", "--dry"], root, env).stdout
+        assert "Running stage 'train@classify'" in dry and "Running stage 'search@classify'" not in dry, dry
+    finally:
+        params.write_text(before)
 
 
 def test_mlflow_holds_the_search_and_the_champions(project):

@@ -54,7 +54,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.tuning import init_ray
+    from pipelines.tuner import init_ray
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20})
     cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
@@ -78,7 +78,7 @@ def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, p
     import ray
     from mlflow import MlflowClient
 
-    from pipelines.stages.search import run_search
+    from pipelines.search import run_search
 
     params = tiny_params(project_params, mlflow_store)
     out = tmp_path / "artifacts/search/classify"
@@ -124,8 +124,8 @@ def test_failing_trial_is_retried_reported_and_the_search_goes_on(ray_cluster, p
                                                                   tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
-    from pipelines.stages.search import run_search
-    from pipelines.tuning import SearchSpace
+    from pipelines.search import run_search
+    from pipelines.search_space import SearchSpace
 
     params = tiny_params(project_params, mlflow_store, num_samples=2, max_epochs=1)
     space = SearchSpace.build("classify", FAMILIES, params.search.classify.space,

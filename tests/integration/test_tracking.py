@@ -1,4 +1,4 @@
-"""pipelines/tracking.py against a real MLflow SQLite store in tmp: URIs, experiments, names, data hashes,
+"""The tracking package against a real MLflow SQLite store in tmp: URIs, experiments, names, data hashes,
 the models-from-code pyfunc and the `champion` alias."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_pyfunc_from_code_round_trip_and_champion_alias(store, tmp_path, prepare
     versions = []
     for _ in range(3):
         with mlflow.start_run(experiment_id=experiment):
-            versions.append(tracking.log_model(folder, example, expected[:2], "p-classify").version)
+            versions.append(tracking.log_model(folder, example, expected[:2], "p-classify"))
     client = MlflowClient(store)
     assert [int(v) for v in versions] == [1, 2, 3]
     # No pickled module: the logged model is the code file plus the safetensors/JSON folder.
@@ -141,3 +141,44 @@ def test_pyfunc_from_code_round_trip_and_champion_alias(store, tmp_path, prepare
     # Other data: scores are not comparable, the newer model takes over.
     assert tracking.promote("p-classify", versions[1], "val_accuracy", 0.1, "h2") and champion() == versions[1]
     assert client.get_model_version("p-classify", versions[2]).tags["score"] == "0.6"
+
+
+class OneChoice:
+    """A search space whose every trial chose lenet5 with width 1 and lr 0.1."""
+
+    def choice(self, config):
+        from pipelines.search_space import TrialChoice
+
+        return TrialChoice("lenet5", {"width": 1}, {"lr": 0.1})
+
+
+def test_trial_logger_logs_each_trial_as_a_child_run_without_rays_bookkeeping(store):
+    import pickle
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.trial_logger import TrialLogger
+
+    experiment = tracking.ensure_experiment("trials")
+    parent, complete = tracking.open_search(experiment, "classify", "key-1", {"task": "classify", "seed": 1})
+    assert not complete and tracking.open_search(experiment, "classify", "key-1", {}) == (parent, False)
+    trial = SimpleNamespace(trial_id="t1", config={"family": "lenet5"}, num_failures=0, last_result={"epoch": 2})
+    logger = TrialLogger(store, experiment, parent, OneChoice(), "val_accuracy", max_epochs=2)
+    result = {"val_accuracy": 0.5, "train_loss": 1.0, "score": 0.5, "epoch": 1, "node_id": "n1", "node_ip": "1.2.3.4",
+              "timestamp": 1_700_000_000, "time_this_iter_s": 2.0, "time_total_s": 2.0, "training_iteration": 1,
+              "pid": 123, "done": False, "trial_id": "t1"}
+    logger.on_trial_start(0, [], trial)
+    logger.on_trial_result(0, [], trial, result)
+    logger.on_trial_complete(0, [], trial)
+
+    run_id = tracking.trial_run(experiment, parent, "t1")
+    run = MlflowClient(store).get_run(run_id)
+    assert set(run.data.metrics) == {"val_accuracy", "train_loss", "score", "epoch_time_s"}
+    assert run.data.params == {"family": "lenet5", "model.width": "1", "train.lr": "0.1"}
+    assert run.data.tags["convforge.trial_state"] == "completed" and run.info.status == "FINISHED"
+    assert run.data.tags["convforge.node_id"] == "n1"
+    assert pickle.loads(pickle.dumps(logger)).run_id(trial) == run_id  # a restored search finds its runs
+
+    tracking.mark_complete(parent)
+    assert tracking.open_search(experiment, "classify", "key-1", {}) == (parent, True)

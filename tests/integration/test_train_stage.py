@@ -55,8 +55,8 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(store, project_params, prepared_classify, prepared_scenes):
     """Train and evaluate each task once; returns {task: (config, metrics, out paths)}."""
-    from pipelines.stages.evaluate import run_evaluation
-    from pipelines.stages.train import run_training
+    from pipelines.evaluation import run_evaluation
+    from pipelines.training import run_training
 
     root, _ = store
     params = tiny_params(project_params)
@@ -114,7 +114,7 @@ def test_model_is_registered_champion_and_loads_back_through_mlflow(trained, sto
 
     from models import _checkpoint as checkpoint
     from pipelines.engine import EngineSettings, predict
-    from pipelines.stages.train import load_split
+    from pipelines.tasks import get_task
 
     _, uri = store
     config = trained[task]["config"]
@@ -122,9 +122,15 @@ def test_model_is_registered_champion_and_loads_back_through_mlflow(trained, sto
     champion = MlflowClient(uri).get_model_version_by_alias(name, "champion")
     assert int(champion.version) == config["registered_version"]
     assert champion.run_id == config["mlflow_run_id"]
+    # MLflow's copy of the model folder and DVC's are the same files; the registration is DVC's alone.
+    logged = Path(mlflow.artifacts.download_artifacts(champion.source))
+    for name_on_disk in ("config.json", "model.safetensors", "history.json"):
+        (copy,) = logged.rglob(name_on_disk)
+        assert copy.read_bytes() == (trained[task]["out"] / name_on_disk).read_bytes(), name_on_disk
+    assert not list(logged.rglob("registration.json"))
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    data = load_split(task, trained[task]["data"], "test")
+    data = get_task(task).load_split(trained[task]["data"], "test")
     images = data.images[:3]
     got = pyfunc.predict(images.numpy())
     model, saved = checkpoint.load(trained[task]["out"])
@@ -148,10 +154,13 @@ def test_saved_model_and_reports_follow_the_contracts(trained, task):
     result = trained[task]
     config = json.loads((result["out"] / "config.json").read_text())
     for key in ("task", "family", "hparams", "num_classes", "in_channels", "image_size", "classes", "mean", "std",
-                "train", "weights_sha256", "data_hash", "mlflow_run_id", "registered_model", "registered_version",
-                "search_trial_id", "git_commit"):
+                "train", "weights_sha256", "data_hash", "mlflow_run_id", "registered_model", "search_trial_id",
+                "git_commit"):
         assert key in config, key
     assert config["registered_model"] == f"convforge-{task}" and config["search_trial_id"] == "t0"
+    registration = json.loads((result["out"] / "registration.json").read_text())
+    assert registration == {"registered_model": f"convforge-{task}",
+                            "registered_version": result["config"]["registered_version"]}
     metrics = json.loads(result["metrics_path"].read_text())
     assert all(isinstance(v, (int, float)) for v in metrics.values()) and not any("." in k for k in metrics)
     assert 0.0 <= metrics[HEADLINE[task]] <= 1.0

@@ -5,12 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import Choice, build, families, family, register
-from models._registry import TASKS, TRANSFER_KEYS
+import inspect
+
+from models import Choice, build, families, family, register, tasks
+from models import _registry
+from models._registry import TRANSFER_KEYS
+
+TASKS = ("classify", "detect", "segment")
+
+
+def test_the_tasks_are_those_families_register_for() -> None:
+    assert tasks() == list(TASKS)
 
 
 def test_every_task_has_families_and_every_family_a_space_and_paper() -> None:
-    for task in TASKS:
+    for task in tasks():
         assert families(task)
         for name in families(task):
             fam = family(task, name)
@@ -23,8 +32,37 @@ def test_unknown_names_and_hparams_are_rejected_with_the_valid_ones() -> None:
         family("classify", "lenet6")
     with pytest.raises(KeyError, match="no hyperparameter.*'widht'.*known.*pretrained"):
         build("classify", "lenet5", 10, 1, 28, widht=2)
-    with pytest.raises(KeyError, match="unknown task"):
+    with pytest.raises(KeyError, match="unknown task 'regress'; tasks are classify, detect, segment"):
         families("regress")
+
+
+def test_defaults_are_read_from_the_builders_signature() -> None:
+    fam = family("classify", "resnet")
+    signature = inspect.signature(fam.builder).parameters
+    assert fam.defaults == {name: signature[name].default for name in ("depth", "width", "preact", "dropout")}
+    assert family("segment", "fcn").defaults["backbone_hparams"] == {}
+    family("segment", "fcn").defaults["backbone_hparams"]["depth"] = 14  # a copy: the next read is clean
+    assert family("segment", "fcn").defaults["backbone_hparams"] == {}
+
+
+def test_a_new_task_exists_once_a_family_registers_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_registry, "_REGISTRY", {task: dict(fams) for task, fams in _registry._REGISTRY.items()})
+
+    @register("regress", "linear", space={"width": Choice([1, 2])}, paper="-")
+    def linear(num_classes: int, in_channels: int, image_size: int, width: int = 1) -> torch.nn.Module:
+        return torch.nn.Linear(in_channels * width, num_classes)
+
+    assert "regress" in tasks() and families("regress") == ["linear"]
+    assert build("regress", "linear", 3, 4, 8).out_features == 3
+    assert family("regress", "linear").defaults == {"width": 1}
+
+
+def test_a_searched_hparam_needs_a_signature_default() -> None:
+    with pytest.raises(TypeError, match=r"'depth'.*default"):
+        register("classify", "nodefault", space={"depth": Choice([1])})(
+            lambda num_classes, in_channels, image_size, depth: torch.nn.Identity())
+    with pytest.raises(TypeError, match="must take num_classes, in_channels, image_size first"):
+        register("classify", "badinputs")(lambda classes, channels, size: torch.nn.Identity())
 
 
 def test_a_family_registers_once() -> None:

@@ -1,4 +1,4 @@
-"""The augment stage's library: determinism, stratified split, train-only stats, copies, policies, own data."""
+"""The augment stage's library (pipelines/preparation.py): determinism, stratified split, train-only stats, copies, policies, own data."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.stages.augment import (channel_stats, load_raw, prepare_from_classify, prepare_from_scenes,
-                               stratified_split)
 from pipelines.datasets import load_classify, load_scenes
 from pipelines.errors import ConvForgeError
-from pipelines.stages.fetch import write_raw
 from pipelines.params import AugmentParams, PolicyParams, validate
+from pipelines.preparation import channel_stats, prepare_from_classify, prepare_from_scenes, stratified_split
+from pipelines.raw import load_raw, write_raw
 from pipelines.scenes import compose_scenes
 from pipelines.sources import SceneSplits
 from pipelines.transforms import apply_policy, build_policy, build_scene_policy

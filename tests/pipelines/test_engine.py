@@ -9,8 +9,8 @@ import torch
 
 from models._registry import build
 from pipelines.datasets import load_classify, load_scenes
-from pipelines.engine import (CHECKPOINT, EngineSettings, batches_per_epoch, evaluate, fit, make_optimizer,
-                              make_scheduler, predict)
+from pipelines.engine import CHECKPOINT, EngineSettings, batches_per_epoch, evaluate, fit, predict
+from pipelines.optim import lr_at
 
 CPU = EngineSettings(device="cpu", num_threads=1, seed=3)
 TIMING = {"epoch_s", "wall_s", "images_per_s"}
@@ -61,7 +61,7 @@ def test_an_interrupted_run_resumes_at_the_next_epoch_with_the_same_result(digit
         fit(lenet(train), "classify", train, val, options, CPU, policy=project_params.augment.policy,
             checkpoint_dir=tmp_path, on_epoch=stop_after_first, log=None)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # tensors and plain values only
-    assert state["epoch"] == 1
+    assert state["epoch"] == 1 and state["step"] == batches_per_epoch(len(train), options.batch_size)
     lines = []
     resumed = fit(lenet(train), "classify", train, val, options, CPU, policy=project_params.augment.policy,
                   checkpoint_dir=tmp_path, log=lines.append)
@@ -94,23 +94,30 @@ def test_early_stopping_when_validation_stops_improving(digits, cfg):
     assert [r.epoch for r in result.history] == [1, 2, 3] and result.best_epoch == 1
 
 
-def test_warmup_then_cosine_and_no_decay_on_biases(digits, cfg):
-    model = lenet(digits[0])
-    optimizer = make_optimizer(model, cfg)
-    assert optimizer.defaults["nesterov"] and [g["weight_decay"] for g in optimizer.param_groups] == [
-        cfg.weight_decay, 0.0]
-    assert all(p.ndim <= 1 for p in optimizer.param_groups[1]["params"])
-    steps = 10
-    scheduler = make_scheduler(optimizer, cfg.updated(epochs=3, warmup_epochs=1), steps)
-    lrs = []
-    for _ in range(3 * steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs[0] == pytest.approx(cfg.lr * 0.01) and lrs[steps] == pytest.approx(cfg.lr)
-    assert all(a <= b for a, b in zip(lrs[:steps], lrs[1:steps + 1]))
-    assert all(a >= b for a, b in zip(lrs[steps:], lrs[steps + 1:])) and lrs[-1] < 0.01 * cfg.lr
-    assert batches_per_epoch(65, 32) == 2 and batches_per_epoch(66, 32) == 3  # a last batch of 1 is dropped
+def test_a_last_batch_of_one_item_is_dropped():
+    assert batches_per_epoch(65, 32) == 2 and batches_per_epoch(66, 32) == 3
+
+
+def test_a_resumed_run_takes_a_changed_config(digits, cfg, tmp_path):
+    """A tuner's PBT may change the learning rate, momentum or weight decay of a checkpointed run."""
+    train, val = digits
+    before, steps = cfg.updated(epochs=3), batches_per_epoch(len(train), cfg.batch_size)
+
+    def stop(result):
+        raise InterruptedError
+
+    with pytest.raises(InterruptedError):
+        fit(lenet(train), "classify", train, val, before, CPU, checkpoint_dir=tmp_path, on_epoch=stop, log=None)
+    after = before.updated(lr=0.02, momentum=0.5, weight_decay=1e-3)
+    lines = []
+    resumed = fit(lenet(train), "classify", train, val, after, CPU, checkpoint_dir=tmp_path, log=lines.append)
+    assert lines[0] == ("resuming classify at epoch 2 with changed config: lr 0.05 -> 0.02, momentum 0.9 -> 0.5, "
+                        "weight_decay 0.0005 -> 0.001")
+    assert [r.metrics["lr"] for r in resumed.history] == [
+        lr_at(steps, before, steps), lr_at(2 * steps, after, steps), lr_at(3 * steps, after, steps)]
+    whole = fit(lenet(train), "classify", train, val, before, CPU, log=None)
+    assert learned(resumed.history)[0] == learned(whole.history)[0]  # the first epoch ran before the change
+    assert learned(resumed.history)[1] != learned(whole.history)[1]
 
 
 @pytest.mark.parametrize("task,family,hparams", [

@@ -17,8 +17,8 @@ import yaml
 from PIL import Image
 
 from pipelines.errors import ConvForgeError
-from pipelines.stages.fetch import fetch
 from pipelines.params import DataParams, validate
+from pipelines.raw import fetch
 from pipelines.runtime import sha256_file
 from pipelines.sources import (DEBIAN_FASHION_MNIST, read_dataset, read_digits, read_fashion_mnist)
 

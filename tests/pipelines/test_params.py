@@ -1,14 +1,22 @@
-"""params.yaml validation: the repo's file loads, and each kind of mistake gives its one-line message."""
+"""params.yaml validation: the repo's file loads, and each kind of mistake gives its one-line message;
+the reads tracer behind `CONVFORGE_PARAMS_TRACE`."""
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipelines import params as params_module
 from pipelines.errors import ConvForgeError
-from pipelines.params import Params, load_params
+from pipelines.params import (TRACE_ENV, Params, TaskSearchParams, TrainConfig, TrainSpaceParams, load_params,
+                              params_reads, plain, stage_name, traced)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,3 +85,103 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data: [unclosed\n")
     assert "not valid YAML" in error_of(bad)
+
+
+# The reads tracer (CONVFORGE_PARAMS_TRACE) that pipelines.depcheck compares with dvc.yaml's params.
+
+@pytest.fixture
+def reads(monkeypatch):
+    """A clean set of recorded reads for one test; returns a function that reads it."""
+    monkeypatch.setattr(params_module, "_reads", set())
+    return lambda: params_reads()
+
+
+@pytest.fixture
+def params():
+    return traced(load_params(ROOT / "params.yaml"))
+
+
+def test_tracing_is_off_without_the_environment_variable(monkeypatch):
+    monkeypatch.delenv(TRACE_ENV, raising=False)
+    loaded = load_params(ROOT / "params.yaml")
+    assert type(loaded) is Params and type(loaded.train.classify) is TrainConfig
+
+
+def test_traced_sections_are_the_same_typed_sections(params):
+    assert isinstance(params, Params) and isinstance(params.train.classify, TrainConfig)
+    assert params.train.classify.model_dump() == load_params(ROOT / "params.yaml").train.classify.model_dump()
+    assert repr(params.mlflow).startswith("MlflowParams(")
+
+
+def test_a_leaf_read_records_its_path_and_a_section_read_nothing(params, reads):
+    params.train.task("classify")
+    params.search.classify.space
+    assert reads() == set()
+    assert params.train.classify.lr == 0.05 and params.seed == 42
+    params.search.classify.model_space["resnet"]  # a dict value is one leaf
+    params.data.kind  # a property reads its field
+    assert reads() == {"train.classify.lr", "seed", "search.classify.model_space", "data.dataset"}
+
+
+def test_model_dump_reads_every_leaf_it_carries(params, reads):
+    params.augment.model_dump(exclude={"preview_count": True, "policy": {"erasing"}})
+    assert reads() == {"augment.val_fraction", "augment.copies", "augment.crop_size",
+                       *(f"augment.policy.{k}" for k in ("crop_padding", "hflip", "rotation_deg", "translate",
+                                                          "color_jitter"))}
+
+
+def test_updated_replaced_keys_are_not_reads(params, reads):
+    cfg = params.train.classify.updated(epochs=2, lr=0.1)
+    assert reads() == set() and (cfg.epochs, cfg.lr) == (2, 0.1)
+    cfg.momentum
+    assert reads() == {"train.classify.momentum"}
+    dumped = cfg.model_dump()
+    assert dumped["epochs"] == 2
+    assert reads() == {f"train.classify.{k}" for k in TrainConfig.model_fields} - {"train.classify.epochs",
+                                                                                  "train.classify.lr"}
+
+
+def test_model_copy_stays_traced_and_its_update_is_not_a_read(params, reads):
+    copy = params.model_copy(update={"train": params.train.model_copy(update={"num_threads": 3})})
+    assert reads() == set()
+    assert copy.train.num_threads == 3 and copy.train.device == "auto"
+    assert reads() == {"train.device"}
+
+
+def test_pickling_reads_every_leaf_and_unpickles_plain(params, reads):
+    section = pickle.loads(pickle.dumps(params.search.classify))
+    assert type(section) is TaskSearchParams
+    assert reads() == {f"search.classify.{k}" for k in TaskSearchParams.model_fields
+                       if k != "space"} | {f"search.classify.space.{k}" for k in TrainSpaceParams.model_fields}
+    assert type(plain(params)) is Params
+
+
+def test_validation_errors_are_unchanged_when_tracing(tmp_path, monkeypatch):
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "traces"))
+    monkeypatch.setattr(params_module, "_trace_owner", [os.getpid()])  # no atexit writer from this test
+    assert error_of(write_params(tmp_path, "augment", "copies", "two")) == \
+        "augment.copies: expected int >= 0, got 'two'"
+    loaded = load_params(ROOT / "params.yaml")
+    assert type(loaded) is not Params and isinstance(loaded, Params)
+    with pytest.raises(ConvForgeError, match="train.epochs: expected int >= 1, got 0"):
+        loaded.train.classify.updated(epochs=0)
+
+
+def test_stage_names_come_from_the_entry_module_and_its_task():
+    assert stage_name("pipelines.stages.search", ["search.py", "classify"]) == "search@classify"
+    assert stage_name("pipelines.stages.fetch", ["fetch.py"]) == "fetch"
+    assert stage_name("pytest", ["pytest", "-q"]) is None and stage_name(None, []) is None
+
+
+def test_only_the_stage_process_that_loaded_params_writes_its_reads(tmp_path, monkeypatch, reads):
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="pipelines.stages.train")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["train.py", "detect"])
+    params_module._reads.update({"seed", "train.detect.lr"})
+    monkeypatch.setattr(params_module, "_trace_owner", [os.getpid() + 1])  # e.g. a forked DataLoader worker
+    params_module._write_trace(tmp_path)
+    assert not (tmp_path / "train@detect.json").exists()
+    monkeypatch.setattr(params_module, "_trace_owner", [os.getpid()])
+    params_module._write_trace(tmp_path)
+    assert json.loads((tmp_path / "train@detect.json").read_text()) == ["seed", "train.detect.lr"]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipelines.errors import ConvForgeError
-from pipelines.stages.report import collect, replace_readme_table, results_markdown, summary_text
+from pipelines.reporting import collect, replace_readme_table, results_markdown, summary_text
 
 
 def _write(path, data):

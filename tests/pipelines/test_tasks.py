@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from models._registry import AuxLogits, build
 from pipelines.datasets import load_classify, load_scenes
 from pipelines.params import TrainConfig
-from pipelines.tasks import AUX_WEIGHT, PRIMARY, get_task, main_logits, soft_dice_loss
+from pipelines.tasks import AUX_WEIGHT, PRIMARY, TASKS, get_task, main_logits, soft_dice_loss
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,14 @@ def test_per_sample_augmentation_keeps_targets_in_step(prepared_scenes, project_
         assert batch.images.shape[0] == 3
         assert task.augmenter(data, policy, 0.0) is None
     assert PRIMARY == {"classify": "val_accuracy", "detect": "val_map", "segment": "val_miou"}
+
+
+def test_every_adapter_declares_what_the_rest_of_the_project_reads():
+    from pipelines.export import EXPORTABLE
+
+    for name, task in TASKS.items():
+        assert task.name == name and get_task(name) is task
+        assert task.metric and task.pr_title and task.headline and task.data
+        assert isinstance(task.exports_onnx, bool) and isinstance(task.confusion, bool)
+        assert callable(task.visuals)
+    assert EXPORTABLE == tuple(name for name, task in TASKS.items() if task.exports_onnx)

@@ -1,4 +1,5 @@
-"""Search space conversion (Optuna define-by-run and Ray random), starting points, schedulers, searchers."""
+"""Search space conversion (Optuna define-by-run and Ray random), starting points, schedulers, searchers,
+the winner and families table, and the search key."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from ray.tune.search.variant_generator import generate_variants
 from models._registry import Choice, FloatRange, IntRange, family as family_of
 from pipelines.errors import ConvForgeError
 from pipelines.params import TrainSpaceParams, validate
-from pipelines.stages.search import families_table, pareto_front, pick_winner
-from pipelines.tuning import SearchSpace, make_scheduler, make_search_alg, ray_domain
+from pipelines.search import families_table, pareto_front, pick_winner, search_key, trial_config
+from pipelines.search_space import SearchSpace, ray_domain
+from pipelines.tracking import data_hash
+from pipelines.tuner import make_scheduler, make_search_alg, trial_base
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -196,8 +199,6 @@ def test_families_table_keeps_failed_families():
 
 def test_search_key_changes_with_what_shapes_the_trials_only(project_params, space, prepared_classify):
     from pipelines.params import Params
-    from pipelines.stages.search import search_key
-    from pipelines.tracking import data_hash
 
     def with_search(**changes) -> Params:
         raw = project_params.model_dump()
@@ -216,3 +217,27 @@ def test_search_key_changes_with_what_shapes_the_trials_only(project_params, spa
     raw["search"]["classify"]["num_samples"] = 99
     assert search_key(validate(Params, raw), "classify", space, data) != key
     assert search_key(project_params, "classify", space, "other data") != key
+
+
+def test_final_training_epochs_are_no_part_of_the_search(project_params, space):
+    from pipelines.params import Params
+
+    def with_train(**changes) -> Params:
+        raw = project_params.model_dump()
+        raw["train"]["classify"].update(changes)
+        return validate(Params, raw)
+
+    key = search_key(project_params, "classify", space, "data")
+    # `dvc exp run -S train.classify.epochs=20` lengthens the final training only.
+    assert search_key(with_train(epochs=20), "classify", space, "data") == key
+    assert search_key(with_train(lr=0.01), "classify", space, "data") != key
+    budget = project_params.search.classify.max_epochs
+    assert trial_config(with_train(epochs=20), "classify").epochs == budget
+
+
+def test_trial_base_runs_the_budget_and_fits_the_warmup_into_it(project_params):
+    cfg = project_params.train.classify.updated(epochs=30, warmup_epochs=5)
+    base = trial_base(cfg, 3)
+    assert base.epochs == 3 and base.warmup_epochs == 2
+    assert base.model_dump(exclude={"epochs", "warmup_epochs"}) == cfg.model_dump(exclude={"epochs", "warmup_epochs"})
+    assert trial_base(cfg, 1).warmup_epochs == 0

@@ -75,7 +75,7 @@ def test_options_reject_unknown_fields_and_bad_values():
 
 def test_classify_result_top_k_order():
     probs = np.array([0.1, 0.6, 0.3], np.float32)
-    result = classify_result(0, probs, ["a", "b", "c"], 2, Placement(5, 5, 1, 1))
+    result = classify_result(0, probs, ["a", "b", "c"], Options(top_k=2), Placement(5, 5, 1, 1))
     assert [(label.label, round(label.score, 2)) for label in result.labels] == [("b", 0.6), ("c", 0.3)]
 
 

@@ -1,0 +1,267 @@
+"""The search of one task: Ray Tune trials over its families, tracked in MLflow, then the winner.
+
+`run_search` trains `search.<task>.num_samples` trials on `train_subset` training items for at most
+`max_epochs` epochs each, logs one MLflow parent run with every trial as a child run, and writes
+`best.json` (the winner, read by the train stage), `families.json`/`families.csv` (each family's
+best trial with its size and CPU latency) and `score_vs_latency.png` (all trials, Pareto front marked).
+An interrupted search resumes where it stopped when it is run again with the same inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import pipelines.runtime as runtime
+from models import build
+from models.summary import profile
+from pipelines import tracking
+from pipelines.engine import EngineSettings
+from pipelines.errors import ConvForgeError
+from pipelines.params import Params, TrainConfig
+from pipelines.search_space import SearchSpace
+from pipelines.tasks import PRIMARY, get_task
+from pipelines.tracking.trial_logger import TrialLogger
+from pipelines.tuner import Experiment, TrialRecord, is_saved, run_trials, trial_base, trial_records
+
+# The search keys that shape the trials; ray_address, storage and max_latency_ms only say where trials
+# run and which finished trial wins, so changing them reuses a finished search.
+SHAPING_KEYS = ("scheduler", "algorithm", "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent",
+                "max_failures")
+OUTPUTS = ("best.json", "families.json", "families.csv", "score_vs_latency.png")
+TABLE_COLUMNS = ("family", "score", "params", "macs", "latency_ms", "trials", "errors")
+
+
+def trial_config(params: Params, task: str) -> TrainConfig:
+    """The training config trials start from: `train.<task>` with `search.<task>.max_epochs` for its epochs
+    (`train.<task>.epochs` is the final training's alone: changing it reruns no search)."""
+    return trial_base(params.train.task(task), params.search.task(task).max_epochs)
+
+
+def search_key(params: Params, task: str, space: SearchSpace, data_hash: str) -> str:
+    """A short hash of everything that shapes the trials: same key, same search (resumable)."""
+    inputs = {"task": task, "seed": params.seed, "deterministic": params.deterministic,
+              "search": {key: getattr(params.search, key) for key in SHAPING_KEYS},
+              "budget": params.search.task(task).model_dump(), "train": trial_config(params, task).model_dump(),
+              "policy": params.augment.policy.model_dump(), "space": repr(space), "data": data_hash}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def prepare_search(params: Params, task: str, data_root: Path, storage: str | None,
+                   space: SearchSpace | None) -> tuple[Experiment, str, str]:
+    """The task's experiment (space, data, trial config, Ray storage), its data hash and its search key."""
+    budget, adapter = params.search.task(task), get_task(task)
+    space = space or SearchSpace.build(task, budget.families, budget.space, budget.model_space)
+    train = adapter.load_split(data_root, "train").subset(budget.train_subset, params.seed)
+    val = adapter.load_split(data_root, "val")
+    data_hash = tracking.data_hash(data_root)
+    key = search_key(params, task, space, data_hash)
+    storage = storage or params.search.storage or str(Path("ray_results").resolve())
+    experiment = Experiment(task, PRIMARY[task], space, budget, trial_config(params, task), train, val, storage,
+                            f"search-{task}-{key}")
+    return experiment, data_hash, key
+
+
+def search_trials(params: Params, experiment: Experiment, data_hash: str, key: str,
+                  log: Callable[[str], None]) -> tuple[str, str]:
+    """Run (or resume) the trials under their MLflow parent run; returns the experiment's and the run's ids."""
+    uri = tracking.configure(params.mlflow)
+    experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
+    task = experiment.task
+    values = {"task": task, "scheduler": params.search.scheduler, "algorithm": params.search.algorithm,
+              "seed": params.seed, "data_hash": data_hash, **experiment.budget.model_dump()}
+    parent_id, complete = tracking.open_search(experiment_id, task, key, values)
+    if complete and is_saved(experiment):
+        # It ended by its trial count or time budget: a rerun (e.g. for another max_latency_ms) re-reads it.
+        log(f"search {task}: already complete; reading its trials back")
+        return experiment_id, parent_id
+    # Each trial runs its engine on its own CPUs (train.num_threads would count every core).
+    threads = max(1, int(params.search.cpus_per_trial))
+    settings = EngineSettings.from_params(params.model_copy(
+        update={"train": params.train.model_copy(update={"num_threads": threads})}))
+    logger = TrialLogger(uri, experiment_id, parent_id, experiment.space, experiment.metric,
+                         experiment.budget.max_epochs)
+    try:
+        run_trials(experiment, params.search, params.seed, settings, params.augment.policy, [logger], log)
+    except Exception:
+        tracking.end_search(parent_id, "FAILED")
+        raise
+    except KeyboardInterrupt:  # the state saved at the last epoch stays: a rerun resumes from it
+        tracking.end_search(parent_id, "KILLED")
+        raise
+    tracking.mark_complete(parent_id)
+    return experiment_id, parent_id
+
+
+def run_search(params: Params, task: str, data_root: Path, out_dir: Path, *, storage: str | None = None,
+               space: SearchSpace | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the search for `task`, log it to MLflow, write `out_dir`; returns best.json's content."""
+    started = time.monotonic()
+    experiment, data_hash, key = prepare_search(params, task, Path(data_root), storage, space)
+    budget = experiment.budget
+    log(f"search {task}: {len(experiment.space.families)} families, {budget.num_samples} trials x "
+        f"<= {budget.max_epochs} epochs on {len(experiment.train)} items; experiment {experiment.path}")
+    experiment_id, parent_id = search_trials(params, experiment, data_hash, key, log)
+
+    records = trial_records(experiment)
+    tracking.close_trial_runs(experiment_id, parent_id, {record.trial_id: record.status for record in records})
+    log(f"search {task}: {len(records)} trials done; profiling their models")
+    rows = trial_rows(records, profile_trials(task, records, experiment.train))
+    table = families_table(list(experiment.space.families), rows)
+    try:
+        winner = pick_winner(rows, params.search.max_latency_ms)
+    except ConvForgeError:
+        tracking.end_search(parent_id, "FAILED")
+        raise
+    best = {
+        "task": task, "family": winner["family"], "model": winner["hparams"], "train": winner["train"],
+        "metric": experiment.metric, "score": winner["score"], "trial_id": winner["trial_id"],
+        "mlflow_parent_run_id": parent_id,
+        "mlflow_run_id": tracking.trial_run(experiment_id, parent_id, winner["trial_id"]),
+        "families": [{k: row[k] for k in ("family", "score", "params", "macs", "latency_ms")} for row in table],
+    }
+    write_search(out_dir, best, table, rows, winner, parent_id, time.monotonic() - started)
+    log(format_table(table, experiment.metric))
+    log(f"search {task}: winner {best['family']} {experiment.metric}={best['score']:.4f} "
+        f"(trial {best['trial_id']}) in {time.monotonic() - started:.0f} s; wrote {out_dir}")
+    return best
+
+
+def write_search(out_dir: Path, best: dict[str, Any], table: list[dict[str, Any]], rows: list[dict[str, Any]],
+                 winner: dict[str, Any], parent_id: str, elapsed: float) -> None:
+    """The search's files into `out_dir`, and the same files, table and totals into its parent run."""
+    metric = best["metric"]
+    with runtime.atomic_dir(out_dir) as staging:
+        runtime.write_json(staging / "best.json", best)
+        runtime.write_json(staging / "families.json", {"task": best["task"], "metric": metric, "families": table,
+                                                       "trials": rows})
+        write_csv(staging / "families.csv", table)
+        plot_score_vs_latency(rows, winner, metric, staging / "score_vs_latency.png")
+        totals = {"best_score": best["score"], "trials": len(rows),
+                  "trials_errored": sum(row["status"] == "error" for row in rows),
+                  "trial_epochs": sum(row["epochs"] for row in rows), "search_time_s": elapsed}
+        tracking.log_search_result(parent_id, [staging / name for name in OUTPUTS],
+                                   {key: [row[key] for row in table] for key in TABLE_COLUMNS}, totals,
+                                   {"family": best["family"], "trial_id": best["trial_id"],
+                                    "run_id": best["mlflow_run_id"]})
+
+
+def profile_trials(task: str, records: list[TrialRecord], data: Any) -> dict[str, dict[str, Any]]:
+    """Size, MACs and CPU latency (1 thread) of each scored trial's model, by trial id."""
+    import torch
+
+    # One thread: per-request serving latency, and stable figures on a busy machine (two threads
+    # that wait on each other under load read 10-100x slower).
+    torch.set_num_threads(1)
+    out = {}
+    for record in records:
+        if record.score is None:
+            continue
+        model = build(task, record.family, len(data.classes), data.in_channels, data.image_size, **record.hparams)
+        out[record.trial_id] = profile(model, task, data.in_channels, data.image_size, reps=5)
+    return out
+
+
+def trial_rows(records: list[TrialRecord], profiles: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per trial: its choice, outcome and (when scored) size and latency."""
+    rows = []
+    for record in records:
+        prof = profiles.get(record.trial_id, {})
+        rows.append({**asdict(record), "params": prof.get("params"), "macs": prof.get("macs"),
+                     "latency_ms": prof.get("latency_ms_1"), "latency_ms_64": prof.get("latency_ms_64")})
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (latency, score) points no other point beats on both (lower latency, higher score)."""
+    front = []
+    for i, (lat, score) in enumerate(points):
+        dominated = any(l2 <= lat and s2 >= score and (l2 < lat or s2 > score)
+                        for j, (l2, s2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pick_winner(rows: list[dict[str, Any]], max_latency_ms: float | None) -> dict[str, Any]:
+    """The best-scoring trial, among those within `max_latency_ms` (1 image, CPU) when it is set."""
+    scored = [row for row in rows if row["score"] is not None]
+    if not scored:
+        raise ConvForgeError("every search trial failed (see the trials' errors in MLflow and above)")
+    allowed = [row for row in scored if max_latency_ms is None or row["latency_ms"] <= max_latency_ms]
+    if not allowed:
+        fastest = min(row["latency_ms"] for row in scored)
+        raise ConvForgeError(f"search.max_latency_ms: no trial is within {max_latency_ms} ms "
+                             f"(the fastest takes {fastest:.3g} ms)")
+    return max(allowed, key=lambda row: (row["score"], -row["latency_ms"]))
+
+
+def families_table(families: list[str], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each family's best trial (score, parameter count, MACs, latency), best family first."""
+    table = []
+    for name in families:
+        mine = [row for row in rows if row["family"] == name]
+        scored = [row for row in mine if row["score"] is not None]
+        best = max(scored, key=lambda row: row["score"]) if scored else None
+        table.append({
+            "family": name, "score": best and best["score"], "params": best and best["params"],
+            "macs": best and best["macs"], "latency_ms": best and best["latency_ms"],
+            "hparams": best["hparams"] if best else None, "trial_id": best and best["trial_id"],
+            "trials": len(mine), "errors": sum(row["status"] == "error" for row in mine),
+        })
+    return sorted(table, key=lambda row: (row["score"] is None, -(row["score"] or 0.0)))
+
+
+def plot_score_vs_latency(rows: list[dict[str, Any]], winner: dict[str, Any], metric: str, path: Path) -> None:
+    """Scatter of every scored trial's latency vs score, by family, with the Pareto front and the winner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [row for row in rows if row["score"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name in sorted({row["family"] for row in scored}):
+        mine = [row for row in scored if row["family"] == name]
+        ax.scatter([r["latency_ms"] for r in mine], [r["score"] for r in mine], label=name, alpha=0.8)
+    points = [(row["latency_ms"], row["score"]) for row in scored]
+    front = pareto_front(points)
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black",
+            linewidth=1, label="Pareto front")
+    ax.scatter([winner["latency_ms"]], [winner["score"]], marker="*", s=250, color="gold", edgecolor="black",
+               zorder=5, label="winner")
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU latency, 1 image, 1 thread (ms)")
+    ax.set_ylabel(metric)
+    ax.set_title("search trials: score vs latency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The families table as CSV, hparams as JSON."""
+    columns = [*TABLE_COLUMNS, "trial_id", "hparams"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**row, "hparams": json.dumps(row["hparams"], sort_keys=True)} for row in rows)
+
+
+def format_table(table: list[dict[str, Any]], metric: str) -> str:
+    """The families table as aligned text."""
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'family':<16}{metric:>14}{'params':>12}{'MMACs':>10}{'ms/img':>9}{'trials':>8}{'errors':>8}"]
+    for row in table:
+        macs = None if row["macs"] is None else row["macs"] / 1e6
+        lines.append(f"{row['family']:<16}{fmt(row['score'], '.4f'):>14}{fmt(row['params'], ','):>12}"
+                     f"{fmt(macs, '.2f'):>10}{fmt(row['latency_ms'], '.2f'):>9}{row['trials']:>8}{row['errors']:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""Every MLflow call of ConvForge: the store, runs, logged models, the registry, and the search's runs.
+
+The store is `mlflow.tracking_uri` of params.yaml (`sqlite:///mlflow.db`, a relative path taken
+from the project root) unless `MLFLOW_TRACKING_URI` is set. Every tag name is in `tags`. The
+Ray Tune callback that logs trials is `pipelines.tracking.trial_logger.TrialLogger` (imported
+on its own: it needs Ray). No other module of the project imports MLflow.
+"""
+
+from pipelines.tracking import tags
+from pipelines.tracking.lineage import data_hash, git_commit
+from pipelines.tracking.registry import (Registration, log_model, pip_requirements, promote, pyfunc_example,
+                                         register_model, registered_name)
+from pipelines.tracking.runs import (add_to_run, end_run, flatten, log_artifacts, log_dataset, log_metrics,
+                                     log_params, sanitize, set_tags, system_metrics_available, training_run)
+from pipelines.tracking.search_runs import (close_trial_runs, end_search, log_search_result, mark_complete,
+                                            open_search, trial_run)
+from pipelines.tracking.store import configure, ensure_experiment, resolve_uri, run_exists, tracking_uri, use_store
+
+__all__ = ["Registration", "add_to_run", "close_trial_runs", "configure", "data_hash", "end_run",
+           "end_search", "ensure_experiment", "flatten", "git_commit", "log_artifacts", "log_dataset",
+           "log_metrics", "log_model", "log_params", "log_search_result", "mark_complete", "open_search",
+           "pip_requirements", "promote", "pyfunc_example", "register_model", "registered_name", "resolve_uri",
+           "run_exists", "sanitize", "set_tags", "system_metrics_available", "tags", "tracking_uri",
+           "training_run", "trial_run", "use_store"]

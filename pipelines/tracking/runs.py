@@ -1,0 +1,138 @@
+"""Runs and what they hold: names MLflow accepts, params, metrics, datasets, artifacts, tags."""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import re
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param
+
+from pipelines.tracking import tags
+from pipelines.tracking.store import client
+
+METRICS_PER_BATCH = 1000  # MLflow's limits on one logging call
+PARAMS_PER_BATCH = 100
+PARAM_LENGTH = 6000
+
+
+def sanitize(name: str) -> str:
+    """A metric/param name MLflow accepts: letters, digits, `_-. /` only (`map@.5` -> `map_.5`), no odd paths."""
+    clean = re.sub(r"[^\w.\- /]", "_", name)
+    if posixpath.normpath(clean) != clean or clean.startswith(("/", ".")):
+        clean = clean.replace("/", "_").lstrip(".") or "_"
+    return clean
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested mappings as one level: {"a": {"b": 1}} -> {"a.b": 1}; other values unchanged."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name, sep))
+        else:
+            out[name] = value
+    return out
+
+
+def param_entries(values: Mapping[str, Any]) -> list[Param]:
+    """A nested mapping of params as MLflow params: flattened, sanitized, None as ''."""
+    flat = flatten(values)
+    return [Param(sanitize(k), ("" if v is None else str(v))[:PARAM_LENGTH]) for k, v in flat.items()]
+
+
+def metric_entries(metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> list[Metric]:
+    """The finite numbers of `metrics` as MLflow metrics with sanitized names."""
+    now = timestamp_ms or int(time.time() * 1000)
+    return [Metric(sanitize(k), float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str | None = None) -> None:
+    """Log the finite numbers of `metrics` to `run_id` (default: the active run)."""
+    entries = metric_entries(metrics, step or 0)
+    if run_id is None:
+        if entries:
+            mlflow.log_metrics({m.key: m.value for m in entries}, step=step)
+        return
+    for start in range(0, len(entries), METRICS_PER_BATCH):
+        client().log_batch(run_id, metrics=entries[start:start + METRICS_PER_BATCH])
+
+
+def log_params(values: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Log a nested mapping of params to `run_id` (default: the active run)."""
+    entries = param_entries(values)
+    run_id = run_id or mlflow.active_run().info.run_id
+    for start in range(0, len(entries), PARAMS_PER_BATCH):
+        client().log_batch(run_id, params=entries[start:start + PARAMS_PER_BATCH])
+
+
+def log_dataset(images: Any, targets: Any | None, name: str, source: str, digest: str, context: str) -> None:
+    """Record the data the active run used as an MLflow input (schema, size, DVC hash as digest), not the data."""
+    features = np.asarray(images)
+    target_array = None if targets is None else np.asarray(targets)
+    with warnings.catch_warnings():  # MLflow registers the local-path source twice and warns about it
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_numpy(features, source=source, targets=target_array, name=name,
+                                         digest=digest[:36])
+    mlflow.log_input(dataset, context=context, tags={tags.DATASET_HASH: digest})
+
+
+def log_artifacts(folder: Path, artifact_path: str) -> None:
+    """Every file of `folder` into the active run, under `artifact_path`."""
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def set_tags(values: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Tags (as strings) on `run_id` (default: the active run)."""
+    if run_id is None:
+        mlflow.set_tags({k: str(v) for k, v in values.items()})
+        return
+    store = client()
+    for key, value in values.items():
+        store.set_tag(run_id, key, str(value))
+
+
+def end_run(run_id: str, status: str) -> None:
+    """Mark run `run_id` FINISHED, FAILED or KILLED."""
+    client().set_terminated(run_id, status)
+
+
+def system_metrics_available() -> bool:
+    """MLflow's system metrics need psutil (GPU metrics also need pynvml, optional)."""
+    try:
+        import psutil
+
+        psutil.cpu_percent()
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def training_run(experiment_id: str, resume_run_id: str | None, task: str, family: str) -> Iterator[str]:
+    """The active run of a training (run `resume_run_id` again when given), with system metrics; yields its id."""
+    run_tags = {tags.TASK: task, tags.STAGE: "train", tags.FAMILY: family}
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
+                          run_name=f"train-{task}-{family}", tags=run_tags,
+                          log_system_metrics=system_metrics_available()) as run:
+        yield run.info.run_id
+
+
+def add_to_run(run_id: str, metrics: Mapping[str, Any], artifacts: Mapping[str, Path]) -> None:
+    """Add metrics (step 0) and files or folders (`{artifact_path: local path}`) to a run that has ended."""
+    log_metrics(metrics, step=0, run_id=run_id)
+    store = client()
+    for artifact_path, local in artifacts.items():
+        if Path(local).is_dir():
+            store.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            store.log_artifact(run_id, str(local), artifact_path)

@@ -1,0 +1,38 @@
+"""Every tag and alias name ConvForge writes to MLflow, in one place (queries and writers share them)."""
+
+# MLflow's own tag: the UI nests a run under the run it names.
+PARENT_RUN = "mlflow.parentRunId"
+
+# Runs of every stage
+TASK = "convforge.task"
+STAGE = "convforge.stage"
+FAMILY = "convforge.family"
+
+# A search's parent run
+SEARCH_KEY = "convforge.search_key"
+SEARCH_STATE = "convforge.search_state"
+WINNER_FAMILY = "convforge.winner.family"
+WINNER_TRIAL_ID = "convforge.winner.trial_id"
+WINNER_RUN_ID = "convforge.winner.run_id"
+
+# A search's child runs, one per Ray Tune trial
+TRIAL_ID = "convforge.trial_id"
+TRIAL_STATE = "convforge.trial_state"
+NODE_ID = "convforge.node_id"
+NODE_IP = "convforge.node_ip"
+RETRIES = "convforge.retries"
+ERROR = "convforge.error"
+WINNER = "convforge.winner"
+
+# A training run
+REGISTERED_VERSION = "convforge.registered_version"
+CHAMPION = "convforge.champion"
+
+# Registered model versions, and the alias of each registered model's best version
+VERSION_METRIC = "metric"
+VERSION_SCORE = "score"
+VERSION_DATA_HASH = "data_hash"
+CHAMPION_ALIAS = "champion"
+
+# A run's dataset input
+DATASET_HASH = "data_hash"

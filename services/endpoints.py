@@ -1,0 +1,75 @@
+"""How each task is served around its model, keyed by the task adapters of pipelines/tasks.py.
+
+The one services-side place of task behaviour: the input geometry of training (classification
+items resized and centre-cropped, scenes letterboxed), the model's batch output as one value
+per image, the `ImageResult` (services/results.py), the Prometheus series a result feeds, and
+the request options the response repeats. Routes are `/<task>` for every task in `TASKS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from pipelines.tasks import TASKS, ClassifyTask, DetectTask, SegmentTask, get_task
+from services import observability as obs
+from services.imaging import Placement, fit_square, letterbox
+from services.results import classify_result, detect_result, foreground_fraction, segment_result
+from services.schemas import ImageResult, Options
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One task's serving: `fit` an image to the model input, split a batch's outputs per image,
+    turn one image's output into its result, and `observe` that result in the metrics."""
+
+    fit: Callable[[np.ndarray, int], tuple[np.ndarray, Placement]]
+    per_image: Callable[[Any], list[Any]]
+    result: Callable[[int, Any, list[str], Options, Placement], ImageResult]
+    observe: Callable[[ImageResult, str, str], None]
+    echoes: tuple[str, ...] = ()  # request options the response repeats
+
+
+def probabilities(logits: np.ndarray) -> list[np.ndarray]:
+    """Softmax probabilities float32 [C] per image of logits [N, C]."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return list(probs.astype(np.float32))
+
+
+def label_masks(logits: np.ndarray) -> list[np.ndarray]:
+    """Label masks uint8 [S, S] per image of logits [N, K, S, S] (argmax, 0 = background)."""
+    return list(logits.argmax(axis=1).astype(np.uint8))
+
+
+def observe_top_label(result: ImageResult, task: str, version: str) -> None:
+    top = result.labels[0]
+    obs.PREDICTIONS.labels(task, version, top.label).inc()
+    obs.SCORES.labels(task, version).observe(top.score)
+
+
+def observe_detections(result: ImageResult, task: str, version: str) -> None:
+    obs.DETECTIONS.labels(task, version).observe(len(result.detections or []))
+    for det in result.detections or []:
+        obs.PREDICTIONS.labels(task, version, det.label).inc()
+        obs.SCORES.labels(task, version).observe(det.score)
+
+
+def observe_mask_area(result: ImageResult, task: str, version: str) -> None:
+    obs.MASK_AREA.labels(task, version).observe(foreground_fraction(result))
+
+
+ENDPOINTS: dict[type, Endpoint] = {
+    ClassifyTask: Endpoint(fit_square, probabilities, classify_result, observe_top_label),
+    DetectTask: Endpoint(letterbox, list, detect_result, observe_detections, ("box_format", "mask_format")),
+    SegmentTask: Endpoint(letterbox, label_masks, segment_result, observe_mask_area, ("mask_format",)),
+}
+ROUTES = {f"/{name}": name for name in TASKS}  # path -> task
+
+
+def endpoint(task: str) -> Endpoint:
+    """How task `task` is served."""
+    return ENDPOINTS[type(get_task(task))]

@@ -1,0 +1,32 @@
+"""services/endpoints.py: every task adapter is served, with training's geometry and its own outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.datasets import ITEMS_DATA
+from pipelines.tasks import TASKS
+from services.endpoints import ENDPOINTS, ROUTES, endpoint, label_masks, probabilities
+from services.imaging import fit_square, letterbox
+from services.schemas import PredictionResponse
+
+
+def test_every_task_has_one_endpoint_and_one_route() -> None:
+    assert set(ENDPOINTS) == {type(adapter) for adapter in TASKS.values()}
+    assert ROUTES == {f"/{name}": name for name in TASKS}
+    assert set(PredictionResponse.model_json_schema()["properties"]["task"]["enum"]) == set(TASKS)
+    for name, adapter in TASKS.items():
+        served = endpoint(name)
+        # Classification items are resized and centre-cropped in training; scenes are letterboxed.
+        assert served.fit is (fit_square if adapter.data == ITEMS_DATA else letterbox)
+        assert set(served.echoes) <= {"box_format", "mask_format"}
+
+
+def test_batch_outputs_per_image() -> None:
+    logits = np.array([[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]], np.float32)
+    probs = probabilities(logits)
+    assert len(probs) == 2 and probs[0].dtype == np.float32
+    assert np.allclose(probs[0], np.exp(logits[0]) / np.exp(logits[0]).sum()) and np.allclose(probs[1], 1 / 3)
+    masks = label_masks(np.stack([np.zeros((3, 2, 2)), np.ones((3, 2, 2)) * [[[0]], [[0]], [[1]]]]))
+    assert [m.dtype for m in masks] == [np.uint8, np.uint8]
+    assert masks[0].tolist() == [[0, 0], [0, 0]] and masks[1].tolist() == [[2, 2], [2, 2]]
