@@ -5,7 +5,8 @@ defaults) and differ only in the scheduler: ASHA stops the weak trials early, FI
 trial for `--epochs`. Reported: best validation accuracy, total trial-epochs and wall time. The
 overhead part runs a no-op trainable many times, with and without actor reuse.
 
-    .venv/bin/python bench/tune_efficiency.py            # ~4 min on 2 cores
+    .venv/bin/python bench/tune_efficiency.py
+
 Data: scikit-learn's digits upscaled to 16x16 (default), or `--data fashion-mnist`: subsets of
 data/prepared/classify. Writes bench/results/tune_efficiency.json.
 """

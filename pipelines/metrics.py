@@ -164,8 +164,8 @@ class SegmentMeter:
 
     def update(self, pred_masks: Tensor, target_masks: Tensor) -> None:
         """Add a batch: predicted and true class-index masks [N, H, W] (0 = background, c + 1 = class c)."""
-        # A CPU bincount: torchmetrics' confusion matrix takes a ~200x slower path under
-        # torch.use_deterministic_algorithms, and CPU bincount is deterministic anyway.
+        # A CPU bincount: torchmetrics' confusion matrix takes a far slower path under
+        # torch.use_deterministic_algorithms (BENCHMARKS.md), and CPU bincount is deterministic anyway.
         k = len(self.names)
         pairs = target_masks.reshape(-1).cpu().long() * k + pred_masks.detach().reshape(-1).cpu().long()
         self.confusion += torch.bincount(pairs, minlength=k * k).reshape(k, k)

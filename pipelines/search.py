@@ -156,7 +156,7 @@ def profile_trials(task: str, records: list[TrialRecord], data: Any) -> dict[str
     import torch
 
     # One thread: per-request serving latency, and stable figures on a busy machine (two threads
-    # that wait on each other under load read 10-100x slower).
+    # that wait on each other under load read many times slower: BENCHMARKS.md).
     torch.set_num_threads(1)
     out = {}
     for record in records:

@@ -134,8 +134,8 @@ class ConvForge:
         from pipelines.runtime import set_threads
 
         self.params = PARAMS
-        # One intra-op thread by default: with 2 cores the other one decodes, and more threads than
-        # free cores make OpenMP spin (BENCHMARKS.md).
+        # One intra-op thread by default: on a small machine the other cores decode, and more threads
+        # than free cores make OpenMP spin (BENCHMARKS.md).
         self.threads = set_threads(PARAMS.num_threads)
         self.limits = imaging.DecodeLimits(PARAMS.max_pixels, tuple(PARAMS.formats))
         self.runners: dict[str, TaskRunner] = {}
