@@ -39,7 +39,9 @@ class DataParams(Section):
     dataset: str
     cache_dir: str | None
     download: bool
-    image_size: Annotated[int, Field(ge=8, le=4096)]
+    image_size: Annotated[int, Field(ge=8, le=4096)] | Literal["auto"]
+    auto_size_max: Annotated[int, Field(ge=8, le=4096)]  # image_size auto: cap for classification images
+    auto_canvas_max: Annotated[int, Field(ge=32, le=4096)]  # image_size auto: cap for detect/segment images
     on_corrupt: Literal["skip", "fail"]
     max_train: PosInt | None
     max_test: PosInt | None
@@ -116,6 +118,10 @@ class TrainSpaceParams(Section):
     weight_decay: PosRange  # log-uniform
     batch_size: Annotated[list[Annotated[int, Field(ge=1, le=8192)]], Field(min_length=1)]
     aug_strength: Annotated[list[Annotated[float, Field(ge=0, le=4)]], Field(min_length=2, max_length=2)]
+    # Transfer learning as search dimensions (choices; absent = the train.<task> value)
+    pretrained: list[str | None] | None = None
+    freeze: list[Annotated[int, Field(ge=0)]] | None = None
+    unfreeze_epoch: list[Annotated[int, Field(ge=0)]] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSpaceParams":
@@ -186,6 +192,13 @@ class TrainConfig(Section):
     early_stop_patience: NonNegInt
     aug_strength: Annotated[float, Field(ge=0, le=4)]
     dice_weight: Annotated[float, Field(ge=0)]  # segment: CE + dice_weight * soft Dice loss
+    # Transfer learning (Keras `trainable=False` semantics): where the trunk's weights come from, how
+    # many of its first stages stay frozen (their BatchNorm statistics too), and from which epoch the
+    # frozen stages fine-tune at lr x unfreeze_lr_scale (0 = never).
+    pretrained: str | None
+    freeze: NonNegInt
+    unfreeze_epoch: NonNegInt
+    unfreeze_lr_scale: Annotated[float, Field(gt=0, le=1)]
 
     def updated(self, **overrides: Any) -> "TrainConfig":
         """A validated copy with some keys replaced (e.g. by a search trial)."""
@@ -198,7 +211,7 @@ class TrainParams(Section):
     channels_last: bool
     compile: bool
     num_threads: NonNegInt
-    num_workers: NonNegInt
+    num_workers: NonNegInt | Literal["auto"]
     classify: TrainConfig
     detect: TrainConfig
     segment: TrainConfig
@@ -217,6 +230,8 @@ class ServeParams(Section):
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
     backend: Literal["torch", "onnx"]
+    scale: Literal["fit", "native"]  # detect/segment: squeeze every upload to the training canvas, or keep its pixels
+    max_side: Annotated[int, Field(ge=32, le=8192)]  # native: larger uploads are fitted to this side
     max_body_bytes: PosInt
     max_pixels: PosInt
     max_images: PosInt
