@@ -57,6 +57,21 @@ def load_data(args, seed: int):
             load_classify(root, "val").subset(args.val, seed))
 
 
+def write_prepared(folder: Path, train, val) -> Path:
+    """The splits in the prepared-data layout on disk: trials read their data from paths, like the pipeline's."""
+    import json
+
+    from pipelines.datasets import save_array
+
+    for split, data in (("train", train), ("val", val)):
+        save_array(folder / split / "images.npy", data.images.permute(0, 2, 3, 1).numpy())
+        save_array(folder / split / "labels.npy", data.labels.numpy())
+    meta = {"classes": train.classes, "in_channels": train.in_channels, "image_size": train.image_size,
+            "mean": train.mean, "std": train.std}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
 def run_search(label: str, scheduler, trainable, space, points, args, storage: str, seed: int) -> dict:
     """One search over the random trials with `scheduler` (None = FIFO, every trial at full budget)."""
     from ray import tune
@@ -124,7 +139,7 @@ def main() -> None:
     from pipelines.engine import EngineSettings
     from pipelines.params import load_params
     from pipelines.search_space import SearchSpace
-    from pipelines.tuner import init_ray, make_scheduler, train_trial, trial_base
+    from pipelines.tuner import TrialData, init_ray, make_scheduler, train_trial, trial_base
 
     params = load_params(ROOT / "params.yaml")
     seed = params.seed
@@ -136,12 +151,13 @@ def main() -> None:
     settings = EngineSettings.from_params(params.model_copy(
         update={"train": params.train.model_copy(update={"num_threads": 1})}))
     init_ray(num_cpus=2)
-    trainable = tune.with_parameters(train_trial, task="classify", space=space, train_data=train_data,
-                                     val_data=val_data, base=base, settings=settings,
-                                     policy=params.augment.policy)
     print(f"data: {data_name}, {len(train_data)} train / {len(val_data)} val; {args.samples} trials of "
           f"{args.families}, <= {args.epochs} epochs, {args.concurrent} at a time")
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
+        prepared = write_prepared(Path(storage) / "prepared", train_data, val_data)
+        trainable = tune.with_parameters(train_trial, task="classify", space=space,
+                                         data=TrialData(str(prepared), None, seed), base=base, settings=settings,
+                                         policy=params.augment.policy)
         asha = run_search("asha", make_scheduler("asha", args.epochs, 1, params.search.reduction_factor, space),
                           trainable, space, points, args, storage, seed)
         full = run_search("full", None, trainable, space, points, args, storage, seed)

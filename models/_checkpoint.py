@@ -4,6 +4,11 @@ and transfer learning: weights from a saved registry model or torchvision's cach
 On disk, a model is a directory with `model.safetensors` (its state_dict) and `config.json`
 (`task`, `family`, `num_classes`, `in_channels`, `image_size`, `hparams`, `weights_sha256`, plus
 whatever else the caller adds); `load` rebuilds it through the registry.
+
+Transfer learning follows Yosinski et al. 2014 ("How transferable are features in deep neural
+networks?"): a trunk's first stages compute general features that transfer across tasks, so they are
+loaded from a trained model and may stay frozen, with Keras's `trainable=False` semantics: no
+gradients, and their BatchNorm layers normalize with, and never update, their running statistics.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ CONFIG = "config.json"
 REGISTRATION = "registration.json"
 REQUIRED = ("task", "family", "num_classes", "in_channels", "image_size", "hparams")
 TRUNK = "features."  # every registry model keeps its backbone stages under a module named `features`
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class CheckpointError(ConvForgeError):
@@ -208,12 +214,47 @@ def _freeze_bn(module: nn.Module) -> int:
     return count
 
 
-def _trunk_of(model: nn.Module) -> nn.Sequential:
-    """The model's `features` stages (the shallowest module of that name)."""
+def _find_trunk(model: nn.Module) -> nn.Sequential | None:
+    """The model's `features` stages (the shallowest module of that name), None when it has none."""
     for name, module in model.named_modules():
         if name.rpartition(".")[2] == "features" and isinstance(module, nn.Sequential):
             return module
-    raise ConvForgeError(f"{type(model).__name__} has no `features` stages to freeze")
+    return None
+
+
+def _trunk_of(model: nn.Module) -> nn.Sequential:
+    """The model's `features` stages, or a user error when it has none."""
+    trunk = _find_trunk(model)
+    if trunk is None:
+        raise ConvForgeError(f"{type(model).__name__} has no `features` stages to freeze")
+    return trunk
+
+
+def trunk_parameters(model: nn.Module, stages: int) -> list[nn.Parameter]:
+    """The still trainable parameters of the trunk's first `stages` stages: what `freeze: N` holds."""
+    if stages == 0:
+        return []
+    trunk = _trunk_of(model)
+    if stages < 0 or stages > len(trunk):
+        raise ConvForgeError(f"freeze: expected 0..{len(trunk)} stages, got {stages}")
+    return [p for p in trunk[:stages].parameters() if p.requires_grad]
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except that the BatchNorm layers of frozen trunk stages stay in inference mode.
+
+    A stage is frozen when it has parameters and none of them requires grad (`freeze`, as a hparam or
+    a training key): as with Keras's `trainable=False`, its BN layers then use and keep their running
+    statistics, which `model.train()` alone would go on updating. Call it instead of `model.train()`.
+    """
+    model.train()
+    for stage in _find_trunk(model) or ():
+        parameters = list(stage.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            for module in stage.modules():
+                if isinstance(module, BATCH_NORMS):
+                    module.eval()
+    return model
 
 
 def apply_transfer(model: nn.Module, pretrained: str | None = None, freeze: int = 0, freeze_bn: bool = False,
@@ -223,6 +264,8 @@ def apply_transfer(model: nn.Module, pretrained: str | None = None, freeze: int 
     `pretrained` is a directory written by `save` (any task: a classifier's trunk fits a detector's
     or segmenter's backbone of the same family and hparams) or `torchvision:<Weights enum name>`,
     read from the local torch hub cache only. The report is also kept as `model.transfer_report`.
+    Frozen stages keep their BN statistics when trained through `train_mode`; `freeze_bn` instead swaps
+    every trunk BN for a FrozenBatchNorm2d (statistics and affine terms fixed for good).
     """
     report: dict[str, Any] = {"pretrained": pretrained, "frozen_stages": 0, "frozen_bn": 0}
     if pretrained:
@@ -230,7 +273,9 @@ def apply_transfer(model: nn.Module, pretrained: str | None = None, freeze: int 
             source = _rename_torchvision(_torchvision_state(str(pretrained)))
         else:
             directory = Path(pretrained).expanduser()
-            source = read_weights(directory, config=read_config(directory))
+            config = read_config(directory)
+            source = read_weights(directory, config=config)
+            report["weights_sha256"] = config.get("weights_sha256")
         report.update(load_matching(model, source))
         if not report["matched"]:
             raise ConvForgeError(f"pretrained: no tensor of {pretrained} matches the model by name and shape "

@@ -1,5 +1,6 @@
 """FCOS (Tian et al. 2019, "FCOS: Fully Convolutional One-Stage Object Detection"): torchvision's
-anchor-free single-stage detector on a registry backbone with an FPN at strides 4-16.
+anchor-free single-stage detector on a registry backbone with an FPN at strides 4-16, or at the
+strides and per-level size ranges `pipelines/geometry.py` derives from the training boxes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 
-from models._pyramid import BACKBONE_SPACE, level_strides, pyramid_backbone, transform_kwargs
+from models._pyramid import (BACKBONE_SPACE, LEVEL_STRIDES, level_strides, pyramid_backbone, transform_kwargs,
+                             with_input_transform)
 from models._registry import FloatRange, IntRange, register
 
 
@@ -32,16 +34,20 @@ class FCOSDetector(FCOS):
           space={**BACKBONE_SPACE, "head_convs": IntRange(1, 4), "center_sampling_radius": FloatRange(1.0, 2.0)})
 def fcos(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
          backbone_hparams: dict | None = {}, fpn_channels: int = 32, head_convs: int = 2,
-         center_sampling_radius: float = 1.5, score_thresh: float = 0.05, detections_per_img: int = 20) -> FCOSDetector:
+         center_sampling_radius: float = 1.5, score_thresh: float = 0.05, detections_per_img: int = 20,
+         strides: tuple[int, ...] = LEVEL_STRIDES, anchor_scale: float = 0.5) -> FCOSDetector:
     """FCOS with `head_convs` GroupNorm convs per head branch (the paper's 4 is slow on CPU); a low
-    `score_thresh` (torchvision: 0.2) keeps the low-confidence detections mAP counts."""
-    body = pyramid_backbone(backbone, backbone_hparams, in_channels, image_size, fpn_channels)
-    # One anchor per location. FCOS gives each level the boxes whose largest side distance is in
-    # [4a, 8a) for anchor size a; a = stride/2 spreads 10-35 px items over the 4-16 strides.
-    strides = level_strides(body, image_size, in_channels)
-    anchors = AnchorGenerator(tuple((max(1, s // 2),) for s in strides), ((1.0,),) * len(strides))
+    `score_thresh` (torchvision: 0.2) keeps the low-confidence detections mAP counts. `strides` are the
+    pyramid levels, `anchor_scale` x stride each level's anchor size a (see below)."""
+    body = pyramid_backbone(backbone, backbone_hparams, in_channels, image_size, fpn_channels, strides=strides)
+    # One anchor per location. FCOS gives each level the boxes whose largest center-to-side distance
+    # is in [4a, 8a) for anchor size a (Tian et al. 2019, Sec. 3.2; the finest level takes everything
+    # below, the coarsest everything above); a = stride/2 spreads 10-35 px items over strides 4-16.
+    level = level_strides(body, image_size, in_channels)
+    anchors = AnchorGenerator(tuple((max(1.0, anchor_scale * s),) for s in level), ((1.0,),) * len(level))
     head = FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
-    return FCOSDetector(body, num_classes, anchor_generator=anchors, head=head,
-                center_sampling_radius=center_sampling_radius, score_thresh=score_thresh,
-                detections_per_img=detections_per_img, topk_candidates=100,
-                **transform_kwargs(in_channels, image_size))
+    model = FCOSDetector(body, num_classes, anchor_generator=anchors, head=head,
+                         center_sampling_radius=center_sampling_radius, score_thresh=score_thresh,
+                         detections_per_img=detections_per_img, topk_candidates=100,
+                         **transform_kwargs(in_channels, image_size))
+    return with_input_transform(model, in_channels, image_size)

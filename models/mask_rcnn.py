@@ -8,7 +8,8 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from models.faster_rcnn import SPACE, two_stage_parts
+from models._pyramid import LEVEL_STRIDES, with_input_transform
+from models.faster_rcnn import ANCHOR_SCALES, ASPECT_RATIOS, SPACE, two_stage_parts
 from models._registry import Choice, register
 
 
@@ -16,12 +17,17 @@ from models._registry import Choice, register
           space={**SPACE, "mask_channels": Choice([32, 64, 128])})
 def mask_rcnn(num_classes: int, in_channels: int, image_size: int, backbone: str = "resnet",
               backbone_hparams: dict | None = {}, fpn_channels: int = 32, representation: int = 128,
-              proposals: int = 100, detections_per_img: int = 20, mask_channels: int = 64) -> MaskRCNN:
-    """Mask R-CNN + FPN; targets need `masks` in training, outputs carry `masks` [k, 1, H, W] in [0, 1]."""
+              proposals: int = 100, detections_per_img: int = 20, mask_channels: int = 64,
+              strides: tuple[int, ...] = LEVEL_STRIDES, anchor_scales: tuple[float, ...] = ANCHOR_SCALES,
+              aspect_ratios: tuple[float, ...] = ASPECT_RATIOS) -> MaskRCNN:
+    """Mask R-CNN + FPN; targets need `masks` in training, outputs carry `masks` [k, 1, H, W] in [0, 1].
+    The geometry hparams are Faster R-CNN's (models/faster_rcnn.py)."""
+    geometry = {"strides": strides, "anchor_scales": anchor_scales, "aspect_ratios": aspect_ratios}
     body, kwargs = two_stage_parts(num_classes, in_channels, image_size, backbone, backbone_hparams, fpn_channels,
-                                   representation, proposals, detections_per_img)
+                                   representation, proposals, detections_per_img, geometry)
     names = kwargs["box_roi_pool"].featmap_names
     # The paper's head has four 3x3 convs at 256 channels; two narrower ones keep CPUs fast.
-    return MaskRCNN(body, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
-                    mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 2, 1),
-                    mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1), **kwargs)
+    model = MaskRCNN(body, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+                     mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 2, 1),
+                     mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1), **kwargs)
+    return with_input_transform(model, in_channels, image_size)

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from models._checkpoint import train_mode, trunk_parameters
 from pipelines.errors import ConvForgeError
-from pipelines.optim import lr_at, make_ema, make_optimizer, set_hyperparameters
+from pipelines.optim import lr_at, make_ema, make_optimizer, set_hyperparameters, stages_frozen
 from pipelines.params import PolicyParams, TrainConfig
 from pipelines.runtime import resolve_device, set_threads
 from pipelines.tasks import PRIMARY, Batch, get_task
@@ -43,17 +44,19 @@ class EngineSettings:
     channels_last: bool = True
     compile: bool = False
     num_threads: int = 0
-    num_workers: int = 0
+    num_workers: int | str = 0  # DataLoader workers, or "auto" (see `loader_workers`)
     deterministic: bool = True
     seed: int = 0
+    concurrent_runs: int = 1  # runs sharing this machine's cores (a search's concurrent trials)
 
     @classmethod
-    def from_params(cls, params: "Params") -> "EngineSettings":
-        """The settings of params.yaml's `train` section plus the global seed and determinism."""
+    def from_params(cls, params: "Params", concurrent_runs: int = 1) -> "EngineSettings":
+        """The settings of params.yaml's `train` section plus the global seed and determinism;
+        `concurrent_runs` is how many runs share the cores (what `num_workers: auto` divides)."""
         train = params.train
         return cls(device=train.device, amp=train.amp, channels_last=train.channels_last, compile=train.compile,
                    num_threads=train.num_threads, num_workers=train.num_workers,
-                   deterministic=params.deterministic, seed=params.seed)
+                   deterministic=params.deterministic, seed=params.seed, concurrent_runs=max(1, concurrent_runs))
 
 
 @dataclass
@@ -132,8 +135,44 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor, channels_last: bool) ->
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
+MAX_AUTO_WORKERS = 8  # past this, reading and augmenting small images stops paying for the processes
+
+
+def loader_workers(settings: EngineSettings, data: Any) -> int:
+    """DataLoader workers for `data`: the count in the settings, or with "auto" 0 for in-memory tensors
+    (slicing beats any worker) and else one per core this run's share leaves beside its training process."""
+    from pipelines.datasets import is_lazy
+
+    if settings.num_workers != "auto":
+        return int(settings.num_workers)
+    if not is_lazy(data):
+        return 0
+    share = len(os.sched_getaffinity(0)) // max(1, settings.concurrent_runs)
+    return max(0, min(MAX_AUTO_WORKERS, share - 1)) if share > 1 else 0
+
+
+def _loader(dataset: torch.utils.data.Dataset, workers: int, pin: bool, **options: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader whose workers start once per loader and read ahead two batches each."""
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=pin,
+                                       prefetch_factor=2 if workers else None, **options)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Whole batches of a lazily read split, by their index lists: the slicing path, run in DataLoader
+    workers (same batches, same order, as slicing in-memory tensors)."""
+
+    def __init__(self, task: Any, data: Any, chunks: list[Tensor]):
+        self.task, self.data, self.chunks = task, data, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, b: int) -> Batch:
+        return self.task.gather(self.data, self.chunks[b])
+
+
 class _Samples(torch.utils.data.Dataset):
-    """Per-sample augmented items of in-memory tensors (the DataLoader path)."""
+    """Per-sample augmented items of a split, tensors or read lazily (the DataLoader path)."""
 
     def __init__(self, task: Any, data: Any, augment: Callable):
         self.task, self.data, self.augment = task, data, augment
@@ -153,24 +192,37 @@ def batches_per_epoch(total: int, batch_size: int) -> int:
 
 def train_batches(task: Any, data: Any, batch_size: int, generator: torch.Generator, augment: Callable | None,
                   settings: EngineSettings, pin: bool) -> Iterator[Batch]:
-    """One epoch of shuffled CPU batches: slices of the tensors, or per-sample augmented through a DataLoader."""
+    """One epoch of shuffled CPU batches: slices of the tensors (read by DataLoader workers when the split
+    is lazy), or per-sample augmented through a DataLoader."""
     count = batches_per_epoch(len(data), batch_size)
+    workers = loader_workers(settings, data)
     if augment is None:
         order = torch.randperm(len(data), generator=generator)
-        for b in range(count):
-            yield task.gather(data, order[b * batch_size:(b + 1) * batch_size])
+        chunks = [order[b * batch_size:(b + 1) * batch_size] for b in range(count)]
+        if workers == 0 or not _lazy(data):  # tensors in memory: slicing beats any worker
+            yield from (task.gather(data, chunk) for chunk in chunks)
+            return
+        yield from _loader(_Batches(task, data, chunks), workers, pin, batch_size=None)
         return
-    loader = torch.utils.data.DataLoader(
-        _Samples(task, data, augment), batch_size=batch_size, shuffle=True, generator=generator,
-        num_workers=settings.num_workers, collate_fn=task.collate, pin_memory=pin,
-        drop_last=len(data) % batch_size == 1 and len(data) > 1)
-    yield from loader
+    yield from _loader(_Samples(task, data, augment), workers, pin, batch_size=batch_size, shuffle=True,
+                       generator=generator, collate_fn=task.collate,
+                       drop_last=len(data) % batch_size == 1 and len(data) > 1)
 
 
-def eval_batches(task: Any, data: Any, batch_size: int) -> Iterator[Batch]:
-    """The split in order, as CPU batches."""
-    for start in range(0, len(data), batch_size):
-        yield task.gather(data, torch.arange(start, min(start + batch_size, len(data))))
+def eval_batches(task: Any, data: Any, batch_size: int, settings: EngineSettings | None = None) -> Iterator[Batch]:
+    """The split in order, as CPU batches (read by DataLoader workers when the split is lazy)."""
+    chunks = [torch.arange(start, min(start + batch_size, len(data))) for start in range(0, len(data), batch_size)]
+    workers = loader_workers(settings or EngineSettings(num_workers="auto"), data)
+    if workers == 0 or not _lazy(data):
+        yield from (task.gather(data, chunk) for chunk in chunks)
+        return
+    yield from _loader(_Batches(task, data, chunks), workers, False, batch_size=None)
+
+
+def _lazy(data: Any) -> bool:
+    from pipelines.datasets import is_lazy
+
+    return is_lazy(data)
 
 
 def prefetch(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
@@ -191,10 +243,11 @@ def prefetch(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
 
 
 def resident(data: Any, device: torch.device) -> Any:
-    """On CUDA, the dataset's uint8 images (and masks) on the GPU when they fit easily; else unchanged."""
+    """On CUDA, the dataset's uint8 images (and masks) on the GPU when they fit easily; else unchanged
+    (always for a split read lazily from disk: it is large by construction)."""
     from dataclasses import replace
 
-    if device.type != "cuda":
+    if device.type != "cuda" or _lazy(data):
         return data
     size = data.images.numel() + (data.masks.numel() if hasattr(data, "masks") else 0)
     if size > 0.25 * torch.cuda.mem_get_info(device)[0]:
@@ -228,6 +281,7 @@ class Setup:
     mixer: Callable | None
     data: Any  # the training split, on the GPU when it fits and nothing augments it per sample
     channels_last: bool
+    held: list[nn.Parameter] = field(default_factory=list)  # the `freeze` stages', trainable from unfreeze_epoch
 
     @property
     def eval_model(self) -> nn.Module:
@@ -244,7 +298,10 @@ def set_up(model: nn.Module, task: str, train: Any, cfg: TrainConfig, settings: 
     if len(train) < 2:
         raise ConvForgeError(f"{task}: the training split has {len(train)} item(s); need at least 2")
     forward_model = torch.compile(model) if settings.compile and adapter.compiles else model
-    optimizer = make_optimizer(model, cfg)
+    held = trunk_parameters(model, cfg.freeze)
+    for parameter in held:  # not trainable until set_trainable releases them; the optimizer holds them at lr 0
+        parameter.requires_grad_(False)
+    optimizer = make_optimizer(model, cfg, held)
     ema = make_ema(model, cfg.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
     mean, std = _normalizer(train.mean, train.std, device)
@@ -252,7 +309,17 @@ def set_up(model: nn.Module, task: str, train: Any, cfg: TrainConfig, settings: 
     mixer = adapter.mixer(cfg, len(train.classes))
     data = resident(train, device) if augment is None else train
     return Setup(model, forward_model, adapter, optimizer, ema, scaler, device, dtype, mean, std, augment, mixer, data,
-                 settings.channels_last)
+                 settings.channels_last, held)
+
+
+def set_trainable(setup: Setup, cfg: TrainConfig, epoch: int) -> None:
+    """Train mode for `epoch`: the `freeze` stages held (no gradients, BN statistics fixed) until unfreeze_epoch,
+    then fine-tuned with the rest (gradual unfreezing, Howard & Ruder 2018); a pure function of (cfg, epoch),
+    so a resumed run is in the state the uninterrupted one was."""
+    frozen = stages_frozen(cfg, epoch)
+    for parameter in setup.held:
+        parameter.requires_grad_(not frozen)
+    train_mode(setup.model)
 
 
 @dataclass
@@ -322,7 +389,11 @@ def resume(path: Path | None, setup: Setup, cfg: TrainConfig, say: Callable[[str
     if "step" not in saved:
         raise ConvForgeError(f"{path}: a checkpoint of an older engine; delete it to train from the start")
     setup.model.load_state_dict(saved["model"])
-    setup.optimizer.load_state_dict(saved["optimizer"])
+    try:
+        setup.optimizer.load_state_dict(saved["optimizer"])
+    except ValueError as exc:  # another number of param groups: `freeze` went from 0 to N or back
+        raise ConvForgeError(f"{path}: saved with freeze {saved['cfg'].get('freeze')}, now {cfg.freeze}, and its "
+                             f"optimizer does not fit ({exc}); delete it to train from the start") from None
     setup.scaler.load_state_dict(saved["scaler"])
     if setup.ema is not None and saved["ema"] is not None:
         setup.ema.load_state_dict(saved["ema"])
@@ -355,7 +426,7 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
 def train_one_epoch(setup: Setup, batches: Iterable[Batch], cfg: TrainConfig, epoch: int, first_step: int,
                     steps: int, say: Callable[[str], None]) -> tuple[float, int, float]:
     """One epoch of optimizer steps from `first_step` on; returns the mean loss, the images seen and the seconds."""
-    setup.model.train()
+    set_trainable(setup, cfg, epoch)
     started = last_note = time.perf_counter()
     loss_sum = torch.zeros((), device=setup.device)  # summed on the device: no sync per step
     seen = 0
@@ -425,6 +496,8 @@ def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, set
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.to(memory_format=torch.contiguous_format)  # plain tensors for saving and export
+    for parameter in setup.held:  # the model goes back as trainable as it came
+        parameter.requires_grad_(True)
     model.eval()
     return FitResult(model, state.history, state.best_epoch, state.best_score, PRIMARY[task], state.images_per_s())
 
@@ -440,7 +513,7 @@ def _evaluate(model: nn.Module, adapter: Any, data: Any, settings: EngineSetting
     dtype = amp_dtype(settings, device)
     mean, std = _normalizer(data.mean, data.std, device)
     meter = adapter.meter(data.classes)
-    for batch in prefetch(eval_batches(adapter, data, batch_size), device):
+    for batch in prefetch(eval_batches(adapter, data, batch_size, settings), device):
         images = normalize(batch.images, mean, std, settings.channels_last)
         with _autocast(device, dtype):
             outputs = adapter.outputs(model, images)

@@ -2,12 +2,16 @@
 
 The learning rate (and SGD's momentum under one-cycle) is a pure function of the step, as in
 nanoGPT's `get_lr(it)`: the engine sets it before every step, so a resumed run needs only the
-step number, and a config changed between epochs (a tuner's PBT) takes effect at once.
+step number, and a config changed between epochs (a tuner's PBT) takes effect at once. So is the
+learning rate of the stages `freeze` holds: 0 while frozen, then `lr_at(step) * unfreeze_lr_scale`
+from `unfreeze_epoch` on (gradual unfreezing with a lower rate for the earlier layers, Howard &
+Ruder 2018, "Universal Language Model Fine-tuning for Text Classification", Sec. 3.2-3.3).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -23,17 +27,27 @@ ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4
 ONECYCLE_MOMENTUM_LOW, ONECYCLE_MOMENTUM_HIGH = 0.85, 0.95
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, held: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (Sutskever et al. 2013) or AdamW (Loshchilov & Hutter 2019).
 
     No weight decay on biases and normalization parameters (1-D tensors), as is standard practice.
+    `held`, the parameters of the frozen stages, get a second such pair of groups (marked
+    `frozen_trunk`) whose rate `set_hyperparameters` scales by `trunk_lr_scale`: present from the
+    start, so the optimizer's state loads the same before and after the unfreeze epoch.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kept = {id(p) for p in held}
+    groups = _decay_groups([p for p in model.parameters() if p.requires_grad and id(p) not in kept], cfg)
+    if held:
+        groups += [{**group, "frozen_trunk": True} for group in _decay_groups(list(held), cfg)]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _decay_groups(parameters: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """Two param groups: the weights (decayed), then biases and normalization parameters (never decayed)."""
+    return [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
@@ -70,14 +84,26 @@ def momentum_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     return cfg.momentum
 
 
+def stages_frozen(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the first `cfg.freeze` trunk stages are frozen in 1-based `epoch`: until `unfreeze_epoch` (0: always)."""
+    return cfg.freeze > 0 and not 0 < cfg.unfreeze_epoch <= epoch
+
+
+def trunk_lr_scale(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """The frozen stages' share of `lr_at(step)`: 0 while frozen, then `cfg.unfreeze_lr_scale`."""
+    return 0.0 if stages_frozen(cfg, step // max(1, steps_per_epoch) + 1) else cfg.unfreeze_lr_scale
+
+
 def set_hyperparameters(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, steps_per_epoch: int) -> None:
     """Learning rate, momentum and weight decay of `step`, all from cfg (which may change between epochs)."""
     lr, momentum = lr_at(step, cfg, steps_per_epoch), momentum_at(step, cfg, steps_per_epoch)
+    trunk_lr = lr * trunk_lr_scale(step, cfg, steps_per_epoch)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = trunk_lr if group.get("frozen_trunk") else lr
         if "momentum" in group:
             group["momentum"] = momentum
-    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 1 (biases, norms) never decays
+    for group in optimizer.param_groups[::2]:  # groups come in pairs; the second (biases, norms) never decays
+        group["weight_decay"] = cfg.weight_decay
 
 
 def _one_cycle(step: int, cfg: TrainConfig, steps_per_epoch: int) -> tuple[float, float]:

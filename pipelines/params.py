@@ -74,6 +74,15 @@ class PolicyParams(Section):
     translate: Annotated[float, Field(ge=0.0, le=0.5)]
     erasing: Fraction
     color_jitter: Annotated[float, Field(ge=0.0, le=1.0)]
+    # Scenes only: zoom by a factor drawn from [low, high] (multi-scale training); [1.0, 1.0] = off
+    scale_jitter: Annotated[list[Annotated[float, Field(gt=0.0, le=4.0)]], Field(min_length=2, max_length=2)] = \
+        [1.0, 1.0]
+
+    @model_validator(mode="after")
+    def _ordered_jitter(self) -> "PolicyParams":
+        if self.scale_jitter[0] > self.scale_jitter[1]:
+            raise ValueError(f"scale_jitter must be [low, high] with low <= high, got {list(self.scale_jitter)}")
+        return self
 
 
 class AugmentParams(Section):

@@ -4,7 +4,9 @@ Classify: stratified train/val split (seeded), mean/std from train only, `augmen
 materialized augmented copies. Scenes: composed from the classify items of the SAME split
 (train scenes from train items, val from val, test from test), so no item leaks. For own
 coco/masks data the raw scenes are split and copied, and the classify set holds instance crops.
-Same params and seed give byte-identical outputs.
+Same params and seed give byte-identical outputs. Everything streams: raw items are read in
+blocks, raw scenes one at a time, and every output is written as it is made (pipelines.datasets
+writers), so memory stays flat whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import torch
 
 from pipelines import runtime
 from pipelines.coco import write_split
+from pipelines.datasets import (ITEMS_DATA, SCENES_DATA, ArrayWriter, RowReader, SceneWriter, read_rows, row_blocks,
+                                save_array)
 from pipelines.drawing import class_colors, draw_detections, save_grid
 from pipelines.errors import ConvForgeError
 from pipelines.params import AugmentParams, SceneParams
+from pipelines.raw import RawData
 from pipelines.scenes import Scene, compose_scenes
-from pipelines.sources import ClassifySplits, SceneSplits, save_npz
-from pipelines.datasets import ITEMS_DATA, SCENES_DATA
 from pipelines.transforms import apply_policy, build_policy
 
 SPLITS = ("train", "val", "test")
@@ -38,17 +41,37 @@ def stratified_split(labels: np.ndarray, val_fraction: float, rng: np.random.Gen
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
 
+class ChannelHistogram:
+    """Per-channel value histograms of uint8 images, added block by block: exact mean/std of a whole split."""
+
+    def __init__(self) -> None:
+        self.hist: np.ndarray | None = None
+
+    def add(self, images: np.ndarray) -> None:
+        """Count the values of uint8 [N, H, W, C] (or one [H, W, C])."""
+        channels = images.shape[-1]
+        counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256) for c in range(channels)])
+        self.hist = counts if self.hist is None else self.hist + counts
+
+    def stats(self, channels: int) -> tuple[list[float], list[float]]:
+        """Mean and std per channel in [0, 1] units (0 and 1 for a channel with no pixels)."""
+        values = np.arange(256, dtype=np.float64) / 255.0
+        hist = self.hist if self.hist is not None else np.zeros((channels, 256), np.int64)
+        mean, std = [], []
+        for c in range(channels):
+            counts = hist[c].astype(np.float64)
+            total = max(counts.sum(), 1.0)
+            m = float((counts * values).sum() / total)
+            mean.append(round(m, 6))
+            std.append(round(float(np.sqrt(max((counts * values ** 2).sum() / total - m * m, 0.0))), 6) or 1.0)
+        return mean, std
+
+
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units of uint8 [N, H, W, C], exact, from value histograms."""
-    values = np.arange(256, dtype=np.float64) / 255.0
-    mean, std = [], []
-    for c in range(images.shape[-1]):
-        hist = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
-        total = max(hist.sum(), 1.0)
-        m = float((hist * values).sum() / total)
-        mean.append(round(m, 6))
-        std.append(round(float(np.sqrt(max((hist * values ** 2).sum() / total - m * m, 0.0))), 6) or 1.0)
-    return mean, std
+    histogram = ChannelHistogram()
+    histogram.add(images)
+    return histogram.stats(images.shape[-1])
 
 
 def _chw(images: np.ndarray) -> torch.Tensor:
@@ -59,48 +82,86 @@ def _hwc(images: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(images.numpy().transpose(0, 2, 3, 1))
 
 
-def materialize_copies(images: np.ndarray, labels: np.ndarray, params: AugmentParams,
-                       seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`params.copies` augmented copies of every image (policy at strength 1), seeded per copy."""
-    if params.copies == 0 or len(images) == 0:
-        return images[:0], labels[:0]
-    policy = build_policy(params.policy, images.shape[1], images.shape[-1])
-    copies = [_hwc(apply_policy(policy, _chw(images), seed=seed * 1000 + k + 1)) for k in range(params.copies)]
-    return np.concatenate(copies), np.tile(labels, params.copies)
+def append_copies(path: Path, originals: int, params: AugmentParams, seed: int, rows: int = 256) -> int:
+    """`params.copies` augmented copies of the first `originals` rows appended to the .npy at `path`
+    (policy at strength 1), block by block; returns the rows added.
+
+    Copy k seeds the torch RNG once and runs through every image in order, exactly as
+    `apply_policy(policy, all_images, seed * 1000 + k + 1)` would: same bytes, a block in memory."""
+    if params.copies == 0 or originals == 0:
+        return 0
+    shape = read_rows(path, 0, 1).shape
+    policy = build_policy(params.policy, shape[1], shape[-1])
+    with ArrayWriter.reopen(path) as writer:
+        for k in range(params.copies):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1000 + k + 1)
+                for start in range(0, originals, rows):
+                    block = _chw(read_rows(path, start, min(start + rows, originals)))
+                    writer.append(_hwc(torch.stack([policy(image) for image in block])))
+    return params.copies * originals
 
 
-def write_classify(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
-                   params: AugmentParams, seed: int, note: str | None = None) -> dict:
-    """Write {train,val,test}.npz and meta.json (stats from the original train images only)."""
-    train_x, train_y = splits["train"]
-    mean, std = channel_stats(train_x)
-    copy_x, copy_y = materialize_copies(train_x, train_y, params, seed)
-    is_copy = np.concatenate([np.zeros(len(train_x), bool), np.ones(len(copy_x), bool)])
-    save_npz(out / "train.npz", images=np.concatenate([train_x, copy_x]),
-             labels=np.concatenate([train_y, copy_y]).astype(np.int64), is_copy=is_copy)
-    for split in ("val", "test"):
-        save_npz(out / f"{split}.npz", images=splits[split][0], labels=splits[split][1].astype(np.int64))
-    meta = {"classes": classes, "in_channels": int(train_x.shape[-1]), "image_size": int(train_x.shape[1]),
-            "mean": mean, "std": std, "policy": params.policy.model_dump(), "augment": params.model_dump(), "seed": seed,
-            "counts": {"train": int(len(train_x)), "copies": int(len(copy_x)),
-                       "val": int(len(splits["val"][0])), "test": int(len(splits["test"][0]))}}
-    if note:
-        meta["note"] = note
-    runtime.write_json(out / "meta.json", meta)
-    return meta
+class ItemsWriter:
+    """data/prepared/classify written split by split as items arrive: {split}/images.npy and labels.npy,
+    train/is_copy.npy, meta.json (mean/std from the original train items only)."""
+
+    def __init__(self, out: Path, row_shape: tuple[int, ...]):
+        self.out, self.row_shape = out, row_shape
+        self.writers = {split: ArrayWriter(out / split / "images.npy", row_shape) for split in SPLITS}
+        self.labels: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+        self.histogram = ChannelHistogram()
+
+    def add(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+        """Items uint8 [n, H, W, C] with their labels, appended to `split`."""
+        if len(images) == 0:
+            return
+        self.writers[split].append(images)
+        self.labels[split].append(np.asarray(labels, dtype=np.int64))
+        if split == "train":
+            self.histogram.add(images)
+
+    def finish(self, classes: list[str], params: AugmentParams, seed: int, note: str | None = None) -> dict:
+        """Close the splits, append the train copies, write labels, is_copy and meta.json; returns the meta."""
+        counts = {split: writer.close() for split, writer in self.writers.items()}
+        labels = {split: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                  for split, parts in self.labels.items()}
+        copies = append_copies(self.out / "train" / "images.npy", counts["train"], params, seed)
+        save_array(self.out / "train" / "labels.npy", np.concatenate([labels["train"]] + [labels["train"]] *
+                                                                     params.copies if copies else [labels["train"]]))
+        save_array(self.out / "train" / "is_copy.npy",
+                   np.concatenate([np.zeros(counts["train"], bool), np.ones(copies, bool)]))
+        for split in ("val", "test"):
+            save_array(self.out / split / "labels.npy", labels[split])
+        mean, std = self.histogram.stats(self.row_shape[-1])
+        meta = {"classes": classes, "in_channels": int(self.row_shape[-1]), "image_size": int(self.row_shape[0]),
+                "mean": mean, "std": std, "policy": params.policy.model_dump(), "augment": params.model_dump(),
+                "seed": seed, "counts": {"train": counts["train"], "copies": copies, "val": counts["val"],
+                                         "test": counts["test"]}}
+        if note:
+            meta["note"] = note
+        runtime.write_json(self.out / "meta.json", meta)
+        return meta
+
+
+def scenes_meta(classes: list[str], in_channels: int, image_size: int, histogram: ChannelHistogram,
+                counts: dict[str, int], instances: dict[str, int]) -> dict:
+    """meta.json of data/prepared/scenes (mean/std from the train scenes)."""
+    mean, std = histogram.stats(in_channels)
+    return {"classes": classes, "in_channels": in_channels, "image_size": image_size, "mean": mean, "std": std,
+            "counts": counts | {f"{split}_instances": instances[split] for split in SPLITS}}
 
 
 def write_scenes(out: Path, scenes: dict[str, list[Scene]], classes: list[str], in_channels: int,
                  image_size: int) -> dict:
-    """Write the scene splits (COCO + PNGs) and meta.json (mean/std from train scenes)."""
+    """Write composed scene splits (COCO + PNGs, small canvases) and meta.json (mean/std from train scenes)."""
+    histogram = ChannelHistogram()
     for split in SPLITS:
         write_split(out / split, scenes[split], classes)
-    train_images = np.stack([s.image for s in scenes["train"]]) if scenes["train"] else \
-        np.zeros((0, image_size, image_size, in_channels), np.uint8)
-    mean, std = channel_stats(train_images)
-    meta = {"classes": classes, "in_channels": in_channels, "image_size": image_size, "mean": mean, "std": std,
-            "counts": {split: len(scenes[split]) for split in SPLITS} |
-            {f"{split}_instances": int(sum(len(s.labels) for s in scenes[split])) for split in SPLITS}}
+    for scene in scenes["train"]:
+        histogram.add(scene.image)
+    meta = scenes_meta(classes, in_channels, image_size, histogram, {split: len(scenes[split]) for split in SPLITS},
+                       {split: int(sum(len(s.labels) for s in scenes[split])) for split in SPLITS})
     runtime.write_json(out / "meta.json", meta)
     return meta
 
@@ -130,20 +191,42 @@ def preview_scenes(path: Path, scenes: list[Scene], classes: list[str], count: i
         save_grid(drawn, path, nrow=4)
 
 
-def prepare_from_classify(raw: ClassifySplits, prepared: Path, reports: Path, augment: AugmentParams,
+def _select_blocks(path: Path, keep: np.ndarray):
+    """Blocks of the rows `keep` (ascending) of an .npy file, read block by block."""
+    for start, block in row_blocks(path):
+        chosen = keep[(keep >= start) & (keep < start + len(block))]
+        if len(chosen):
+            yield chosen, block[chosen - start]
+
+
+def prepare_from_classify(raw: RawData, prepared: Path, reports: Path, augment: AugmentParams,
                           scenes: SceneParams, seed: int) -> None:
     """Classify splits and scenes composed from them (see module docstring)."""
-    train_idx, val_idx = stratified_split(raw.train_labels, augment.val_fraction, np.random.default_rng(seed))
-    splits = {"train": (raw.train_images[train_idx], raw.train_labels[train_idx]),
-              "val": (raw.train_images[val_idx], raw.train_labels[val_idx]),
-              "test": (raw.test_images, raw.test_labels)}
+    train_labels, test_labels = raw.labels("train"), raw.labels("test")
+    train_idx, val_idx = stratified_split(train_labels, augment.val_fraction, np.random.default_rng(seed))
+    shape = read_rows(raw.images_path("train"), 0, 1).shape[1:]
+    with runtime.atomic_dir(prepared / ITEMS_DATA) as out:
+        items = ItemsWriter(out, shape)
+        for split, keep in (("train", train_idx), ("val", val_idx)):
+            for rows, block in _select_blocks(raw.images_path("train"), keep):
+                items.add(split, block, train_labels[rows])
+        for start, block in row_blocks(raw.images_path("test")):
+            items.add("test", block, test_labels[start:start + len(block)])
+        items_meta = items.finish(raw.classes, augment, seed)
+    # Scenes draw items at random: one pread per item from the written splits (no split held in memory).
+    labels = {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels}
     sources = {"train": [f"train/{i}" for i in train_idx], "val": [f"train/{i}" for i in val_idx],
-               "test": [f"test/{i}" for i in range(len(raw.test_labels))]}
+               "test": [f"test/{i}" for i in range(len(test_labels))]}
     counts = {"train": scenes.train_scenes, "val": scenes.val_scenes, "test": scenes.test_scenes}
-    composed = {split: compose_scenes(*splits[split], sources[split], counts[split], scenes,
+    composed = {split: compose_scenes(RowReader(prepared / ITEMS_DATA / split / "images.npy", len(labels[split])),
+                                      labels[split], sources[split], counts[split], scenes,
                                       np.random.default_rng([seed, n]), progress=f"compose {split} scenes")
                 for n, split in enumerate(SPLITS)}
-    _write_all(prepared, reports, splits, composed, raw.classes, augment, seed, scenes.canvas_size)
+    with runtime.atomic_dir(prepared / SCENES_DATA) as out:
+        scenes_written = write_scenes(out, composed, raw.classes, int(shape[-1]), scenes.canvas_size)
+    preview_items = read_rows(prepared / ITEMS_DATA / "train" / "images.npy", 0, augment.preview_count)
+    _write_previews(reports, preview_items, composed["train"], raw.classes, augment, seed)
+    print(f"{ITEMS_DATA}: {items_meta['counts']}  {SCENES_DATA}: {scenes_written['counts']}")
 
 
 def instance_crops(scenes: list[Scene], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,33 +255,52 @@ def _resized_to(image: np.ndarray, size: int) -> np.ndarray:
     return F.resize(tensor, [size, size], antialias=True).numpy().transpose(1, 2, 0)
 
 
-def prepare_from_scenes(raw: SceneSplits, prepared: Path, reports: Path, augment: AugmentParams,
-                        seed: int) -> None:
-    """Own coco/masks data: raw train split into train/val (seeded), test kept; classify = instance crops."""
-    order = np.random.default_rng(seed).permutation(len(raw.train))
-    n_val = int(round(augment.val_fraction * len(raw.train)))
-    val_ids = set(order[:n_val].tolist())
-    composed = {"train": [s for i, s in enumerate(raw.train) if i not in val_ids],
-                "val": [s for i, s in enumerate(raw.train) if i in val_ids], "test": list(raw.test)}
-    for split in SPLITS:
-        for image_id, scene in enumerate(composed[split], start=1):
-            scene.image_id = image_id
-    splits = {split: instance_crops(composed[split], augment.crop_size) for split in SPLITS}
-    if len(splits["train"][0]) == 0:
-        raise ConvForgeError("the training images have no instances to crop for the classify set")
-    image_size = raw.train[0].image.shape[0]
-    _write_all(prepared, reports, splits, composed, raw.classes, augment, seed, image_size,
-               note=f"classify items are instance crops ({augment.crop_size} px) of the {raw.name} scenes")
+def _own_scenes(raw: RawData, seed: int, val_fraction: float):
+    """(split, scene) for every raw scene in order: raw train split into train/val (seeded), test kept."""
+    order = np.random.default_rng(seed).permutation(raw.count("train"))
+    val_ids = set(order[:int(round(val_fraction * len(order)))].tolist())
+    for i, scene in enumerate(raw.scenes("train")):
+        yield ("val" if i in val_ids else "train"), scene
+    for scene in raw.scenes("test"):
+        yield "test", scene
 
 
-def _write_all(prepared: Path, reports: Path, splits: dict, composed: dict[str, list[Scene]], classes: list[str],
-               augment: AugmentParams, seed: int, canvas: int, note: str | None = None) -> None:
-    in_channels = int(splits["train"][0].shape[-1])
-    with runtime.atomic_dir(prepared / ITEMS_DATA) as out:
-        items_meta = write_classify(out, splits, classes, augment, seed, note)
-    with runtime.atomic_dir(prepared / SCENES_DATA) as out:
-        scenes_meta = write_scenes(out, composed, classes, in_channels, canvas)
+def prepare_from_scenes(raw: RawData, prepared: Path, reports: Path, augment: AugmentParams, seed: int) -> None:
+    """Own coco/masks data: raw train split into train/val (seeded), test kept; classify = instance crops.
+
+    One pass over the raw scenes, one scene in memory at a time: each is copied into its prepared
+    split and its instance crops appended to the classify split of the same name."""
+    channels, canvas = int(raw.meta["in_channels"]), int(raw.meta["image_size"][0])
+    histogram, previews = ChannelHistogram(), []
+    instances = {split: 0 for split in SPLITS}
+    with runtime.atomic_dir(prepared / ITEMS_DATA) as items_out,             runtime.atomic_dir(prepared / SCENES_DATA) as scenes_out:
+        items = ItemsWriter(items_out, (augment.crop_size, augment.crop_size, channels))
+        writers = {split: SceneWriter(scenes_out / split, raw.classes) for split in SPLITS}
+        for split, scene in _own_scenes(raw, seed, augment.val_fraction):
+            writers[split].add(scene)
+            items.add(split, *instance_crops([scene], augment.crop_size))
+            instances[split] += len(scene.labels)
+            if split == "train":
+                histogram.add(scene.image)
+                if len(previews) < 16:
+                    previews.append(scene)
+        for writer in writers.values():
+            writer.close()
+        if items.writers["train"].count == 0:
+            raise ConvForgeError("the training images have no instances to crop for the classify set")
+        items_meta = items.finish(raw.classes, augment, seed,
+                                  note=f"classify items are instance crops ({augment.crop_size} px) of the "
+                                       f"{raw.meta['name']} scenes")
+        scenes_written = scenes_meta(raw.classes, channels, canvas, histogram,
+                                     {split: writers[split].count for split in SPLITS}, instances)
+        runtime.write_json(scenes_out / "meta.json", scenes_written)
+    preview_items = read_rows(prepared / ITEMS_DATA / "train" / "images.npy", 0, augment.preview_count)
+    _write_previews(reports, preview_items, previews, raw.classes, augment, seed)
+    print(f"{ITEMS_DATA}: {items_meta['counts']}  {SCENES_DATA}: {scenes_written['counts']}")
+
+
+def _write_previews(reports: Path, items: np.ndarray, scenes: list[Scene], classes: list[str],
+                    augment: AugmentParams, seed: int) -> None:
     with runtime.atomic_dir(reports) as out:
-        preview_classify(out / f"{ITEMS_DATA}_preview.png", splits["train"][0], augment, seed)
-        preview_scenes(out / f"{SCENES_DATA}_preview.png", composed["train"], classes)
-    print(f"{ITEMS_DATA}: {items_meta['counts']}  {SCENES_DATA}: {scenes_meta['counts']}")
+        preview_classify(out / f"{ITEMS_DATA}_preview.png", items, augment, seed)
+        preview_scenes(out / f"{SCENES_DATA}_preview.png", scenes, classes)

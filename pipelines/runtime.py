@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 from models._files import atomic_dir, sha256_file, write_json  # noqa: F401  (re-exported)
 

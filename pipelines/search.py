@@ -27,7 +27,7 @@ from pipelines.params import Params, TrainConfig
 from pipelines.search_space import SearchSpace
 from pipelines.tasks import PRIMARY, get_task
 from pipelines.tracking.trial_logger import TrialLogger
-from pipelines.tuner import Experiment, TrialRecord, is_saved, run_trials, trial_base, trial_records
+from pipelines.tuner import Experiment, TrialData, TrialRecord, is_saved, run_trials, trial_base, trial_records
 
 # The search keys that shape the trials; ray_address, storage and max_latency_ms only say where trials
 # run and which finished trial wins, so changing them reuses a finished search.
@@ -63,7 +63,8 @@ def prepare_search(params: Params, task: str, data_root: Path, storage: str | No
     key = search_key(params, task, space, data_hash)
     storage = storage or params.search.storage or str(Path("ray_results").resolve())
     experiment = Experiment(task, PRIMARY[task], space, budget, trial_config(params, task), train, val, storage,
-                            f"search-{task}-{key}")
+                            f"search-{task}-{key}", TrialData(str(data_root.resolve()), budget.train_subset,
+                                                              params.seed))
     return experiment, data_hash, key
 
 
@@ -83,7 +84,8 @@ def search_trials(params: Params, experiment: Experiment, data_hash: str, key: s
     # Each trial runs its engine on its own CPUs (train.num_threads would count every core).
     threads = max(1, int(params.search.cpus_per_trial))
     settings = EngineSettings.from_params(params.model_copy(
-        update={"train": params.train.model_copy(update={"num_threads": threads})}))
+        update={"train": params.train.model_copy(update={"num_threads": threads})}),
+        concurrent_runs=params.search.max_concurrent)
     logger = TrialLogger(uri, experiment_id, parent_id, experiment.space, experiment.metric,
                          experiment.budget.max_epochs)
     try:

@@ -1,7 +1,9 @@
 """The search space: each family's registry space, the optimizers' own keys, the shared training keys.
 
 A trial's config is flat: `family`, then that family's `<family>.<hparam>` keys; `optimizer`,
-then `<optimizer>.lr`; then `weight_decay`, `batch_size`, `aug_strength`. Optuna (TPE) walks this
+then `<optimizer>.lr`; then `weight_decay`, `batch_size`, `aug_strength`, and the transfer keys
+`pretrained`, `freeze`, `unfreeze_epoch` when `search.<task>.space` lists choices for them (else
+the trial keeps `train.<task>`'s value). Optuna (TPE) walks this
 space define-by-run, so only the chosen branch's keys are sampled; Ray's random search samples
 every key and the trial reads the chosen branch's (`SearchSpace.choice`).
 """
@@ -19,6 +21,12 @@ from pipelines.params import TrainConfig, TrainSpaceParams
 
 Domain = Choice | IntRange | FloatRange
 Space = dict[str, Domain]
+# TrainConfig keys searched only when `search.<task>.space` gives their choices (Yosinski et al. 2014:
+# how much of a pretrained trunk to transfer and freeze is an empirical question, so search it).
+TRANSFER_KEYS = ("pretrained", "freeze", "unfreeze_epoch")
+_ABSENT = object()  # a starting point's value that its domain does not offer (None is a valid choice)
+
+
 def _is_plain(values: Iterable[Any]) -> bool:
     """Optuna's categorical choices must be None, bool, int, float or str."""
     return all(v is None or isinstance(v, (bool, int, float, str)) for v in values)
@@ -56,10 +64,10 @@ def _cast(domain: Domain, value: Any) -> Any:
     return value
 
 
-def _clamp(domain: Domain, value: Any) -> Any | None:
-    """`value` moved into `domain`, or None when a choice does not offer it."""
+def _clamp(domain: Domain, value: Any) -> Any:
+    """`value` moved into `domain`, or `_ABSENT` when a choice does not offer it."""
     if isinstance(domain, Choice):
-        return value if value in list(domain.values) else None
+        return value if value in list(domain.values) else _ABSENT
     return type(value)(min(max(value, domain.low), domain.high))
 
 
@@ -111,6 +119,7 @@ class SearchSpace:
             "batch_size": Choice(list(space.batch_size)),
             "aug_strength": FloatRange(*space.aug_strength),
         }
+        train.update({key: Choice(list(getattr(space, key))) for key in TRANSFER_KEYS if getattr(space, key)})
         return cls(families, optimizers, train, defaults)
 
     def branches(self) -> list[tuple[str, dict[str, Space]]]:
@@ -171,7 +180,7 @@ class SearchSpace:
             point = {"family": name}
             point.update({f"{name}.{k}": _clamp(d, defaults[k]) for k, d in space.items() if k in defaults})
             point.update(common)
-            points.append({k: v for k, v in point.items() if v is not None})
+            points.append({k: v for k, v in point.items() if v is not _ABSENT})
         return points
 
     def optuna_point(self, point: dict[str, Any]) -> dict[str, Any]:

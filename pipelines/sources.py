@@ -12,13 +12,13 @@ import contextlib
 import os
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from pipelines.datasets import ITEMS_DATA, ArrayWriter, SceneWriter, rename_classes, save_array
 from pipelines.errors import ConvForgeError
 from pipelines.params import BUILTIN_DATASETS, OWN_DATA_KINDS, DataParams
 from pipelines.scenes import Scene, masks_to_boxes
@@ -28,6 +28,7 @@ DIGITS_SPLIT_SEED = 0  # a fixed split: the raw dataset must not change with the
 DIGITS_TEST_FRACTION = 0.2
 FLAT_TEST_EVERY = 5
 MIN_COMPONENT_PIXELS = 4  # masks:PATH: smaller connected components are not instances
+RAW_SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -185,7 +186,7 @@ def read_digits(data: DataParams) -> ClassifySplits:
                    [str(d) for d in range(10)], (train_x, train_y), (test_x, test_y))
 
 
-# ---- the user's own data ----------------------------------------------------------------------
+# ---- the user's own data: streamed to disk, one image decoded at a time -------------------------
 
 class CorruptImages:
     """Unreadable images: reported by path, then skipped or fatal per data.on_corrupt."""
@@ -202,53 +203,60 @@ class CorruptImages:
         self.skipped.append(str(path))
 
 
-def open_image(path: Path):
-    """A fully decoded PIL image; decoder problems raise (callers report them as corrupt)."""
-    import warnings
+@dataclass(frozen=True)
+class Header:
+    """What an image file's header says, read without decoding a pixel."""
 
+    width: int
+    height: int
+    grey: bool
+
+
+def read_header(path: Path, corrupt: CorruptImages) -> Header | None:
+    """The file's size and whether it is greyscale (PIL reads the header only); None when unreadable."""
     from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(path)
-        image.load()
-    return image
+    from pipelines.decode import is_grey
 
-
-def _load(path: Path, corrupt: CorruptImages):
     try:
-        return open_image(path)
+        with Image.open(path) as image:
+            return Header(*image.size, is_grey(image))
     except Exception as exc:  # PIL raises many types for broken files: all mean "unreadable"
         corrupt.report(path, f"{type(exc).__name__}: {exc}")
         return None
 
 
-def _is_gray(image) -> bool:
-    return image.mode in ("1", "L", "LA", "I", "I;16", "F")
+def auto_size(sides: list[int], cap: int, multiple: int) -> int:
+    """data.image_size auto: the median of `sides`, capped at `cap`, rounded down to a multiple of
+    `multiple` (strided backbones halve the input several times) and at least `multiple`."""
+    median = int(np.median(sides)) if sides else cap
+    return max(multiple, min(cap, median) // multiple * multiple)
 
 
-def _fit_square(image, size: int):
-    """Shorter side to `size`, then centre crop (ImageFolder images; keeps aspect ratio)."""
-    from torchvision.transforms.v2 import functional as F
+def working_size(data: DataParams, headers: list[Header], scene: bool) -> int:
+    """data.image_size, or with `auto` the size the images suggest: the median shorter side for
+    classification (fit_square keeps the shorter side), the median longer side for scenes (letterbox
+    fits the longer side), capped by auto_size_max / auto_canvas_max."""
+    if data.image_size != "auto":
+        return int(data.image_size)
+    if scene:
+        return auto_size([max(h.width, h.height) for h in headers], data.auto_canvas_max, 32)
+    return auto_size([min(h.width, h.height) for h in headers], data.auto_size_max, 8)
 
-    return F.center_crop(F.resize(image, size, antialias=True), size)
 
+def decode(path: Path, in_channels: int, size: int, geometry: str, corrupt: CorruptImages) -> np.ndarray | None:
+    """One image decoded (JPEGs at a reduced DCT scale when `size` allows), oriented, in `in_channels`,
+    fitted to size x size by `geometry` ("square" or "letterbox"); None when unreadable."""
+    from pipelines.decode import DecodeError, fit_square, letterbox, open_image, to_array
 
-def _letterbox(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    """Longer side to `size`, padded with 0 at the bottom/right (scenes; keeps aspect and every object)."""
-    from PIL import Image
-
-    h, w = array.shape[:2]
-    scale = size / max(h, w)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    squeeze = array.ndim == 3 and array.shape[-1] == 1
-    image = Image.fromarray(array[:, :, 0] if squeeze else array)
-    resized = np.asarray(image.resize(new, Image.NEAREST if nearest else Image.BILINEAR))
-    if squeeze:
-        resized = resized[:, :, None]
-    out = np.zeros((size, size, *array.shape[2:]), dtype=array.dtype)
-    out[:new[1], :new[0]] = resized
-    return out
+    try:
+        image = open_image(path, min_side=size, side="short" if geometry == "square" else "long")
+        array = to_array(image, in_channels)
+        image.close()
+    except DecodeError as exc:
+        corrupt.report(path, str(exc))
+        return None
+    return (fit_square if geometry == "square" else letterbox)(array, size)[0]
 
 
 def _split_folders(root: Path) -> dict[str, Path] | None:
@@ -268,63 +276,76 @@ def _require_dir(path: Path, kind: str) -> None:
         raise ConvForgeError(f"data.dataset {kind}:{path}: no such folder")
 
 
-def read_imagefolder(data: DataParams) -> ClassifySplits:
-    """An ImageFolder tree (root/<class>/*.png, or root/{train,test}/<class>/...), resized to data.image_size.
-
-    Channels: 1 if every readable image is grayscale, else 3 (grayscale ones converted to RGB).
-    """
+def list_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """The class names and (path, label) items per split of an ImageFolder tree (flat or pre-split)."""
     from torchvision.datasets import ImageFolder
 
-    root = data.path
     _require_dir(root, "imagefolder")
     folders = _split_folders(root)
     try:
         if folders:
-            samples = {split: ImageFolder(str(path), allow_empty=True) for split, path in folders.items()}
-            if samples["train"].classes != samples["test"].classes:
+            found = {split: ImageFolder(str(path), allow_empty=True) for split, path in folders.items()}
+            if found["train"].classes != found["test"].classes:
                 raise ConvForgeError(f"{root}: train/ and test/ have different class folders "
-                                     f"({samples['train'].classes} vs {samples['test'].classes})")
-            classes = samples["train"].classes
-            listed = {split: ds.samples for split, ds in samples.items()}
-        else:
-            dataset = ImageFolder(str(root))
-            classes = dataset.classes
-            listed = {"train": [], "test": []}
-            for c in range(len(classes)):
-                parts = _flat_split([s for s in dataset.samples if s[1] == c])
-                listed["train"] += parts["train"]
-                listed["test"] += parts["test"]
+                                     f"({found['train'].classes} vs {found['test'].classes})")
+            return found["train"].classes, {split: ds.samples for split, ds in found.items()}
+        # ImageFolder's file walk only: nothing is decoded here
+        dataset = ImageFolder(str(root))
     except FileNotFoundError as exc:
         raise ConvForgeError(f"data.dataset imagefolder:{root}: {exc}") from None
+    listed: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for c in range(len(dataset.classes)):
+        parts = _flat_split([s for s in dataset.samples if s[1] == c])
+        listed["train"] += parts["train"]
+        listed["test"] += parts["test"]
+    return dataset.classes, listed
+
+
+def _limits(data: DataParams) -> dict[str, int | None]:
+    return {"train": data.max_train, "test": data.max_test}
+
+
+def stream_imagefolder(data: DataParams, out: Path) -> dict:
+    """An ImageFolder tree (root/<class>/*.jpg, or root/{train,test}/<class>/...) into `out/{split}/images.npy`
+    (uint8 [N, S, S, C]) and `labels.npy`, one image decoded at a time; returns the raw meta's fields.
+
+    A header pass first (no pixels decoded) gives data.image_size auto and the channels: 1 if every
+    readable image is greyscale, else 3 (greyscale ones converted to RGB).
+    """
+
+    classes, listed = list_imagefolder(data.path)
     corrupt = CorruptImages(data.on_corrupt)
-    limits = {"train": data.max_train, "test": data.max_test}
-    loaded: dict[str, list] = {}
-    for split, items in listed.items():
-        loaded[split] = []
-        for path, label in progress(items[:limits[split]], f"read {split} images"):
-            image = _load(Path(path), corrupt)
-            if image is not None:
-                loaded[split].append((image, label))
-    everything = [image for split in loaded.values() for image, _ in split]
-    if not loaded["train"]:
-        raise ConvForgeError(f"{root}: no readable training images")
-    mode = "L" if all(_is_gray(image) for image in everything) else "RGB"
-
-    def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-        images = [np.asarray(_fit_square(image.convert(mode), data.image_size)) for image, _ in loaded[split]]
-        shape = (0, data.image_size, data.image_size) + (() if mode == "L" else (3,))
-        return (np.stack(images) if images else np.zeros(shape, np.uint8),
-                np.array([label for _, label in loaded[split]], dtype=np.int64))
-
-    return _splits(data, "imagefolder", str(root), classes, arrays("train"), arrays("test"), corrupt.skipped)
+    items = {split: [(Path(p), label, read_header(Path(p), corrupt)) for p, label in
+                     progress(listed[split][:_limits(data)[split]], f"read {split} headers")]
+             for split in RAW_SPLITS}
+    headers = [h for split in items.values() for _, _, h in split if h is not None]
+    if not any(h is not None for _, _, h in items["train"]):
+        raise ConvForgeError(f"{data.path}: no readable training images")
+    size, channels = working_size(data, headers, scene=False), 1 if all(h.grey for h in headers) else 3
+    counts = {}
+    for split, entries in items.items():
+        labels = []
+        with ArrayWriter(out / split / "images.npy", (size, size, channels)) as writer:
+            for path, label, header in progress(entries, f"decode {split} images"):
+                array = None if header is None else decode(path, channels, size, "square", corrupt)
+                if array is not None:
+                    writer.append(array)
+                    labels.append(label)
+        save_array(out / split / "labels.npy", np.array(labels, dtype=np.int64))
+        counts[split] = len(labels)
+    if counts["train"] == 0:
+        raise ConvForgeError(f"{data.path}: no readable training images")
+    return {"name": "imagefolder", "source": str(data.path), "kind": ITEMS_DATA, "classes": list(classes),
+            "in_channels": channels, "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped}
 
 
 def _scene(image: np.ndarray, instance_masks: list[np.ndarray], labels: list[int], semantic: np.ndarray,
            size: int, source: str) -> Scene:
     """A letterboxed scene; boxes recomputed tight around the resized masks, emptied instances dropped."""
-    image = _letterbox(image, size, nearest=False)
-    semantic = _letterbox(semantic, size, nearest=True)
-    masks = [_letterbox(m.astype(np.uint8), size, nearest=True).astype(bool) for m in instance_masks]
+    from pipelines.decode import letterbox
+
+    semantic = letterbox(semantic, size, nearest=True)[0]
+    masks = [letterbox(m.astype(np.uint8), size, nearest=True)[0].astype(bool) for m in instance_masks]
     keep = [i for i, m in enumerate(masks) if m.sum() > 0]
     stacked = np.stack([masks[i] for i in keep]) if keep else np.zeros((0, size, size), dtype=bool)
     return Scene(image, semantic, stacked, masks_to_boxes(stacked),
@@ -342,17 +363,11 @@ def _find_annotations(folder: Path) -> Path:
     return found[0]
 
 
-def read_coco(data: DataParams) -> SceneSplits:
-    """COCO instances data (folder with instances.json + images/, or train/ and test/ such folders).
-
-    Crowd annotations are left out; classes follow the category ids in ascending order.
-    """
+def _coco_apis(root: Path) -> tuple[dict[str, Path], dict[str, Any], list[str]]:
+    """Split folders, their pycocotools COCO objects and the class names (category ids ascending)."""
     from pycocotools.coco import COCO
 
-    root = data.path
-    _require_dir(root, "coco")
     folders = _split_folders(root) or {"": root}
-    corrupt = CorruptImages(data.on_corrupt)
     apis, classes = {}, None
     for split, folder in folders.items():
         ann_path = _find_annotations(folder)
@@ -367,135 +382,167 @@ def read_coco(data: DataParams) -> SceneSplits:
         classes = names
     if not classes:
         raise ConvForgeError(f"{root}: the COCO file has no categories")
-    scenes: dict[str, list[Scene]] = {"train": [], "test": []}
-    channels: list[bool] = []
+    return folders, apis, classes
+
+
+@dataclass(frozen=True)
+class SceneSource:
+    """One own-data scene to read: its image, its header, and how to get its instances."""
+
+    image: Path
+    header: Header | None
+    instances: Callable[[], tuple[list[np.ndarray], list[int], np.ndarray] | None]  # masks, labels, semantic
+
+
+def _coco_sources(data: DataParams, corrupt: CorruptImages) -> tuple[list[str], dict[str, list[SceneSource]]]:
+    folders, apis, classes = _coco_apis(data.path)
+    planned: dict[str, list[SceneSource]] = {"train": [], "test": []}
     for split, coco in apis.items():
         folder = folders[split]
         cat_index = {c["id"]: i for i, c in enumerate(sorted(coco.dataset["categories"], key=lambda c: c["id"]))}
         infos = sorted(coco.dataset.get("images", []), key=lambda i: i["file_name"])
-        targets = {split: infos} if split else _flat_split(infos)
-        for target, image_infos in targets.items():
-            limit = data.max_train if target == "train" else data.max_test
-            for info in progress(image_infos[:limit], f"read {target} images"):
+        for target, image_infos in ({split: infos} if split else _flat_split(infos)).items():
+            for info in image_infos[:_limits(data)[target]]:
                 path = next((p for p in (folder / "images" / info["file_name"], folder / info["file_name"])
                              if p.is_file()), folder / "images" / info["file_name"])
-                image = _load(path, corrupt)
-                if image is None:
-                    continue
-                gray = _is_gray(image)
-                channels.append(gray)
-                anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])) if not a.get("iscrowd", 0)]
-                masks = [coco.annToMask(a).astype(bool) for a in anns]
-                labels = [cat_index[a["category_id"]] for a in anns]
-                semantic = np.zeros((info["height"], info["width"]), dtype=np.uint8)
-                for i in sorted(range(len(masks)), key=lambda i: -masks[i].sum()):  # small ones on top
-                    semantic[masks[i]] = labels[i] + 1
-                array = np.asarray(image.convert("L" if gray else "RGB"))
-                scenes[target].append(_scene(array, masks, labels, semantic, data.image_size, str(path)))
-    return _finish_scenes(data, "coco", str(root), classes, scenes, channels, corrupt)
+                planned[target].append(SceneSource(path, read_header(path, corrupt),
+                                                   _coco_instances(coco, info, cat_index)))
+    return classes, planned
 
 
-def _finish_scenes(data: DataParams, name: str, source: str, classes: list[str], scenes: dict[str, list[Scene]],
-                   gray: list[bool], corrupt: CorruptImages) -> SceneSplits:
-    """Make every image the majority channel count (1 if all gray, else 3) and number them."""
-    if not scenes["train"]:
-        raise ConvForgeError(f"{source}: no readable training images")
-    in_channels = 1 if all(gray) else 3
-    for split in scenes.values():
-        for image_id, scene in enumerate(split, start=1):
-            scene.image_id = image_id
-            image = scene.image if scene.image.ndim == 3 else scene.image[:, :, None]
-            scene.image = np.repeat(image, 3, axis=-1) if in_channels == 3 and image.shape[-1] == 1 else image
-    return SceneSplits(name, source, classes, scenes["train"], scenes["test"], in_channels, corrupt.skipped)
+def _coco_instances(coco: Any, info: dict, cat_index: dict[int, int]) -> Callable:
+    """The instance masks (full resolution, decoded when called), labels and semantic mask of one image."""
+    def instances() -> tuple[list[np.ndarray], list[int], np.ndarray]:
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])) if not a.get("iscrowd", 0)]
+        masks = [coco.annToMask(a).astype(bool) for a in anns]
+        labels = [cat_index[a["category_id"]] for a in anns]
+        semantic = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+        for i in sorted(range(len(masks)), key=lambda i: -masks[i].sum()):  # small ones on top
+            semantic[masks[i]] = labels[i] + 1
+        return masks, labels, semantic
+    return instances
 
 
-def read_masks(data: DataParams) -> SceneSplits:
-    """Image + mask PNG pairs: images/NAME.* with masks/NAME.png (0 = background, c + 1 = class c,
-    255 = ignored, read as background). Instances are the 8-connected components of each class
-    (smaller than 4 pixels: semantic only). Class names from classes.txt (one per line) if present."""
-    from scipy import ndimage
+def _stream_scenes(data: DataParams, out: Path, name: str, classes: list[str],
+                   planned: dict[str, list[SceneSource]], corrupt: CorruptImages) -> dict:
+    """Decode, letterbox and write each planned scene in turn into `out/{split}/` (the COCO scene layout)."""
 
+    headers = [s.header for split in planned.values() for s in split if s.header is not None]
+    if not any(s.header is not None for s in planned["train"]):
+        raise ConvForgeError(f"{data.path}: no readable training images")
+    size, channels = working_size(data, headers, scene=True), 1 if all(h.grey for h in headers) else 3
+    counts = {}
+    for split, sources in planned.items():
+        with SceneWriter(out / split, classes) as writer:
+            for source in progress(sources, f"decode {split} images"):
+                found = source.instances() if source.header is not None else None
+                image = None if found is None else decode(source.image, channels, size, "letterbox", corrupt)
+                if image is not None:
+                    writer.add(_scene(image, *found, size, str(source.image)))
+            counts[split] = writer.count
+    if counts["train"] == 0:
+        raise ConvForgeError(f"{data.path}: no readable training images")
+    return {"name": name, "source": str(data.path), "kind": name, "classes": classes, "in_channels": channels,
+            "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped}
+
+
+def stream_coco(data: DataParams, out: Path) -> dict:
+    """COCO instances data (folder with instances.json + images/, or train/ and test/ such folders) into
+    `out/{split}/` as letterboxed scenes, one image at a time; returns the raw meta's fields.
+
+    Crowd annotations are left out; classes follow the category ids in ascending order.
+    """
+    _require_dir(data.path, "coco")
+    corrupt = CorruptImages(data.on_corrupt)
+    classes, planned = _coco_sources(data, corrupt)
+    return _stream_scenes(data, out, "coco", classes, planned, corrupt)
+
+
+def _mask_instances(mask_path: Path, header: Header, corrupt: CorruptImages, largest: list[int]) -> Callable:
+    """The instances of one masks/NAME.png, read when called: 8-connected components per class value."""
+    def instances() -> tuple[list[np.ndarray], list[int], np.ndarray] | None:
+        from scipy import ndimage
+
+        from pipelines.decode import DecodeError, open_image
+
+        try:
+            mask = open_image(mask_path)
+        except DecodeError as exc:
+            corrupt.report(mask_path, str(exc))
+            return None
+        semantic = np.asarray(mask.convert("L")).copy()
+        semantic[semantic == 255] = 0
+        if semantic.shape != (header.height, header.width):
+            corrupt.report(mask_path, f"mask size {semantic.shape[::-1]} differs from its image's "
+                                      f"{(header.width, header.height)}")
+            return None
+        largest[0] = max(largest[0], int(semantic.max()))
+        masks, labels = [], []
+        for value in np.unique(semantic[semantic > 0]):
+            components, count = ndimage.label(semantic == value, structure=np.ones((3, 3)))
+            for k in range(1, count + 1):
+                if (components == k).sum() >= MIN_COMPONENT_PIXELS:
+                    masks.append(components == k)
+                    labels.append(int(value) - 1)
+        return masks, labels, semantic
+    return instances
+
+
+def stream_masks(data: DataParams, out: Path) -> dict:
+    """Image + mask PNG pairs (images/NAME.* with masks/NAME.png: 0 = background, c + 1 = class c,
+    255 = ignored, read as background) into `out/{split}/` as scenes, one pair at a time. Instances are
+    the 8-connected components of each class (smaller than 4 pixels: semantic only). Class names from
+    classes.txt (one per line) if present."""
     root = data.path
     _require_dir(root, "masks")
-    folders = _split_folders(root) or {"": root}
     corrupt = CorruptImages(data.on_corrupt)
     names_file = root / "classes.txt"
     classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()] \
         if names_file.is_file() else None
-    pairs: dict[str, list[tuple[Path, Path]]] = {"train": [], "test": []}
-    for split, folder in folders.items():
+    planned: dict[str, list[SceneSource]] = {"train": [], "test": []}
+    largest = [0]
+    for split, folder in (_split_folders(root) or {"": root}).items():
         if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
             raise ConvForgeError(f"{folder}: expected images/ and masks/ folders")
         images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         found = [(p, folder / "masks" / f"{p.stem}.png") for p in images]
-        for target, items in ({"train": found} if split else _flat_split(found)).items():
-            pairs[target] += items
-    scenes: dict[str, list[Scene]] = {"train": [], "test": []}
-    gray: list[bool] = []
-    largest = 0
-    for split, items in pairs.items():
-        limit = data.max_train if split == "train" else data.max_test
-        for image_path, mask_path in progress(items[:limit], f"read {split} images"):
-            if not mask_path.is_file():
-                corrupt.report(image_path, f"no mask {mask_path.name} in masks/")
-                continue
-            image, mask = _load(image_path, corrupt), _load(mask_path, corrupt)
-            if image is None or mask is None:
-                continue
-            semantic = np.asarray(mask.convert("L")).copy()
-            semantic[semantic == 255] = 0
-            if semantic.shape != (image.height, image.width):
-                corrupt.report(mask_path, f"mask size {semantic.shape[::-1]} differs from its image's "
-                                          f"{(image.width, image.height)}")
-                continue
-            largest = max(largest, int(semantic.max()))
-            instance_masks, labels = [], []
-            for value in np.unique(semantic[semantic > 0]):
-                components, count = ndimage.label(semantic == value, structure=np.ones((3, 3)))
-                for k in range(1, count + 1):
-                    component = components == k
-                    if component.sum() >= MIN_COMPONENT_PIXELS:
-                        instance_masks.append(component)
-                        labels.append(int(value) - 1)
-            gray.append(_is_gray(image))
-            array = np.asarray(image.convert("L" if gray[-1] else "RGB"))
-            scenes[split].append(_scene(array, instance_masks, labels, semantic, data.image_size, str(image_path)))
+        for target, pairs in ({split: found} if split else _flat_split(found)).items():
+            for image_path, mask_path in pairs[:_limits(data)[target]]:
+                if not mask_path.is_file():
+                    corrupt.report(image_path, f"no mask {mask_path.name} in masks/")
+                    continue
+                header = read_header(image_path, corrupt)
+                planned[target].append(SceneSource(image_path, header, _mask_instances(mask_path, header, corrupt,
+                                                                                       largest)))
+    # class names are only known once every mask was read: the scenes are written with placeholders
+    meta = _stream_scenes(data, out, "masks", classes or [], planned, corrupt)
     if classes is None:
-        classes = [f"class_{c + 1}" for c in range(max(largest, 1))]
-    elif largest > len(classes):
-        raise ConvForgeError(f"{names_file}: names {len(classes)} classes but a mask has value {largest}")
-    return _finish_scenes(data, "masks", str(root), classes, scenes, gray, corrupt)
+        classes = [f"class_{c + 1}" for c in range(max(largest[0], 1))]
+    elif largest[0] > len(classes):
+        raise ConvForgeError(f"{names_file}: names {len(classes)} classes but a mask has value {largest[0]}")
+    for split in RAW_SPLITS:
+        rename_classes(out / split, classes)
+    return {**meta, "classes": classes}
 
 
-READERS: dict[str, Callable[[DataParams], ClassifySplits | SceneSplits]] = {
+# Built-in datasets are small: read whole, then written. Own data is streamed into the output folder.
+READERS: dict[str, Callable[[DataParams], ClassifySplits]] = {
     "fashion-mnist": read_fashion_mnist,
     "mnist": read_mnist,
     "cifar10": read_cifar10,
     "cifar100": read_cifar100,
     "digits": read_digits,
-    "imagefolder": read_imagefolder,
-    "coco": read_coco,
-    "masks": read_masks,
+}
+STREAMERS: dict[str, Callable[[DataParams, Path], dict]] = {
+    "imagefolder": stream_imagefolder,
+    "coco": stream_coco,
+    "masks": stream_masks,
 }
 
 
-def read_dataset(data: DataParams) -> ClassifySplits | SceneSplits:
-    """Read the dataset `data.dataset` names, with the reader of its kind."""
+def read_dataset(data: DataParams) -> ClassifySplits:
+    """Read the built-in dataset `data.dataset` names in memory (own data is streamed: `STREAMERS`)."""
     reader = READERS.get(data.kind)
     if reader is None:
         raise ConvForgeError(f"data.dataset: expected one of {valid_datasets()}, got {data.dataset!r}")
     return reader(data)
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """An .npz that np.load reads, with fixed zip timestamps so the same arrays give the same bytes.
-
-    Members opened by name take the archive's compression and level, and ZipInfo's fixed
-    default timestamp (1980-01-01)."""
-    from numpy.lib import format as npy_format
-
-    # Level 1 is fast: ~3x smaller than raw uint8 images at little cost.
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for name in sorted(arrays):
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as handle:
-                npy_format.write_array(handle, np.ascontiguousarray(arrays[name]), allow_pickle=False)

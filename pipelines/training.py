@@ -7,6 +7,10 @@ the model is logged, so never part of it). The MLflow run holds params, per-epoc
 metrics, the datasets, plots and the model (registered as `<prefix>-<task>`, alias `champion`
 when it is the best so far). An interrupted run resumes at its last finished epoch when it is run
 again with the same inputs.
+
+Transfer learning: `train.<task>.pretrained` names the trunk's starting weights (another task's trained
+model, a saved model's folder or `torchvision:<Weights>` from the local torch cache), loaded by name
+and shape where the model is built; `freeze` and `unfreeze_epoch` are the engine's (pipelines/engine.py).
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from models import build, family as registry_family
 from pipelines import tracking
 from pipelines.engine import EngineSettings, FitResult, evaluate_report, fit
 from pipelines.errors import ConvForgeError
+from pipelines.geometry import geometry_hparams
 from pipelines.params import Params, PolicyParams, TrainConfig
 from pipelines.plots import learning_curve_records, plot_confusion, plot_learning_curves, write_visuals
 from pipelines.tasks import PRIMARY, get_task
+from pipelines.transfer import load_pretrained
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID_FILE = "mlflow_run_id"  # in the resume folder: a resumed run logs into the same MLflow run
@@ -52,6 +58,7 @@ class TrainingJob:
     data_root: Path
     data_hash: str
     best: dict[str, Any]  # the search's choice, for its trial and run ids
+    transfer: dict[str, Any] | None = None  # how the pretrained weights loaded (None: trained from scratch)
 
     @property
     def metric(self) -> str:
@@ -73,20 +80,25 @@ def read_best(path: Path, task: str) -> dict[str, Any]:
     return best
 
 
-def prepare(params: Params, task: str, data_root: Path, best_path: Path, root: Path) -> TrainingJob:
-    """Step 1: the search's choice built as a model (seeded), the data loaded, the config merged."""
+def prepare(params: Params, task: str, data_root: Path, best_path: Path, root: Path,
+            log: Callable[[str], None] = print) -> TrainingJob:
+    """Step 1: the search's choice built as a model (seeded, its trunk from `pretrained`), the data loaded,
+    the config merged."""
     best = read_best(best_path, task)
     adapter = get_task(task)
     train, val = adapter.load_split(data_root, "train"), adapter.load_split(data_root, "val")
     cfg = params.train.task(task).updated(**best.get("train", {}))
     try:
-        hparams = {**registry_family(task, best["family"]).defaults, **best["model"]}
+        defaults = registry_family(task, best["family"]).defaults
+        # The detector's pyramid and anchors fitted to the training boxes, recorded in config.json with the rest
+        hparams = {**defaults, **geometry_hparams(defaults, train), **best["model"]}
         torch.manual_seed(params.seed)
         model = build(task, best["family"], len(train.classes), train.in_channels, train.image_size, **hparams)
     except KeyError as exc:
         raise ConvForgeError(f"{best_path}: {exc.args[0]}") from None
+    transfer = load_pretrained(model, cfg.pretrained, task, root, log)
     return TrainingJob(task, best["family"], hparams, cfg, model, train, val, EngineSettings.from_params(params),
-                       params.augment.policy, data_root, tracking.data_hash(data_root, root), best)
+                       params.augment.policy, data_root, tracking.data_hash(data_root, root), best, transfer)
 
 
 def resume_key(job: TrainingJob, params: Params) -> str:
@@ -94,6 +106,8 @@ def resume_key(job: TrainingJob, params: Params) -> str:
     inputs = {"task": job.task, "family": job.family, "hparams": job.hparams, "train": job.cfg.model_dump(),
               "data": job.data_hash, "seed": params.seed, "deterministic": params.deterministic,
               "policy": job.policy.model_dump()}
+    if job.transfer is not None:  # new pretrained weights (e.g. a retrained classifier): a new run
+        inputs["pretrained"] = job.transfer
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -162,7 +176,7 @@ def save(job: TrainingJob, result: FitResult, config: dict[str, Any], out_dir: P
 def run_training(params: Params, task: str, data_root: Path, best_path: Path, out_dir: Path, *,
                  root: Path = PROJECT_ROOT, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, log, register and save the model of `task`; returns config.json's content with registration.json's."""
-    job = prepare(params, task, Path(data_root), Path(best_path), root)
+    job = prepare(params, task, Path(data_root), Path(best_path), root, log)
     uri = tracking.configure(params.mlflow, root)
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
     work = Path(out_dir).parent / f".{Path(out_dir).name}-resume-{resume_key(job, params)}"  # until done

@@ -4,6 +4,10 @@
 identity, 1 the policy as written, 2 twice as strong (probabilities capped at 1).
 The transforms draw from torch's global RNG (as torchvision's do): seed it, or use
 `apply_policy`, which forks the RNG and seeds it for reproducible batches.
+
+Scenes may also be zoomed in and out (`scale_jitter`, multi-scale training as in Ren et al. 2015,
+Sec. 4.1.1 and Redmon & Farhadi 2017, Sec. 2): the canvas keeps its size, the items change theirs,
+so a detector sees each item at more sizes than the scenes were composed with.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ def _color(policy: PolicyParams, in_channels: int, strength: float) -> list[v2.T
     return [v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=min(0.5, jitter / 4))]
 
 
+def _zoom(policy: PolicyParams, strength: float) -> list[v2.Transform]:
+    """Zoom by a factor in `scale_jitter` (its log scaled by `strength`) about the canvas centre; bilinear
+    for the image, nearest for the masks (torchvision's Mask kernels)."""
+    low, high = (factor ** strength for factor in policy.scale_jitter)
+    if low == high == 1.0:
+        return []
+    return [v2.RandomAffine(degrees=0.0, scale=(low, high), interpolation=v2.InterpolationMode.BILINEAR)]
+
+
 def _flip(policy: PolicyParams, strength: float) -> list[v2.Transform]:
     p = min(1.0, policy.hflip * strength)
     return [v2.RandomHorizontalFlip(p)] if p > 0 else []
@@ -52,7 +65,7 @@ def build_policy(policy: PolicyParams, image_size: int, in_channels: int,
 
 
 class ScenePolicy:
-    """Flip + small affine (+ colour jitter for RGB) applied jointly to a scene image and its target.
+    """Zoom + flip + small affine (+ colour jitter for RGB) applied jointly to a scene image and its target.
 
     Call with (image uint8 [C, H, W], target {"boxes", "labels", "masks" [k, H, W], optional
     "semantic" [H, W]}). Boxes are recomputed tight around the transformed instance masks
@@ -86,12 +99,13 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 def build_scene_policy(policy: PolicyParams, image_size: int, in_channels: int,
                        strength: float = 1.0) -> ScenePolicy:
-    """Joint scene augmentation (flip, rotation/translation, colour jitter) from the same policy params.
+    """Joint scene augmentation (zoom, flip, rotation/translation, colour jitter) from the same policy params.
 
     Crop padding and random erasing are left out for scenes: they would cut objects
-    without telling the targets. `image_size` is the canvas size.
+    without telling the targets. `image_size` is the canvas size (a zoom keeps it).
     """
-    steps = _flip(policy, strength) + _affine(policy, strength) + _color(policy, in_channels, strength)
+    steps = _zoom(policy, strength) + _flip(policy, strength) + _affine(policy, strength)
+    steps += _color(policy, in_channels, strength)
     return ScenePolicy(v2.Compose(steps) if steps else v2.Identity())
 
 

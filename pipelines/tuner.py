@@ -23,9 +23,10 @@ from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBas
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from models import build
+from models import build, family
 from pipelines.engine import EngineSettings, EpochResult, fit
 from pipelines.errors import ConvForgeError
+from pipelines.geometry import geometry_hparams
 from pipelines.params import PolicyParams, SearchParams, TaskSearchParams, TrainConfig
 from pipelines.search_space import SearchSpace
 
@@ -42,6 +43,25 @@ TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "
 
 
 @dataclass(frozen=True)
+class TrialData:
+    """Where a trial reads its data: the prepared-data folder, and the seeded train subset. Trials load
+    the splits themselves (lazily when large), so no array travels through Ray's object store; on a
+    multi-node cluster `root` must be a path every node sees."""
+
+    root: str
+    train_subset: int | None
+    seed: int
+
+    def load(self, task: str) -> tuple[Any, Any]:
+        """The (train subset, val) splits of `task`, as its adapter loads them."""
+        from pipelines.tasks import get_task
+
+        adapter = get_task(task)
+        return (adapter.load_split(Path(self.root), "train").subset(self.train_subset, self.seed),
+                adapter.load_split(Path(self.root), "val"))
+
+
+@dataclass(frozen=True)
 class Experiment:
     """One search's trials: what they train, on which data, and where Ray Tune keeps their state."""
 
@@ -54,6 +74,7 @@ class Experiment:
     val: Any
     storage: str  # a folder or a URI
     name: str
+    data: TrialData | None = None  # what trials load (train/val above are the driver's copy)
 
     @property
     def path(self) -> str:
@@ -124,14 +145,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: Calla
     return True
 
 
-def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, train_data: Any, val_data: Any,
+def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: TrialData,
                 base: TrainConfig, settings: EngineSettings, policy: PolicyParams) -> None:
-    """One trial: build the chosen family, train it with the engine (`base` with the trial's choice),
-    report and checkpoint every epoch."""
+    """One trial: load its data from `data`'s paths, build the chosen family, train it with the engine
+    (`base` with the trial's choice), report and checkpoint every epoch."""
+    train_data, val_data = data.load(task)
     chosen = space.choice(config)
     cfg = base.updated(**chosen.train)
+    # The trial builds what the final training builds: geometry from its data, the trunk from `pretrained`.
+    hparams = {**geometry_hparams(family(task, chosen.family).defaults, train_data), **chosen.hparams}
     model = build(task, chosen.family, len(train_data.classes), train_data.in_channels, train_data.image_size,
-                  **chosen.hparams)
+                  **hparams)
+    if cfg.pretrained:
+        from pipelines.transfer import load_pretrained
+
+        load_pretrained(model, cfg.pretrained, task)
     node_id = ray.get_runtime_context().get_node_id()
     name = tune.get_context().get_trial_name()
     with tempfile.TemporaryDirectory(prefix="convforge-trial-") as work:
@@ -187,10 +215,10 @@ def run_trials(experiment: Experiment, search: SearchParams, seed: int, settings
     """Fit the experiment's Tuner (new or restored) on the Ray at `search.ray_address`, else a local one."""
     started_ray = init_ray(search.ray_address, log=log)
     try:
-        # The data go to Ray's object store once; every trial reads them from there.
+        # Trials get paths, not arrays: each loads its splits from disk (memory-mapped when large), so the
+        # object store (512 MiB locally) carries only the small arguments.
         trainable = tune.with_parameters(train_trial, task=experiment.task, space=experiment.space,
-                                         train_data=experiment.train, val_data=experiment.val, base=experiment.base,
-                                         settings=settings, policy=policy)
+                                         data=experiment.data, base=experiment.base, settings=settings, policy=policy)
         make_tuner(trainable, experiment, search, seed, callbacks, log).fit()
     finally:
         if started_ray:  # free the cores for what follows (profiling)

@@ -1,7 +1,8 @@
 """How each task is served around its model, keyed by the task adapters of pipelines/tasks.py.
 
 The one services-side place of task behaviour: the input geometry of training (classification
-items resized and centre-cropped, scenes letterboxed), the model's batch output as one value
+items resized and centre-cropped, scenes letterboxed, or at their own pixels with `serve.scale:
+native` for the tasks that allow it), the model's batch output as one value
 per image, the `ImageResult` (services/results.py), the Prometheus series a result feeds, and
 the request options the response repeats. Routes are `/<task>` for every task in `TASKS`.
 """
@@ -9,13 +10,13 @@ the request options the response repeats. Routes are `/<task>` for every task in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from pipelines.tasks import TASKS, ClassifyTask, DetectTask, SegmentTask, get_task
 from services import observability as obs
-from services.imaging import Placement, fit_square, letterbox
+from services.imaging import Fit, Placement, fit_square, letterbox, native
 from services.results import classify_result, detect_result, foreground_fraction, segment_result
 from services.schemas import ImageResult, Options
 
@@ -30,6 +31,8 @@ class Endpoint:
     result: Callable[[int, Any, list[str], Options, Placement], ImageResult]
     observe: Callable[[ImageResult, str, str], None]
     echoes: tuple[str, ...] = ()  # request options the response repeats
+    side: Literal["short", "long"] = "short"  # the side `fit` scales to its size (fit_square: short)
+    scalable: bool = False  # fully convolutional / size-free models: `serve.scale: native` applies
 
 
 def probabilities(logits: np.ndarray) -> list[np.ndarray]:
@@ -64,8 +67,10 @@ def observe_mask_area(result: ImageResult, task: str, version: str) -> None:
 
 ENDPOINTS: dict[type, Endpoint] = {
     ClassifyTask: Endpoint(fit_square, probabilities, classify_result, observe_top_label),
-    DetectTask: Endpoint(letterbox, list, detect_result, observe_detections, ("box_format", "mask_format")),
-    SegmentTask: Endpoint(letterbox, label_masks, segment_result, observe_mask_area, ("mask_format",)),
+    DetectTask: Endpoint(letterbox, list, detect_result, observe_detections, ("box_format", "mask_format"),
+                         side="long", scalable=True),
+    SegmentTask: Endpoint(letterbox, label_masks, segment_result, observe_mask_area, ("mask_format",),
+                          side="long", scalable=True),
 }
 ROUTES = {f"/{name}": name for name in TASKS}  # path -> task
 
@@ -73,3 +78,12 @@ ROUTES = {f"/{name}": name for name in TASKS}  # path -> task
 def endpoint(task: str) -> Endpoint:
     """How task `task` is served."""
     return ENDPOINTS[type(get_task(task))]
+
+
+def input_fit(task: str, image_size: int, scale: str = "fit", max_side: int = 0) -> Fit:
+    """How task `task` fits an upload to its model: training's geometry at `image_size`, or with
+    `scale="native"` (tasks that are `scalable`) the upload's own pixels up to `max_side`."""
+    served = endpoint(task)
+    if scale == "native" and served.scalable:
+        return Fit(native, max_side, "long")
+    return Fit(served.fit, image_size, served.side)

@@ -1,27 +1,32 @@
-"""Safe decoding of client images and the geometry between a client's image and the model input.
+"""A client's image to the model input and back, and whether it looks like the training data.
 
-Decoding is hardened: formats come from a server-side allow-list
-(never from the client's Content-Type), the pixel count is checked from the header
-before any pixel is decoded, Pillow's decompression-bomb warning is an error, and
-`load()` forces a full decode so a truncated file fails here, as a 4xx, not in the model.
-Geometry follows training: classify images are resized (shorter side) and centre-cropped
-like `pipelines.sources._fit_square`; detect/segment images are letterboxed (longer side,
-zero padding at the bottom/right) like the scenes, and boxes/masks are mapped back.
+Decoding and the training geometry are `pipelines.decode`, the one implementation the fetch
+stage uses too; this module adds what only the service needs: the server's limits (a
+`DecodeError` becomes a 4xx `InputError`), the native scale of detect/segment (the upload's own
+pixels up to `serve.max_side`, padded to a multiple of 32), the training-domain check behind each
+result's `in_domain`, and boxes and masks mapped back to the client's pixels.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from pipelines.decode import DecodeError, Placement, fit_square, full_size, letterbox, open_image, to_array
 from services.errors import InputError
 
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+__all__ = ["DecodeLimits", "Domain", "Fit", "ImageFacts", "Placement", "Prepared", "boxes_to_image", "decode",
+           "fit_square", "letterbox", "mask_to_image", "native", "prepare", "to_array"]
+
+STRIDE = 32  # native inputs are padded to a multiple of the deepest stride of the served models
+PROBE_SIDE = 64  # the domain check looks at a nearest-neighbour thumbnail this size at most
+COLOUR_SPREAD = 0.05  # mean (max - min) over RGB, in [0, 1]: above it an image is colour, not grey
+SIZE_FACTOR = 4.0  # an upload more than 4x larger or smaller (linear) than the training images is out of domain
+INTENSITY_SD = 1.0  # mean intensity beyond training mean +- 1 pixel sd is out of domain (Fashion-MNIST: 0.25% of test)
 
 
 @dataclass(frozen=True)
@@ -33,87 +38,109 @@ class DecodeLimits:
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where a client image of `width` x `height` sits in the model input: model = image * scale + offset."""
+class Fit:
+    """How an upload becomes the model input: `resize(array, size)`, and which side ("short" for
+    fit_square, "long" for letterbox and native) a drafted JPEG keeps >= size."""
+
+    resize: Callable[[np.ndarray, int], tuple[np.ndarray, Placement]]
+    size: int
+    side: Literal["short", "long"]
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the domain check needs of a decoded image: its size, colour or grey, mean intensity in [0, 1]."""
 
     width: int
     height: int
-    scale_x: float
-    scale_y: float
-    offset_x: float = 0.0
-    offset_y: float = 0.0
+    colour: bool
+    mean: float
 
 
-def decode(data: bytes, limits: DecodeLimits) -> Image.Image:
-    """Decode untrusted bytes into a fully loaded Pillow image, or raise InputError (400/413)."""
-    if not data:
-        raise InputError(400, "empty image: the upload has no bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=list(limits.formats))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputError(413, f"image over the limit of {limits.max_pixels} pixels") from None
-        except Exception:  # noqa: BLE001 - any failure to identify untrusted bytes is the input's fault
-            raise InputError(400, "not a readable image; accepted formats: " + ", ".join(limits.formats)) from None
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise InputError(400, f"zero-size image ({width}x{height})")
-        if width * height > limits.max_pixels:
-            raise InputError(413, f"image of {width}x{height} = {width * height} pixels is over the limit "
-                                  f"of {limits.max_pixels} pixels")
-        try:
-            image.load()
-            # Phones store rotation in EXIF: answer in the orientation the client sees.
-            image = ImageOps.exif_transpose(image)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputError(413, f"image over the limit of {limits.max_pixels} pixels") from None
-        except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on corrupt data
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            raise InputError(400, f"truncated or corrupt {image.format} image ({reason})") from None
-    return image
+@dataclass(frozen=True)
+class Prepared:
+    """One upload ready for the model: uint8 [H, W, C] input, where it sits, and its facts."""
+
+    array: np.ndarray
+    placement: Placement
+    facts: ImageFacts
 
 
-def to_array(image: Image.Image, in_channels: int) -> np.ndarray:
-    """Any mode (1/L/P/RGB/RGBA/CMYK/16-bit/float) to uint8 [H, W, in_channels]; alpha over black."""
-    if image.mode in WIDE_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        # 16-bit grey (PNG/TIFF) spans 0..65535: scale to 8 bits; 32-bit int/float images are clipped.
-        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-            values = values / 257.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        # Training items sit on a black background (Fashion-MNIST, scenes): transparent = black.
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    array = np.asarray(image.convert("L" if in_channels == 1 else "RGB"))
-    return array[:, :, None] if array.ndim == 2 else array
+def decode(source: bytes | Path, limits: DecodeLimits, min_side: int | None = None,
+           side: Literal["short", "long"] = "short") -> Image.Image:
+    """Decode untrusted bytes under the server's limits (pipelines.decode.open_image), or raise InputError."""
+    try:
+        return open_image(source, formats=limits.formats, max_pixels=limits.max_pixels, min_side=min_side,
+                          side=side)
+    except DecodeError as exc:
+        raise InputError(exc.status, str(exc)) from None
 
 
-def fit_square(array: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
-    """Shorter side to `size`, then centre crop: the classify geometry of training."""
-    from torchvision.transforms.v2 import functional as F
-
+def native(array: np.ndarray, max_side: int) -> tuple[np.ndarray, Placement]:
+    """The upload at its own pixels (longer side fitted to `max_side` when larger), zero-padded at the
+    bottom/right to a multiple of 32: the native-scale input of detect and segment."""
     height, width = array.shape[:2]
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    resized = F.resize(image, size, antialias=True)
-    new_w, new_h = resized.size
-    cropped = np.asarray(F.center_crop(resized, size))
-    placement = Placement(width, height, new_w / width, new_h / height,
-                          -int(round((new_w - size) / 2.0)), -int(round((new_h - size) / 2.0)))
-    return cropped.reshape(size, size, array.shape[2]), placement
+    if max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        resized_w, resized_h = max(1, round(width * scale)), max(1, round(height * scale))
+        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        array = np.asarray(image.resize((resized_w, resized_h), Image.BILINEAR)).reshape(
+            resized_h, resized_w, array.shape[2])
+    new_h, new_w = array.shape[:2]
+    padded = np.zeros((-(-new_h // STRIDE) * STRIDE, -(-new_w // STRIDE) * STRIDE, array.shape[2]), np.uint8)
+    padded[:new_h, :new_w] = array
+    return padded, Placement(width, height, new_w / width, new_h / height)
 
 
-def letterbox(array: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
-    """Longer side to `size`, zero padding at the bottom/right: the detect/segment geometry of training."""
-    height, width = array.shape[:2]
-    scale = size / max(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    resized = np.asarray(image.resize((new_w, new_h), Image.BILINEAR)).reshape(new_h, new_w, array.shape[2])
-    out = np.zeros((size, size, array.shape[2]), dtype=np.uint8)
-    out[:new_h, :new_w] = resized
-    return out, Placement(width, height, new_w / width, new_h / height)
+def facts(image: Image.Image, in_channels: int) -> ImageFacts:
+    """Full size, colour and mean intensity of a decoded image (the last two from a cheap nearest-neighbour
+    thumbnail)."""
+    probe_size = (min(image.width, PROBE_SIDE), min(image.height, PROBE_SIDE))
+    probe = image if probe_size == image.size else image.resize(probe_size, Image.NEAREST)
+    rgb = to_array(probe, 3).astype(np.float32) / 255.0
+    spread = float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+    mean = float(rgb.mean()) if in_channels == 3 else float(to_array(probe, 1).mean()) / 255.0
+    return ImageFacts(*full_size(image), spread > COLOUR_SPREAD, mean)
+
+
+def prepare(blob: bytes, limits: DecodeLimits, fit: Fit, in_channels: int) -> Prepared:
+    """An upload to its model input: decoded (drafted for `fit`), converted, fitted, placed in the upload's
+    own pixels; raises InputError."""
+    image = decode(blob, limits, fit.size, fit.side)
+    array, placement = fit.resize(to_array(image, in_channels), fit.size)
+    return Prepared(array, placement.for_size(*full_size(image)), facts(image, in_channels))
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A model's training domain: channels, image side in pixels, pixel mean and sd in [0, 1]."""
+
+    in_channels: int
+    image_size: int
+    mean: float
+    std: float
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Domain":
+        """From a model's config.json (in_channels, image_size, per-channel mean/std of its training data)."""
+        size = config["image_size"]
+        side = int(np.sqrt(size[0] * size[1])) if isinstance(size, (list, tuple)) else int(size)
+        return cls(int(config["in_channels"]), side, float(np.mean(config["mean"])), float(np.mean(config["std"])))
+
+    def check(self, image: ImageFacts) -> list[tuple[str, str]]:
+        """Why an image is outside the training domain, as (kind, reason) pairs; empty when inside."""
+        found = []
+        if self.in_channels == 1 and image.colour:
+            found.append(("channels", "colour image for a greyscale model"))
+        ratio = float(np.sqrt(image.width * image.height)) / self.image_size
+        if ratio > SIZE_FACTOR:
+            found.append(("size", f"{ratio:.1f}x larger than the training images ({self.image_size} px)"))
+        elif ratio < 1.0 / SIZE_FACTOR:
+            found.append(("size", f"{1.0 / ratio:.1f}x smaller than the training images ({self.image_size} px)"))
+        if abs(image.mean - self.mean) > INTENSITY_SD * self.std:
+            found.append(("intensity", f"mean intensity {image.mean:.2f} outside training {self.mean:.2f} "
+                                       f"± {INTENSITY_SD * self.std:.2f} ({INTENSITY_SD:g} sd)"))
+        return found
 
 
 def boxes_to_image(boxes: np.ndarray, placement: Placement) -> np.ndarray:
@@ -128,7 +155,7 @@ def boxes_to_image(boxes: np.ndarray, placement: Placement) -> np.ndarray:
 
 
 def mask_to_image(mask: np.ndarray, placement: Placement) -> np.ndarray:
-    """A uint8 [S, S] label mask of a letterboxed input back to [height, width] (nearest neighbour)."""
+    """A uint8 label mask of a letterboxed or padded input back to [height, width] (nearest neighbour)."""
     new_w = max(1, round(placement.width * placement.scale_x))
     new_h = max(1, round(placement.height * placement.scale_y))
     content = np.ascontiguousarray(mask[:new_h, :new_w], dtype=np.uint8)

@@ -2,7 +2,8 @@
 
 Labels stay within a fixed budget: task, endpoint, model_version, status_class, plus
 `class` on the per-class counter, whose values are the served model's class names
-(bounded by the model, never by the client). Latency buckets span sub-millisecond
+(bounded by the model, never by the client), and `reason_kind` on the out-of-domain counter
+(the three rules of services.imaging.Domain). Latency buckets span sub-millisecond
 preprocessing of a small image up to seconds for a 16 MP upload or a long queue (bench/serve.py
 measures them). Under `bentoml serve` these live in BentoML's
 multiprocess registry (PROMETHEUS_MULTIPROC_DIR), so gauges say how to merge workers.
@@ -48,6 +49,8 @@ BATCH_SIZE = Histogram("convforge_batch_size", "Images per model forward (adapti
 LOAD_SECONDS = Gauge("convforge_model_load_seconds", "Seconds to load the model", MODEL, multiprocess_mode="max")
 WARMUP_SECONDS = Gauge("convforge_model_warmup_seconds", "Seconds of warm-up inference before ready", MODEL,
                        multiprocess_mode="max")
+OUT_OF_DOMAIN = Counter("convforge_out_of_domain", "Images outside the model's training domain, by rule "
+                        "(channels, size, intensity; an image can break several)", (*MODEL, "reason_kind"))
 MODEL_INFO = Gauge("convforge_model_info", "Served model (value 1)", ("task", "family", "model_version", "backend"),
                    multiprocess_mode="max")
 

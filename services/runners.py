@@ -6,6 +6,11 @@ per-model batch, and encodes; no internal HTTP hop or serialization, and no inte
 route open to clients. The dispatcher sheds load whose queue wait would exceed
 `max_latency_ms` (then the client gets 503 + Retry-After). What a batch's outputs are per
 image is the task's endpoint (services/endpoints.py).
+
+With `serve.scale: native` detect/segment inputs differ in size: a batch runs one forward per
+input size (images of one size share a tensor), and a torchvision detector's internal resize
+is set to each forward's own size, so it sees the pixels as sent. ONNX graphs have a fixed
+input size, so native scale serves from torch.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import numpy as np
 from pipelines.tasks import get_task
 from services import observability as obs
 from services.batching import batched
-from services.endpoints import endpoint
+from services.endpoints import endpoint, input_fit
 from services.errors import Overloaded
+from services.imaging import Domain, Fit, native
 
 
 @dataclass
@@ -69,9 +75,18 @@ class TorchBackend:
         self.per_image = endpoint(task).per_image
 
     def __call__(self, batch: np.ndarray) -> list[Any]:
+        self._fit_detector_transform(*batch.shape[-2:])
         with self.torch.inference_mode():
             outputs = self.adapter.forward(self.module, self.torch.from_numpy(batch))
             return self.per_image(_numpy(outputs))
+
+    def _fit_detector_transform(self, height: int, width: int) -> None:
+        """torchvision detectors resize inputs to `transform.min_size`/`max_size` (ConvForge sets both to
+        the training canvas): set them to this batch's own size, so the resize is the identity."""
+        transform = getattr(self.module, "transform", None)
+        if transform is not None and hasattr(transform, "min_size") and hasattr(transform, "max_size"):
+            transform.min_size = (min(height, width),)
+            transform.max_size = max(height, width)
 
 
 class OnnxBackend:
@@ -109,13 +124,15 @@ class TaskRunner:
     """A loaded model of one task behind a batching queue."""
 
     def __init__(self, card: ModelCard, config: dict[str, Any], backend: Callable[[np.ndarray], list[Any]],
-                 max_batch_size: int, max_latency_ms: int) -> None:
+                 max_batch_size: int, max_latency_ms: int, fit: Fit | None = None) -> None:
         self.card = card
         self.config = config
         self.task = card.task
         self.classes: list[str] = [str(c) for c in config["classes"]]
         self.image_size = _size(config)
         self.in_channels = int(config["in_channels"])
+        self.fit = fit or input_fit(self.task, self.image_size)  # upload -> model input (services.imaging)
+        self.domain = Domain.from_config(config)
         self.mean = np.asarray(config["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(config["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         self.backend = backend
@@ -127,23 +144,34 @@ class TaskRunner:
         self._submit = batched(self._run_batch, max_latency_ms, self.max_batch_size, overloaded)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, C] to the model's float32 [N, C, S, S] input (training's mean/std)."""
+        """uint8 [N, H, W, C] to the model's float32 [N, C, H, W] input (training's mean/std)."""
         batch = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         return np.ascontiguousarray((batch - self.mean) / self.std, dtype=np.float32)
 
     def run(self, images: np.ndarray) -> list[Any]:
-        """Run the backend on uint8 [N, S, S, C] images now, bypassing the queue (warm-up, tests)."""
+        """Run the backend on uint8 [N, H, W, C] images now, bypassing the queue (warm-up, tests)."""
         return self.backend(self.normalize(images))
+
+    def run_sizes(self, images: list[np.ndarray]) -> list[Any]:
+        """Run uint8 [H, W, C] images of possibly different sizes: one forward per size, outputs in order."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(index)
+        outputs: list[Any] = [None] * len(images)
+        for indices in by_shape.values():
+            for index, output in zip(indices, self.run(np.stack([images[i] for i in indices]))):
+                outputs[index] = output
+        return outputs
 
     def _run_batch(self, jobs: tuple[tuple[np.ndarray, float], ...]) -> list[BatchOutput]:
         start = time.perf_counter()
-        outputs = self.run(np.stack([image for image, _ in jobs]))
+        outputs = self.run_sizes([image for image, _ in jobs])
         elapsed = time.perf_counter() - start
         obs.BATCH_SIZE.labels(self.task, self.card.version).observe(len(jobs))
         return [BatchOutput(out, start - queued, elapsed, len(jobs)) for out, (_, queued) in zip(outputs, jobs)]
 
     async def predict(self, image: np.ndarray) -> BatchOutput:
-        """One uint8 [S, S, C] image through the shared batch; raises Overloaded when shedding load."""
+        """One uint8 [H, W, C] image through the shared batch; raises Overloaded when shedding load."""
         return await self._submit((image, time.perf_counter()))
 
     def warm_up(self) -> float:
@@ -156,19 +184,24 @@ class TaskRunner:
 
 def load_runner(task: str, directory: Path, *, name: str, version: str, backend: str, max_batch_size: int,
                 max_latency_ms: int, lineage: dict[str, Any] | None = None,
-                expected_sha256: str | None = None, num_threads: int = 0) -> TaskRunner:
-    """Load `directory` (safetensors + config.json [+ model.onnx]) as a runner; records load time and info."""
+                expected_sha256: str | None = None, num_threads: int = 0, scale: str = "fit",
+                max_side: int = 0) -> TaskRunner:
+    """Load `directory` (safetensors + config.json [+ model.onnx]) as a runner; records load time and info.
+
+    `scale`/`max_side`: serve.scale (fit | native) and serve.max_side, for the tasks that can serve natively."""
     from models import _checkpoint as checkpoint
 
     start = time.perf_counter()
     module, config = checkpoint.load(Path(directory), expected_sha256=expected_sha256, device="cpu")
+    fit = input_fit(task, _size(config), scale, max_side)
     onnx_path = Path(directory) / "model.onnx"
-    # Tasks whose models are not exported (detection) stay on torch.
-    use_onnx = backend == "onnx" and get_task(task).exports_onnx and onnx_path.is_file()
+    # Tasks whose models are not exported (detection) stay on torch; so do native sizes (fixed ONNX input).
+    fixed_size = fit.resize is not native
+    use_onnx = backend == "onnx" and get_task(task).exports_onnx and onnx_path.is_file() and fixed_size
     runner_backend = OnnxBackend(onnx_path, task, num_threads) if use_onnx else TorchBackend(module, task)
     card = ModelCard(task=task, family=str(config.get("family", "")), name=name, version=version,
                      backend=runner_backend.name, lineage=dict(lineage or {}))
-    runner = TaskRunner(card, config, runner_backend, max_batch_size, max_latency_ms)
+    runner = TaskRunner(card, config, runner_backend, max_batch_size, max_latency_ms, fit)
     obs.LOAD_SECONDS.labels(task, version).set(time.perf_counter() - start)
     obs.MODEL_INFO.labels(task, card.family, version, card.backend).set(1)
     return runner

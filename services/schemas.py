@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.tasks import TASKS
 
-SCHEMA_VERSION = "1"
+# major.minor: a minor version only adds fields, so clients of 1 keep working (1.1: in_domain, reason).
+SCHEMA_VERSION = "1.1"
 TaskName = Literal[tuple(TASKS)]  # one value per task of pipelines/tasks.py
 BoxFormat = Literal["xyxy", "xywh", "normalized"]
 MaskFormat = Literal["png", "rle", "polygon", "none"]
@@ -89,6 +90,9 @@ class ImageResult(BaseModel):
     mask: Mask | None = None
     class_pixels: dict[str, int] | None = None
     class_masks: dict[str, Mask] | None = Field(None, description="segment with rle/polygon: one mask per class present")
+    in_domain: bool | None = Field(None, description="whether the image looks like the model's training data "
+                                                     "(channels, size, mean intensity); since schema 1.1")
+    reason: str | None = Field(None, description="why the image is out of domain (rules joined by '; ')")
 
 
 class ModelInfo(BaseModel):

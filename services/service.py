@@ -144,7 +144,8 @@ class ConvForge:
                 source.task, source.directory, name=source.name, version=source.version,
                 backend=PARAMS.backend, max_batch_size=PARAMS.max_batch_size,
                 max_latency_ms=PARAMS.max_latency_ms, lineage=source.lineage,
-                expected_sha256=source.expected_sha256, num_threads=self.threads)
+                expected_sha256=source.expected_sha256, num_threads=self.threads, scale=PARAMS.scale,
+                max_side=PARAMS.max_side)
             logger.info("loaded %s model %s (%s)", source.task, source.version, self.runners[source.task].card.backend)
         if not self.runners:
             raise RuntimeError("no models to serve: run `python -m pipelines.stages.package` (or set "
@@ -199,7 +200,8 @@ class ConvForge:
     @app.post(f"/{DetectTask.name}", summary="Boxes, labels and scores in the input's own pixels",
               **_prediction_route())
     async def detect(self, request: Request) -> JSONResponse:
-        """Letterboxed as in training; boxes mapped back in `box_format`; `score_threshold`, `max_detections`."""
+        """Letterboxed as in training (serve.scale native: at its own pixels up to serve.max_side); boxes mapped
+        back in `box_format`; `score_threshold`, `max_detections`."""
         return await self._predict(DetectTask.name, request)
 
     @app.post(f"/{SegmentTask.name}", summary="Class mask at the input's size and pixels per class",
@@ -225,13 +227,12 @@ class ConvForge:
             else:
                 prepared = await anyio.to_thread.run_sync(self._prepare, runner, blobs)
             obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
-            outputs = await asyncio.gather(*(runner.predict(image) for image, _ in prepared))
+            outputs = await asyncio.gather(*(runner.predict(item.array) for item in prepared))
             for out in outputs:
                 obs.QUEUE_SECONDS.labels(*labels).observe(out.queue_s)
                 obs.INFERENCE_SECONDS.labels(*labels).observe(out.inference_s)
             start = time.perf_counter()
-            response = await self._respond(runner, [out.value for out in outputs], [p for _, p in prepared],
-                                           options, headers)
+            response = await self._respond(runner, [out.value for out in outputs], prepared, options, headers)
             obs.POSTPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
             return response
         except InputError as exc:
@@ -239,40 +240,44 @@ class ConvForge:
         except Overloaded as exc:
             return _error(503, str(exc), {**headers, "Retry-After": "1"})
 
-    async def _respond(self, runner: TaskRunner, values: list[Any], placements: list[imaging.Placement],
+    async def _respond(self, runner: TaskRunner, values: list[Any], prepared: list[imaging.Prepared],
                        options: Options, headers: dict[str, str]) -> JSONResponse:
         """The JSON response: results mapped back and encoded (inline when small, else in a thread)."""
-        if sum(p.width * p.height for p in placements) <= INLINE_PIXELS:
-            results = self._results(runner, values, placements, options)
+        if sum(p.placement.width * p.placement.height for p in prepared) <= INLINE_PIXELS:
+            results = self._results(runner, values, prepared, options)
         else:
-            results = await anyio.to_thread.run_sync(self._results, runner, values, placements, options)
+            results = await anyio.to_thread.run_sync(self._results, runner, values, prepared, options)
         task, card = runner.task, runner.card
         body = PredictionResponse(
             task=task, model={"task": task, "family": card.family, "name": card.name, "version": card.version},
             **{key: getattr(options, key) for key in endpoint(task).echoes}, results=results)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    def _prepare(self, runner: TaskRunner, blobs: list[bytes]) -> list[tuple[np.ndarray, imaging.Placement]]:
-        """Decode each image and fit it to the model input with its task's training geometry."""
-        fit = endpoint(runner.task).fit
+    def _prepare(self, runner: TaskRunner, blobs: list[bytes]) -> list[imaging.Prepared]:
+        """Decode each image and fit it to the model input (services.imaging.prepare, the runner's fit)."""
         prepared = []
         for index, blob in enumerate(blobs):
             try:
-                image = imaging.decode(blob, self.limits)
+                item = imaging.prepare(blob, self.limits, runner.fit, runner.in_channels)
             except InputError as exc:
                 raise InputError(exc.status, f"images[{index}]: {exc}") from None
             obs.IMAGE_PIXELS.labels(runner.task, f"/{runner.task}", runner.card.version).observe(
-                image.width * image.height)
-            prepared.append(fit(imaging.to_array(image, runner.in_channels), runner.image_size))
+                item.placement.width * item.placement.height)
+            prepared.append(item)
         return prepared
 
-    def _results(self, runner: TaskRunner, values: list[Any], placements: list[imaging.Placement],
+    def _results(self, runner: TaskRunner, values: list[Any], prepared: list[imaging.Prepared],
                  options: Options) -> list[ImageResult]:
-        """Each image's result in its own pixels, observed in the task's metrics."""
+        """Each image's result in its own pixels, with its training-domain check, observed in the metrics."""
         served, task, version = endpoint(runner.task), runner.task, runner.card.version
         results = []
-        for index, (value, placement) in enumerate(zip(values, placements)):
-            result = served.result(index, value, runner.classes, options, placement)
+        for index, (value, item) in enumerate(zip(values, prepared)):
+            result = served.result(index, value, runner.classes, options, item.placement)
+            broken = runner.domain.check(item.facts)
+            result.in_domain = not broken
+            result.reason = "; ".join(reason for _, reason in broken) or None
+            for kind, _ in broken:
+                obs.OUT_OF_DOMAIN.labels(task, version, kind).inc()
             served.observe(result, task, version)
             results.append(result)
         return results

@@ -49,13 +49,22 @@ def digits_splits(params: Params, max_train: int = 400, max_test: int = 100, siz
     return replace(raw, train_images=resize(raw.train_images), test_images=resize(raw.test_images))
 
 
+def raw_data(splits, folder: Path):
+    """In-memory splits written as data/raw (the fetch stage's layout) at `folder`, opened for augment."""
+    from pipelines.raw import load_raw, write_raw
+
+    write_raw(splits, folder)
+    return load_raw(folder)
+
+
 @pytest.fixture(scope="session")
 def _prepared_digits(tmp_path_factory, project_params) -> Path:
     from pipelines.preparation import prepare_from_classify
 
     root = tmp_path_factory.mktemp("prepared")
-    prepare_from_classify(digits_splits(project_params), root / "data" / "prepared", root / "reports" / "augment",
-                          project_params.augment, tiny_scene_params(project_params), project_params.seed)
+    prepare_from_classify(raw_data(digits_splits(project_params), root / "data" / "raw"), root / "data" / "prepared",
+                          root / "reports" / "augment", project_params.augment, tiny_scene_params(project_params),
+                          project_params.seed)
     return root / "data" / "prepared"
 
 

@@ -10,7 +10,6 @@ from pipelines.errors import stage_entry
 from pipelines.params import load_params
 from pipelines.preparation import prepare_from_classify, prepare_from_scenes
 from pipelines.raw import load_raw
-from pipelines.sources import ClassifySplits
 
 
 @stage_entry
@@ -19,7 +18,7 @@ def main() -> None:
     runtime.seed_everything(params.seed, params.deterministic)
     started = time.perf_counter()
     raw = load_raw(Path("data/raw"))
-    if isinstance(raw, ClassifySplits):
+    if raw.is_items:
         prepare_from_classify(raw, Path("data/prepared"), Path("reports/augment"), params.augment, params.scenes,
                               params.seed)
     else:

@@ -52,7 +52,7 @@ def test_repro_then_noop(repo):
     assert raw["name"] == "digits" and raw["splits"]["train"] + raw["splits"]["test"] == 1797
     prepared = json.loads((root / "data/prepared/scenes/meta.json").read_text())
     assert prepared["counts"]["train"] == 30 and prepared["image_size"] == 32
-    assert (root / "data/prepared/classify/val.npz").is_file()
+    assert (root / "data/prepared/classify/val/images.npy").is_file()
     assert (root / "reports/augment/scenes_preview.png").is_file()
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(DATA_STAGES)

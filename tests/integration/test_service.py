@@ -263,8 +263,9 @@ def test_classify_matches_the_model_multipart_and_json(server, models_dir, prepa
     reply = server["client"].post("/classify", files=files, data={"top_k": "3"})
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert body["schema_version"] == "1" and body["task"] == "classify" and len(body["results"]) == 3
+    assert body["schema_version"] == "1.1" and body["task"] == "classify" and len(body["results"]) == 3
     for result, probs in zip(body["results"], expected.numpy()):
+        assert result["in_domain"] is True and "reason" not in result  # its own test items
         top = result["labels"]
         assert len(top) == 3 and top[0]["class_index"] == int(probs.argmax())
         assert top[0]["label"] == config["classes"][int(probs.argmax())]
@@ -337,6 +338,18 @@ def test_any_mode_and_size_on_every_endpoint(server, name, data):
         assert reply.status_code == 200, (name, endpoint, reply.text)
         result = reply.json()["results"][0]
         assert (result["width"], result["height"]) == (width, height)
+
+
+def test_out_of_domain_uploads_say_why(server):
+    y, x = np.mgrid[0:512, 0:512] / 512
+    photo = (np.stack([0.5 + 0.4 * np.sin(6 * x), 0.4 + 0.3 * y, 0.6 - 0.4 * x * y], axis=2) * 255).astype(np.uint8)
+    reply = server["client"].post("/classify", json={"image": b64(encode(Image.fromarray(photo), "JPEG"))})
+    assert reply.status_code == 200, reply.text
+    result = reply.json()["results"][0]
+    assert result["in_domain"] is False
+    assert "colour image for a greyscale model" in result["reason"] and "larger than the training" in result["reason"]
+    metrics = server["client"].get("/metrics").text
+    assert 'convforge_out_of_domain_total{' in metrics and 'reason_kind="channels"' in metrics
 
 
 # ---------------------------------------------------------------- bad input: 4xx, one line
@@ -422,7 +435,8 @@ def test_metrics_parse_and_hold_the_series(server):
     assert {("classify", "2xx"), ("classify", "4xx"), ("detect", "2xx"), ("segment", "2xx")} <= outcomes
     info = {(s.labels["task"], s.labels["family"]) for s in families["convforge_model_info"].samples}
     assert {task for task, _ in info} == set(FAMILIES)
-    allowed = {"task", "endpoint", "model_version", "status_class", "class", "family", "backend", "le"}
+    allowed = {"task", "endpoint", "model_version", "status_class", "class", "family", "backend", "le",
+               "reason_kind"}
     for name, family in families.items():
         if name.startswith("convforge_"):
             for sample in family.samples:

@@ -11,7 +11,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from models import build, families
-from models._checkpoint import CheckpointError, apply_transfer, load, save
+from models._checkpoint import CheckpointError, apply_transfer, load, save, train_mode, trunk_parameters
 from pipelines.errors import ConvForgeError
 
 SIZES = {"classify": (1, 16), "segment": (1, 32), "detect": (1, 40)}
@@ -150,3 +150,27 @@ def test_torchvision_weights_come_only_from_the_local_cache(tmp_path: Path) -> N
     assert report["matched"] == report["source"] - 2  # everything but the 1000-class fc
     assert torch.equal(model.features[4][1].conv2.weight, reference.layer4[1].conv2.weight)
     assert torch.equal(model.features[0][1].running_var, reference.bn1.running_var)
+
+
+def test_train_mode_keeps_the_batchnorm_of_frozen_stages_in_inference_mode() -> None:
+    """Keras `trainable=False`: a frozen stage's BN normalizes with, and keeps, its running statistics."""
+    model = build("classify", "resnet", 3, 1, 16, depth=10, width=8, freeze=1)  # the stem, frozen as a hparam
+    norms = [[m for m in stage.modules() if isinstance(m, torch.nn.BatchNorm2d)] for stage in model.features]
+    assert norms[0] and norms[1]
+    train_mode(model)
+    assert model.training and not any(m.training for m in norms[0]) and all(m.training for m in norms[1])
+    before = norms[0][0].running_mean.clone(), norms[0][0].num_batches_tracked.clone()
+    model(torch.randn(4, 1, 16, 16))
+    assert torch.equal(norms[0][0].running_mean, before[0]) and torch.equal(norms[0][0].num_batches_tracked, before[1])
+    for parameter in model.features[0].parameters():  # released: trains and updates its statistics again
+        parameter.requires_grad_(True)
+    assert all(m.training for m in train_mode(model).modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_trunk_parameters_are_the_trainable_ones_of_the_first_stages() -> None:
+    model = build("classify", "resnet", 3, 1, 16, depth=10, width=8, freeze=1)
+    held = trunk_parameters(model, 2)
+    assert {id(p) for p in held} == {id(p) for p in model.features[1].parameters()}  # the stem was frozen already
+    assert trunk_parameters(model, 0) == []
+    with pytest.raises(ConvForgeError, match=r"freeze: expected 0\.\.\d+ stages, got 99"):
+        trunk_parameters(model, 99)

@@ -84,3 +84,58 @@ def test_a_backbone_without_the_pyramid_strides_is_a_user_error() -> None:
 
     with pytest.raises(ConvForgeError, match="needs at least two of"):
         build("detect", "fcos", 2, 1, 64, backbone="lenet5")
+
+
+@pytest.mark.parametrize("name", DETECT)
+def test_default_geometry_is_todays(name: str) -> None:
+    model = build("detect", name, 3, 1, 64)
+    if name == "fcos":  # anchor size stride / 2 at strides 4-16
+        assert [tuple(s) for s in model.anchor_generator.sizes] == [(2.0,), (4.0,), (8.0,)]
+    else:  # 2 and 3 x stride at strides 4-16 and the max-pooled 32, three aspect ratios
+        generator = model.rpn.anchor_generator
+        assert [tuple(s) for s in generator.sizes] == [(8.0, 12.0), (16.0, 24.0), (32.0, 48.0), (64.0, 96.0)]
+        assert all(tuple(r) == (0.5, 1.0, 2.0) for r in generator.aspect_ratios)
+
+
+@pytest.mark.parametrize("name", DETECT)
+def test_strides_past_the_trunk_add_pyramid_levels(name: str) -> None:
+    from models._pyramid import CoarserLevels, level_strides
+
+    torch.manual_seed(0)
+    model = build("detect", name, 3, 1, 256, strides=[8, 16, 32, 64, 128], backbone_hparams={"depth": 10, "width": 8})
+    assert isinstance(model.backbone.fpn.extra_blocks, CoarserLevels)  # the trunk stops at stride 32
+    pooled = [] if name == "fcos" else [256]
+    assert level_strides(model.backbone, 256, 1) == [8, 16, 32, 64, 128, *pooled]
+    losses = model.train()([torch.randn(1, 256, 256)], [
+        {"boxes": torch.tensor([[10.0, 10.0, 110.0, 90.0]]), "labels": torch.tensor([1]),
+         "masks": torch.ones(1, 256, 256, dtype=torch.uint8)}])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("name", DETECT)
+def test_detectors_run_larger_canvases_at_native_scale_or_resized(name: str) -> None:
+    from models._pyramid import set_input_size
+
+    torch.manual_seed(0)
+    model = build("detect", name, 3, 1, 64).eval()
+    image = torch.rand(1, 128, 96)
+    batch, _ = model.transform([image])  # native scale by default: the pixels as they come
+    assert batch.image_sizes == [(128, 96)] and torch.equal(batch.tensors[0, :, :128, :96], image)
+    set_input_size(model, 64)  # torchvision's resize: the longer side to 64
+    assert model.transform([image])[0].image_sizes == [(64, 48)]
+    with torch.no_grad():
+        det = model([image])[0]
+    assert (det["boxes"][:, 2] <= 96).all() and (det["boxes"][:, 3] <= 128).all()  # in the input's pixels
+    assert set_input_size(model, None).transform([image])[0].image_sizes == [(128, 96)]
+    with pytest.raises(TypeError, match="not a registry detector"):
+        set_input_size(torch.nn.Linear(2, 2), None)
+
+
+def test_extra_levels_stop_before_their_maps_vanish() -> None:
+    from models._pyramid import level_strides
+
+    model = build("detect", "fcos", 3, 1, 128, strides=[8, 16, 32, 64, 128], backbone_hparams={"depth": 10, "width": 8})
+    assert level_strides(model.backbone, 128, 1) == [8, 16, 32, 64]  # stride 128 would leave a 1 px map
+    losses = model.train()([torch.randn(1, 128, 128)], [
+        {"boxes": torch.tensor([[10.0, 10.0, 110.0, 90.0]]), "labels": torch.tensor([1])}])
+    assert all(torch.isfinite(v) for v in losses.values())

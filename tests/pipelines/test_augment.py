@@ -14,11 +14,12 @@ from pipelines.datasets import load_classify, load_scenes
 from pipelines.errors import ConvForgeError
 from pipelines.params import AugmentParams, PolicyParams, validate
 from pipelines.preparation import channel_stats, prepare_from_classify, prepare_from_scenes, stratified_split
-from pipelines.raw import load_raw, write_raw
+from pipelines.datasets import (ArrayWriter, RowReader, SceneWriter, array_info, iter_scenes, read_rows,
+                                save_array)
+from pipelines.raw import load_raw, write_meta
 from pipelines.scenes import compose_scenes
-from pipelines.sources import SceneSplits
 from pipelines.transforms import apply_policy, build_policy, build_scene_policy
-from tests.fixtures import digits_splits, tiny_scene_params
+from tests.fixtures import digits_splits, raw_data, tiny_scene_params
 
 
 def augment_params(project_params, **overrides) -> AugmentParams:
@@ -36,8 +37,13 @@ def files_of(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def raw(project_params):
+def splits(project_params):
     return digits_splits(project_params, max_train=300, max_test=60)
+
+
+@pytest.fixture(scope="module")
+def raw(splits, tmp_path_factory):
+    return raw_data(splits, tmp_path_factory.mktemp("raw") / "raw")
 
 
 def run(raw, root: Path, project_params, seed: int = 42, **augment) -> Path:
@@ -51,11 +57,12 @@ def test_two_runs_are_byte_identical(raw, tmp_path, project_params):
     first = files_of(run(raw, tmp_path / "a", project_params, copies=1))
     second = files_of(run(raw, tmp_path / "b", project_params, copies=1))
     assert first.keys() == second.keys()
-    assert {"prepared/classify/train.npz", "prepared/scenes/train/instances.json", "reports/classify_preview.png",
+    assert {"prepared/classify/train/images.npy", "prepared/classify/train/is_copy.npy",
+            "prepared/scenes/train/instances.json", "reports/classify_preview.png",
             "reports/scenes_preview.png", "prepared/scenes/val/masks/000001.png"} <= first.keys()
     assert [k for k in first if first[k] != second[k]] == []
     other = files_of(run(raw, tmp_path / "c", project_params, seed=7, copies=1))
-    assert other["prepared/classify/val.npz"] != first["prepared/classify/val.npz"]
+    assert other["prepared/classify/val/images.npy"] != first["prepared/classify/val/images.npy"]
 
 
 def test_stratified_split():
@@ -137,14 +144,24 @@ def test_scene_policy_moves_boxes_and_masks_with_the_image(prepared_scenes):
             assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
-def test_own_scene_data_gives_instance_crops(raw, tmp_path, project_params):
+def own_scenes_raw(splits, folder: Path, project_params) -> None:
+    """A data/raw of own masks-kind scenes (20 train, 5 test) composed from digits."""
     params = tiny_scene_params(project_params)
-    sources = [f"x/{i}" for i in range(len(raw.train_labels))]
-    train = compose_scenes(raw.train_images, raw.train_labels, sources, 20, params, np.random.default_rng(0))
-    test = compose_scenes(raw.train_images, raw.train_labels, sources, 5, params, np.random.default_rng(1))
-    write_raw(SceneSplits("masks", "test", [str(d) for d in range(10)], train, test, 1), tmp_path / "raw")
+    sources = [f"x/{i}" for i in range(len(splits.train_labels))]
+    classes = [str(d) for d in range(10)]
+    for split, count, seed in (("train", 20, 0), ("test", 5, 1)):
+        with SceneWriter(folder / split, classes) as writer:
+            for scene in compose_scenes(splits.train_images, splits.train_labels, sources, count, params,
+                                        np.random.default_rng(seed)):
+                writer.add(scene)
+    write_meta(folder, {"name": "masks", "source": "test", "kind": "masks", "classes": classes, "in_channels": 1,
+                        "image_size": [40, 40], "splits": {"train": 20, "test": 5}, "skipped": []})
+
+
+def test_own_scene_data_gives_instance_crops(splits, tmp_path, project_params):
+    own_scenes_raw(splits, tmp_path / "raw", project_params)
     own = load_raw(tmp_path / "raw")
-    assert isinstance(own, SceneSplits) and own.in_channels == 1 and len(own.train) == 20
+    assert not own.is_items and own.meta["in_channels"] == 1 and own.count("train") == 20
     prepare_from_scenes(own, tmp_path / "prepared", tmp_path / "reports", augment_params(project_params, crop_size=16),
                         seed=0)
     crops = load_classify(tmp_path / "prepared/classify", "train")
@@ -167,3 +184,40 @@ def test_missing_prepared_data_says_what_to_run(tmp_path):
 def test_channel_stats_exact():
     images = np.array([0, 255, 255, 0], np.uint8).reshape(1, 2, 2, 1)
     assert channel_stats(images) == ([0.5], [0.5])
+
+
+def test_array_writer_streams_rows_and_numpy_reads_them(tmp_path):
+    rows = np.random.default_rng(0).integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)
+    with ArrayWriter(tmp_path / "a.npy", (6, 5, 3)) as writer:
+        for start in range(0, 50, 7):
+            writer.append(rows[start:start + 7])
+        writer.append(rows[0])  # one row alone
+    loaded = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert loaded.shape == (51, 6, 5, 3) and np.array_equal(loaded[:50], rows) and np.array_equal(loaded[50], rows[0])
+    save_array(tmp_path / "b.npy", np.concatenate([rows, rows[:1]]))
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    with ArrayWriter.reopen(tmp_path / "b.npy") as writer:
+        writer.append(rows[:2])
+    assert array_info(tmp_path / "b.npy")[0] == (53, 6, 5, 3)
+    assert np.array_equal(read_rows(tmp_path / "b.npy", 50, 53), np.concatenate([rows[:1], rows[:2]]))
+    assert np.array_equal(RowReader(tmp_path / "a.npy")[17], rows[17]) and len(RowReader(tmp_path / "a.npy", 9)) == 9
+    with pytest.raises(ValueError, match="rows of shape"):
+        ArrayWriter(tmp_path / "c.npy", (6, 5, 3)).append(np.zeros((1, 5, 5, 3), np.uint8))
+
+
+def test_large_splits_load_lazily_with_the_same_items(raw, tmp_path, project_params):
+    root = run(raw, tmp_path, project_params, copies=1)
+    eager = load_classify(root / "prepared/classify", "train")
+    lazy = load_classify(root / "prepared/classify", "train", in_memory_bytes=0)
+    assert isinstance(eager.images, torch.Tensor) and not isinstance(lazy.images, torch.Tensor)
+    assert lazy.images.shape == tuple(eager.images.shape) and len(lazy) == len(eager)
+    idx = torch.tensor([7, 2, 300, 2])
+    assert torch.equal(lazy.images[idx], eager.images[idx]) and torch.equal(lazy.images[5], eager.images[5])
+    assert torch.equal(lazy.subset(20, 3).images[:], eager.subset(20, 3).images)
+    assert np.array_equal(lazy.images.numpy(), eager.images.numpy())
+    scenes = load_scenes(root / "prepared/scenes", "train")
+    lazy_scenes = load_scenes(root / "prepared/scenes", "train", in_memory_bytes=0)
+    assert torch.equal(lazy_scenes.images[:], scenes.images) and torch.equal(lazy_scenes.masks[:], scenes.masks)
+    for mine, theirs in zip(lazy_scenes.subset(5, 1).targets[:], scenes.subset(5, 1).targets):
+        assert all(torch.equal(mine[key], theirs[key]) for key in ("boxes", "labels", "masks"))
+    assert [s.image_id for s in iter_scenes(root / "prepared/scenes/train")] == scenes.image_ids

@@ -141,3 +141,25 @@ def test_scene_tasks_train_with_joint_augmentation_and_predict(prepared_scenes, 
         assert out.shape == (3, *val.images.shape[-2:]) and int(out.max()) <= len(val.classes)
     flat = evaluate(result.model, task, val, CPU)
     assert all(isinstance(v, float) for v in flat.values())
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_a_lazily_read_split_trains_exactly_like_the_same_split_in_memory(prepared_classify, cfg, project_params,
+                                                                         augmented):
+    """DataLoader workers over the memory-mapped .npy give the batches the in-memory slicing path gives."""
+    from pipelines.engine import loader_workers
+
+    policy = project_params.augment.policy if augmented else None
+    runs = []
+    # per-sample augmentation draws from each worker's own RNG stream, so that case compares in-process reads
+    for in_memory_bytes, workers in ((2**30, 0), (0, 0 if augmented else 1)):
+        train = load_classify(prepared_classify, "train", in_memory_bytes).subset(96, 0)
+        val = load_classify(prepared_classify, "val", in_memory_bytes)
+        settings = EngineSettings(device="cpu", num_threads=1, seed=3, num_workers=workers)
+        runs.append(fit(lenet(train), "classify", train, val, cfg.updated(epochs=1), settings, policy=policy,
+                        log=None))
+    assert learned(runs[0].history) == learned(runs[1].history)
+    lazy = load_classify(prepared_classify, "train", 0)
+    assert loader_workers(EngineSettings(num_workers="auto"), load_classify(prepared_classify, "train")) == 0
+    assert loader_workers(EngineSettings(num_workers="auto", concurrent_runs=64), lazy) == 0
+    assert loader_workers(EngineSettings(num_workers=3), lazy) == 3

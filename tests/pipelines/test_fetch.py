@@ -114,11 +114,11 @@ def test_fetch_writes_meta_with_checksums(tmp_path, project_params):
     assert meta["in_channels"] == 1 and meta["image_size"] == [8, 8] and meta["skipped"] == []
     on_disk = json.loads((tmp_path / "raw" / "meta.json").read_text())
     assert on_disk == meta
-    assert set(meta["checksums"]) == {"train.npz", "test.npz"}
+    assert set(meta["checksums"]) == {f"{split}/{name}.npy" for split in ("train", "test") for name in ("images", "labels")}
     for name, digest in meta["checksums"].items():
         assert sha256_file(tmp_path / "raw" / name) == digest
-    with np.load(tmp_path / "raw" / "train.npz", allow_pickle=False) as arrays:
-        assert arrays["images"].shape == (100, 8, 8, 1) and arrays["labels"].dtype == np.int64
+    assert np.load(tmp_path / "raw" / "train" / "images.npy").shape == (100, 8, 8, 1)
+    assert np.load(tmp_path / "raw" / "train" / "labels.npy").dtype == np.int64
 
 
 # ---- own data: ImageFolder ---------------------------------------------------------------------
@@ -136,35 +136,92 @@ def write_imagefolder(root: Path, rgb: bool = True) -> None:
             image.save(root / name / f"{i:02d}.png")
 
 
+def fetch_own(tmp_path, project_params, dataset: str, **overrides):
+    """fetch() of own data into tmp_path/raw: (meta, the opened raw data)."""
+    from pipelines.raw import load_raw
+
+    meta = fetch(data_params(project_params, dataset=dataset, **overrides), tmp_path / "raw")
+    return meta, load_raw(tmp_path / "raw")
+
+
 def test_imagefolder_flat_split_resize_and_channels(tmp_path, project_params):
     write_imagefolder(tmp_path / "pets")
-    splits = read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", image_size=16))
-    assert splits.classes == ["cat", "dog"]
-    assert splits.train_images.shape == (8, 16, 16, 3) and splits.test_images.shape == (2, 16, 16, 3)
-    assert list(splits.test_labels) == [0, 1]  # every 5th per class
+    meta, raw = fetch_own(tmp_path, project_params, f"imagefolder:{tmp_path / 'pets'}", image_size=16)
+    assert raw.classes == ["cat", "dog"] and meta["in_channels"] == 3 and meta["image_size"] == [16, 16]
+    assert np.load(raw.images_path("train")).shape == (8, 16, 16, 3)
+    assert np.load(raw.images_path("test")).shape == (2, 16, 16, 3)
+    assert list(raw.labels("test")) == [0, 1]  # every 5th per class
 
 
 def test_imagefolder_all_gray_keeps_one_channel_and_presplit(tmp_path, project_params):
     write_imagefolder(tmp_path / "pets" / "train", rgb=False)
     write_imagefolder(tmp_path / "pets" / "test", rgb=False)
-    splits = read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", image_size=12))
-    assert splits.train_images.shape == (10, 12, 12, 1) and splits.test_images.shape == (10, 12, 12, 1)
+    _, raw = fetch_own(tmp_path, project_params, f"imagefolder:{tmp_path / 'pets'}", image_size=12)
+    assert np.load(raw.images_path("train")).shape == (10, 12, 12, 1)
+    assert np.load(raw.images_path("test")).shape == (10, 12, 12, 1)
+
+
+def test_imagefolder_auto_size_is_the_capped_median_shorter_side(tmp_path, project_params):
+    write_imagefolder(tmp_path / "pets")  # shorter sides 14 and 16: median 15, a multiple of 8 below
+    meta, _ = fetch_own(tmp_path, project_params, f"imagefolder:{tmp_path / 'pets'}", image_size="auto")
+    assert meta["image_size"] == [8, 8] and meta["params"]["image_size"] == "auto"
+    big = tmp_path / "big" / "a"
+    big.mkdir(parents=True)
+    for i, side in enumerate((300, 500, 900)):
+        Image.new("RGB", (side + 50, side)).save(big / f"{i}.jpg")
+    (tmp_path / "raw2").mkdir()
+    meta = fetch(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'big'}", image_size="auto",
+                             auto_size_max=224), tmp_path / "raw2" / "raw")
+    assert meta["image_size"] == [224, 224]
+
+
+def test_fetch_decodes_one_image_at_a_time(tmp_path, project_params, monkeypatch):
+    """Streaming: each decoded image is written before the next is opened (never a split in memory)."""
+    import tracemalloc
+
+    import pipelines.sources as sources
+
+    root = tmp_path / "photos" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    live, most = [0], [0]
+    real = sources.decode
+
+    def counting(*args, **kwargs):
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        try:
+            return real(*args, **kwargs)
+        finally:
+            live[0] -= 1
+
+    monkeypatch.setattr(sources, "decode", counting)
+    tracemalloc.start()
+    fetch(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'photos'}", image_size=32), tmp_path / "raw")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert most[0] == 1
+    # one 400x300 RGB image is 360 kB; 50 of them would be 18 MB
+    assert peak < 6 * 400 * 300 * 3, peak
 
 
 def test_corrupt_image_skip_and_fail(tmp_path, project_params):
     write_imagefolder(tmp_path / "pets")
     bad = tmp_path / "pets" / "dog" / "zz_broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
-    skip = read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", on_corrupt="skip"))
-    assert skip.skipped == [str(bad)]
-    assert len(skip.train_labels) + len(skip.test_labels) == 10
+    meta, raw = fetch_own(tmp_path, project_params, f"imagefolder:{tmp_path / 'pets'}", on_corrupt="skip")
+    assert meta["skipped"] == [str(bad)]
+    assert len(raw.labels("train")) + len(raw.labels("test")) == 10
     with pytest.raises(ConvForgeError, match="zz_broken.png: unreadable image .*data.on_corrupt: skip"):
-        read_dataset(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", on_corrupt="fail"))
+        fetch(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'pets'}", on_corrupt="fail"),
+              tmp_path / "raw-fail")
 
 
 def test_missing_own_data_folder(tmp_path, project_params):
     with pytest.raises(ConvForgeError, match="no such folder"):
-        read_dataset(data_params(project_params, dataset=f"masks:{tmp_path / 'nothing'}"))
+        fetch(data_params(project_params, dataset=f"masks:{tmp_path / 'nothing'}"), tmp_path / "raw")
 
 
 # ---- own data: COCO and masks ------------------------------------------------------------------
@@ -190,10 +247,10 @@ def write_coco(root: Path, count: int = 5) -> None:
 
 def test_coco_folder(tmp_path, project_params):
     write_coco(tmp_path / "coco")
-    splits = read_dataset(data_params(project_params, dataset=f"coco:{tmp_path / 'coco'}", image_size=20))
-    assert splits.classes == ["roof", "box"] and splits.in_channels == 3
-    assert len(splits.train) == 4 and len(splits.test) == 1
-    for scene in splits.train + splits.test:
+    meta, raw = fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=20)
+    assert raw.classes == ["roof", "box"] and meta["in_channels"] == 3
+    assert raw.count("train") == 4 and raw.count("test") == 1
+    for scene in [*raw.scenes("train"), *raw.scenes("test")]:
         assert scene.image.shape == (20, 20, 3) and scene.semantic.shape == (20, 20)
         assert sorted(scene.labels.tolist()) == [0, 1]
         for mask, box in zip(scene.instance_masks, scene.boxes):
@@ -205,10 +262,9 @@ def test_coco_folder(tmp_path, project_params):
 def test_coco_presplit_folders(tmp_path, project_params):
     write_coco(tmp_path / "coco" / "train", count=3)
     write_coco(tmp_path / "coco" / "test", count=2)
-    splits = read_dataset(data_params(project_params, dataset=f"coco:{tmp_path / 'coco'}", image_size=20,
-                                      max_train=2))
-    assert (len(splits.train), len(splits.test)) == (2, 2)
-    assert [s.image_id for s in splits.test] == [1, 2]
+    _, raw = fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=20, max_train=2)
+    assert (raw.count("train"), raw.count("test")) == (2, 2)
+    assert [s.image_id for s in raw.scenes("test")] == [1, 2]
 
 
 def test_coco_stage_output_roundtrip(tmp_path, project_params):
@@ -236,11 +292,11 @@ def test_masks_folder_instances_from_components(tmp_path, project_params):
         Image.fromarray((mask * 60).astype(np.uint8)).save(root / "images" / f"{i}.png")
         Image.fromarray(mask).save(root / "masks" / f"{i}.png")
     (root / "images" / "orphan.png").write_bytes((root / "images" / "0.png").read_bytes())  # has no mask
-    splits = read_dataset(data_params(project_params, dataset=f"masks:{root}", image_size=24, on_corrupt="skip"))
-    assert splits.classes == ["road", "car"] and splits.in_channels == 1
-    assert splits.skipped == [str(root / "images" / "orphan.png")]
-    assert len(splits.train) + len(splits.test) == 5
-    scene = splits.train[0]
+    meta, raw = fetch_own(tmp_path, project_params, f"masks:{root}", image_size=24, on_corrupt="skip")
+    assert raw.classes == ["road", "car"] and meta["in_channels"] == 1
+    assert meta["skipped"] == [str(root / "images" / "orphan.png")]
+    assert raw.count("train") + raw.count("test") == 5
+    scene = next(raw.scenes("train"))
     assert sorted(scene.labels.tolist()) == [0, 1, 1]
     assert scene.semantic.max() == 2 and scene.semantic[0, 23] == 0
 

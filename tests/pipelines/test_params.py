@@ -127,7 +127,7 @@ def test_model_dump_reads_every_leaf_it_carries(params, reads):
     params.augment.model_dump(exclude={"preview_count": True, "policy": {"erasing"}})
     assert reads() == {"augment.val_fraction", "augment.copies", "augment.crop_size",
                        *(f"augment.policy.{k}" for k in ("crop_padding", "hflip", "rotation_deg", "translate",
-                                                          "color_jitter"))}
+                                                          "color_jitter", "scale_jitter"))}
 
 
 def test_updated_replaced_keys_are_not_reads(params, reads):

@@ -16,7 +16,7 @@ from models._registry import Choice, FloatRange, IntRange, family as family_of
 from pipelines.errors import ConvForgeError
 from pipelines.params import TrainSpaceParams, validate
 from pipelines.search import families_table, pareto_front, pick_winner, search_key, trial_config
-from pipelines.search_space import SearchSpace, ray_domain
+from pipelines.search_space import TRANSFER_KEYS, SearchSpace, ray_domain
 from pipelines.tracking import data_hash
 from pipelines.tuner import make_scheduler, make_search_alg, trial_base
 
@@ -124,6 +124,33 @@ def test_model_space_narrows_registry_spaces(project_params):
     assert set(SearchSpace.build("classify", ["resnet"], train_space, {"vgg": {"depth": [11]}}).families) == {"resnet"}
     with pytest.raises(ConvForgeError, match="model_space.resnet.colour: not a searched hyperparameter"):
         SearchSpace.build("classify", ["resnet"], train_space, {"resnet": {"colour": [1]}})
+
+
+def test_transfer_keys_are_search_dimensions_when_listed(project_params):
+    """`pretrained`, `freeze`, `unfreeze_epoch` are searched when listed; a trial's choice reaches its TrainConfig."""
+    train_space = project_params.search.classify.space
+    assert not set(TRANSFER_KEYS) & set(SearchSpace.build("classify", ["lenet5"], train_space).train)  # absent
+    listed = validate(TrainSpaceParams, {**train_space.model_dump(), "pretrained": [None, "detect"],
+                                         "freeze": [0, 2], "unfreeze_epoch": [0, 3]})
+    space = SearchSpace.build("classify", ["lenet5"], listed)
+    assert space.train["pretrained"] == Choice([None, "detect"]) and space.train["freeze"] == Choice([0, 2])
+    assert "freeze" not in space.mutations()  # PBT never changes what the model's stages are
+    base = trial_config(project_params, "classify")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        config = space(study.ask())
+        cfg = base.updated(**space.choice(config).train)
+        assert (cfg.pretrained, cfg.freeze, cfg.unfreeze_epoch) == tuple(config[k] for k in TRANSFER_KEYS)
+        seen.add(cfg.pretrained)
+    assert seen == {None, "detect"}
+    _, ray_config = next(generate_variants(space.ray_space(), random_state=0))
+    assert set(TRANSFER_KEYS) <= set(space.choice(ray_config).train)
+    # The starting point keeps train.<task>'s values, None included, and Optuna replays it.
+    (point,) = space.points(base)
+    assert (point["pretrained"], point["freeze"], point["unfreeze_epoch"]) == (None, 0, 0)
+    study.enqueue_trial(space.optuna_point(point))
+    assert space(study.ask())["pretrained"] is None
 
 
 def test_train_space_params_validate():

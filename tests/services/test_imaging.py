@@ -1,4 +1,5 @@
-"""Hardened decoding and training-equal geometry (services/imaging.py) on real encoded images."""
+"""Hardened decoding under the server's limits, native scale, the domain check and mapping back
+(services/imaging.py) on real encoded images."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from PIL import Image
 
 from services.errors import InputError
-from services.imaging import (DecodeLimits, Placement, boxes_to_image, decode, fit_square, letterbox,
-                              mask_to_image, to_array)
+from services.imaging import (DecodeLimits, Domain, Fit, ImageFacts, Placement, boxes_to_image, decode, facts,
+                              fit_square, letterbox, mask_to_image, native, prepare, to_array)
 
 LIMITS = DecodeLimits(max_pixels=4_000_000, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"))
 
@@ -91,7 +92,7 @@ def test_formats_outside_the_allow_list_are_refused():
     ico = encode(gradient(16, 16), "ICO")
     with pytest.raises(InputError) as info:
         decode(ico, LIMITS)
-    assert info.value.status == 400
+    assert info.value.status == 415 and "ICO" in str(info.value)
     only_png = DecodeLimits(LIMITS.max_pixels, ("PNG",))
     with pytest.raises(InputError):
         decode(encode(gradient(), "JPEG"), only_png)
@@ -153,3 +154,45 @@ def test_fit_square_matches_training_geometry():
     out, placement = fit_square(np.asarray(image)[:, :, None], 16)
     assert np.array_equal(out[:, :, 0], expected)
     assert placement.width == 30 and placement.height == 20
+
+
+def test_native_keeps_pixels_pads_to_32_and_fits_large_uploads():
+    array = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    out, placement = native(array, 1024)
+    assert out.shape == (64, 96, 3) and np.array_equal(out[:50, :70], array) and out[50:].max() == 0
+    assert placement == Placement(70, 50, 1.0, 1.0)
+    big, placement = native(np.zeros((300, 2000, 1), np.uint8), 1000)
+    assert big.shape == (160, 1024, 1) and placement.scale_x == 0.5
+    mask = np.zeros(big.shape[:2], np.uint8)
+    mask[:150, :1000] = 2
+    assert (mask_to_image(mask, placement) == 2).all()
+
+
+def test_domain_rules_each_explain_themselves():
+    grey28 = Domain(in_channels=1, image_size=28, mean=0.29, std=0.35)
+    assert grey28.check(ImageFacts(28, 28, colour=False, mean=0.3)) == []
+    kinds = dict(grey28.check(ImageFacts(235, 235, colour=True, mean=0.95)))
+    assert kinds["channels"] == "colour image for a greyscale model"
+    assert kinds["size"].startswith("8.4x larger than the training images")
+    assert kinds["intensity"].startswith("mean intensity 0.95 outside training 0.29")
+    assert dict(grey28.check(ImageFacts(5, 5, colour=False, mean=0.3)))["size"].startswith("5.6x smaller")
+    colour = Domain(in_channels=3, image_size=32, mean=0.47, std=0.25)
+    assert colour.check(ImageFacts(32, 32, colour=True, mean=0.5)) == []
+
+
+def test_facts_tell_colour_from_grey_stored_as_rgb():
+    grey_rgb = gradient(300, 200, "L").convert("RGB")
+    assert not facts(decode(encode(grey_rgb, "JPEG", quality=90), LIMITS), 1).colour
+    assert facts(decode(encode(gradient(300, 200), "JPEG", quality=90), LIMITS), 1).colour
+    white = facts(Image.new("L", (40, 40), 255), 1)
+    assert white.mean == 1.0 and (white.width, white.height) == (40, 40)
+
+
+def test_prepared_drafted_jpegs_are_placed_in_the_uploads_own_pixels():
+    wide = encode(gradient(1200, 400), "JPEG", quality=90)
+    item = prepare(wide, LIMITS, Fit(letterbox, 40, "long"), 1)
+    assert item.array.shape == (40, 40, 1)
+    assert (item.placement.width, item.placement.height) == (1200, 400)  # not the drafted 600 x 200
+    assert (item.facts.width, item.facts.height) == (1200, 400)
+    assert mask_to_image(np.ones((40, 40), np.uint8), item.placement).shape == (400, 1200)
+    assert np.allclose(boxes_to_image(np.array([[0, 0, 40, 13.33]]), item.placement), [[0, 0, 1200, 400]], atol=1)

@@ -106,3 +106,28 @@ def test_warm_up_runs_both_batch_shapes(tmp_path):
     runner = load_runner("classify", tmp_path, name="convforge-classify", version="v1", backend="onnx",
                          max_batch_size=8, max_latency_ms=1000)
     assert runner.warm_up() > 0
+
+
+def test_native_scale_runs_each_size_at_its_own_pixels(tmp_path):
+    save_tiny(tmp_path, "segment", "unet", depth=2, width=8)
+    runner = load_runner("segment", tmp_path, name="convforge-segment", version="v1", backend="onnx",
+                         max_batch_size=8, max_latency_ms=1000, scale="native", max_side=256)
+    assert runner.card.backend == "torch"  # the ONNX graph's input size is fixed
+    small, wide = images(2, 32, seed=2), np.random.default_rng(3).integers(0, 256, (1, 64, 96, 1), np.uint8)
+    mixed = runner.run_sizes([small[0], wide[0], small[1]])
+    assert [m.shape for m in mixed] == [(32, 32), (64, 96), (32, 32)]
+    assert np.array_equal(np.stack([mixed[0], mixed[2]]), np.stack(runner.run(small)))
+    assert np.array_equal(mixed[1], runner.run(wide)[0])
+
+
+def test_a_detector_sees_native_inputs_unresized(tmp_path):
+    save_tiny(tmp_path, "detect", "fcos", size=32)
+    runner = load_runner("detect", tmp_path, name="convforge-detect", version="v1", backend="torch",
+                         max_batch_size=4, max_latency_ms=1000, scale="native", max_side=256)
+    wide = np.random.default_rng(4).integers(0, 256, (1, 64, 96, 1), np.uint8)
+    (out,) = runner.run_sizes([wide[0]])
+    assert out["boxes"].shape[-1] == 4
+    transform = runner.backend.module.transform
+    with torch.inference_mode():
+        batched, _ = transform([torch.zeros(1, 64, 96)])
+    assert batched.image_sizes == [(64, 96)]

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from services.errors import InputError
 from services.imaging import Placement
 from services.results import classify_result, detect_result, segment_result
-from services.schemas import (Mask, Options, PredictionResponse, convert_boxes, decode_base64, decode_mask,
+from services.schemas import (ImageResult, Mask, Options, PredictionResponse, convert_boxes, decode_base64, decode_mask,
                               encode_mask, polygons, rle_counts)
 
 
@@ -115,4 +115,7 @@ def test_segment_result_counts_and_formats():
 def test_response_schema_is_versioned():
     response = PredictionResponse(task="classify", model={"task": "classify", "family": "lenet5", "name": "m",
                                                           "version": "1"}, results=[])
-    assert response.model_dump()["schema_version"] == "1"
+    assert response.model_dump()["schema_version"] == "1.1"
+    # 1.1 only adds fields: a 1.0 result (no in_domain/reason) still validates, and they stay out when unset.
+    old = ImageResult(index=0, width=2, height=2, labels=[])
+    assert old.in_domain is None and "reason" not in old.model_dump(exclude_none=True)

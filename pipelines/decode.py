@@ -1,0 +1,223 @@
+"""One decode for every image file: the fetch stage's own-data readers and the service's uploads.
+
+`open_image` turns a file or upload bytes into an oriented, fully loaded Pillow image: the
+format comes from an allow-list (never from a client's Content-Type), the pixel count is checked
+from the header before any pixel is decoded, Pillow's decompression-bomb warning is an error,
+large JPEGs are decoded at 1/2..1/8 scale with `Image.draft()` (libjpeg's DCT scaling) when the
+target size allows it, and EXIF orientation is applied. `to_array` turns any mode into uint8
+[H, W, in_channels] the same way everywhere (alpha composited over black, 16-bit scaled to 8).
+`fit_square` (classification items) and `letterbox` (scenes) are the training geometry, each
+returning the `Placement` that maps model-input pixels back to the image's own pixels.
+Every failure is a `DecodeError` with an HTTP-like `status`: fetch reports it as a corrupt image,
+the service answers it as a 4xx.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from models._errors import ConvForgeError
+
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)
+BACKGROUND = (0, 0, 0, 255)  # training items sit on black (Fashion-MNIST, scenes): transparent = black
+FULL_SIZE = "convforge_full_size"  # image.info key: (width, height) of the whole image a drafted decode stands for
+
+
+class DecodeError(ConvForgeError):
+    """An image that cannot be used: `status` 400 (unreadable), 413 (too many pixels), 415 (format)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image of `width` x `height` sits in the model input: model = image * scale + offset."""
+
+    width: int
+    height: int
+    scale_x: float
+    scale_y: float
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+
+    def for_size(self, width: int, height: int) -> "Placement":
+        """The same placement for the image at `width` x `height` (the full image a drafted decode stands for)."""
+        return Placement(width, height, self.scale_x * self.width / width, self.scale_y * self.height / height,
+                         self.offset_x, self.offset_y)
+
+
+def _draft_size(width: int, height: int, min_side: int, side: str) -> tuple[int, int]:
+    """The size to ask draft() for so the decoded `side` ("short"/"long") stays >= min_side."""
+    reference = min(width, height) if side == "short" else max(width, height)
+    factor = max(1.0, reference / min_side)
+    return max(1, math.ceil(width / factor)), max(1, math.ceil(height / factor))
+
+
+def _open(source: bytes | Path, formats: tuple[str, ...] | None) -> Image.Image:
+    """Identify the file (header only); 400 when unreadable, 415 when its format is not allowed."""
+    if isinstance(source, (bytes, bytearray, memoryview)) and not source:
+        raise DecodeError(400, "empty image: no bytes")
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        # Only the allowed plugins parse the bytes; others never see them.
+        return Image.open(stream, formats=list(formats) if formats is not None else None)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise
+    except Exception:  # noqa: BLE001 - any failure to identify untrusted bytes is the input's fault
+        pass
+    accepted = f"; accepted formats: {', '.join(formats)}" if formats else ""
+    other = _identify(source) if formats is not None else None
+    if other is not None:
+        raise DecodeError(415, f"{other} images are not accepted{accepted}")
+    raise DecodeError(400, f"not a readable image{accepted}")
+
+
+def _identify(source: bytes | Path) -> str | None:
+    """The format name of an image outside the allow-list (header only, nothing decoded), else None."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source) as image:
+            return image.format
+    except Exception:  # noqa: BLE001 - not an image at all
+        return None
+
+
+def _check_size(image: Image.Image, max_pixels: int | None) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(400, f"zero-size image ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise DecodeError(413, f"image of {width}x{height} = {width * height} pixels is over the limit "
+                               f"of {max_pixels} pixels")
+
+
+def open_image(source: bytes | Path, *, formats: tuple[str, ...] | list[str] | None = None,
+               max_pixels: int | None = None, min_side: int | None = None,
+               side: Literal["short", "long"] = "short") -> Image.Image:
+    """Decode a file or bytes into an oriented (EXIF), fully loaded Pillow image, or raise DecodeError.
+
+    `formats`: Pillow format names allowed (None: any). `max_pixels`: cap on width x height (413).
+    `min_side`: a JPEG may be decoded at 1/2..1/8 scale while its shorter (`side="short"`, the
+    fit_square geometry) or longer (`side="long"`, letterbox) side stays >= min_side; `full_size(image)`
+    is then the size of the whole image, which results are mapped back to.
+    """
+    allowed = tuple(formats) if formats is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = _open(source, allowed)
+            _check_size(image, max_pixels)
+            full = image.size
+            if min_side and image.format == "JPEG":
+                image.draft(None, _draft_size(*image.size, min_side, side))
+            image.load()
+            stored = image.size
+            # Phones store rotation in EXIF: use the orientation people see (in place: no copy).
+            ImageOps.exif_transpose(image, in_place=True)
+            turned = image.size != stored
+            image.info[FULL_SIZE] = (full[1], full[0]) if turned else full
+            return image
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = max_pixels or Image.MAX_IMAGE_PIXELS
+            raise DecodeError(413, f"image over the limit of {limit} pixels (decompression bomb)") from None
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on corrupt data
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise DecodeError(400, f"truncated or corrupt image ({reason})") from None
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the whole, oriented image: larger than `image.size` when open_image drafted it."""
+    return tuple(image.info.get(FULL_SIZE, image.size))
+
+
+def is_grey(image: Image.Image) -> bool:
+    """Whether an image is greyscale by its mode (1/L/LA/16-bit/float); a dataset whose images
+    all are gets in_channels 1, else 3."""
+    return image.mode in GREY_MODES
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """16-bit/int/float to 8-bit L, and any alpha (or palette transparency) composited over black."""
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit grey (PNG/TIFF) spans 0..65535: scale to 8 bits; 32-bit int/float images are clipped.
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)
+    return image
+
+
+def to_array(image: Image.Image, in_channels: int) -> np.ndarray:
+    """Any mode (1/L/P/PA/LA/RGB/RGBA/CMYK/YCbCr/16-bit/float) to uint8 [H, W, in_channels]
+    (1: luma, 3: RGB); alpha over black. Raises DecodeError(400) for modes Pillow cannot convert."""
+    try:
+        array = np.asarray(_flatten(image).convert("L" if in_channels == 1 else "RGB"))
+    except (ValueError, OSError) as exc:
+        raise DecodeError(400, f"cannot convert a {image.mode} image ({exc})") from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+
+
+def _shaped(image: Image.Image, like: np.ndarray) -> np.ndarray:
+    out = np.asarray(image)
+    return out[:, :, None] if like.ndim == 3 and out.ndim == 2 else out
+
+
+def fit_square(array: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
+    """uint8 [H, W, C]: shorter side to `size` (bilinear, antialiased), then centre crop to size x size.
+
+    The classify geometry; pixel-identical to torchvision's `resize(img, size)` + `center_crop(size)`.
+    """
+    height, width = array.shape[:2]
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    image = _pil(array)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    cropped = _shaped(image.crop((left, top, left + size, top + size)), array)
+    return cropped, Placement(width, height, new_w / width, new_h / height, -left, -top)
+
+
+def letterbox(array: np.ndarray, size: int, *, nearest: bool = False) -> tuple[np.ndarray, Placement]:
+    """[H, W] or [H, W, C]: longer side to `size`, zero padding at the bottom/right to size x size.
+
+    The scene geometry (keeps the aspect ratio and every object); `nearest` for label masks.
+    """
+    height, width = array.shape[:2]
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = _shaped(_pil(array).resize((new_w, new_h), Image.NEAREST if nearest else Image.BILINEAR), array)
+    out = np.zeros((size, size, *array.shape[2:]), dtype=array.dtype)
+    out[:new_h, :new_w] = resized.reshape(new_h, new_w, *array.shape[2:])
+    return out, Placement(width, height, new_w / width, new_h / height)
+
+
+def decode_file(path: Path, in_channels: int, size: int, geometry: Literal["square", "letterbox"] = "square",
+                formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """A file to the model's uint8 [size, size, in_channels] input, the way training and serving do it."""
+    side = "short" if geometry == "square" else "long"
+    image = open_image(Path(path), formats=formats, min_side=size, side=side)
+    array = to_array(image, in_channels)
+    return (fit_square if geometry == "square" else letterbox)(array, size)[0]

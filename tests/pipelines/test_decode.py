@@ -1,0 +1,194 @@
+"""pipelines/decode.py: one decode for training and serving, on real encoded files.
+
+The parity test sends the same files through the fetch stage's path (`pipelines.sources.decode`, on
+`pipelines.decode`, with the dataset's in_channels and working size) and through the service's path from upload bytes to the
+model input (`services.imaging.prepare` with a loaded runner's fit), and wants identical arrays.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import _checkpoint as checkpoint
+from models._registry import build
+from pipelines.decode import (DecodeError, Placement, decode_file, fit_square, full_size, is_grey, letterbox,
+                              open_image, to_array)
+from pipelines import sources
+from pipelines.params import load_params
+from pipelines.tasks import ClassifyTask, SegmentTask
+from services import imaging
+from services.runners import load_runner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def photo(width: int = 120, height: int = 80) -> np.ndarray:
+    """A smooth colour picture with a bright block at the top left (so orientation shows)."""
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=2)
+    array[: height // 4, : width // 4] = 255
+    return array.astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored landscape 120x80 with EXIF orientation 6: people see it portrait, 80x120."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.fromarray(photo()), "JPEG", quality=92, exif=exif.tobytes())
+
+
+def rgba_png() -> bytes:
+    rgba = np.dstack([photo(), np.where(np.arange(120)[None, :] < 60, 255, 0).repeat(80, 0)]).astype(np.uint8)
+    return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
+def palette_png() -> bytes:
+    palette = Image.fromarray(photo()).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    return encode(palette, "PNG", transparency=0)
+
+
+def sixteen_bit_png() -> bytes:
+    wide = (np.arange(90 * 70, dtype=np.uint32).reshape(70, 90) * 10).astype(np.uint16)
+    return encode(Image.fromarray(wide), "PNG")
+
+
+def cmyk_jpeg() -> bytes:
+    return encode(Image.fromarray(photo()).convert("CMYK"), "JPEG", quality=92)
+
+
+def large_jpeg() -> bytes:
+    return encode(Image.fromarray(photo(1600, 1200)), "JPEG", quality=85)
+
+
+FILES = {"exif6.jpg": exif_rotated_jpeg, "rgba.png": rgba_png, "palette.png": palette_png,
+         "sixteen.png": sixteen_bit_png, "cmyk.jpg": cmyk_jpeg, "large.jpg": large_jpeg}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    for name, make in FILES.items():
+        (folder / name).write_bytes(make())
+    return {name: folder / name for name in FILES}
+
+
+def served_runner(directory: Path, task: str, family: str, in_channels: int, size: int, **hparams):
+    """A tiny saved model of `task`, loaded the way the service loads it."""
+    torch.manual_seed(0)
+    model = build(task, family, 3, in_channels, size, **hparams)
+    config = {"task": task, "family": family, "hparams": hparams, "num_classes": 3, "in_channels": in_channels,
+              "image_size": size, "classes": ["a", "b", "c"], "mean": [0.3] * in_channels,
+              "std": [0.3] * in_channels}
+    checkpoint.save(model, config, directory)
+    return load_runner(task, directory, name="tiny", version="v1", backend="torch", max_batch_size=4,
+                       max_latency_ms=1000)
+
+
+@pytest.mark.parametrize("task, family, hparams, geometry, size", [
+    (ClassifyTask.name, "lenet5", {}, "square", 28),
+    (SegmentTask.name, "unet", {"depth": 2, "width": 8}, "letterbox", 64),
+])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_training_and_serving_decode_to_identical_inputs(files, tmp_path, task, family, hparams, geometry, size,
+                                                         in_channels):
+    serve = load_params(ROOT / "params.yaml").serve
+    limits = imaging.DecodeLimits(serve.max_pixels, tuple(serve.formats))
+    runner = served_runner(tmp_path / task, task, family, in_channels, size, **hparams)
+    for name, path in files.items():
+        fetched = sources.decode(path, in_channels, size, geometry, sources.CorruptImages("fail"))
+        served = imaging.prepare(path.read_bytes(), limits, runner.fit, in_channels).array
+        assert fetched.dtype == served.dtype == np.uint8
+        assert fetched.shape == served.shape == (size, size, in_channels), name
+        assert np.array_equal(fetched, served), name
+        assert np.array_equal(decode_file(path, in_channels, size, geometry), served), name
+
+
+def test_exif_orientation_is_applied(files):
+    image = open_image(files["exif6.jpg"])
+    assert image.size == (80, 120)  # orientation 6: rotated 90 degrees clockwise for display
+    array = to_array(image, 3)
+    assert array[:20, -20:].min() > 200  # the bright top-left block is now top right
+    assert array[:20, :20].min(axis=2).max() < 200  # and not at the top left any more
+
+
+def test_modes_and_alpha_the_same_everywhere(files):
+    rgba = to_array(open_image(files["rgba.png"]), 3)
+    assert np.array_equal(rgba[:, :60], photo()[:, :60]) and rgba[:, 60:].max() == 0  # transparent = black
+    palette = to_array(open_image(files["palette.png"]), 3)
+    assert palette.shape == (80, 120, 3)
+    sixteen = open_image(files["sixteen.png"])
+    assert is_grey(sixteen) and to_array(sixteen, 1).max() == round(int(np.uint16(89 * 10 + 69 * 900)) / 257)
+    cmyk = open_image(files["cmyk.jpg"])
+    assert cmyk.mode == "CMYK" and not is_grey(cmyk) and to_array(cmyk, 3).shape == (80, 120, 3)
+    assert to_array(Image.new("1", (4, 4), 1), 1).max() == 255
+
+
+def test_large_jpegs_are_drafted_but_never_below_the_target(files):
+    data = files["large.jpg"].read_bytes()
+    assert open_image(data).size == (1600, 1200)
+    assert open_image(data, min_side=28).size == (200, 150)  # 1/8 scale: shorter side 150 >= 28
+    assert open_image(data, min_side=200).size == (400, 300)  # 1/4: 300 >= 200, 1/8 would give 150
+    assert open_image(data, min_side=1000, side="long").size == (1600, 1200)  # 1/2 gives 800 < 1000
+    assert open_image(data, min_side=800, side="long").size == (800, 600)
+    assert full_size(open_image(data, min_side=28)) == (1600, 1200)  # what results map back to
+    assert full_size(open_image(files["exif6.jpg"], min_side=10)) == (80, 120)  # drafted 15x10, turned
+
+
+def test_placement_for_the_full_image_maps_to_its_pixels():
+    drafted = Placement(200, 150, 28 / 150, 28 / 150, -5, 0)
+    full = drafted.for_size(1600, 1200)
+    assert (full.width, full.height, full.offset_x) == (1600, 1200, -5)
+    assert full.scale_x * 1600 == pytest.approx(drafted.scale_x * 200)
+
+
+def test_fit_square_is_torchvision_resize_and_centre_crop():
+    from torchvision.transforms.v2 import functional as F
+
+    rng = np.random.default_rng(0)
+    for shape in [(40, 30, 3), (30, 40, 1), (100, 57, 3), (28, 28, 1)]:
+        array = rng.integers(0, 256, shape, dtype=np.uint8)
+        image = Image.fromarray(array[:, :, 0] if shape[2] == 1 else array)
+        expected = np.asarray(F.center_crop(F.resize(image, 16, antialias=True), 16)).reshape(16, 16, shape[2])
+        assert np.array_equal(fit_square(array, 16)[0], expected)
+
+
+def test_letterbox_pads_bottom_right_and_resizes_masks_nearest():
+    mask = np.zeros((50, 100), np.uint8)
+    mask[10:20, 40:60] = 3
+    boxed, placement = letterbox(mask, 40, nearest=True)
+    assert boxed.shape == (40, 40) and placement == Placement(100, 50, 0.4, 0.4)
+    assert set(np.unique(boxed)) == {0, 3} and boxed[20:].max() == 0
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"", 400), (b"plain text, not an image", 400), (b"\x80\x04\x95pickle", 400),
+])
+def test_unreadable_bytes_are_400(data, status):
+    with pytest.raises(DecodeError) as info:
+        open_image(data, formats=("PNG", "JPEG"))
+    assert info.value.status == status
+
+
+def test_format_cap_and_truncation_statuses(files):
+    with pytest.raises(DecodeError) as info:
+        open_image(files["rgba.png"], formats=("JPEG",))
+    assert info.value.status == 415 and "PNG" in str(info.value)
+    with pytest.raises(DecodeError) as info:
+        open_image(files["large.jpg"], max_pixels=1_000_000)
+    assert info.value.status == 413
+    data = files["rgba.png"].read_bytes()
+    with pytest.raises(DecodeError) as info:
+        open_image(data[: len(data) // 2])
+    assert info.value.status == 400 and "\n" not in str(info.value)

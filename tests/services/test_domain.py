@@ -1,0 +1,96 @@
+"""The training-domain check behind each result's `in_domain` (services/imaging.py Domain), on real uploads:
+a colour photo sent to a small grey classifier is flagged; the model's own test items almost never are."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import _checkpoint as checkpoint
+from models._registry import build
+from pipelines.tasks import ClassifyTask
+from services import imaging
+from services.endpoints import input_fit
+from services.runners import load_runner
+
+SIZE = 28
+LIMITS = imaging.DecodeLimits(16_777_216, ("PNG", "JPEG"))
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def digits_28() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits upscaled to 28x28 (bilinear), split 80/20: (train, test) uint8 [N, 28, 28]."""
+    from sklearn.datasets import load_digits
+
+    images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    upscaled = np.stack([np.asarray(Image.fromarray(im).resize((SIZE, SIZE), Image.BILINEAR)) for im in images])
+    cut = len(upscaled) * 4 // 5
+    return upscaled[:cut], upscaled[cut:]
+
+
+def colour_photo(side: int = 512) -> np.ndarray:
+    """A photo-like colour picture: smooth colour gradients with a few saturated discs."""
+    y, x = np.mgrid[0:side, 0:side] / side
+    array = np.stack([0.5 + 0.4 * np.sin(6 * x), 0.4 + 0.3 * y, 0.6 - 0.4 * x * y], axis=2)
+    for cx, cy, colour in [(0.3, 0.3, (0.9, 0.1, 0.1)), (0.7, 0.6, (0.1, 0.2, 0.9))]:
+        array[(x - cx) ** 2 + (y - cy) ** 2 < 0.02] = colour
+    return (array * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def grey_classifier(tmp_path_factory):
+    """A tiny grey 28 px classifier whose config carries its training data's mean and std."""
+    train, test = digits_28()
+    directory = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    config = {"task": ClassifyTask.name, "family": "lenet5", "hparams": {}, "num_classes": 10, "in_channels": 1,
+              "image_size": SIZE, "classes": [str(d) for d in range(10)],
+              "mean": [float(train.mean() / 255)], "std": [float(train.std() / 255)]}
+    checkpoint.save(build(ClassifyTask.name, "lenet5", 10, 1, SIZE), config, directory)
+    runner = load_runner(ClassifyTask.name, Path(directory), name="tiny", version="v1", backend="torch",
+                         max_batch_size=4, max_latency_ms=1000)
+    return runner, test
+
+
+def check(runner, blob: bytes) -> list[tuple[str, str]]:
+    """The service's own path: upload bytes -> prepare (decode, fit, facts) -> the runner's domain check."""
+    return runner.domain.check(imaging.prepare(blob, LIMITS, runner.fit, runner.in_channels).facts)
+
+
+def test_colour_photo_to_a_grey_28px_classifier_is_flagged(grey_classifier):
+    runner, _ = grey_classifier
+    reasons = dict(check(runner, png(colour_photo())))
+    assert reasons["channels"] == "colour image for a greyscale model"
+    assert reasons["size"] == "18.3x larger than the training images (28 px)"
+
+
+def test_at_most_one_percent_of_the_test_split_is_flagged(grey_classifier):
+    runner, test = grey_classifier
+    flagged = [i for i, item in enumerate(test[:300]) if check(runner, png(item))]
+    assert len(flagged) <= 3, flagged
+
+
+def test_white_background_items_are_flagged_by_intensity(grey_classifier):
+    runner, test = grey_classifier
+    kinds = [[kind for kind, _ in check(runner, png(255 - item))] for item in test[:50]]  # dark on white
+    assert sum(found == ["intensity"] for found in kinds) >= 45, kinds
+
+
+def test_input_fit_follows_serve_scale():
+    from pipelines.tasks import DetectTask, SegmentTask
+
+    assert input_fit(ClassifyTask.name, 28, "native", 1024).resize is imaging.fit_square  # classify: always fit
+    for task in (DetectTask.name, SegmentTask.name):
+        assert input_fit(task, 128, "fit", 1024).resize is imaging.letterbox
+        native = input_fit(task, 128, "native", 1024)
+        assert native.resize is imaging.native and native.size == 1024 and native.side == "long"
