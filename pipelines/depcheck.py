@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 PACKAGES = ("pipelines", "models", "services")
 PARAMS_FILE = "params.yaml"
+PRETRAINED_MODELS = "artifacts/models"  # where `pretrained: <task>` reads the task's trained model
 
 
 @dataclass(frozen=True)
@@ -274,14 +275,32 @@ def param_problems(stage: Stage, reads: set[str], leaves: set[str]) -> list[str]
     return problems
 
 
+def trunk_problems(stage: Stage, params: dict[str, Any]) -> list[str]:
+    """A stage whose `<...>.pretrained` param names a task (`classify`) reads that task's trained model
+    folder, which must then be one of its deps (`artifacts/models/classify`)."""
+    problems = []
+    for key in stage.params:
+        if not key.endswith(".pretrained"):
+            continue
+        value: Any = params
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and value.isidentifier():  # a task name, not a folder or torchvision:...
+            folder = f"{PRETRAINED_MODELS}/{value}"
+            if not covered(folder, stage.deps):
+                problems.append(f"{stage.name}: {key} is {value}, so {folder} must be a dep")
+    return problems
+
+
 def check(dvc_yaml: Path, traces: Path | None = None) -> list[str]:
     """Every problem of every stage of `dvc_yaml` (params only when `traces` is given)."""
     dvc_yaml = Path(dvc_yaml).resolve()
     root = dvc_yaml.parent
     problems: list[str] = []
     leaves = leaf_keys() if traces is not None else set()
+    params = yaml.safe_load((root / PARAMS_FILE).read_text()) if (root / PARAMS_FILE).is_file() else {}
     for stage in stages(yaml.safe_load(dvc_yaml.read_text())):
-        problems += file_problems(stage, root)
+        problems += file_problems(stage, root) + trunk_problems(stage, params)
         if traces is None:
             continue
         trace = Path(traces) / f"{stage.name}.json"

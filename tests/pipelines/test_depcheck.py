@@ -112,3 +112,15 @@ def test_dict_and_list_values_are_single_leaves() -> None:
     leaves = leaf_keys()
     assert {"search.classify.model_space", "search.classify.space.lr", "scenes.scale_range", "seed"} <= leaves
     assert not any(key.startswith("search.classify.model_space.") for key in leaves)
+
+
+def test_a_task_named_as_pretrained_must_be_a_dep() -> None:
+    train = Stage("train@detect", "", ("data/prepared/scenes",), ("train.detect.pretrained",))
+    params = {"train": {"detect": {"pretrained": "classify"}}}
+    assert depcheck.trunk_problems(train, params) == [
+        "train@detect: train.detect.pretrained is classify, so artifacts/models/classify must be a dep"]
+    with_trunk = Stage("train@detect", "", ("data/prepared/scenes", "artifacts/models/classify"),
+                       ("train.detect.pretrained",))
+    assert depcheck.trunk_problems(with_trunk, params) == []
+    for other in (None, "torchvision:ResNet18_Weights.IMAGENET1K_V1", "weights/my-model"):
+        assert depcheck.trunk_problems(train, {"train": {"detect": {"pretrained": other}}}) == []
