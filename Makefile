@@ -43,4 +43,6 @@ bench:
 	$(PY) bench/train_throughput.py
 	$(PY) bench/tune_efficiency.py
 	$(PY) bench/serve.py
+	$(PY) bench/owndata.py
+	$(PY) bench/upload.py
 	$(PY) bench/report.py
