@@ -38,13 +38,11 @@ def digits_28() -> tuple[np.ndarray, np.ndarray]:
     return upscaled[:cut], upscaled[cut:]
 
 
-def colour_photo(side: int = 512) -> np.ndarray:
-    """A photo-like colour picture: smooth colour gradients with a few saturated discs."""
-    y, x = np.mgrid[0:side, 0:side] / side
-    array = np.stack([0.5 + 0.4 * np.sin(6 * x), 0.4 + 0.3 * y, 0.6 - 0.4 * x * y], axis=2)
-    for cx, cy, colour in [(0.3, 0.3, (0.9, 0.1, 0.1)), (0.7, 0.6, (0.1, 0.2, 0.9))]:
-        array[(x - cx) ** 2 + (y - cy) ** 2 < 0.02] = colour
-    return (array * 255).astype(np.uint8)
+def colour_photo() -> np.ndarray:
+    """A real 512 px colour photo: scikit-image's astronaut (Eileen Collins, NASA, public domain)."""
+    from skimage import data
+
+    return data.astronaut()
 
 
 @pytest.fixture(scope="module")
