@@ -114,7 +114,12 @@ def read_weights(directory: Path, expected_sha256: str | None = None, device: st
 def read_registration(directory: Path) -> dict[str, Any]:
     """A saved model's registration.json (`registered_model`, `registered_version`), or {} if never registered."""
     path = Path(directory) / REGISTRATION
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
 
 def load(directory: Path, expected_sha256: str | None = None,

@@ -131,12 +131,6 @@ class InputTransform(GeneralizedRCNNTransform):
         return super().resize(image, target)
 
 
-def transform_kwargs(in_channels: int, image_size: int) -> dict[str, Any]:
-    """torchvision's internal resize and normalization turned off: inputs arrive at size and normalized."""
-    return {"min_size": image_size, "max_size": image_size, "image_mean": [0.0] * in_channels,
-            "image_std": [1.0] * in_channels, "size_divisible": 16}
-
-
 def with_input_transform(model: nn.Module, in_channels: int, image_size: int) -> nn.Module:
     """`model` with its torchvision transform replaced by InputTransform (native scale); returns `model`."""
     model.transform = InputTransform(in_channels, image_size)

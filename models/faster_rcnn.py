@@ -14,7 +14,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from models._pyramid import (BACKBONE_SPACE, LEVEL_STRIDES, level_strides, pyramid_backbone, transform_kwargs,
+from models._pyramid import (BACKBONE_SPACE, LEVEL_STRIDES, level_strides, pyramid_backbone,
                              with_input_transform)
 from models._registry import Choice, register
 
@@ -46,8 +46,7 @@ def two_stage_parts(num_classes: int, in_channels: int, image_size: int, backbon
         box_predictor=FastRCNNPredictor(representation, num_classes + 1),
         rpn_pre_nms_top_n_train=2 * proposals, rpn_pre_nms_top_n_test=proposals,
         rpn_post_nms_top_n_train=proposals, rpn_post_nms_top_n_test=proposals // 2,
-        rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=detections_per_img,
-        **transform_kwargs(in_channels, image_size))
+        rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=detections_per_img)
     return body, kwargs
 
 

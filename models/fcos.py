@@ -12,7 +12,7 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 
-from models._pyramid import (BACKBONE_SPACE, LEVEL_STRIDES, level_strides, pyramid_backbone, transform_kwargs,
+from models._pyramid import (BACKBONE_SPACE, LEVEL_STRIDES, level_strides, pyramid_backbone,
                              with_input_transform)
 from models._registry import FloatRange, IntRange, register
 
@@ -48,6 +48,5 @@ def fcos(num_classes: int, in_channels: int, image_size: int, backbone: str = "r
     head = FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
     model = FCOSDetector(body, num_classes, anchor_generator=anchors, head=head,
                          center_sampling_radius=center_sampling_radius, score_thresh=score_thresh,
-                         detections_per_img=detections_per_img, topk_candidates=100,
-                         **transform_kwargs(in_channels, image_size))
+                         detections_per_img=detections_per_img, topk_candidates=100)
     return with_input_transform(model, in_channels, image_size)

@@ -254,7 +254,8 @@ class LazyRows:
     def read(self, i: int) -> Any:
         raise NotImplementedError
 
-    def read_many(self, rows: np.ndarray) -> list[Any]:
+    def read_many(self, rows: np.ndarray) -> list[Any] | torch.Tensor:
+        """Items `rows`, one by one (a reader that can may return them as one stacked batch)."""
         return [self.read(int(i)) for i in rows]
 
     def __len__(self) -> int:
@@ -269,7 +270,7 @@ class LazyRows:
         if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.ndim == 0):
             return self.read(int(self.index[int(key)]))
         items = self.read_many(self._rows(key))
-        if not self.stacks:
+        if not self.stacks or isinstance(items, torch.Tensor):  # per-item targets, or already one batch
             return items
         return torch.stack(items) if items else torch.zeros((0, *self.shape[1:]), dtype=torch.uint8)
 
@@ -307,11 +308,13 @@ class NpyImages(LazyRows):
     def read(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self._array()[i].transpose(2, 0, 1).copy())  # a writable copy, off the map
 
-    def read_many(self, rows: np.ndarray) -> list[torch.Tensor]:
+    def read_many(self, rows: np.ndarray) -> torch.Tensor:
+        """The rows as one uint8 batch [N, C, H, W], channels-last in memory (as the engine feeds models),
+        read once from the map: no per-item copies."""
         order = np.argsort(rows, kind="stable")  # ascending offsets: sequential reads of the file
         block = np.empty((len(rows), *self.file_shape[1:]), dtype=np.uint8)
         block[order] = self._array()[rows[order]]
-        return list(torch.from_numpy(block.transpose(0, 3, 1, 2).copy()))
+        return torch.from_numpy(block).permute(0, 3, 1, 2)
 
     def numpy(self) -> np.ndarray:
         """The images as a read-only NCHW view of the file (nothing read until used)."""
@@ -344,9 +347,6 @@ class PngRows(LazyRows):
         """A zero-copy stand-in with the split's shape and dtype (item 0 repeated): for schemas, not pixels."""
         first = self.read(int(self.index[0])).numpy() if len(self) else np.zeros(self.shape[1:], np.uint8)
         return np.broadcast_to(first, (len(self), *first.shape))
-
-    def cpu(self) -> "PngRows":
-        return self
 
 
 class SceneTargets(LazyRows):

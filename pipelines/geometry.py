@@ -166,10 +166,19 @@ def derive_geometry(boxes: np.ndarray) -> Geometry:
     return Geometry(strides, scales, fit_aspect_ratios(stats.ratios), fit_fcos_scale(low, high, strides))
 
 
+def data_geometry(data: Any) -> dict[str, Any]:
+    """Every geometry hparam derived from a training split's boxes; {} for data without boxes."""
+    return derive_geometry(split_boxes(data)).hparams() if hasattr(data, "targets") else {}
+
+
+def family_geometry(geometry: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The part of `geometry` a family takes (the hparams among its `defaults`)."""
+    return {key: value for key, value in geometry.items() if key in defaults}
+
+
 def geometry_hparams(defaults: dict[str, Any], data: Any) -> dict[str, Any]:
     """The data-derived geometry hparams a family takes (those among its `defaults`), from a training split;
     {} for families without geometry hparams and for data without boxes."""
-    keys = set(DEFAULT.hparams()) & set(defaults)
-    if not keys or not hasattr(data, "targets"):
+    if not set(DEFAULT.hparams()) & set(defaults):
         return {}
-    return {key: value for key, value in derive_geometry(split_boxes(data)).hparams().items() if key in keys}
+    return family_geometry(data_geometry(data), defaults)

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pipelines.runtime as runtime
-from models import build
+from models import _checkpoint as checkpoint
+from models import build, family
 from models.summary import profile
 from pipelines import tracking
 from pipelines.engine import EngineSettings
 from pipelines.errors import ConvForgeError
+from pipelines.geometry import data_geometry, family_geometry
 from pipelines.params import Params, TrainConfig
 from pipelines.search_space import SearchSpace
 from pipelines.tasks import PRIMARY, get_task
 from pipelines.tracking.trial_logger import TrialLogger
+from pipelines.transfer import TORCHVISION, pretrained_source
 from pipelines.tuner import Experiment, TrialData, TrialRecord, is_saved, run_trials, trial_base, trial_records
 
 # The search keys that shape the trials; ray_address, storage and max_latency_ms only say where trials
@@ -43,12 +46,29 @@ def trial_config(params: Params, task: str) -> TrainConfig:
     return trial_base(params.train.task(task), params.search.task(task).max_epochs)
 
 
-def search_key(params: Params, task: str, space: SearchSpace, data_hash: str) -> str:
-    """A short hash of everything that shapes the trials: same key, same search (resumable)."""
+def pretrained_sources(params: Params, task: str, space: SearchSpace) -> dict[str, str]:
+    """Each `pretrained` a trial may use (train.<task>'s and the searched choices) resolved to its weights:
+    missing ones fail here, in one line, before any trial starts."""
+    choice = space.train.get("pretrained")
+    specs = {trial_config(params, task).pretrained, *(choice.values if choice is not None else ())}
+    return {spec: pretrained_source(spec, task) for spec in specs if spec}
+
+
+def weights_of(sources: dict[str, str]) -> dict[str, str | None]:
+    """What identifies each pretrained source's weights: a saved model's hash, or the torchvision name."""
+    return {spec: source if source.startswith(TORCHVISION) else checkpoint.read_config(Path(source)).get(
+        "weights_sha256") for spec, source in sources.items()}
+
+
+def search_key(params: Params, task: str, space: SearchSpace, data_hash: str,
+               pretrained: dict[str, str] | None = None) -> str:
+    """A short hash of everything that shapes the trials: same key, same search (resumable). A retrained
+    pretrained model is another search."""
     inputs = {"task": task, "seed": params.seed, "deterministic": params.deterministic,
               "search": {key: getattr(params.search, key) for key in SHAPING_KEYS},
               "budget": params.search.task(task).model_dump(), "train": trial_config(params, task).model_dump(),
-              "policy": params.augment.policy.model_dump(), "space": repr(space), "data": data_hash}
+              "policy": params.augment.policy.model_dump(), "space": repr(space), "data": data_hash,
+              **({"pretrained": weights_of(pretrained)} if pretrained else {})}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -60,11 +80,12 @@ def prepare_search(params: Params, task: str, data_root: Path, storage: str | No
     train = adapter.load_split(data_root, "train").subset(budget.train_subset, params.seed)
     val = adapter.load_split(data_root, "val")
     data_hash = tracking.data_hash(data_root)
-    key = search_key(params, task, space, data_hash)
+    pretrained = pretrained_sources(params, task, space)
+    key = search_key(params, task, space, data_hash, pretrained)
     storage = storage or params.search.storage or str(Path("ray_results").resolve())
+    data = TrialData(str(data_root.resolve()), budget.train_subset, params.seed, data_geometry(train), pretrained)
     experiment = Experiment(task, PRIMARY[task], space, budget, trial_config(params, task), train, val, storage,
-                            f"search-{task}-{key}", TrialData(str(data_root.resolve()), budget.train_subset,
-                                                              params.seed))
+                            f"search-{task}-{key}", data)
     return experiment, data_hash, key
 
 
@@ -113,7 +134,7 @@ def run_search(params: Params, task: str, data_root: Path, out_dir: Path, *, sto
     records = trial_records(experiment)
     tracking.close_trial_runs(experiment_id, parent_id, {record.trial_id: record.status for record in records})
     log(f"search {task}: {len(records)} trials done; profiling their models")
-    rows = trial_rows(records, profile_trials(task, records, experiment.train))
+    rows = trial_rows(records, profile_trials(task, records, experiment.train, experiment.data.geometry))
     table = families_table(list(experiment.space.families), rows)
     try:
         winner = pick_winner(rows, params.search.max_latency_ms)
@@ -153,8 +174,10 @@ def write_search(out_dir: Path, best: dict[str, Any], table: list[dict[str, Any]
                                     "run_id": best["mlflow_run_id"]})
 
 
-def profile_trials(task: str, records: list[TrialRecord], data: Any) -> dict[str, dict[str, Any]]:
-    """Size, MACs and CPU latency (1 thread) of each scored trial's model, by trial id."""
+def profile_trials(task: str, records: list[TrialRecord], data: Any,
+                   geometry: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Size, MACs and CPU latency (1 thread) of each scored trial's model (built as the trial built it, with
+    the data's detector geometry), by trial id."""
     import torch
 
     # One thread: per-request serving latency, and stable figures on a busy machine (two threads
@@ -164,7 +187,8 @@ def profile_trials(task: str, records: list[TrialRecord], data: Any) -> dict[str
     for record in records:
         if record.score is None:
             continue
-        model = build(task, record.family, len(data.classes), data.in_channels, data.image_size, **record.hparams)
+        hparams = {**family_geometry(geometry or {}, family(task, record.family).defaults), **record.hparams}
+        model = build(task, record.family, len(data.classes), data.in_channels, data.image_size, **hparams)
         out[record.trial_id] = profile(model, task, data.in_channels, data.image_size, reps=5)
     return out
 

@@ -46,19 +46,6 @@ class ClassifySplits:
     skipped: list[str] = field(default_factory=list)
 
 
-@dataclass
-class SceneSplits:
-    """Own detect/segment data: scenes per split, resized to data.image_size."""
-
-    name: str
-    source: str
-    classes: list[str]
-    train: list[Scene]
-    test: list[Scene]
-    in_channels: int
-    skipped: list[str] = field(default_factory=list)
-
-
 def valid_datasets() -> str:
     return ", ".join([*BUILTIN_DATASETS, *(f"{k}:PATH" for k in OWN_DATA_KINDS)])
 
@@ -203,6 +190,9 @@ class CorruptImages:
         self.skipped.append(str(path))
 
 
+EXIF_ORIENTATION = 0x0112  # the tag `pipelines.decode` applies: orientations 5-8 are transposed
+
+
 @dataclass(frozen=True)
 class Header:
     """What an image file's header says, read without decoding a pixel."""
@@ -220,7 +210,10 @@ def read_header(path: Path, corrupt: CorruptImages) -> Header | None:
 
     try:
         with Image.open(path) as image:
-            return Header(*image.size, is_grey(image))
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # decoded upright: sides swap
+                width, height = height, width
+            return Header(width, height, is_grey(image))
     except Exception as exc:  # PIL raises many types for broken files: all mean "unreadable"
         corrupt.report(path, f"{type(exc).__name__}: {exc}")
         return None
@@ -247,16 +240,13 @@ def working_size(data: DataParams, headers: list[Header], scene: bool) -> int:
 def decode(path: Path, in_channels: int, size: int, geometry: str, corrupt: CorruptImages) -> np.ndarray | None:
     """One image decoded (JPEGs at a reduced DCT scale when `size` allows), oriented, in `in_channels`,
     fitted to size x size by `geometry` ("square" or "letterbox"); None when unreadable."""
-    from pipelines.decode import DecodeError, fit_square, letterbox, open_image, to_array
+    from pipelines.decode import DecodeError, decode_file
 
     try:
-        image = open_image(path, min_side=size, side="short" if geometry == "square" else "long")
-        array = to_array(image, in_channels)
-        image.close()
+        return decode_file(path, in_channels, size, geometry)
     except DecodeError as exc:
         corrupt.report(path, str(exc))
         return None
-    return (fit_square if geometry == "square" else letterbox)(array, size)[0]
 
 
 def _split_folders(root: Path) -> dict[str, Path] | None:
@@ -413,10 +403,15 @@ def _coco_sources(data: DataParams, corrupt: CorruptImages) -> tuple[list[str], 
 def _coco_instances(coco: Any, info: dict, cat_index: dict[int, int]) -> Callable:
     """The instance masks (full resolution, decoded when called), labels and semantic mask of one image."""
     def instances() -> tuple[list[np.ndarray], list[int], np.ndarray]:
-        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])) if not a.get("iscrowd", 0)]
-        masks = [coco.annToMask(a).astype(bool) for a in anns]
-        labels = [cat_index[a["category_id"]] for a in anns]
-        semantic = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+        try:
+            anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])) if not a.get("iscrowd", 0)]
+            masks = [coco.annToMask(a).astype(bool) for a in anns]
+            labels = [cat_index[a["category_id"]] for a in anns]
+            semantic = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ConvForgeError(f"{info.get('file_name', info.get('id'))}: unusable COCO annotation ({exc!r}): "
+                                 "each needs a segmentation, a known category_id, and its image's height "
+                                 "and width") from None
         for i in sorted(range(len(masks)), key=lambda i: -masks[i].sum()):  # small ones on top
             semantic[masks[i]] = labels[i] + 1
         return masks, labels, semantic
@@ -436,6 +431,10 @@ def _stream_scenes(data: DataParams, out: Path, name: str, classes: list[str],
         with SceneWriter(out / split, classes) as writer:
             for source in progress(sources, f"decode {split} images"):
                 found = source.instances() if source.header is not None else None
+                if found is not None and found[2].shape != (source.header.height, source.header.width):
+                    corrupt.report(source.image, f"annotations are {found[2].shape[1]}x{found[2].shape[0]}, the "
+                                                 f"upright image {source.header.width}x{source.header.height}")
+                    found = None
                 image = None if found is None else decode(source.image, channels, size, "letterbox", corrupt)
                 if image is not None:
                     writer.add(_scene(image, *found, size, str(source.image)))

@@ -66,15 +66,6 @@ def main_logits(output: Any) -> Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def scene_augmenter(data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
-    """Joint image + target augmentation of scenes (detect, segment), or None when off."""
-    from pipelines.transforms import build_scene_policy
-
-    if policy is None or strength <= 0:
-        return None
-    return build_scene_policy(policy, data.image_size, data.in_channels, strength)
-
-
 class ClassifyTask:
     name, metric = "classify", "accuracy"
     data = ITEMS_DATA  # the prepared-data folder it reads (data/prepared/<data>)
@@ -169,22 +160,41 @@ class ClassifyTask:
         return paths + [plot_grad_cam(images, heat, top, data.classes, folder / "grad_cam.png")]
 
 
-class DetectTask:
-    name, metric = "detect", "map"
+class SceneTask:
+    """What detection and segmentation share: they read the composed scenes, augment image and
+    targets jointly, and do not mix samples."""
+
     data = SCENES_DATA
-    compiles = False  # torchvision's detection models do not compile cleanly
-    exports_onnx = False  # torchvision's detection post-processing is data-dependent
-    confusion = False
-    pr_title = "precision-recall at IoU 0.5"
-    headline = ("test_map", "test_map_50", "test_mask_map")
 
     def load_split(self, root: Path, split: str) -> Any:
+        """A prepared split of scenes (tensors, or lazy readers when large)."""
         from pipelines.datasets import load_scenes
 
         return load_scenes(Path(root), split)
 
     def target_array(self, data: Any) -> Tensor:
+        """The semantic masks (recorded with the dataset in MLflow)."""
         return data.masks
+
+    def augmenter(self, data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
+        """Joint image + target augmentation of scenes, or None when off."""
+        from pipelines.transforms import build_scene_policy
+
+        if policy is None or strength <= 0:
+            return None
+        return build_scene_policy(policy, data.image_size, data.in_channels, strength)
+
+    def mixer(self, cfg: TrainConfig, num_classes: int) -> None:
+        return None
+
+
+class DetectTask(SceneTask):
+    name, metric = "detect", "map"
+    compiles = False  # torchvision's detection models do not compile cleanly
+    exports_onnx = False  # torchvision's detection post-processing is data-dependent
+    confusion = False
+    pr_title = "precision-recall at IoU 0.5"
+    headline = ("test_map", "test_map_50", "test_mask_map")
 
     def forward(self, model: nn.Module, images: Tensor) -> Any:
         return model(list(images))
@@ -199,18 +209,12 @@ class DetectTask:
     def gather(self, data: Any, idx: Tensor) -> Batch:
         return Batch(data.images[idx], [data.targets[i] for i in idx.tolist()])
 
-    def augmenter(self, data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
-        return scene_augmenter(data, policy, strength)
-
     def item(self, data: Any, i: int, augment: Callable) -> tuple[Tensor, Any]:
         image, target = augment(data.images[i], data.targets[i])
         return image, {k: target[k] for k in ("boxes", "labels", "masks")}
 
     def collate(self, items: Sequence[tuple[Tensor, Any]]) -> Batch:
         return Batch(torch.stack([image for image, _ in items]), [target for _, target in items])
-
-    def mixer(self, cfg: TrainConfig, num_classes: int) -> None:
-        return None
 
     def loss(self, model: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig,
              mixer: Callable | None = None) -> Tensor:
@@ -247,22 +251,13 @@ class DetectTask:
         return [draw_detect_samples(images, predictions, targets, data.classes, folder / SAMPLES_PNG)]
 
 
-class SegmentTask:
+class SegmentTask(SceneTask):
     name, metric = "segment", "miou"
-    data = SCENES_DATA
     compiles = True
     exports_onnx = True
     confusion = False
     pr_title = "precision-recall (one vs rest)"
     headline = ("test_miou", "test_pixel_accuracy", "test_dice")
-
-    def load_split(self, root: Path, split: str) -> Any:
-        from pipelines.datasets import load_scenes
-
-        return load_scenes(Path(root), split)
-
-    def target_array(self, data: Any) -> Tensor:
-        return data.masks
 
     def forward(self, model: nn.Module, images: Tensor) -> Any:
         return model(images)
@@ -277,18 +272,12 @@ class SegmentTask:
     def gather(self, data: Any, idx: Tensor) -> Batch:
         return Batch(data.images[idx], data.masks[idx])
 
-    def augmenter(self, data: Any, policy: PolicyParams | None, strength: float) -> Callable | None:
-        return scene_augmenter(data, policy, strength)
-
     def item(self, data: Any, i: int, augment: Callable) -> tuple[Tensor, Any]:
         image, target = augment(data.images[i], {**data.targets[i], "semantic": data.masks[i]})
         return image, target["semantic"]
 
     def collate(self, items: Sequence[tuple[Tensor, Any]]) -> Batch:
         return Batch(torch.stack([image for image, _ in items]), torch.stack([mask for _, mask in items]))
-
-    def mixer(self, cfg: TrainConfig, num_classes: int) -> None:
-        return None
 
     def loss(self, model: nn.Module, images: Tensor, targets: Tensor, cfg: TrainConfig,
              mixer: Callable | None = None) -> Tensor:

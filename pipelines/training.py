@@ -74,9 +74,12 @@ def read_best(path: Path, task: str) -> dict[str, Any]:
         best = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConvForgeError(f"{path}: not valid JSON ({exc})") from None
-    missing = [key for key in ("family", "model") if key not in best]
+    missing = [key for key in ("family", "model") if not isinstance(best, dict) or key not in best]
     if missing:
         raise ConvForgeError(f"{path}: missing key(s) {missing}; rerun `dvc repro search@{task}`")
+    if not isinstance(best["model"], dict) or not isinstance(best.get("train", {}), dict):
+        raise ConvForgeError(f"{path}: `model` and `train` must be objects of hyperparameters; "
+                             f"rerun `dvc repro search@{task}`")
     return best
 
 
@@ -94,8 +97,9 @@ def prepare(params: Params, task: str, data_root: Path, best_path: Path, root: P
         hparams = {**defaults, **geometry_hparams(defaults, train), **best["model"]}
         torch.manual_seed(params.seed)
         model = build(task, best["family"], len(train.classes), train.in_channels, train.image_size, **hparams)
-    except KeyError as exc:
-        raise ConvForgeError(f"{best_path}: {exc.args[0]}") from None
+    except (KeyError, TypeError, ValueError) as exc:  # a family or hyperparameter value its builder refuses
+        raise ConvForgeError(f"{best_path}: {best['family']} {best['model']}: {exc.args[0] if exc.args else exc}"
+                             ) from None
     transfer = load_pretrained(model, cfg.pretrained, task, root, log)
     return TrainingJob(task, best["family"], hparams, cfg, model, train, val, EngineSettings.from_params(params),
                        params.augment.policy, data_root, tracking.data_hash(data_root, root), best, transfer)

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +24,10 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 from ray.tune.search.optuna import OptunaSearch
 
 from models import build, family
+from models._checkpoint import apply_transfer
 from pipelines.engine import EngineSettings, EpochResult, fit
 from pipelines.errors import ConvForgeError
-from pipelines.geometry import geometry_hparams
+from pipelines.geometry import family_geometry
 from pipelines.params import PolicyParams, SearchParams, TaskSearchParams, TrainConfig
 from pipelines.search_space import SearchSpace
 
@@ -51,6 +52,10 @@ class TrialData:
     root: str
     train_subset: int | None
     seed: int
+    # Worked out once by the driver: the detector geometry of the train subset's boxes, and each
+    # `pretrained` choice resolved to its weights (a missing one is the driver's one-line error).
+    geometry: dict[str, Any] = field(default_factory=dict)
+    pretrained: dict[str, str] = field(default_factory=dict)
 
     def load(self, task: str) -> tuple[Any, Any]:
         """The (train subset, val) splits of `task`, as its adapter loads them."""
@@ -153,13 +158,11 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
     chosen = space.choice(config)
     cfg = base.updated(**chosen.train)
     # The trial builds what the final training builds: geometry from its data, the trunk from `pretrained`.
-    hparams = {**geometry_hparams(family(task, chosen.family).defaults, train_data), **chosen.hparams}
+    hparams = {**family_geometry(data.geometry, family(task, chosen.family).defaults), **chosen.hparams}
     model = build(task, chosen.family, len(train_data.classes), train_data.in_channels, train_data.image_size,
                   **hparams)
     if cfg.pretrained:
-        from pipelines.transfer import load_pretrained
-
-        load_pretrained(model, cfg.pretrained, task)
+        apply_transfer(model, pretrained=data.pretrained[cfg.pretrained])
     node_id = ray.get_runtime_context().get_node_id()
     name = tune.get_context().get_trial_name()
     with tempfile.TemporaryDirectory(prefix="convforge-trial-") as work:

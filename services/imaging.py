@@ -92,6 +92,9 @@ def native(array: np.ndarray, max_side: int) -> tuple[np.ndarray, Placement]:
     return padded, Placement(width, height, new_w / width, new_h / height)
 
 
+LUMA = np.float32([0.299, 0.587, 0.114])
+
+
 def facts(image: Image.Image, in_channels: int) -> ImageFacts:
     """Full size, colour and mean intensity of a decoded image (the last two from a cheap nearest-neighbour
     thumbnail)."""
@@ -99,7 +102,8 @@ def facts(image: Image.Image, in_channels: int) -> ImageFacts:
     probe = image if probe_size == image.size else image.resize(probe_size, Image.NEAREST)
     rgb = to_array(probe, 3).astype(np.float32) / 255.0
     spread = float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
-    mean = float(rgb.mean()) if in_channels == 3 else float(to_array(probe, 1).mean()) / 255.0
+    # A grey model sees luma: Pillow's own L weights (ITU-R 601), without a second conversion.
+    mean = float(rgb.mean()) if in_channels == 3 else float((rgb @ LUMA).mean())
     return ImageFacts(*full_size(image), spread > COLOUR_SPREAD, mean)
 
 
@@ -107,8 +111,11 @@ def prepare(blob: bytes, limits: DecodeLimits, fit: Fit, in_channels: int) -> Pr
     """An upload to its model input: decoded (drafted for `fit`), converted, fitted, placed in the upload's
     own pixels; raises InputError."""
     image = decode(blob, limits, fit.size, fit.side)
-    array, placement = fit.resize(to_array(image, in_channels), fit.size)
-    return Prepared(array, placement.for_size(*full_size(image)), facts(image, in_channels))
+    try:  # a mode that decodes but does not convert (e.g. LAB to grey) is the upload's fault: a 4xx
+        array, placement = fit.resize(to_array(image, in_channels), fit.size)
+        return Prepared(array, placement.for_size(*full_size(image)), facts(image, in_channels))
+    except DecodeError as exc:
+        raise InputError(exc.status, str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -75,18 +75,9 @@ class TorchBackend:
         self.per_image = endpoint(task).per_image
 
     def __call__(self, batch: np.ndarray) -> list[Any]:
-        self._fit_detector_transform(*batch.shape[-2:])
         with self.torch.inference_mode():
             outputs = self.adapter.forward(self.module, self.torch.from_numpy(batch))
             return self.per_image(_numpy(outputs))
-
-    def _fit_detector_transform(self, height: int, width: int) -> None:
-        """torchvision detectors resize inputs to `transform.min_size`/`max_size` (ConvForge sets both to
-        the training canvas): set them to this batch's own size, so the resize is the identity."""
-        transform = getattr(self.module, "transform", None)
-        if transform is not None and hasattr(transform, "min_size") and hasattr(transform, "max_size"):
-            transform.min_size = (min(height, width),)
-            transform.max_size = max(height, width)
 
 
 class OnnxBackend:

@@ -11,18 +11,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow import MlflowClient
-from mlflow.entities import Param
 
 from pipelines.tracking import tags
-from pipelines.tracking.runs import end_run, flatten, metric_entries, set_tags
+from pipelines.tracking.runs import end_run, metric_entries, param_entries, set_tags
 from pipelines.tracking.store import client
 
 COMPLETE = "complete"
-
-
-def search_params(values: Mapping[str, Any]) -> list[Param]:
-    """A search's or a trial's nested params as MLflow params, values as `str` writes them."""
-    return [Param(key, str(value)) for key, value in flatten(values).items()]
 
 
 def open_search(experiment_id: str, task: str, key: str, params: Mapping[str, Any]) -> tuple[str, bool]:
@@ -36,7 +30,7 @@ def open_search(experiment_id: str, task: str, key: str, params: Mapping[str, An
         return run_id, found[0].data.tags.get(tags.SEARCH_STATE) == COMPLETE
     run = store.create_run(experiment_id, run_name=f"search-{task}",
                            tags={tags.SEARCH_KEY: key, tags.TASK: task, tags.STAGE: "search"})
-    store.log_batch(run.info.run_id, params=search_params(params))
+    store.log_batch(run.info.run_id, params=param_entries(params))
     return run.info.run_id, False
 
 

@@ -10,8 +10,8 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from pipelines.tracking import tags
-from pipelines.tracking.runs import metric_entries
-from pipelines.tracking.search_runs import find_trial_run, search_params
+from pipelines.tracking.runs import metric_entries, param_entries
+from pipelines.tracking.search_runs import find_trial_run
 from pipelines.tuner import error_line
 
 # Ray Tune adds these bookkeeping numbers to every result (the trial's clock, counters, process id). Ray's
@@ -57,7 +57,7 @@ class TrialLogger(tune.Callback):
                 tags={tags.PARENT_RUN: self.parent_run_id, tags.TRIAL_ID: trial.trial_id, tags.FAMILY: chosen.family})
             found = run.info.run_id
             values = {"family": chosen.family, "model": chosen.hparams, "train": chosen.train}
-            self.client.log_batch(found, params=search_params(values))
+            self.client.log_batch(found, params=param_entries(values))
         self._runs[trial.trial_id] = found
         return found
 

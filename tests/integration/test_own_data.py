@@ -113,6 +113,13 @@ def repro(tmp_path_factory, name: str, dataset: str, task: str, overrides: dict)
     return root, metrics, time.monotonic() - started
 
 
+def one_scene_trial(task: str, family: str, epochs: int) -> dict:
+    """Scenes at 64 px and one one-epoch trial of `family` before `epochs` of final training."""
+    return {"data.image_size": 64, "augment.crop_size": 16, f"search.{task}.families": [family],
+            f"search.{task}.num_samples": 1, f"search.{task}.max_epochs": 1, f"search.{task}.train_subset": None,
+            f"train.{task}.epochs": epochs}
+
+
 def finite(metrics: dict) -> bool:
     return bool(metrics) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
 
@@ -134,9 +141,7 @@ def test_coco_with_large_objects_reaches_map50(tmp_path_factory):
     data = tmp_path_factory.mktemp("coco") / "coco"
     write_coco(data)
     _, metrics, seconds = repro(tmp_path_factory, "coco", f"coco:{data}", "detect", {
-        "data.image_size": 64, "augment.crop_size": 16,
-        "search.detect.families": ["faster_rcnn"], "search.detect.num_samples": 1, "search.detect.max_epochs": 1,
-        "search.detect.train_subset": None, "train.detect.epochs": 10, "train.detect.batch_size": 8,
+        **one_scene_trial("detect", "faster_rcnn", epochs=10), "train.detect.batch_size": 8,
         "train.detect.lr": 0.002})
     print(f"coco: dvc repro evaluate@detect in {seconds:.0f} s: {metrics}")
     assert finite(metrics) and metrics["test_map_50"] > 0.5
@@ -145,9 +150,7 @@ def test_coco_with_large_objects_reaches_map50(tmp_path_factory):
 def test_masks_folder(tmp_path_factory):
     data = tmp_path_factory.mktemp("masks") / "seg"
     write_masks(data)
-    _, metrics, seconds = repro(tmp_path_factory, "masks", f"masks:{data}", "segment", {
-        "data.image_size": 64, "augment.crop_size": 16,
-        "search.segment.families": ["unet"], "search.segment.num_samples": 1, "search.segment.max_epochs": 1,
-        "search.segment.train_subset": None, "train.segment.epochs": 2})
+    _, metrics, seconds = repro(tmp_path_factory, "masks", f"masks:{data}", "segment",
+                                one_scene_trial("segment", "unet", epochs=2))
     print(f"masks: dvc repro evaluate@segment in {seconds:.0f} s: {metrics}")
     assert finite(metrics)

@@ -259,6 +259,29 @@ def test_coco_folder(tmp_path, project_params):
         assert scene.semantic[20 // 2 + 5:, :].max() == 0  # letterbox: 40x30 -> 20x15, bottom rows padded
 
 
+def test_a_box_only_coco_annotation_is_one_clear_error(tmp_path, project_params):
+    write_coco(tmp_path / "coco")
+    instances = json.loads((tmp_path / "coco" / "instances.json").read_text())
+    del instances["annotations"][0]["segmentation"]  # detection-only COCO: boxes without masks
+    (tmp_path / "coco" / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(ConvForgeError, match="unusable COCO annotation"):
+        fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=20)
+
+
+def test_exif_rotated_image_whose_annotations_are_not_upright_is_skipped(tmp_path, project_params):
+    write_coco(tmp_path / "coco")
+    image = Image.open(tmp_path / "coco" / "images" / "img0.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 30x40 upright, while the annotations say 40x30
+    image.save(tmp_path / "coco" / "images" / "img0.jpg", exif=exif.tobytes())
+    instances = json.loads((tmp_path / "coco" / "instances.json").read_text())
+    instances["images"][0]["file_name"] = "img0.jpg"
+    (tmp_path / "coco" / "instances.json").write_text(json.dumps(instances))
+    meta, raw = fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=20)
+    assert any(path.endswith("img0.jpg") for path in meta["skipped"])
+    assert raw.count("train") + raw.count("test") == 4
+
+
 def test_coco_presplit_folders(tmp_path, project_params):
     write_coco(tmp_path / "coco" / "train", count=3)
     write_coco(tmp_path / "coco" / "test", count=2)

@@ -15,7 +15,8 @@ from ray.tune.search.variant_generator import generate_variants
 from models._registry import Choice, FloatRange, IntRange, family as family_of
 from pipelines.errors import ConvForgeError
 from pipelines.params import TrainSpaceParams, validate
-from pipelines.search import families_table, pareto_front, pick_winner, search_key, trial_config
+from pipelines.search import (families_table, pareto_front, pick_winner, pretrained_sources, search_key,
+                              trial_config)
 from pipelines.search_space import TRANSFER_KEYS, SearchSpace, ray_domain
 from pipelines.tracking import data_hash
 from pipelines.tuner import make_scheduler, make_search_alg, trial_base
@@ -268,3 +269,27 @@ def test_trial_base_runs_the_budget_and_fits_the_warmup_into_it(project_params):
     assert base.epochs == 3 and base.warmup_epochs == 2
     assert base.model_dump(exclude={"epochs", "warmup_epochs"}) == cfg.model_dump(exclude={"epochs", "warmup_epochs"})
     assert trial_base(cfg, 1).warmup_epochs == 0
+
+
+def test_a_retrained_pretrained_model_is_another_search(project_params, space, tmp_path):
+    import json
+
+    model = tmp_path / "classifier"
+    model.mkdir()
+    config = {"task": "classify", "family": "resnet", "num_classes": 2, "in_channels": 1, "image_size": 28,
+              "hparams": {}}
+    (model / "config.json").write_text(json.dumps({**config, "weights_sha256": "a" * 64}))
+    key = search_key(project_params, "detect", space, "data", {str(model): str(model)})
+    assert key != search_key(project_params, "detect", space, "data")
+    (model / "config.json").write_text(json.dumps({**config, "weights_sha256": "b" * 64}))
+    assert search_key(project_params, "detect", space, "data", {str(model): str(model)}) != key
+
+
+def test_a_missing_pretrained_model_stops_the_search_before_any_trial(project_params, space, tmp_path):
+    raw = project_params.model_dump()
+    raw["train"]["detect"]["pretrained"] = str(tmp_path / "nowhere")
+    sources = pretrained_sources(validate(type(project_params), raw), "detect", space)
+    assert sources == {str(tmp_path / "nowhere"): str(tmp_path / "nowhere")}
+    raw["train"]["detect"]["pretrained"] = "classify"  # this pipeline's classifier, not trained here
+    with pytest.raises(ConvForgeError, match="run `dvc repro train@classify` first"):
+        pretrained_sources(validate(type(project_params), raw), "detect", space)

@@ -196,3 +196,12 @@ def test_prepared_drafted_jpegs_are_placed_in_the_uploads_own_pixels():
     assert (item.facts.width, item.facts.height) == (1200, 400)
     assert mask_to_image(np.ones((40, 40), np.uint8), item.placement).shape == (400, 1200)
     assert np.allclose(boxes_to_image(np.array([[0, 0, 40, 13.33]]), item.placement), [[0, 0, 1200, 400]], atol=1)
+
+
+def test_an_image_that_decodes_but_does_not_convert_is_a_4xx():
+    """A LAB TIFF opens (TIFF is allowed) but Pillow cannot make it grey: the client's fault, not a 500."""
+    lab = encode(Image.new("LAB", (16, 16), (50, 10, 10)), "TIFF")
+    grey = Fit(fit_square, 28, "short")
+    with pytest.raises(InputError) as info:
+        prepare(lab, LIMITS, grey, 1)
+    assert 400 <= info.value.status < 500 and "\n" not in str(info.value)
