@@ -1,15 +1,21 @@
 # syntax=docker/dockerfile:1
 # ConvForge serving image: the Bento that `python -m pipelines.stages.package` wrote to
-# artifacts/bento/convforge.bento, served by `python -m services.serve` on port 3000.
-#   docker build -t convforge .                                   # CPU torch
-#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t convforge:cuda .
-#   docker run -p 3000:3000 convforge
-# Every command below is also run by tests/integration/test_service.py (the serve, import
-# and healthcheck commands) or by CI's `make setup` (the same pyproject install).
+# artifacts/bento/convforge.bento, served by `python -m services.serve` on port 3000 as a non-root user.
+# One build; TORCH_VARIANT picks the PyTorch wheel index (cpu, or a CUDA build such as cu130):
+#   docker build -t convforge .                                        # CPU torch (default)
+#   docker build --build-arg TORCH_VARIANT=cu130 -t convforge:cuda .   # CUDA 13.0 torch
+#   docker run -p 3000:3000 convforge                                  # the cuda image: add --gpus all
+# The image holds pyproject.toml's serving dependency group only (`--group serve`: no MLflow, Ray,
+# DVC, Optuna), then the project with --no-deps. The runners load the models on the CPU today, so the
+# cuda image differs only in its torch wheels. Every command below is also run by the tests:
+# tests/integration/test_slim_serving.py the venv and pip steps (in a venv built from the serve group
+# alone, from this machine's package index), tests/integration/test_service.py the import, serve and
+# healthcheck commands.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -18,7 +24,10 @@ COPY pyproject.toml README.md ./
 COPY pipelines pipelines
 COPY models models
 COPY services services
-RUN pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple .
+# Dependency groups (PEP 735) need pip 25.1 or later.
+RUN pip install --upgrade "pip>=25.1" && \
+    pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple --group serve && \
+    pip install --no-deps .
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --create-home --uid 10001 convforge

@@ -36,7 +36,7 @@ def table(rows: list[dict]) -> list[str]:
 TITLES = {
     "train_throughput": "Training throughput: engine vs plain PyTorch loop vs naive PIL DataLoader loop",
     "tune_efficiency": "Tuning efficiency: ASHA vs every trial at full budget; Ray per-trial overhead",
-    "serve": "Serving: BentoML batched vs unbatched vs ONNX Runtime vs a bare FastAPI handler",
+    "serve": "Serving: the ConvForge service against bare FastAPI handlers doing the same work",
     "owndata": "Own data at real resolution: fetch + augment memory and speed, training input vs ImageFolder",
     "upload": "A 12 MP phone photo on /classify at 1 client",
 }
@@ -67,6 +67,54 @@ def section(name: str, result: dict) -> list[str]:
     return out + bullets + [""]
 
 
+def _pivot(rows: list[dict], task: str) -> list[str]:
+    """One task's rows as clients x config: req/s, with p99 ms in brackets and any non-200 answers."""
+    configs = list(dict.fromkeys(r["config"] for r in rows if r["task"] == task))
+    levels = sorted({r["clients"] for r in rows if r["task"] == task})
+    cells = {(r["config"], r["clients"]): r for r in rows if r["task"] == task}
+
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return ""
+        errors = ", ".join(f"{n}x{status}" for status, n in row["errors"].items())
+        return f"{row['rps']:,.0f} ({row['p99_ms'] or 0:,.0f})" + (f" {errors}" if errors else "")
+
+    lines = ["| clients | " + " | ".join(configs) + " |", "| ---: |" + " ---: |" * len(configs)]
+    return lines + [f"| {n} | " + " | ".join(cell(cells.get((c, n))) for c in configs) + " |" for n in levels]
+
+
+def _value(value: object) -> str:
+    return "n/a" if value is None else _cell(value)
+
+
+def serve_section(name: str, result: dict) -> list[str]:
+    """bench/serve.py's result: each target as ratio vs target, the figures, the backends, then per task
+    req/s (p99 ms) by clients and config."""
+    out = [f"## {TITLES[name]}", "", f"`bench/results/{name}.json`, written by `bench/{name}.py` in one run "
+           f"({result['wall_s']:.0f} s, {result['duration_s']:g} s per level). Targets met: "
+           f"**{_cell(result['targets_met'])}**.", "",
+           "| comparison | measured | target | met |", "| --- | ---: | --- | --- |"]
+    out += [f"| {t['compares']} | {_value(t['value'])} | {t['target']} | {_cell(t['met'])} |"
+            for t in result["targets"].values()]
+    out += ["", "| figure (req/s ratio) | value |", "| --- | ---: |"]
+    out += [f"| {key} | {_value(value)} |" for key, value in result["figures"].items()]
+    out += ["", "Backends by task (read by `serve.backend: auto`):", "",
+            "| task | backend | req/s at 1 client | req/s at peak |", "| --- | --- | ---: | ---: |"]
+    out += [f"| {task} | {backend} | {_value(v['rps_1'])} | {_value(v['rps_peak'])} |"
+            for task, by_backend in result["backends"].items() for backend, v in by_backend.items()]
+    for task in dict.fromkeys(r["task"] for r in result["rows"]):
+        out += ["", f"**{task}**: req/s (p99 ms)", ""] + _pivot(result["rows"], task)
+    machine = result["machine"]
+    out += ["", f"- machine: {machine['cpus']} CPUs ({machine['cpu']}), load average {machine['load_avg_at_start']} "
+                f"at start, {machine['load_avg_at_end']} at end; torch {machine['torch']}, bentoml "
+                f"{machine['bentoml']}, onnxruntime {machine['onnxruntime']}",
+            f"- models: {json.dumps(result['models'])}", f"- serve: {json.dumps(result['serve'])}", ""]
+    return out
+
+
+SECTIONS = {"serve": serve_section}  # results with their own layout; the rest go through `section`
+
+
 # Measurements behind defaults and comments in the code, taken while building it on the 2-core,
 # no-GPU CI machine (2026-11). Figures of one machine live here, not in the code.
 DESIGN_FIGURES = """## Figures behind the code's defaults
@@ -81,7 +129,7 @@ names the choice, this table the figure that led to it.
 | `services/observability.py` | latency histogram buckets | ~0.3 ms preprocessing of a 28 px image |
 | `pipelines/search.py` profiling | latency measured with 1 thread | two threads waiting on each other under load read 10-100x slower |
 | `pipelines/metrics.py` segment confusion | CPU `bincount` | torchmetrics' confusion matrix ~200x slower under deterministic algorithms |
-| `bench/serve.py` | whole benchmark | ~3-4 min |
+| `bench/serve.py` | whole benchmark | ~5-6 min |
 | `bench/tune_efficiency.py` | whole benchmark | ~4 min |
 """
 
@@ -93,7 +141,7 @@ def render(results: dict[str, dict]) -> str:
            "below was measured by a bench script in one run, next to its baseline from the same run.", ""]
     names = [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER))
     for name in names:
-        out += section(name, results[name])
+        out += SECTIONS.get(name, section)(name, results[name])
     out.append(DESIGN_FIGURES)
     return "\n".join(out).rstrip() + "\n"
 

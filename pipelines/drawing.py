@@ -1,6 +1,7 @@
 """Images for people: grids, boxes and masks drawn with class names, saved as PNG.
 
-Used for the augment previews and, by the training engine, for sample predictions.
+Used for the augment previews, by the training engine for sample predictions, and by
+`python -m services.predict --save` for annotated images.
 Every function takes and returns uint8 [C, H, W] tensors (C = 1 or 3).
 """
 
@@ -71,6 +72,35 @@ def draw_semantic(image: torch.Tensor, semantic: torch.Tensor, classes: Sequence
     masks = torch.stack([upscale((semantic == c + 1)[None], scale)[0] for c in present])
     palette = class_colors(classes)
     return draw_segmentation_masks(canvas, masks, alpha=alpha, colors=[palette[classes[c]] for c in present])
+
+
+def draw_caption(image: torch.Tensor, lines: Sequence[str], colors: Sequence[str | None] | None = None,
+                 alpha: float = 0.6) -> torch.Tensor:
+    """uint8 [3, H, W]: `image` with text `lines` at its top left on a dark translucent band (readable on
+    any image); a line with a colour in `colors` starts with a swatch of it (a legend)."""
+    from PIL import ImageDraw, ImageFont
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+
+    if not lines:
+        return to_rgb(image)
+    font = ImageFont.load_default()  # the font torchvision's draw_bounding_boxes writes with
+    colors = list(colors or [None] * len(lines))
+    _, top, _, bottom = font.getbbox("Ag")
+    line_h, pad = bottom - top + 2, 3
+    swatch = line_h - 2 if any(colors) else 0
+    text_w = max(int(font.getlength(line)) for line in lines)
+    width, height = pad * 2 + swatch + (pad if swatch else 0) + text_w, pad * 2 + line_h * len(lines)
+    canvas = to_pil_image(to_rgb(image)).convert("RGBA")
+    band = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    ImageDraw.Draw(band).rectangle((0, 0, width - 1, height - 1), fill=(0, 0, 0, round(255 * alpha)))
+    canvas = Image.alpha_composite(canvas, band)
+    draw = ImageDraw.Draw(canvas)
+    for row, (line, color) in enumerate(zip(lines, colors)):
+        y = pad + row * line_h
+        if color:
+            draw.rectangle((pad, y + 1, pad + swatch - 1, y + swatch), fill=color)
+        draw.text((pad + swatch + (pad if swatch else 0), y - top), line, fill="white", font=font)
+    return pil_to_tensor(canvas.convert("RGB"))
 
 
 def grid(images: Sequence[torch.Tensor] | torch.Tensor, nrow: int = 8, scale: int = 1) -> torch.Tensor:

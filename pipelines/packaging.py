@@ -1,11 +1,14 @@
 """Trained models into the BentoML model store, their ONNX exports, and the Bento (the package stage).
 
-Each `artifacts/models/<task>/` becomes BentoML model `convforge-<task>` (files only:
-safetensors weights + config.json [+ model.onnx], never a pickled module), labelled with its
-MLflow run, registered version, search trial, DVC data hash and git commit, with the test
-metrics (reports/metrics/<task>.json) as metadata. The Bento is built from
+Each task's champion, `artifacts/champion/<task>/` (the promote stage's choice; its weights checked
+against the hash in reports/promotion/<task>.json), becomes BentoML model `convforge-<task>` (files
+only: safetensors weights + config.json [+ model.onnx], never a pickled module), labelled with its
+MLflow run, registered version and alias, search trial, DVC data hash and git commit, with the
+champion's test metrics as metadata, and with the backend it is served on and why
+(`backend` label and metadata, `backend_reason` metadata: `serve.backend`, and for `auto`
+bench/serve.py's committed figures, services/backends.py). The Bento is built from
 services/bentofile.yaml and exported as one archive (what the Dockerfile installs) next to
-bento.json (tags).
+bento.json (tags, ONNX checks, backends).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from pipelines.tasks import TASKS
 from models._checkpoint import read_registration
+from pipelines.params import ServeParams, load_params
+from pipelines.tasks import TASKS
+from services.backends import FIGURES, choose, read_figures
 from services.catalog import lineage_from_config, model_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +37,10 @@ def _labels(task: str, config: dict[str, Any], registration: dict[str, Any], sha
             **{key: "" if value is None else str(value) for key, value in lineage.items()}}
 
 
-def _existing(task: str, sha: str, with_onnx: bool) -> Any | None:
-    """A stored model of `task` with the same weights (re-running package adds no copy)."""
+def _existing(task: str, sha: str, with_onnx: bool, choice: tuple[str, str],
+              registration: dict[str, Any]) -> Any | None:
+    """A stored model of `task` with the same weights, registration and backend choice (re-running package
+    adds no copy; a model stored before its version became the champion is stored again, with its alias)."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -43,13 +50,20 @@ def _existing(task: str, sha: str, with_onnx: bool) -> Any | None:
         return None
     for model in stored:
         if model.info.labels.get("weights_sha256") == sha and \
-                (Path(model.path) / "model.onnx").is_file() == with_onnx:
+                (Path(model.path) / "model.onnx").is_file() == with_onnx and \
+                (model.info.metadata.get("backend"), model.info.metadata.get("backend_reason")) == choice and \
+                all(model.info.labels.get(key, "") == ("" if value is None else str(value))
+                    for key, value in registration.items()):
             return model
     return None
 
 
-def import_model(task: str, directory: Path, metrics_path: Path | None, export: bool = True) -> tuple[str, dict]:
-    """Store `directory` as `convforge-<task>` (+ ONNX for classify/segment); returns (tag, ONNX report)."""
+def import_model(task: str, directory: Path, champion: dict[str, Any] | None = None, export: bool = True,
+                 backend_of: Callable[[str, bool], tuple[str, str]] | None = None) -> tuple[str, dict, tuple[str, str]]:
+    """Store `directory` as `convforge-<task>` (+ ONNX for the exportable tasks); `backend_of(task, has_onnx)`
+    gives its (backend, reason) (`serving_choice`; default torch). `champion`: the promotion report's
+    champion (its registered version, weights hash and test metrics), checked against the files.
+    Returns (tag, ONNX report, choice)."""
     import bentoml
 
     from models import _checkpoint as checkpoint
@@ -60,34 +74,39 @@ def import_model(task: str, directory: Path, metrics_path: Path | None, export: 
     directory = Path(directory)
     weights, config_path = directory / "model.safetensors", directory / "config.json"
     if not weights.is_file() or not config_path.is_file():
-        raise ConvForgeError(f"{directory}: no trained model (model.safetensors + config.json); "
-                             f"run `dvc repro train@{task}`")
+        raise ConvForgeError(f"{directory}: no champion model (model.safetensors + config.json); "
+                             f"run `dvc repro promote@{task}`")
     config = json.loads(config_path.read_text())
     sha = sha256_file(weights)
     recorded = config.get("weights_sha256")
     if recorded and recorded != sha:
         raise ConvForgeError(f"{weights}: sha256 {sha[:12]} differs from config.json's {recorded[:12]}")
+    if champion is not None and champion.get("weights_sha256") != sha:
+        raise ConvForgeError(f"{weights}: sha256 {sha[:12]} differs from the registry's champion "
+                             f"v{champion.get('version')}; rerun `dvc repro promote@{task}`")
     with_onnx = export and task in EXPORTABLE
-    found = _existing(task, sha, with_onnx)
+    choice = backend_of(task, with_onnx) if backend_of else ("torch", "serve.backend: torch")
+    registration = read_registration(directory)
+    found = _existing(task, sha, with_onnx, choice, registration)
     if found is not None:
-        print(f"package: {task}: {found.tag} already stored", flush=True)
-        return str(found.tag), dict(found.info.metadata.get("onnx") or {})
+        print(f"package: {task}: {found.tag} already stored ({choice[0]}: {choice[1]})", flush=True)
+        return str(found.tag), dict(found.info.metadata.get("onnx") or {}), choice
     module, _ = checkpoint.load(directory, expected_sha256=sha, device="cpu")
-    metrics = json.loads(metrics_path.read_text()) if metrics_path and metrics_path.is_file() else {}
+    metrics = dict((champion or {}).get("metrics") or {})  # the champion's own test metrics
     with tempfile.TemporaryDirectory() as scratch:
         report = export_checked(module, config, Path(scratch) / "model.onnx") if with_onnx else {}
         metadata = {"metrics": metrics, "onnx": report, "image_size": config.get("image_size"),
-                    "classes": list(config.get("classes", []))}
-        with bentoml.models.create(model_name(task), module="convforge", labels=_labels(task, config, read_registration(directory), sha),
-                                   metadata=metadata) as model:
+                    "classes": list(config.get("classes", [])), "backend": choice[0], "backend_reason": choice[1]}
+        labels = {**_labels(task, config, registration, sha), "backend": choice[0]}
+        with bentoml.models.create(model_name(task), module="convforge", labels=labels, metadata=metadata) as model:
             target = Path(model.path)
             shutil.copy2(weights, target / "model.safetensors")
             shutil.copy2(config_path, target / "config.json")
             if report:
                 shutil.copy2(Path(scratch) / "model.onnx", target / "model.onnx")
     print(f"package: {task}: stored {model.tag}" + (f" (ONNX max |diff| {report['max_abs_diff']:.2g})"
-                                                    if report else ""), flush=True)
-    return str(model.tag), report
+                                                    if report else "") + f", {choice[0]}: {choice[1]}", flush=True)
+    return str(model.tag), report, choice
 
 
 def build_bento(model_tags: dict[str, str], build_ctx: Path = ROOT) -> str:
@@ -102,26 +121,54 @@ def build_bento(model_tags: dict[str, str], build_ctx: Path = ROOT) -> str:
     return str(bento.tag)
 
 
-def package(models_dir: Path, metrics_dir: Path, out_dir: Path, export: bool = True) -> dict[str, Any]:
-    """Import every trained task, build and export the Bento; writes `out_dir/bento.json`."""
+def serving_choice(serve: ServeParams, figures: Path = FIGURES) -> Callable[[str, bool], tuple[str, str]]:
+    """`backend_of(task, has_onnx)` under `serve` (serve.backend, serve.scale) and bench/serve.py's committed
+    figures: the packaged model's backend, decided from files only (the stage stays deterministic)."""
+    found = read_figures(figures) if serve.backend == "auto" else None
+    return lambda task, has_onnx: choose(task, serve.backend, has_onnx, serve.scale != "native", found)
+
+
+def champion_of(task: str, promotion_dir: Path) -> dict[str, Any] | None:
+    """The champion recorded by `promote@task` (reports/promotion/<task>.json); None when the task has no
+    promotion report. A gate that no version has passed yet stops here, naming its failed checks."""
+    from pipelines.errors import ConvForgeError
+
+    path = Path(promotion_dir) / f"{task}.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if report.get("champion") is None:
+        raise ConvForgeError(f"{task}: nothing to package: {report['registered_model']} "
+                             f"v{report['candidate']['version']} failed the promotion gate "
+                             f"({', '.join(report['failed'])}) and no earlier version passed it; see {path}")
+    return report["champion"]
+
+
+def package(models_dir: Path, promotion_dir: Path, out_dir: Path, export: bool = True,
+            serve: ServeParams | None = None) -> dict[str, Any]:
+    """Import every task's champion (`models_dir/<task>`, written by the promote stage, with its report in
+    `promotion_dir`), build and export the Bento; writes `out_dir/bento.json`.
+    `serve`: params.yaml's serve section (its backend and scale decide each model's backend)."""
     import bentoml
 
     from pipelines.errors import ConvForgeError
     from pipelines.runtime import atomic_dir, write_json
 
-    tags, onnx = {}, {}
+    choice = serving_choice(serve or load_params(ROOT / "params.yaml").serve)
+    tags, onnx, backends = {}, {}, {}
     for task in TASKS:
         if (Path(models_dir) / task).exists():
-            tags[task], report = import_model(task, Path(models_dir) / task, Path(metrics_dir) / f"{task}.json",
-                                              export)
+            tags[task], report, (backend, reason) = import_model(
+                task, Path(models_dir) / task, champion_of(task, promotion_dir), export, choice)
+            backends[task] = {"backend": backend, "reason": reason}
             if report:
                 onnx[task] = report
     if not tags:
-        raise ConvForgeError(f"{models_dir}: no trained models (expected {', '.join(TASKS)} folders); "
-                             "run `dvc repro train` first")
+        raise ConvForgeError(f"{models_dir}: no champion models (expected {', '.join(TASKS)} folders); "
+                             "run `dvc repro promote` first")
     print("package: building the Bento", flush=True)
     bento_tag = build_bento(tags)
-    summary = {"bento": bento_tag, "models": tags, "onnx": onnx, "archive": ARCHIVE,
+    summary = {"bento": bento_tag, "models": tags, "onnx": onnx, "backends": backends, "archive": ARCHIVE,
                "serve": "python -m services.serve"}
     with atomic_dir(Path(out_dir)) as staging:
         bentoml.bentos.export_bento(bento_tag, str(staging / ARCHIVE))

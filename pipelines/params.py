@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
@@ -158,6 +159,9 @@ class TaskSearchParams(Section):
 
 
 class SearchParams(Section):
+    # epochs: trial budgets in epochs and items, every decision independent of finishing order (time_budget_s
+    # is a guard); time: time_budget_s is the budget, trials promoted and drawn as they finish (asynchronous)
+    budget: Literal["epochs", "time"]
     scheduler: Literal["asha", "hyperband", "pbt"]
     algorithm: Literal["optuna", "random"]
     reduction_factor: Annotated[int, Field(ge=2)]
@@ -173,9 +177,12 @@ class SearchParams(Section):
     segment: TaskSearchParams
 
     @model_validator(mode="after")
-    def _pbt_needs_random(self) -> "SearchParams":
+    def _scheduler_fits(self) -> "SearchParams":
         if self.scheduler == "pbt" and self.algorithm != "random":
             raise ValueError("scheduler pbt mutates trials itself: set search.algorithm to random")
+        if self.budget == "epochs" and self.scheduler != "asha":
+            raise ValueError(f"scheduler {self.scheduler} decides by which trial finishes first: with budget epochs "
+                             "use asha (halving in trial order), or set search.budget to time")
         return self
 
     def task(self, task: str) -> TaskSearchParams:
@@ -229,6 +236,29 @@ class TrainParams(Section):
         return getattr(self, task)
 
 
+MetricBounds = dict[Annotated[str, Field(min_length=1)], float]
+
+
+class PromoteGate(Section):
+    """The promote stage's gate for one task's new model: bounds on its test metrics (the keys of
+    reports/metrics/<task>.json without `test_`), and the margin by which `metric` (higher is better)
+    must beat the champion's on the same test data."""
+
+    metric: Annotated[str, Field(min_length=1)]
+    margin: Annotated[float, Field(ge=0)]
+    min: MetricBounds  # metric >= bound
+    max: MetricBounds  # metric <= bound
+
+
+class PromoteParams(Section):
+    classify: PromoteGate
+    detect: PromoteGate
+    segment: PromoteGate
+
+    def task(self, task: str) -> PromoteGate:
+        return getattr(self, task)
+
+
 class MlflowParams(Section):
     tracking_uri: str
     experiment: Annotated[str, Field(min_length=1)]
@@ -238,7 +268,7 @@ class MlflowParams(Section):
 class ServeParams(Section):
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
-    backend: Literal["torch", "onnx"]
+    backend: Literal["torch", "onnx", "auto"]  # auto: per task, from bench/serve.py's committed figures
     scale: Literal["fit", "native"]  # detect/segment: squeeze every upload to the training canvas, or keep its pixels
     max_side: Annotated[int, Field(ge=32, le=8192)]  # native: larger uploads are fitted to this side
     max_body_bytes: PosInt
@@ -262,6 +292,7 @@ class Params(Section):
     scenes: SceneParams
     search: SearchParams
     train: TrainParams
+    promote: PromoteParams
     mlflow: MlflowParams
     serve: ServeParams
 
@@ -333,11 +364,23 @@ def validate(model: type[Section], raw: Any, prefix: str = "") -> Any:
         raise ConvForgeError(f"{where}: {_describe(first, model)}{more}") from None
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 (and DVC, which writes `-S` values) does: `1e-06`
+    is a float, not the string PyYAML 1.1 rules make of an exponent without a dot."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except FileNotFoundError:
         raise ConvForgeError(f"{path}: no such params file (run from the project root)") from None
     except yaml.YAMLError as exc:

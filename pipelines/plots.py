@@ -210,40 +210,13 @@ def save_feature_maps(maps: dict[str, Tensor], folder: Path, channels: int = 16)
 def grad_cam(model: nn.Module, inputs: Tensor, layer: nn.Module | None = None) -> tuple[Tensor, Tensor]:
     """Grad-CAM (Selvaraju et al. 2017) of a classifier for its top class: heatmaps [N, H, W] in [0, 1], classes [N].
 
-    The heatmap is ReLU(sum_k alpha_k A^k) at `layer` (default: the model's conv trunk `features`,
-    else its last conv), with alpha_k the spatially averaged gradient of the class logit, upsampled
-    to the input size.
+    At `layer` (default: the model's conv trunk `features`, else its last conv), upsampled to the input
+    size; pipelines.explain.class_cams, which POST /explain uses too.
     """
-    import torch.nn.functional as F
+    from pipelines.explain import class_cams
 
-    trunk = getattr(model, "features", None)
-    layer = layer or (trunk if isinstance(trunk, nn.Module) else conv_layers(model)[-1][1])
-    store: dict[str, Tensor] = {}
-
-    def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
-        store["act"] = output
-        output.register_hook(lambda grad: store.__setitem__("grad", grad))
-        return output.clone()  # later in-place ops (ReLU(inplace=True)) must not touch the saved activation
-
-    handle = layer.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            logits = model(inputs)
-            logits = logits.logits if hasattr(logits, "logits") else logits
-            top = logits.argmax(1)
-            model.zero_grad(set_to_none=True)
-            logits.gather(1, top[:, None]).sum().backward()
-    finally:
-        handle.remove()
-        model.train(was_training)
-    weights = store["grad"].mean((2, 3), keepdim=True)
-    cam = F.relu((weights * store["act"]).sum(1, keepdim=True)).detach().float()
-    cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).amax(1).clamp(min=1e-8)[:, None, None]
-    model.zero_grad(set_to_none=True)
-    return (cam / peak).cpu(), top.cpu()
+    heatmaps, classes, _ = class_cams(model, inputs, layer=layer)
+    return heatmaps, classes
 
 
 def plot_grad_cam(images: Tensor, heatmaps: Tensor, predicted: Tensor, classes: Sequence[str], path: Path,

@@ -1,6 +1,7 @@
 """What a finished `dvc repro` produced: per task the winner, its test metrics, where to look next.
 
-The summary printed at the end of `make repro`, and the results table (per task and family,
+The summary printed at the end of `make repro` (with the promote stage's verdict: when the newest
+model was not promoted, the champion it keeps serving), and the results table (per task and family,
 from the pipeline's own outputs) as Markdown for README.md. The headline metrics of a task are
 its adapter's `headline` (pipelines/tasks.py).
 """
@@ -27,7 +28,8 @@ def _read_json(path: Path) -> Any:
 
 
 def collect(root: Path) -> dict[str, dict[str, Any]]:
-    """Per task: the search's best.json, its families table, the trained config and the test metrics."""
+    """Per task: the search's best.json, its families table, the trained config, the test metrics and the
+    promote stage's report."""
     results = {}
     for task in TASKS:
         results[task] = {
@@ -35,6 +37,7 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
             "model": {**(_read_json(root / "artifacts/models" / task / "config.json") or {}),
                       **read_registration(root / "artifacts/models" / task)},
             "metrics": _read_json(root / "reports/metrics" / f"{task}.json") or {},
+            "promotion": _read_json(root / "reports/promotion" / f"{task}.json"),
         }
     return results
 
@@ -70,6 +73,21 @@ def results_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def promotion_lines(promotion: dict[str, Any] | None) -> list[str]:
+    """The promote stage's verdict, and what the service serves when the newest model was not promoted."""
+    if not promotion:
+        return []
+    lines = [f"  {'':<9} promotion: {promotion.get('verdict', '?')}"]
+    champion, candidate = promotion.get("champion") or {}, promotion.get("candidate") or {}
+    if promotion.get("promoted") or champion.get("version") == candidate.get("version"):
+        return lines
+    if champion.get("version") is not None:
+        return lines + [f"  {'':<9} the newest run was not promoted: the service keeps serving "
+                        f"v{champion['version']}"]
+    return lines + [f"  {'':<9} the newest run was not promoted and there is no champion: "
+                    "the package stage stops until a model passes the gate"]
+
+
 def summary_text(results: dict[str, dict[str, Any]], tracking_uri: str, host: str, port: int) -> str:
     """The lines printed at the end of `make repro`."""
     routes = " ".join(f"/{task}" for task in TASKS)
@@ -82,6 +100,7 @@ def summary_text(results: dict[str, dict[str, Any]], tracking_uri: str, host: st
         if model.get("registered_model"):
             out.append(f"  {'':<9} MLflow model {model['registered_model']} v{model.get('registered_version')}"
                        f" (run {model.get('mlflow_run_id', '?')})")
+        out += promotion_lines(r.get("promotion"))
     out += ["", f"  MLflow runs: {tracking_uri}  ->  make ui  (http://127.0.0.1:5000)",
             "  Metrics:     dvc metrics show   Plots: dvc plots show",
             f"  Serve:       make serve  (http://{host}:{port}, POST {routes})", ""]

@@ -5,6 +5,12 @@
 `best.json` (the winner, read by the train stage), `families.json`/`families.csv` (each family's
 best trial with its size and CPU latency) and `score_vs_latency.png` (all trials, Pareto front marked).
 An interrupted search resumes where it stopped when it is run again with the same inputs.
+
+With `search.budget: epochs` the search is reproducible: the same params, seed, code and thread count give
+the same trials, scores and winner on any machine (pipelines/tuner.py says how), unless its time guard
+fires or `max_latency_ms` (latencies measured on this machine) picks the winner, which best.json and
+families.json then say (`reproducible: false`). The parent run's `search_inputs.json` and each child
+run's `trial.json` are what `python -m pipelines.replay` rebuilds a trial from.
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ from pipelines import tracking
 from pipelines.engine import EngineSettings
 from pipelines.errors import ConvForgeError
 from pipelines.geometry import data_geometry, family_geometry
-from pipelines.params import Params, TrainConfig
+from pipelines.params import Params, TaskSearchParams, TrainConfig
 from pipelines.search_space import SearchSpace
 from pipelines.tasks import PRIMARY, get_task
+from pipelines.tracking.search_runs import log_search_inputs
 from pipelines.tracking.trial_logger import TrialLogger
 from pipelines.transfer import TORCHVISION, pretrained_source
-from pipelines.tuner import Experiment, TrialData, TrialRecord, is_saved, run_trials, trial_base, trial_records
+from pipelines.tuner import (Experiment, TrialData, TrialRecord, is_saved, run_trials, train_trial, trial_base,
+                             trial_records)
 
 # The search keys that shape the trials; ray_address, storage and max_latency_ms only say where trials
 # run and which finished trial wins, so changing them reuses a finished search.
-SHAPING_KEYS = ("scheduler", "algorithm", "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent",
-                "max_failures")
+SHAPING_KEYS = ("budget", "scheduler", "algorithm", "reduction_factor", "cpus_per_trial", "gpus_per_trial",
+                "max_concurrent", "max_failures")
 OUTPUTS = ("best.json", "families.json", "families.csv", "score_vs_latency.png")
 TABLE_COLUMNS = ("family", "score", "params", "macs", "latency_ms", "trials", "errors")
 
@@ -84,33 +92,50 @@ def prepare_search(params: Params, task: str, data_root: Path, storage: str | No
     key = search_key(params, task, space, data_hash, pretrained)
     storage = storage or params.search.storage or str(Path("ray_results").resolve())
     data = TrialData(str(data_root.resolve()), budget.train_subset, params.seed, data_geometry(train), pretrained)
+    in_order = params.search.budget == "epochs"
     experiment = Experiment(task, PRIMARY[task], space, budget, trial_config(params, task), train, val, storage,
-                            f"search-{task}-{key}", data)
+                            f"search-{task}-{key}", data, params.search.max_concurrent if in_order else None,
+                            params.search.reduction_factor)
     return experiment, data_hash, key
 
 
-def search_trials(params: Params, experiment: Experiment, data_hash: str, key: str,
-                  log: Callable[[str], None]) -> tuple[str, str]:
+def trial_settings(params: Params) -> EngineSettings:
+    """How each trial runs its engine: on its own CPUs (train.num_threads would count every core)."""
+    threads = max(1, int(params.search.cpus_per_trial))
+    return EngineSettings.from_params(params.model_copy(
+        update={"train": params.train.model_copy(update={"num_threads": threads})}),
+        concurrent_runs=params.search.max_concurrent)
+
+
+def search_inputs(params: Params, experiment: Experiment, data_hash: str) -> dict[str, Any]:
+    """What every trial of the search shares, as a replay of one of them needs it."""
+    return {"task": experiment.task, "metric": experiment.metric, "seed": params.seed, "budget": params.search.budget,
+            "data_hash": data_hash, "git_commit": tracking.git_commit(), "train_subset": experiment.budget.train_subset,
+            "max_epochs": experiment.budget.max_epochs, "base": experiment.base.model_dump(),
+            "policy": params.augment.policy.model_dump(), "engine": asdict(trial_settings(params)),
+            "gpus_per_trial": params.search.gpus_per_trial}
+
+
+def search_trials(params: Params, experiment: Experiment, data_hash: str, key: str, log: Callable[[str], None],
+                  trial: Callable[..., None] = train_trial) -> tuple[str, str]:
     """Run (or resume) the trials under their MLflow parent run; returns the experiment's and the run's ids."""
     uri = tracking.configure(params.mlflow)
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
     task = experiment.task
-    values = {"task": task, "scheduler": params.search.scheduler, "algorithm": params.search.algorithm,
-              "seed": params.seed, "data_hash": data_hash, **experiment.budget.model_dump()}
+    values = {"task": task, "budget": params.search.budget, "scheduler": params.search.scheduler,
+              "algorithm": params.search.algorithm, "seed": params.seed, "data_hash": data_hash,
+              **experiment.budget.model_dump()}
     parent_id, complete = tracking.open_search(experiment_id, task, key, values)
     if complete and is_saved(experiment):
         # It ended by its trial count or time budget: a rerun (e.g. for another max_latency_ms) re-reads it.
         log(f"search {task}: already complete; reading its trials back")
         return experiment_id, parent_id
-    # Each trial runs its engine on its own CPUs (train.num_threads would count every core).
-    threads = max(1, int(params.search.cpus_per_trial))
-    settings = EngineSettings.from_params(params.model_copy(
-        update={"train": params.train.model_copy(update={"num_threads": threads})}),
-        concurrent_runs=params.search.max_concurrent)
+    log_search_inputs(parent_id, search_inputs(params, experiment, data_hash))
     logger = TrialLogger(uri, experiment_id, parent_id, experiment.space, experiment.metric,
                          experiment.budget.max_epochs)
     try:
-        run_trials(experiment, params.search, params.seed, settings, params.augment.policy, [logger], log)
+        run_trials(experiment, params.search, params.seed, trial_settings(params), params.augment.policy, [logger],
+                   log, trial)
     except Exception:
         tracking.end_search(parent_id, "FAILED")
         raise
@@ -121,18 +146,37 @@ def search_trials(params: Params, experiment: Experiment, data_hash: str, key: s
     return experiment_id, parent_id
 
 
+def guard_fired(budget: TaskSearchParams, records: list[TrialRecord]) -> str | None:
+    """budget epochs: how the time guard cut the search short (trials never drawn, trials stopped by the clock),
+    which makes its outcome depend on the machine; None when it did not fire."""
+    cut = sum(record.status == "timed_out" for record in records)
+    missing = budget.num_samples - len(records)
+    if not cut and missing <= 0:
+        return None
+    return (f"the time guard (time_budget_s = {budget.time_budget_s:g} s) fired: {max(0, missing)} trial(s) never "
+            f"drawn, {cut} stopped; the search is not reproducible (raise the guard or lower the budget)")
+
+
 def run_search(params: Params, task: str, data_root: Path, out_dir: Path, *, storage: str | None = None,
-               space: SearchSpace | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the search for `task`, log it to MLflow, write `out_dir`; returns best.json's content."""
+               space: SearchSpace | None = None, log: Callable[[str], None] = print,
+               trial: Callable[..., None] = train_trial) -> dict[str, Any]:
+    """Run (or resume) the search for `task`, log it to MLflow, write `out_dir`; returns best.json's content.
+    `trial` is the trainable (`pipelines.tuner.train_trial`; a test may wrap it)."""
     started = time.monotonic()
     experiment, data_hash, key = prepare_search(params, task, Path(data_root), storage, space)
     budget = experiment.budget
     log(f"search {task}: {len(experiment.space.families)} families, {budget.num_samples} trials x "
         f"<= {budget.max_epochs} epochs on {len(experiment.train)} items; experiment {experiment.path}")
-    experiment_id, parent_id = search_trials(params, experiment, data_hash, key, log)
+    experiment_id, parent_id = search_trials(params, experiment, data_hash, key, log, trial)
 
     records = trial_records(experiment)
-    tracking.close_trial_runs(experiment_id, parent_id, {record.trial_id: record.status for record in records})
+    tracking.close_trial_runs(experiment_id, parent_id, {r.trial_id: {"status": r.status, "score": r.score,
+                                                                       "epochs": r.epochs} for r in records})
+    fired = guard_fired(budget, records) if params.search.budget == "epochs" else None
+    if fired:
+        log(f"search {task}: warning: {fired}")
+    # max_latency_ms picks by latencies measured on this machine: the trials reproduce, the winner may not.
+    reproducible = params.search.budget == "epochs" and not fired and params.search.max_latency_ms is None
     log(f"search {task}: {len(records)} trials done; profiling their models")
     rows = trial_rows(records, profile_trials(task, records, experiment.train, experiment.data.geometry))
     table = families_table(list(experiment.space.families), rows)
@@ -147,6 +191,7 @@ def run_search(params: Params, task: str, data_root: Path, out_dir: Path, *, sto
         "mlflow_parent_run_id": parent_id,
         "mlflow_run_id": tracking.trial_run(experiment_id, parent_id, winner["trial_id"]),
         "families": [{k: row[k] for k in ("family", "score", "params", "macs", "latency_ms")} for row in table],
+        "reproducible": reproducible,
     }
     write_search(out_dir, best, table, rows, winner, parent_id, time.monotonic() - started)
     log(format_table(table, experiment.metric))
@@ -162,12 +207,13 @@ def write_search(out_dir: Path, best: dict[str, Any], table: list[dict[str, Any]
     with runtime.atomic_dir(out_dir) as staging:
         runtime.write_json(staging / "best.json", best)
         runtime.write_json(staging / "families.json", {"task": best["task"], "metric": metric, "families": table,
-                                                       "trials": rows})
+                                                       "trials": rows, "reproducible": best["reproducible"]})
         write_csv(staging / "families.csv", table)
         plot_score_vs_latency(rows, winner, metric, staging / "score_vs_latency.png")
         totals = {"best_score": best["score"], "trials": len(rows),
                   "trials_errored": sum(row["status"] == "error" for row in rows),
-                  "trial_epochs": sum(row["epochs"] for row in rows), "search_time_s": elapsed}
+                  "trial_epochs": sum(row["epochs"] for row in rows), "search_time_s": elapsed,
+                  "reproducible": float(best["reproducible"])}
         tracking.log_search_result(parent_id, [staging / name for name in OUTPUTS],
                                    {key: [row[key] for row in table] for key in TABLE_COLUMNS}, totals,
                                    {"family": best["family"], "trial_id": best["trial_id"],
@@ -215,7 +261,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def pick_winner(rows: list[dict[str, Any]], max_latency_ms: float | None) -> dict[str, Any]:
-    """The best-scoring trial, among those within `max_latency_ms` (1 image, CPU) when it is set."""
+    """The best-scoring trial, among those within `max_latency_ms` (1 image, CPU) when it is set; a tie goes to
+    the fewer MACs, then the earlier trial (never to a latency measured on this machine)."""
     scored = [row for row in rows if row["score"] is not None]
     if not scored:
         raise ConvForgeError("every search trial failed (see the trials' errors in MLflow and above)")
@@ -224,7 +271,7 @@ def pick_winner(rows: list[dict[str, Any]], max_latency_ms: float | None) -> dic
         fastest = min(row["latency_ms"] for row in scored)
         raise ConvForgeError(f"search.max_latency_ms: no trial is within {max_latency_ms} ms "
                              f"(the fastest takes {fastest:.3g} ms)")
-    return max(allowed, key=lambda row: (row["score"], -row["latency_ms"]))
+    return min(allowed, key=lambda row: (-row["score"], row.get("macs") or 0, row.get("index", 0)))
 
 
 def families_table(families: list[str], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -70,7 +70,8 @@ class ClassifyTask:
     name, metric = "classify", "accuracy"
     data = ITEMS_DATA  # the prepared-data folder it reads (data/prepared/<data>)
     compiles = True  # torch.compile works on its models
-    exports_onnx = True  # its models run on ONNX Runtime when serve.backend is onnx
+    exports_onnx = True  # its models run on ONNX Runtime when serve.backend chooses onnx (services/backends.py)
+    onnx_per_image = False  # its graph takes a batch of any size (a dynamic batch axis)
     confusion = True  # its evaluation has a confusion matrix
     pr_title = "precision-recall (one vs rest)"
     headline = ("test_accuracy", "test_top5", "test_f1_macro", "test_ece")  # what a person reads first
@@ -191,7 +192,10 @@ class SceneTask:
 class DetectTask(SceneTask):
     name, metric = "detect", "map"
     compiles = False  # torchvision's detection models do not compile cleanly
-    exports_onnx = False  # torchvision's detection post-processing is data-dependent
+    exports_onnx = True
+    # torchvision's post-processing loops over the images in Python, which tracing unrolls for the traced
+    # batch, and each image keeps its own number of detections: the graph takes one image at a time.
+    onnx_per_image = True
     confusion = False
     pr_title = "precision-recall at IoU 0.5"
     headline = ("test_map", "test_map_50", "test_mask_map")
@@ -255,6 +259,7 @@ class SegmentTask(SceneTask):
     name, metric = "segment", "miou"
     compiles = True
     exports_onnx = True
+    onnx_per_image = False
     confusion = False
     pr_title = "precision-recall (one vs rest)"
     headline = ("test_miou", "test_pixel_accuracy", "test_dice")

@@ -4,9 +4,9 @@
 the engine and writes the model folder: model.safetensors + config.json + history.json, the files
 the logged MLflow model holds too, and registration.json (the registered version, known only once
 the model is logged, so never part of it). The MLflow run holds params, per-epoch and system
-metrics, the datasets, plots and the model (registered as `<prefix>-<task>`, alias `champion`
-when it is the best so far). An interrupted run resumes at its last finished epoch when it is run
-again with the same inputs.
+metrics, the datasets, plots and the model (registered as `<prefix>-<task>`; the promote stage moves
+the alias `champion` once the model's test metrics pass its gate). An interrupted run resumes at its
+last finished epoch when it is run again with the same inputs.
 
 Transfer learning: `train.<task>.pretrained` names the trunk's starting weights (another task's trained
 model, a saved model's folder or `torchvision:<Weights>` from the local torch cache), loaded by name
@@ -168,10 +168,10 @@ def model_config(job: TrainingJob, result: FitResult, run_id: str, registered: s
 def save(job: TrainingJob, result: FitResult, config: dict[str, Any], out_dir: Path) -> tracking.Registration:
     """Step 4: the model folder, each file written once; the run logs and registers the folder as it is."""
     with runtime.atomic_dir(out_dir) as staging:
-        checkpoint.save(result.model, config, staging)
+        sha = checkpoint.save(result.model, config, staging)
         runtime.write_json(staging / "history.json", learning_curve_records(result.history))
         registration = tracking.register_model(staging, result.model, job.task, job.train, config["registered_model"],
-                                               job.metric, result.best_score, job.data_hash)
+                                               job.metric, result.best_score, job.data_hash, sha)
         runtime.write_json(staging / checkpoint.REGISTRATION, {"registered_model": registration.name,
                                                     "registered_version": registration.version})
     return registration
@@ -199,5 +199,5 @@ def run_training(params: Params, task: str, data_root: Path, best_path: Path, ou
     shutil.rmtree(work, ignore_errors=True)
     log(f"train {task}: best {job.metric} {result.best_score:.4f} at epoch {result.best_epoch}, "
         f"{result.images_per_s:.0f} img/s; registered {registration.name} v{registration.version}"
-        f"{' (champion)' if registration.champion else ''}; wrote {out_dir}")
+        f" (promote@{task} decides on the champion); wrote {out_dir}")
     return {**config, "registered_version": registration.version}

@@ -3,23 +3,38 @@ and the trials read back from Ray's saved state.
 
 Trials are maximized on their task's primary validation metric and report once per epoch with a
 checkpoint, which is what schedulers, retries and resuming need.
+
+With `search.budget: epochs` no decision depends on which trial finishes first: trial k starts only
+once the trials `max_concurrent` or more places before it have finished (`InOrder`), it is drawn from
+their results alone by an Optuna sampler seeded by (seed, k) (`PerTrialSeed`; the trials in between
+count as running, Optuna's constant liar), and it is halved against them alone (`OrderedHalving`, ASHA's
+rule at ASHA's rungs). Ray's own pieces decide by timing here: ASHA compares a trial with whichever
+trials reached the rung before it; HyperBand halves a bracket when the trials it holds so far reach the
+milestone, which with fewer concurrent trials than a bracket holds is a matter of timing; a batching
+ConcurrencyLimiter is order-independent but stops all but one idle actor at each batch's end (Tune caches
+one), so every batch starts its trials in new worker processes.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import optuna
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBasedTraining, TrialScheduler
+from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining,
+                                 TrialScheduler)
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -29,7 +44,7 @@ from pipelines.engine import EngineSettings, EpochResult, fit
 from pipelines.errors import ConvForgeError
 from pipelines.geometry import family_geometry
 from pipelines.params import PolicyParams, SearchParams, TaskSearchParams, TrainConfig
-from pipelines.search_space import SearchSpace
+from pipelines.search_space import SearchSpace, TrialChoice
 
 MODE = "max"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +56,10 @@ UPLOAD_EXCLUDES = ["data/", "artifacts/", "reports/", "ray_results/", "mlruns/",
 # which is what resuming needs: Ray's warning that snapshots are frequent is noise for short epochs.
 # Ctrl-C stops the stage (Tune's own handler would return as if the search had ended).
 TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+# Each report carries the trial's score of every epoch so far (OrderedHalving reads earlier trials' rungs from
+# their last report), and the checkpoint keeps them in this file for a restored trial.
+SCORES = "scores"
+SCORES_FILE = "scores.json"
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,10 @@ class Experiment:
     storage: str  # a folder or a URI
     name: str
     data: TrialData | None = None  # what trials load (train/val above are the driver's copy)
+    # budget epochs: each trial drawn and halved (by reduction_factor) only after the trials this many places
+    # before it have finished; None: as trials finish
+    window: int | None = None
+    reduction_factor: int = 2
 
     @property
     def path(self) -> str:
@@ -92,9 +115,57 @@ def trial_base(cfg: TrainConfig, max_epochs: int) -> TrainConfig:
     return cfg.updated(epochs=max_epochs, warmup_epochs=min(cfg.warmup_epochs, max_epochs - 1))
 
 
+def rungs(max_epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """ASHA's rungs (Li et al. 2020): grace_period * reduction_factor^k epochs, below max_epochs."""
+    out, epoch = [], min(grace_period, max_epochs)
+    while epoch < max_epochs:
+        out.append(epoch)
+        epoch *= reduction_factor
+    return out
+
+
+def halving_stops(scores: list[float], earlier: list[list[float]], rung_epochs: list[int],
+                  reduction_factor: int) -> bool:
+    """ASHA's rule at a trial's latest epoch, when it is a rung: stop when its score is below the (1 - 1/rf)
+    quantile of the rung's scores of `earlier` trials (their every epoch's score) that reached the rung."""
+    epoch = len(scores)
+    if epoch not in rung_epochs:
+        return False
+    recorded = [history[epoch - 1] for history in earlier if len(history) >= epoch]
+    return bool(recorded) and scores[-1] < float(np.nanpercentile(recorded, (1 - 1 / reduction_factor) * 100))
+
+
+def trial_index(trial: Trial) -> int:
+    """A trial's 0-based place in the order the search drew it (Tune's experiment tag starts with its count)."""
+    return int(re.match(r"\d+", trial.experiment_tag).group()) - 1
+
+
+class OrderedHalving(FIFOScheduler):
+    """Successive halving at ASHA's rungs, a trial judged against the trials `window` or more places before it.
+
+    `InOrder` starts a trial only once those have finished, so their rung scores are final and no decision
+    depends on finishing order. Stateless (Tune does not save a scheduler's state): the earlier trials'
+    scores come from their last reports, so a restored search decides alike.
+    """
+
+    def __init__(self, rung_epochs: list[int], reduction_factor: int, window: int):
+        super().__init__()
+        self.rung_epochs, self.reduction_factor, self.window = rung_epochs, reduction_factor, window
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        last = trial_index(trial) - self.window
+        earlier = [other.last_result.get(SCORES, []) for other in tune_controller.get_trials()
+                   if trial_index(other) <= last and other.last_result]
+        stop = halving_stops(result.get(SCORES, []), earlier, self.rung_epochs, self.reduction_factor)
+        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
+
+
 def make_scheduler(kind: str, max_epochs: int, grace_period: int, reduction_factor: int,
-                   space: SearchSpace) -> TrialScheduler:
-    """ASHA (Li et al. 2020), HyperBand (Li et al. 2018) or PBT (Jaderberg et al. 2017), stepping per epoch."""
+                   space: SearchSpace, window: int | None = None) -> TrialScheduler:
+    """ASHA (Li et al. 2020; in trial order with a `window`, see `OrderedHalving`), HyperBand (Li et al. 2018)
+    or PBT (Jaderberg et al. 2017), stepping per epoch."""
+    if kind == "asha" and window:
+        return OrderedHalving(rungs(max_epochs, grace_period, reduction_factor), reduction_factor, window)
     if kind == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
                              grace_period=min(grace_period, max_epochs), reduction_factor=reduction_factor)
@@ -107,22 +178,117 @@ def make_scheduler(kind: str, max_epochs: int, grace_period: int, reduction_fact
     raise ConvForgeError(f"search.scheduler: expected one of asha, hyperband, pbt, got {kind!r}")
 
 
+def tpe_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:
+    """Optuna's TPE (Bergstra et al. 2011) over the conditional space, modelling it from `n_startup_trials` on."""
+    # `group` fits each conditional branch on the trials that have it; multivariate/group are marked experimental.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True)
+
+
+class PerTrialSeed(optuna.samplers.BaseSampler):
+    """Optuna sampling in which trial n draws from its own sampler, `factory(seed of (seed, n))`: its values
+    depend on its index and the study's finished trials, never on how many draws came before it."""
+
+    def __init__(self, factory: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self.factory, self.seed = factory, seed
+        self._current: tuple[int, optuna.samplers.BaseSampler] | None = None
+
+    def sampler(self, trial: Any) -> optuna.samplers.BaseSampler:
+        """The sampler of `trial` (by its number), made when the trial starts."""
+        if self._current is None or self._current[0] != trial.number:
+            seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+            self._current = (trial.number, self.factory(seed))
+        return self._current[1]
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.sampler(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return self.sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self.sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        return self.sampler(trial).sample_independent(study, trial, param_name, param_distribution)
+
+
+class InOrder(Searcher):
+    """Trial k is drawn only once trials 0..k-window have finished, and the searcher is told their results
+    in trial order, no others: what it draws depends on the trial's index, never on which trial finished first.
+
+    Ray's ConcurrencyLimiter in batch mode gives the same independence, but every batch then starts in new
+    worker processes (see the module's docstring); here a slot waits only when a trial ends before one
+    `window` places earlier.
+    """
+
+    def __init__(self, searcher: Searcher, window: int):
+        self.searcher, self.window = searcher, window
+        self.index: dict[str, int] = {}  # trial id -> its place in the order drawn
+        self.finished: dict[int, tuple[str, dict | None, bool]] = {}  # finished, not yet told: id, result, error
+        self.told = 0  # trials 0..told-1 are told
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        while self.told <= len(self.index) - self.window:
+            if self.told not in self.finished:
+                return None  # Tune asks again once a trial finishes
+            told_id, result, error = self.finished.pop(self.told)
+            self.searcher.on_trial_complete(told_id, result=result, error=error)
+            self.told += 1
+        config = self.searcher.suggest(trial_id)
+        if config not in (None, Searcher.FINISHED):
+            self.index[trial_id] = len(self.index)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.index:
+            self.finished[self.index[trial_id]] = (trial_id, result, error)
+        else:  # not drawn here (Tune restored it from a state older than this searcher's): nothing to order
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "searcher"}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+
 def make_search_alg(algorithm: str, space: SearchSpace, metric: str, points: list[dict[str, Any]],
-                    max_concurrent: int, seed: int) -> SearchAlgorithm | Searcher:
-    """Optuna TPE over the conditional space (behind a ConcurrencyLimiter), or Ray's seeded random search."""
-    if algorithm == "optuna":
-        # TPE models the space from the families' starting points on (its default waits for 10 trials,
-        # more than a CPU budget has); `group` fits each conditional branch on the trials that have it.
-        with warnings.catch_warnings():  # multivariate/group are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, len(points)),
-                                                 multivariate=True, group=True)
-        searcher = OptunaSearch(space=space, metric=metric, mode=MODE, sampler=sampler,
-                                points_to_evaluate=[space.optuna_point(p) for p in points])
-        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
-    if algorithm == "random":
+                    max_concurrent: int, seed: int, in_order: bool = False) -> SearchAlgorithm | Searcher:
+    """Optuna TPE over the conditional space (behind a ConcurrencyLimiter), or Ray's seeded random search.
+
+    `in_order` (budget epochs): trials drawn `InOrder` with a window of `max_concurrent`, each from a sampler
+    seeded by its index (`PerTrialSeed`; random search is Optuna's random sampler then).
+    """
+    if algorithm not in ("optuna", "random"):
+        raise ConvForgeError(f"search.algorithm: expected optuna or random, got {algorithm!r}")
+    # TPE models the space from the families' starting points on (its default waits for 10 trials).
+    startup = max(2, len(points))
+    if in_order:
+        factory = functools.partial(tpe_sampler, n_startup_trials=startup) if algorithm == "optuna" else (
+            optuna.samplers.RandomSampler)
+        sampler = PerTrialSeed(factory, seed)
+    elif algorithm == "optuna":
+        sampler = tpe_sampler(seed, startup)
+    else:
         return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent, random_state=seed)
-    raise ConvForgeError(f"search.algorithm: expected optuna or random, got {algorithm!r}")
+    searcher = OptunaSearch(space=space, metric=metric, mode=MODE, sampler=sampler,
+                            points_to_evaluate=[space.optuna_point(p) for p in points])
+    return ConcurrencyLimiter(InOrder(searcher, max_concurrent) if in_order else searcher, max_concurrent)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, log: Callable[[str], None] = print) -> bool:
@@ -150,6 +316,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: Calla
     return True
 
 
+def trial_model(task: str, chosen: TrialChoice, cfg: TrainConfig, data: TrialData, train_data: Any) -> Any:
+    """The model a trial trains, built as the final training builds it: seeded (so its initial weights do not
+    depend on what its reused actor ran before), the detector geometry of its data, the trunk from `pretrained`."""
+    import torch
+
+    hparams = {**family_geometry(data.geometry, family(task, chosen.family).defaults), **chosen.hparams}
+    torch.manual_seed(data.seed)
+    model = build(task, chosen.family, len(train_data.classes), train_data.in_channels, train_data.image_size,
+                  **hparams)
+    if cfg.pretrained:
+        apply_transfer(model, pretrained=data.pretrained[cfg.pretrained])
+    return model
+
+
 def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: TrialData,
                 base: TrainConfig, settings: EngineSettings, policy: PolicyParams) -> None:
     """One trial: load its data from `data`'s paths, build the chosen family, train it with the engine
@@ -157,12 +337,7 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
     train_data, val_data = data.load(task)
     chosen = space.choice(config)
     cfg = base.updated(**chosen.train)
-    # The trial builds what the final training builds: geometry from its data, the trunk from `pretrained`.
-    hparams = {**family_geometry(data.geometry, family(task, chosen.family).defaults), **chosen.hparams}
-    model = build(task, chosen.family, len(train_data.classes), train_data.in_channels, train_data.image_size,
-                  **hparams)
-    if cfg.pretrained:
-        apply_transfer(model, pretrained=data.pretrained[cfg.pretrained])
+    model = trial_model(task, chosen, cfg, data, train_data)
     node_id = ray.get_runtime_context().get_node_id()
     name = tune.get_context().get_trial_name()
     with tempfile.TemporaryDirectory(prefix="convforge-trial-") as work:
@@ -171,11 +346,15 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
         restored = tune.get_checkpoint()
         if restored is not None:  # a retried, resumed or PBT-exploited trial goes on from its last epoch
             restored.to_directory(str(checkpoint_dir))
+        scores_path = checkpoint_dir / SCORES_FILE
+        scores = json.loads(scores_path.read_text()) if scores_path.is_file() else []
 
         def on_epoch(result: EpochResult) -> None:
+            scores.append(result.score)
+            scores_path.write_text(json.dumps(scores))
             metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
-            tune.report({**metrics, "score": result.score, "epoch": result.epoch, "node_id": node_id},
-                        checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+            tune.report({**metrics, "score": result.score, "epoch": result.epoch, "node_id": node_id,
+                         SCORES: list(scores)}, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
         fit(model, task, train_data, val_data, cfg, settings, policy=policy, checkpoint_dir=checkpoint_dir,
             on_epoch=on_epoch, log=lambda message: print(f"[{name} {chosen.family}] {message}", flush=True))
@@ -192,13 +371,15 @@ def make_tuner(trainable: Any, experiment: Experiment, search: SearchParams, see
     if tune.Tuner.can_restore(experiment.path):
         log(f"resuming the search at {experiment.path}")
         return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    space, budget = experiment.space, experiment.budget
+    space, budget, in_order = experiment.space, experiment.budget, experiment.window is not None
     points = space.points(experiment.base)[:budget.num_samples]
     tune_config = tune.TuneConfig(
         metric=experiment.metric, mode=MODE,
-        search_alg=make_search_alg(search.algorithm, space, experiment.metric, points, search.max_concurrent, seed),
+        search_alg=make_search_alg(search.algorithm, space, experiment.metric, points, search.max_concurrent, seed,
+                                   in_order),
         scheduler=make_scheduler(search.scheduler, budget.max_epochs, budget.grace_period, search.reduction_factor,
-                                 space),
+                                 space, experiment.window),
+        # budget time: the budget; budget epochs: a guard (the search says it is not reproducible when it fires)
         num_samples=budget.num_samples, time_budget_s=budget.time_budget_s,
         reuse_actors=True, trial_dirname_creator=trial_dirname,
     )
@@ -209,18 +390,20 @@ def make_tuner(trainable: Any, experiment: Experiment, search: SearchParams, see
     )
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     return tune.Tuner(tune.with_resources(trainable, resources),
-                      param_space=space.ray_space() if search.algorithm == "random" else None,
+                      param_space=space.ray_space() if search.algorithm == "random" and not in_order else None,
                       tune_config=tune_config, run_config=run_config)
 
 
 def run_trials(experiment: Experiment, search: SearchParams, seed: int, settings: EngineSettings,
-               policy: PolicyParams, callbacks: list[tune.Callback], log: Callable[[str], None] = print) -> None:
-    """Fit the experiment's Tuner (new or restored) on the Ray at `search.ray_address`, else a local one."""
+               policy: PolicyParams, callbacks: list[tune.Callback], log: Callable[[str], None] = print,
+               trial: Callable[..., None] = train_trial) -> None:
+    """Fit the experiment's Tuner (new or restored) on the Ray at `search.ray_address`, else a local one.
+    `trial` is the trainable, called as `train_trial` is (a test may wrap it)."""
     started_ray = init_ray(search.ray_address, log=log)
     try:
         # Trials get paths, not arrays: each loads its splits from disk (memory-mapped when large), so the
         # object store (512 MiB locally) carries only the small arguments.
-        trainable = tune.with_parameters(train_trial, task=experiment.task, space=experiment.space,
+        trainable = tune.with_parameters(trial, task=experiment.task, space=experiment.space,
                                          data=experiment.data, base=experiment.base, settings=settings, policy=policy)
         make_tuner(trainable, experiment, search, seed, callbacks, log).fit()
     finally:
@@ -238,37 +421,50 @@ class TrialRecord:
     """One trial's outcome as the search stage reports it."""
 
     trial_id: str
+    index: int  # its place in the order the search drew it
     family: str
     hparams: dict[str, Any]
     train: dict[str, Any]
-    status: str  # completed | stopped (by the scheduler or the time budget) | error
-    score: float | None
+    status: str  # completed | stopped (by the scheduler; budget time: or the time budget) | timed_out | error
+    score: float | None  # the score of its last epoch
     epochs: int
     node_id: str | None
     error: str | None
 
 
+def trial_status(trial: Trial, experiment: Experiment, earlier: list[list[float]]) -> str:
+    """completed, error, stopped (halved; budget time: or out of time) or timed_out (budget epochs: the guard
+    stopped it where halving would not have)."""
+    last = trial.last_result or {}
+    epochs, budget = int(last.get("epoch", 0) or 0), experiment.budget
+    if trial.status == Trial.ERROR:
+        return "error"
+    if epochs >= budget.max_epochs:
+        return "completed"
+    if experiment.window is None:
+        return "stopped"
+    rung_epochs = rungs(budget.max_epochs, budget.grace_period, experiment.reduction_factor)
+    halved = halving_stops(last.get(SCORES, []), earlier, rung_epochs, experiment.reduction_factor)
+    return "stopped" if halved else "timed_out"
+
+
 def trial_records(experiment: Experiment) -> list[TrialRecord]:
-    """Every trial of the experiment, read back from Ray Tune's saved state."""
-    metric, max_epochs = experiment.metric, experiment.budget.max_epochs
+    """Every trial of the experiment in the order the search drew it, read back from Ray Tune's saved state."""
+    metric = experiment.metric
     analysis = tune.ExperimentAnalysis(experiment.path, default_metric=metric, default_mode=MODE)
+    trials = sorted((t for t in analysis.trials if t.config and "family" in t.config), key=trial_index)
     records = []
-    for trial in analysis.trials:
-        if not trial.config or "family" not in trial.config:
-            continue
+    for trial in trials:
         chosen = experiment.space.choice(trial.config)
         last = trial.last_result or {}
-        epochs = int(last.get("epoch", 0) or 0)
+        earlier = [(t.last_result or {}).get(SCORES, []) for t in trials
+                   if trial_index(t) <= trial_index(trial) - (experiment.window or 0)]
+        status = trial_status(trial, experiment, earlier)
         score = last.get(metric)
-        error = None
-        if trial.status == Trial.ERROR:
-            status = "error"
-            error = error_line(trial)
-        else:
-            status = "completed" if epochs >= max_epochs else "stopped"
         usable = isinstance(score, (int, float)) and math.isfinite(score)
-        records.append(TrialRecord(trial.trial_id, chosen.family, chosen.hparams, chosen.train, status,
-                                   float(score) if usable else None, epochs, last.get("node_id"), error))
+        records.append(TrialRecord(trial.trial_id, trial_index(trial), chosen.family, chosen.hparams, chosen.train,
+                                   status, float(score) if usable else None, int(last.get("epoch", 0) or 0),
+                                   last.get("node_id"), error_line(trial) if status == "error" else None))
     return records
 
 

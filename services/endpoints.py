@@ -4,7 +4,9 @@ The one services-side place of task behaviour: the input geometry of training (c
 items resized and centre-cropped, scenes letterboxed, or at their own pixels with `serve.scale:
 native` for the tasks that allow it), the model's batch output as one value
 per image, the `ImageResult` (services/results.py), the Prometheus series a result feeds, and
-the request options the response repeats. Routes are `/<task>` for every task in `TASKS`.
+the request options the response repeats, and the description its api shows in /docs.json.
+services/service.py makes one BentoML api per task in `TASKS` from this table, at `ROUTES`
+(`/<task>`, named `<task>`), so a new task needs an entry here and no new service code.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Endpoint:
     result: Callable[[int, Any, list[str], Options, Placement], ImageResult]
     observe: Callable[[ImageResult, str, str], None]
     echoes: tuple[str, ...] = ()  # request options the response repeats
+    doc: str = ""  # what the api answers: its description in /docs.json and /schema.json
     side: Literal["short", "long"] = "short"  # the side `fit` scales to its size (fit_square: short)
     scalable: bool = False  # fully convolutional / size-free models: `serve.scale: native` applies
 
@@ -66,11 +69,20 @@ def observe_mask_area(result: ImageResult, task: str, version: str) -> None:
 
 
 ENDPOINTS: dict[type, Endpoint] = {
-    ClassifyTask: Endpoint(fit_square, probabilities, classify_result, observe_top_label),
-    DetectTask: Endpoint(letterbox, list, detect_result, observe_detections, ("box_format", "mask_format"),
-                         side="long", scalable=True),
-    SegmentTask: Endpoint(letterbox, label_masks, segment_result, observe_mask_area, ("mask_format",),
-                          side="long", scalable=True),
+    ClassifyTask: Endpoint(
+        fit_square, probabilities, classify_result, observe_top_label,
+        doc="Top-k labels with probabilities for one or many images: each image resized as in training, "
+            "`top_k` labels per image, highest probability first."),
+    DetectTask: Endpoint(
+        letterbox, list, detect_result, observe_detections, ("box_format", "mask_format"), side="long",
+        scalable=True,
+        doc="Boxes, labels and scores in the input's own pixels: letterboxed as in training (serve.scale "
+            "native: at its own pixels up to serve.max_side), boxes mapped back in `box_format`; "
+            "`score_threshold`, `max_detections`, instance masks in `mask_format`."),
+    SegmentTask: Endpoint(
+        letterbox, label_masks, segment_result, observe_mask_area, ("mask_format",), side="long", scalable=True,
+        doc="Class mask at the input's size and pixels per class: a PNG (pixel = class + 1) or per-class "
+            "RLE/polygons in `mask_format`, and per-class pixel counts."),
 }
 ROUTES = {f"/{name}": name for name in TASKS}  # path -> task
 

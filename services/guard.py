@@ -1,7 +1,10 @@
 """ASGI middleware in front of every route: body cap, no pickles, outcome metrics, Retry-After.
 
 BentoML 1.4 sets no request-body limit, and its pickle media type (CVE-2024-2912,
-CVE-2025-27520) is refused only on its own API routes: here both hold for every route.
+CVE-2025-27520) is refused only on its own API routes: here both hold for every route (the
+service adds this guard with BentoML's public `add_asgi_middleware`), and so does the concurrency
+cap, as 503 + Retry-After (BentoML's own cap answers 429 without it). Outcomes are counted per
+prediction route with the bare model version, read from the `name:version` X-Model-Version header.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class RequestGuard:
-    """413 over `max_body_bytes`, 415 for pickle bodies; counts prediction outcomes; Retry-After on 503/429."""
+    """413 over `max_body_bytes`, 415 for pickle bodies, 503 over `max_concurrency` predictions in flight
+    (0: no cap); counts prediction outcomes; Retry-After on 503/429."""
 
-    def __init__(self, app: Any, max_body_bytes: int, routes: dict[str, str], retry_after_s: int = 1) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, routes: dict[str, str], retry_after_s: int = 1,
+                 max_concurrency: int = 0) -> None:
         self.app = app
         self.max_body_bytes = int(max_body_bytes)
         self.routes = dict(routes)  # path -> task
         self.retry_after = str(int(retry_after_s))
+        self.max_concurrency = int(max_concurrency)
+        self.in_flight = 0  # prediction requests past the guard and not yet answered (one event loop: no lock)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -50,7 +57,21 @@ class RequestGuard:
             task = self.routes.get(scope["path"])
             if task:
                 obs.REQUEST_BYTES.labels(task, scope["path"]).observe(len(body))
+                await self._admit(scope, receive, send)
+                return
         await self.app(scope, receive, self._sending(scope, send))
+
+    async def _admit(self, scope: dict, receive: Any, send: Any) -> None:
+        """A prediction, its body read (the connection stays usable): 503 at the cap, else on to the app."""
+        if self.max_concurrency and self.in_flight >= self.max_concurrency:
+            await self._reject(scope, receive, send, 503, f"over {self.max_concurrency} requests in flight; "
+                                                          "retry after the Retry-After seconds")
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, self._sending(scope, send))
+        finally:
+            self.in_flight -= 1
 
     async def _read_body(self, receive: Any) -> bytes | None:
         """The whole body, or None once it passes the cap (chunked uploads have no Content-Length)."""
@@ -80,7 +101,8 @@ class RequestGuard:
                         message = {**message, "headers": [*message.get("headers", []),
                                                           (b"retry-after", self.retry_after.encode())]}
                 if task:
-                    version = dict(message.get("headers", [])).get(b"x-model-version", b"none").decode()
+                    tag = dict(message.get("headers", [])).get(b"x-model-version", b"none").decode()
+                    version = tag.rpartition(":")[2]  # the bare version, as every other series spells it
                     obs.REQUESTS.labels(task, scope["path"], version, obs.status_class(status)).inc()
             await send(message)
 

@@ -5,8 +5,11 @@ Labels stay within a fixed budget: task, endpoint, model_version, status_class, 
 (bounded by the model, never by the client), and `reason_kind` on the out-of-domain counter
 (the three rules of services.imaging.Domain). Latency buckets span sub-millisecond
 preprocessing of a small image up to seconds for a 16 MP upload or a long queue (bench/serve.py
-measures them). Under `bentoml serve` these live in BentoML's
-multiprocess registry (PROMETHEUS_MULTIPROC_DIR), so gauges say how to merge workers.
+measures them). Each label is spelled one way in every series: `task` is the task name,
+`endpoint` the route path (`/<task>`), `model_version` the bare version (the part after the
+colon of a `name:version` tag such as the X-Model-Version header; `none` when no model answered).
+Under `bentoml serve` these live in BentoML's multiprocess registry (PROMETHEUS_MULTIPROC_DIR,
+a folder of each server's own: services/serve.py), so gauges say how to merge workers.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ WARMUP_SECONDS = Gauge("convforge_model_warmup_seconds", "Seconds of warm-up inf
                        multiprocess_mode="max")
 OUT_OF_DOMAIN = Counter("convforge_out_of_domain", "Images outside the model's training domain, by rule "
                         "(channels, size, intensity; an image can break several)", (*MODEL, "reason_kind"))
+EXPLAIN_SECONDS = Histogram("convforge_explain_seconds", "POST /explain: decode, Grad-CAM of every image and encode "
+                            "of one request", MODEL, buckets=LATENCY_BUCKETS)
 MODEL_INFO = Gauge("convforge_model_info", "Served model (value 1)", ("task", "family", "model_version", "backend"),
                    multiprocess_mode="max")
 

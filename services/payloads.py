@@ -1,14 +1,24 @@
 """Reading a prediction request: JSON with base64 images or a multipart upload, plus options.
 
-Every problem is an InputError with a one-line message: 400 (unreadable), 413 (too many
-images), 415 (other content types), 422 (wrong field names or types).
+`read_request` is the one reader; `PredictionRequest` is the input model of the BentoML apis
+(services/service.py), which reads each request with it rather than with BentoML's own parsers
+(their multipart reader fetches a text value of a file field as a URL). Every problem is an
+InputError with a one-line message: 400 (unreadable), 413 (too many images), 415 (other
+content types), 422 (wrong field names or types).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import time
+from typing import Annotated, Any, ClassVar
 
-from pydantic import ValidationError
+import pipelines.runtime  # noqa: F401  (telemetry off before bentoml is imported)
+
+import bentoml
+from pydantic import Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -16,6 +26,10 @@ from services.errors import InputError
 from services.schemas import JsonRequest, Options, decode_base64
 
 OPTION_FIELDS = tuple(Options.model_fields)
+HOOK_PARAMETERS = ("request", "serde")  # IODescriptor.from_http_request(cls, request, serde) in bentoml 1.4
+# A urlencoded form carries no files, but is read as one so that text `images` (BentoML's clients send a URL
+# string that way) get the form's own 422.
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 ACCEPTED = "application/json (base64 images) or multipart/form-data (file field 'images')"
 
 
@@ -72,8 +86,9 @@ async def read_multipart(request: Request, max_images: int) -> tuple[list[bytes]
     raw = {key: form[key] for key in OPTION_FIELDS if key in form}
     if any(not isinstance(value, str) for value in raw.values()):
         raise InputError(422, "options must be plain form fields, not files")
-    try:
-        options = Options.model_validate({key: _form_value(value) for key, value in raw.items()})
+    values = {key: _form_value(value) for key, value in raw.items()}
+    try:  # a null option (BentoML's clients send `null` for None) takes its default
+        options = Options.model_validate({key: value for key, value in values.items() if value is not None})
     except ValidationError as exc:
         raise InputError(422, validation_message(exc)) from None
     blobs = [await item.read() for item in files]
@@ -82,12 +97,13 @@ async def read_multipart(request: Request, max_images: int) -> tuple[list[bytes]
 
 
 def _form_value(value: str) -> object:
-    """Form fields arrive as text: numbers are parsed, anything else stays a string."""
+    """A form field's value: JSON when it is JSON (BentoML's clients send options json.dumps'd: `3`, `"xyxy"`,
+    `null`), else the text as sent (curl's `-F box_format=xyxy`); `true`/`false` stay text."""
     try:
         parsed = json.loads(value)
     except ValueError:
         return value
-    return parsed if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) else value
+    return value if isinstance(parsed, bool) else parsed
 
 
 async def read_request(request: Request, max_images: int) -> tuple[list[bytes], Options]:
@@ -95,8 +111,77 @@ async def read_request(request: Request, max_images: int) -> tuple[list[bytes], 
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         return await read_json(request, max_images)
-    if media_type == "multipart/form-data":
+    if media_type in FORM_TYPES:
         return await read_multipart(request, max_images)
     if not media_type and not (await request.body()).strip():
         raise InputError(400, f"empty request body; send {ACCEPTED}")
     raise InputError(415, f"unsupported content type '{media_type or 'none'}'; send {ACCEPTED}")
+
+
+class RequestHookMoved(TypeError):
+    """The installed BentoML no longer reads an api's input through `IODescriptor.from_http_request`."""
+
+
+def check_request_hook() -> None:
+    """Raise RequestHookMoved unless BentoML's IODescriptor still has the async classmethod
+    `from_http_request(request, serde)` that PredictionRequest overrides (not documented API; without it
+    BentoML's own parsers would read our requests). tests/services/test_api_request.py also checks that
+    BentoML's api endpoint calls it."""
+    hook = inspect.getattr_static(bentoml.IODescriptor, "from_http_request", None)
+    function = getattr(hook, "__func__", None)
+    if (not isinstance(hook, classmethod) or not inspect.iscoroutinefunction(function)
+            or tuple(inspect.signature(function).parameters)[1:] != HOOK_PARAMETERS):
+        raise RequestHookMoved(f"BentoML changed its input hook: bentoml {bentoml.__version__}'s "
+                               "IODescriptor.from_http_request is not an async classmethod (cls, request, serde); "
+                               "update services/payloads.py PredictionRequest")
+
+
+class ImageFile:
+    """The JSON schema of one uploaded image: `file` in BentoML's /schema.json (so its clients send it as a
+    multipart file part), a binary string in OpenAPI (a file part in Swagger UI)."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        value = handler(core_schema)
+        return {**value, "type": "file", "format": "image"} if handler.mode == "validation" else value
+
+
+class ImageUploads(bentoml.IODescriptor):
+    """The `images` field of an api's input, sent as multipart file parts."""
+
+    images: list[Annotated[bytes, ImageFile()]] = Field(
+        ..., min_length=1, description="image files (PNG, JPEG, ...) as multipart parts `images`, repeatable; or a "
+                                       "JSON body with base64 strings: {\"images\": [...]} or {\"image\": ...}")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.multipart_fields = ["images"]  # BentoML counts only Path and PIL fields as files
+
+
+# Options before ImageUploads in the bases makes `images` the first field (docs, positional client calls).
+class PredictionRequest(Options, ImageUploads):
+    """The input of every prediction api: the images, then the options (services.schemas.Options).
+
+    BentoML builds it with `from_http_request`, which here is `read_request` behind the same limits for
+    multipart and JSON; the values are validated there, so the model is built without a second validation."""
+
+    max_images: ClassVar[int] = 32
+    received: SkipJsonSchema[float] = Field(0.0, exclude=True)  # perf_counter() when reading began
+    error: SkipJsonSchema[Any] = Field(None, exclude=True)  # the InputError of a bad request, for the api to answer
+
+    @classmethod
+    def limited_to(cls, max_images: int) -> type[PredictionRequest]:
+        """This model taking at most `max_images` images per request (serve.max_images); checks the BentoML hook."""
+        check_request_hook()
+        return type(cls.__name__, (cls,), {"max_images": int(max_images), "__module__": cls.__module__})
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> PredictionRequest:
+        """BentoML's hook that reads an api's input from the HTTP request (`serde` unused): `read_request`.
+        A bad request comes back as `error` rather than raised, so the api answers it as one-line JSON."""
+        received = time.perf_counter()
+        try:
+            blobs, options = await read_request(request, cls.max_images)
+        except InputError as exc:
+            return cls.model_construct(images=[], received=received, error=exc)
+        return cls.model_construct(images=blobs, received=received, **dict(options))

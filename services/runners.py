@@ -1,4 +1,4 @@
-"""One served model per task: loading, the torch / ONNX Runtime backends, and adaptive batching.
+"""One served model per task: loading, its backend (services/backends.py), and adaptive batching.
 
 Batching is BentoML's own CORK dispatcher (services/batching.py), used in-process: each
 endpoint stays one short async method that decodes, awaits its images' places in the shared
@@ -10,7 +10,8 @@ image is the task's endpoint (services/endpoints.py).
 With `serve.scale: native` detect/segment inputs differ in size: a batch runs one forward per
 input size (images of one size share a tensor), and a torchvision detector's internal resize
 is set to each forward's own size, so it sees the pixels as sent. ONNX graphs have a fixed
-input size, so native scale serves from torch.
+input size, so native scale serves from torch. `serve.backend: auto` serves what the package
+stage chose (recorded with the model), else what services.backends.choose says now.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines.tasks import get_task
 from services import observability as obs
+from services.backends import OnnxBackend, TorchBackend, choose, read_figures
 from services.batching import batched
-from services.endpoints import endpoint, input_fit
+from services.endpoints import input_fit
 from services.errors import Overloaded
 from services.imaging import Domain, Fit, native
 
@@ -61,58 +62,10 @@ def _size(config: dict[str, Any]) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-class TorchBackend:
-    """Runs the PyTorch module (eval mode, inference_mode) the way its task's adapter calls it."""
-
-    name = "torch"
-
-    def __init__(self, module: Any, task: str) -> None:
-        import torch
-
-        self.torch = torch
-        self.module = module.eval()
-        self.adapter = get_task(task)
-        self.per_image = endpoint(task).per_image
-
-    def __call__(self, batch: np.ndarray) -> list[Any]:
-        with self.torch.inference_mode():
-            outputs = self.adapter.forward(self.module, self.torch.from_numpy(batch))
-            return self.per_image(_numpy(outputs))
-
-
-class OnnxBackend:
-    """Runs the exported ONNX graph on ONNX Runtime's CPU provider (tasks whose adapter `exports_onnx`)."""
-
-    name = "onnx"
-
-    def __init__(self, path: Path, task: str, num_threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = num_threads
-        # Spinning threads starve the decoding threads on a small shared CPU.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.per_image = endpoint(task).per_image
-
-    def __call__(self, batch: np.ndarray) -> list[Any]:
-        (logits,) = self.session.run(None, {self.input_name: batch})[:1]
-        return self.per_image(logits)
-
-
-def _numpy(value: Any) -> Any:
-    """Tensors (also inside lists and dicts) as numpy arrays: float ones as float32, the rest as they are."""
-    if isinstance(value, dict):
-        return {key: _numpy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_numpy(item) for item in value]
-    return value.float().numpy() if value.is_floating_point() else value.numpy()
-
-
 class TaskRunner:
     """A loaded model of one task behind a batching queue."""
+
+    module: Any = None  # the PyTorch module, also when ONNX Runtime serves: POST /explain needs its gradients
 
     def __init__(self, card: ModelCard, config: dict[str, Any], backend: Callable[[np.ndarray], list[Any]],
                  max_batch_size: int, max_latency_ms: int, fit: Fit | None = None) -> None:
@@ -124,8 +77,10 @@ class TaskRunner:
         self.in_channels = int(config["in_channels"])
         self.fit = fit or input_fit(self.task, self.image_size)  # upload -> model input (services.imaging)
         self.domain = Domain.from_config(config)
-        self.mean = np.asarray(config["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(config["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        mean = np.asarray(config["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(config["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add: x * scale + shift
+        self.scale, self.shift = (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
         self.backend = backend
         self.max_batch_size = max(1, int(max_batch_size))  # 1 = batching off (serial queue)
 
@@ -136,8 +91,11 @@ class TaskRunner:
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] to the model's float32 [N, C, H, W] input (training's mean/std)."""
-        batch = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        return np.ascontiguousarray((batch - self.mean) / self.std, dtype=np.float32)
+        count, height, width, channels = images.shape
+        batch = np.empty((count, channels, height, width), np.float32)  # C-contiguous, as the backends want
+        np.multiply(images.transpose(0, 3, 1, 2), self.scale, out=batch)
+        batch += self.shift
+        return batch
 
     def run(self, images: np.ndarray) -> list[Any]:
         """Run the backend on uint8 [N, H, W, C] images now, bypassing the queue (warm-up, tests)."""
@@ -173,26 +131,42 @@ class TaskRunner:
         return time.perf_counter() - start
 
 
+def backend_choice(task: str, asked: str, directory: Path, fit: Fit,
+                   lineage: dict[str, Any]) -> tuple[str, str]:
+    """(backend, reason) for a model in `directory` served with `fit`: under `auto`, the package stage's
+    choice recorded in `lineage` (`backend`, `backend_reason`) while ONNX can still serve it, else
+    services.backends.choose on bench/serve.py's committed figures."""
+    has_onnx, fixed_size = (Path(directory) / "model.onnx").is_file(), fit.resize is not native
+    recorded = lineage.get("backend")
+    if asked == "auto" and recorded in ("torch", "onnx"):
+        reason = str(lineage.get("backend_reason") or "chosen by the package stage")
+        backend, why = choose(task, str(recorded), has_onnx, fixed_size, None)
+        return (backend, reason) if backend == recorded else (backend, why)
+    return choose(task, asked, has_onnx, fixed_size, read_figures() if asked == "auto" else None)
+
+
 def load_runner(task: str, directory: Path, *, name: str, version: str, backend: str, max_batch_size: int,
                 max_latency_ms: int, lineage: dict[str, Any] | None = None,
                 expected_sha256: str | None = None, num_threads: int = 0, scale: str = "fit",
                 max_side: int = 0) -> TaskRunner:
     """Load `directory` (safetensors + config.json [+ model.onnx]) as a runner; records load time and info.
 
+    `backend`: serve.backend (torch | onnx | auto; the card's lineage says why, `backend_reason`).
     `scale`/`max_side`: serve.scale (fit | native) and serve.max_side, for the tasks that can serve natively."""
     from models import _checkpoint as checkpoint
 
     start = time.perf_counter()
     module, config = checkpoint.load(Path(directory), expected_sha256=expected_sha256, device="cpu")
     fit = input_fit(task, _size(config), scale, max_side)
-    onnx_path = Path(directory) / "model.onnx"
-    # Tasks whose models are not exported (detection) stay on torch; so do native sizes (fixed ONNX input).
-    fixed_size = fit.resize is not native
-    use_onnx = backend == "onnx" and get_task(task).exports_onnx and onnx_path.is_file() and fixed_size
-    runner_backend = OnnxBackend(onnx_path, task, num_threads) if use_onnx else TorchBackend(module, task)
+    lineage = dict(lineage or {})
+    chosen, reason = backend_choice(task, backend, Path(directory), fit, lineage)
+    runner_backend = (OnnxBackend(Path(directory) / "model.onnx", task, num_threads) if chosen == "onnx"
+                      else TorchBackend(module, task))
+    lineage = {key: value for key, value in lineage.items() if key != "backend"} | {"backend_reason": reason}
     card = ModelCard(task=task, family=str(config.get("family", "")), name=name, version=version,
-                     backend=runner_backend.name, lineage=dict(lineage or {}))
+                     backend=runner_backend.name, lineage=lineage)
     runner = TaskRunner(card, config, runner_backend, max_batch_size, max_latency_ms, fit)
+    runner.module = module.eval()
     obs.LOAD_SECONDS.labels(task, version).set(time.perf_counter() - start)
     obs.MODEL_INFO.labels(task, card.family, version, card.backend).set(1)
     return runner

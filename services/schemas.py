@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.tasks import TASKS
 
-# major.minor: a minor version only adds fields, so clients of 1 keep working (1.1: in_domain, reason).
-SCHEMA_VERSION = "1.1"
+# major.minor: a minor version only adds fields, so clients of 1 keep working (1.1: in_domain, reason;
+# 1.2: explanation, the /explain heatmaps).
+SCHEMA_VERSION = "1.2"
 TaskName = Literal[tuple(TASKS)]  # one value per task of pipelines/tasks.py
 BoxFormat = Literal["xyxy", "xywh", "normalized"]
 MaskFormat = Literal["png", "rle", "polygon", "none"]
@@ -37,6 +38,10 @@ class Options(BaseModel):
     max_detections: int = Field(100, ge=1, le=1000, description="detect: keep at most this many per image")
     box_format: BoxFormat = Field("xyxy", description="detect: xyxy | xywh pixels, or xyxy normalized to [0, 1]")
     mask_format: MaskFormat = Field("png", description="segment class mask and detect instance masks")
+    task: TaskName | None = Field(None, description="explain: the served model to explain (default classify)")
+    class_name: str | None = Field(None, max_length=256, description="explain, classify: the class to explain "
+                                                                     "(default: the top class)")
+    class_index: int | None = Field(None, ge=0, description="explain, classify: the class to explain, by index")
 
 
 class JsonRequest(Options):
@@ -79,6 +84,25 @@ class Detection(BaseModel):
     mask: Mask | None = None
 
 
+class Heatmap(BaseModel):
+    """One Grad-CAM heatmap: what it explains and where in the image that comes from (1 = most)."""
+
+    class_index: int
+    label: str
+    score: float = Field(..., description="classify: the class probability; detect: the detection's score")
+    box: list[float] | None = Field(None, description="detect: the explained detection's box, as in `detections`")
+    heatmap_png: str = Field(..., description="base64 8-bit grey PNG at the image's own size, 255 = peak")
+    heatmap: list[list[float]] = Field(..., description="the heatmap at low resolution (at most 32 x 32, rows "
+                                                        "first, the image's aspect ratio), values in [0, 1]")
+
+
+class Explanation(BaseModel):
+    """POST /explain's answer for one image: one heatmap (classify) or one per returned detection (detect)."""
+
+    method: str = Field(..., description="how the heatmaps were computed")
+    heatmaps: list[Heatmap]
+
+
 class ImageResult(BaseModel):
     """What one input image gave; fields of the other tasks stay null."""
 
@@ -93,6 +117,7 @@ class ImageResult(BaseModel):
     in_domain: bool | None = Field(None, description="whether the image looks like the model's training data "
                                                      "(channels, size, mean intensity); since schema 1.1")
     reason: str | None = Field(None, description="why the image is out of domain (rules joined by '; ')")
+    explanation: Explanation | None = Field(None, description="POST /explain only: Grad-CAM heatmaps")
 
 
 class ModelInfo(BaseModel):

@@ -5,7 +5,14 @@ artifacts/models, from the working tree: development and tests); `--bento TAG|FI
 / CONVFORGE_BENTO (a .bento archive is imported into the store first); else the Bento
 that `pipelines.stages.package` recorded in artifacts/bento/bento.json. Host and port come from
 params.yaml's `serve` section (127.0.0.1:3000), overridden by --host/--port or
-CONVFORGE_HOST/CONVFORGE_PORT. The store is `<project>/.bentoml` unless BENTOML_HOME is set.
+CONVFORGE_HOST/CONVFORGE_PORT. The store is `<project>/.bentoml` unless BENTOML_HOME is set
+(`BENTOML_HOME=.bentoml bentoml list` shows it).
+
+Each server runs with a BENTOML_HOME of its own, `<tmp>/convforge-serve-<pid>-*`, whose `bentos`
+and `models` link to the store: BentoML keeps the Prometheus multiprocess files at
+`<BENTOML_HOME>/prometheus_multiproc_dir` and empties that folder when a server starts, so servers
+sharing one home would wipe and mix each other's /metrics (BentoML 1.4 offers no setting for that
+folder alone). The folders of servers no longer running are removed when the next one starts.
 """
 
 from __future__ import annotations
@@ -13,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTO_JSON = ROOT / "artifacts" / "bento" / "bento.json"
+INSTANCE_PREFIX = "convforge-serve-"
 
 
 def archive_tag(path: Path) -> str:
@@ -61,6 +71,32 @@ def resolve_bento(bento: str | None) -> str:
             raise ConvForgeError(f"{bento}: no such Bento archive")
         return import_archive(Path(bento))
     return bento
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def instance_home(store: Path) -> Path:
+    """A new BENTOML_HOME for the server this process becomes (`bentoml serve` keeps its pid): its own
+    Prometheus folder, with the store's `bentos` and `models` linked in. First removes the homes of
+    servers no longer running (removing a home removes the links, never the store)."""
+    temp = Path(tempfile.gettempdir())
+    for old in temp.glob(f"{INSTANCE_PREFIX}*-*"):
+        pid = old.name[len(INSTANCE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    home = Path(tempfile.mkdtemp(prefix=f"{INSTANCE_PREFIX}{os.getpid()}-", dir=temp))
+    for part in ("bentos", "models"):
+        (store / part).mkdir(parents=True, exist_ok=True)
+        (home / part).symlink_to(store.resolve() / part, target_is_directory=True)
+    return home
 
 
 def check(port: int) -> bool:
@@ -115,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"serve: {target} is in the store ({os.environ['BENTOML_HOME']})", flush=True)
             return
         cmd = command(target, host, port)
-        print(f"serve: {target} on http://{host}:{port}", flush=True)
-        sys.stdout.flush()
+        os.environ["BENTOML_HOME"] = str(instance_home(Path(os.environ["BENTOML_HOME"])))
+        print(f"serve: {target} on http://{host}:{port} (BENTOML_HOME {os.environ['BENTOML_HOME']})", flush=True)
         os.execv(cmd[0], cmd)
 
     run()

@@ -1,20 +1,28 @@
-"""The ConvForge BentoML service: POST /classify, /detect, /segment, GET /version.
+"""The ConvForge BentoML service: one `@bentoml.api` per task (POST /classify, /detect, /segment), GET /version.
 
 The service class loads each task's model once in `__init__` (BentoML model store, or
-CONVFORGE_MODELS_DIR in development), warms every model up in the background, and only
-then answers /readyz. Each endpoint is one short method: read the request, decode and
-resize off the event loop, await the images' places in the model's adaptive batch
-(services.runners), map the outputs back to the client's pixels and encode them. What differs
-per task (geometry, result, metrics) is its endpoint in services/endpoints.py.
-Endpoints are FastAPI routes mounted on the BentoML service, because they take both
-multipart uploads and base64 JSON with our own hardened decoding; BentoML supplies the
-lifecycle, the model store, /livez /readyz /metrics, the timeout (504) and the
-concurrency cap (429), and the Bento.
+CONVFORGE_MODELS_DIR in development), warms every model up in the background, and only then
+answers /readyz. The prediction apis are made from the task table, one per entry of
+pipelines.tasks.TASKS at services.endpoints.ROUTES (`task_api`), so a new task needs no service
+code, BentoML's clients call them by name (`bentoml.SyncHTTPClient(url).classify(images=[path],
+top_k=3)`) and /schema.json and /docs.json list them. Each takes multipart uploads (repeatable
+file field `images`) or JSON with base64 strings; services.payloads.PredictionRequest reads both
+with the project's hardened reader, never with BentoML's file parsing, and a bad request is
+answered as one-line JSON with its 4xx. Then one short path, the same for every task: decode and
+resize (inline when small, else off the event loop), await the images' places in the model's
+adaptive batch (services.runners), map the outputs back to the client's pixels and encode them
+as the versioned PredictionResponse with an X-Model-Version header; what differs per task is its
+entry in services/endpoints.py. POST /explain answers Grad-CAM heatmaps of the served classify and
+detect models (services/explain.py). GET /version is a small FastAPI route mounted beside the apis.
+BentoML supplies the lifecycle, the model store, /livez /readyz /metrics, the timeout (504) and
+the Bento; services.guard.RequestGuard stands in front of every route (body cap, pickles, and the
+concurrency cap: 503 + Retry-After).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -27,20 +35,18 @@ import anyio
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.params import ServeParams, load_params
-from pipelines.tasks import ClassifyTask, DetectTask, SegmentTask
-from services import catalog, imaging
+from services import catalog, explain, imaging
 from services import observability as obs
 from services.endpoints import ROUTES, endpoint
 from services.errors import InputError, Overloaded
 from services.guard import RequestGuard
-from services.payloads import read_request
+from services.payloads import PredictionRequest
 from services.runners import TaskRunner, load_runner
-from services.schemas import SCHEMA_VERSION, ErrorResponse, ImageResult, JsonRequest, Options, PredictionResponse
+from services.schemas import SCHEMA_VERSION, ImageResult, Options, PredictionResponse
 
 logger = logging.getLogger("convforge.service")
 PARAMS_ENV = "CONVFORGE_PARAMS"
@@ -56,77 +62,58 @@ def serve_params() -> ServeParams:
 
 
 PARAMS = serve_params()
+EXPLAIN_ROUTE = "/explain"  # Grad-CAM of the classify and detect models (services/explain.py)
+REQUEST = PredictionRequest.limited_to(PARAMS.max_images)  # every prediction api's input
 
-app = FastAPI(
-    title="ConvForge",
-    version=SCHEMA_VERSION,
-    description="Image classification, object detection and semantic segmentation with CNNs trained by "
-                "ConvForge. Send images as multipart uploads (field `images`) or JSON with base64 strings.",
-)
+# GET /version (BentoML's apis are POST); its route joins BentoML's /docs.json, so no docs of its own.
+lineage = FastAPI(title="ConvForge", version=SCHEMA_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-@app.exception_handler(InputError)
-async def _input_error(_: Request, exc: InputError) -> JSONResponse:
-    return _error(exc.status, str(exc))
-
-
-@app.exception_handler(Overloaded)
-async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-    return _error(503, str(exc), {"Retry-After": "1"})
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    return _error(422, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
-
-
-@app.exception_handler(StarletteHTTPException)
+@lineage.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
-def _request_body_doc() -> dict[str, Any]:
-    """OpenAPI requestBody for JSON (base64) and multipart, with examples (1x1 PNG)."""
-    pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
-    options = Options.model_json_schema()
-    multipart = {"type": "object", "required": ["images"], "additionalProperties": False,
-                 "properties": {"images": {"type": "array", "minItems": 1,
-                                           "items": {"type": "string", "format": "binary"}},
-                                **options["properties"]}}
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": JsonRequest.model_json_schema(ref_template="#/components/schemas/{model}"),
-                             "example": {"images": [pixel], "top_k": 3, "box_format": "xyxy",
-                                         "mask_format": "png"}},
-        "multipart/form-data": {"schema": multipart},
-    }}}
+def task_api(task: str, route: str) -> Any:
+    """The BentoML api of `task` at `route`, named `task`: PredictionRequest in, PredictionResponse out, one
+    delegate to `ConvForge._predict`."""
+
+    async def api(self: ConvForge, images: list[bytes], received: float = 0.0, error: InputError | None = None,
+                  **options: Any) -> JSONResponse:
+        return await self._predict(task, images, options, received, error)
+
+    api.__name__ = api.__qualname__ = task  # bentoml 1.4 names an api after its function
+    api.__doc__ = endpoint(task).doc
+    return bentoml.api(route=route, name=task, input_spec=REQUEST, output_spec=PredictionResponse)(api)
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text} for code, text in {
-        400: "unreadable image or body", 413: "body, image or image count over the limit",
-        415: "unsupported content type", 422: "wrong field name or type", 429: "over the concurrency cap",
-        404: "no model of this task is served", 503: "shedding load (Retry-After)",
-        504: "over the request timeout"}.items()}
-
-
-def _prediction_route() -> dict[str, Any]:
-    """What every prediction route declares in OpenAPI: its response, its errors and its request body."""
-    return {"response_model": PredictionResponse, "responses": ERROR_RESPONSES, "openapi_extra": _request_body_doc()}
+def with_task_apis(cls: type) -> type:
+    """`cls` with one prediction api per task (services.endpoints.ROUTES), before @bentoml.service collects them."""
+    for route, task in ROUTES.items():
+        if hasattr(cls, task):
+            raise TypeError(f"task {task!r} would replace {cls.__name__}.{task}: rename one of them")
+        setattr(cls, task, task_api(task, route))
+    return cls
 
 
 @bentoml.service(
     name="convforge",
     workers=PARAMS.workers,
-    traffic={"timeout": PARAMS.timeout_s, "max_concurrency": PARAMS.max_concurrency},
+    # The concurrency cap is the guard's (503 + Retry-After: the server is busy, not the client wrong);
+    # BentoML's own cap would answer 429 from outside the guard.
+    traffic={"timeout": PARAMS.timeout_s},
+    # No tracing spans and no access-log line per prediction: 0.3 ms of CPU per request (bench/serve.py).
+    tracing={"excluded_urls": list(ROUTES)},
+    logging={"access": {"enabled": False}},
     http={"host": os.environ.get("CONVFORGE_HOST", PARAMS.host),
           "port": int(os.environ.get("CONVFORGE_PORT", PARAMS.port))},
 )
-@bentoml.asgi_app(app, path="/")
+@bentoml.asgi_app(lineage, path="/")
+@with_task_apis
 class ConvForge:
     """Serves the packaged classify, detect and segment models."""
 
@@ -174,13 +161,17 @@ class ConvForge:
         except Exception:  # noqa: BLE001 - stay not-ready and say why; /livez still answers
             logger.exception("warm-up failed: the service stays not ready")
             return
+        # Everything loaded so far lives as long as the server: out of the collector's sight, so its full
+        # collections stop pausing the server under load (p99 at 64 clients 1.1 s -> 0.3 s, bench/serve.py).
+        gc.collect()
+        gc.freeze()
         self.ready = True
         logger.info("warm-up done: ready")
 
     def __is_ready__(self) -> bool:
         return self.ready
 
-    @app.get("/version", summary="Lineage of every served model")
+    @lineage.get("/version", summary="Lineage of every served model")
     async def version(self) -> dict[str, Any]:
         """Git commit, DVC data hash, search trial, MLflow run, registered version and Bento tag per model."""
         server_context = bentoml.server_context
@@ -191,48 +182,63 @@ class ConvForge:
                    "backend": r.card.backend, "classes": r.classes, "image_size": r.image_size, **r.card.lineage}
             for task, r in self.runners.items()}}
 
-    @app.post(f"/{ClassifyTask.name}", summary="Top-k labels with probabilities for one or many images",
-              **_prediction_route())
-    async def classify(self, request: Request) -> JSONResponse:
-        """Each image resized as in training; `top_k` labels per image, highest probability first."""
-        return await self._predict(ClassifyTask.name, request)
-
-    @app.post(f"/{DetectTask.name}", summary="Boxes, labels and scores in the input's own pixels",
-              **_prediction_route())
-    async def detect(self, request: Request) -> JSONResponse:
-        """Letterboxed as in training (serve.scale native: at its own pixels up to serve.max_side); boxes mapped
-        back in `box_format`; `score_threshold`, `max_detections`."""
-        return await self._predict(DetectTask.name, request)
-
-    @app.post(f"/{SegmentTask.name}", summary="Class mask at the input's size and pixels per class",
-              **_prediction_route())
-    async def segment(self, request: Request) -> JSONResponse:
-        """Class mask (PNG base64, pixel = class + 1; or per-class RLE/polygons) and per-class pixel counts."""
-        return await self._predict(SegmentTask.name, request)
-
-    async def _predict(self, task: str, request: Request) -> JSONResponse:
-        """One prediction request of any task: read, prepare, batch, map back and encode."""
+    @bentoml.api(route=EXPLAIN_ROUTE, name="explain", input_spec=REQUEST, output_spec=PredictionResponse)
+    async def explain(self, images: list[bytes], received: float = 0.0, error: InputError | None = None,
+                      **options: Any) -> JSONResponse:
+        """Grad-CAM heatmaps of the `task` model (classify: the top class or `class_name`/`class_index`;
+        detect: each detection /detect returns), as base64 PNG at the image's size and a low-res array."""
+        try:
+            task = explain.explained_task(options)
+        except InputError as exc:
+            return _error(exc.status, str(exc))
         runner = self.runners.get(task)
         if runner is None:
             return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
         headers = {"X-Model-Version": runner.card.tag}
-        labels = (task, f"/{task}", runner.card.version)
+        if error is not None:
+            return _error(error.status, str(error), headers)
+        received = received or time.perf_counter()
+        chosen = Options.model_construct(**{**options, "top_k": options["top_k"] or self.params.top_k})
         try:
-            start = time.perf_counter()
-            blobs, options = await read_request(request, self.params.max_images)
-            options = options.model_copy(update={"top_k": options.top_k or self.params.top_k})
+            class_index = explain.chosen_class(runner, options)
+            prepared = await anyio.to_thread.run_sync(explain.prepare, runner, images, self.limits)
+            results = [await anyio.to_thread.run_sync(explain.explain_image, runner, index, item, chosen, class_index)
+                       for index, item in enumerate(prepared)]
+        except InputError as exc:
+            return _error(exc.status, str(exc), headers)
+        card = runner.card
+        body = PredictionResponse(
+            task=task, model={"task": task, "family": card.family, "name": card.name, "version": card.version},
+            **{key: getattr(chosen, key) for key in endpoint(task).echoes}, results=results)
+        response = JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
+        obs.EXPLAIN_SECONDS.labels(task, card.version).observe(time.perf_counter() - received)
+        return response
+
+    async def _predict(self, task: str, blobs: list[bytes], options: dict[str, Any], received: float,
+                       error: InputError | None) -> JSONResponse:
+        """One prediction request of any task, as read by PredictionRequest: prepare, batch, map back and encode."""
+        runner = self.runners.get(task)
+        if runner is None:
+            return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
+        headers = {"X-Model-Version": runner.card.tag}
+        if error is not None:
+            return _error(error.status, str(error), headers)
+        received = received or time.perf_counter()  # 0.0: called in-process, not read from HTTP
+        labels = (task, f"/{task}", runner.card.version)
+        chosen = Options.model_construct(**{**options, "top_k": options["top_k"] or self.params.top_k})
+        try:
             # Small uploads decode faster inline than a hop to a worker thread: keep them on the loop.
             if sum(map(len, blobs)) <= INLINE_BYTES:
                 prepared = self._prepare(runner, blobs)
             else:
                 prepared = await anyio.to_thread.run_sync(self._prepare, runner, blobs)
-            obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+            obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - received)
             outputs = await asyncio.gather(*(runner.predict(item.array) for item in prepared))
             for out in outputs:
                 obs.QUEUE_SECONDS.labels(*labels).observe(out.queue_s)
                 obs.INFERENCE_SECONDS.labels(*labels).observe(out.inference_s)
             start = time.perf_counter()
-            response = await self._respond(runner, [out.value for out in outputs], prepared, options, headers)
+            response = await self._respond(runner, [out.value for out in outputs], prepared, chosen, headers)
             obs.POSTPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
             return response
         except InputError as exc:
@@ -283,4 +289,6 @@ class ConvForge:
         return results
 
 
-ConvForge.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.max_body_bytes, routes=ROUTES)
+
+ConvForge.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.max_body_bytes, routes=ROUTES,
+                              max_concurrency=-(-PARAMS.max_concurrency // PARAMS.workers))  # per worker

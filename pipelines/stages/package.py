@@ -1,7 +1,7 @@
 """Stage `package`: trained models into the BentoML model store, ONNX exports, and the Bento.
 
-`python -m pipelines.stages.package` stores each `artifacts/models/<task>/` as BentoML model
-`convforge-<task>`, builds the Bento from services/bentofile.yaml, and writes
+`python -m pipelines.stages.package` stores each task's champion, `artifacts/champion/<task>/` (what
+the promote stage chose, checked against reports/promotion/<task>.json), as BentoML model `convforge-<task>`, builds the Bento from services/bentofile.yaml, and writes
 artifacts/bento/convforge.bento and artifacts/bento/bento.json (pipelines/packaging.py).
 The store is `<project>/.bentoml` unless BENTOML_HOME is set.
 """
@@ -19,9 +19,10 @@ from services.catalog import use_project_store
 
 @stage_entry
 def main() -> None:
-    load_params(ROOT / "params.yaml")  # fail early on a bad params.yaml, as every stage does
+    params = load_params(ROOT / "params.yaml")  # fail early on a bad params.yaml, as every stage does
     use_project_store(ROOT)
-    package(ROOT / "artifacts" / "models", ROOT / "reports" / "metrics", ROOT / "artifacts" / "bento")
+    package(ROOT / "artifacts" / "champion", ROOT / "reports" / "promotion", ROOT / "artifacts" / "bento",
+            serve=params.serve)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,28 @@
-"""Where a run's inputs come from: the DVC hash of its data and the checked-out commit."""
+"""Where a run's inputs come from: the DVC hash of its data and the checked-out commit; and, for a replay,
+what a recorded run holds (params, metrics, JSON artifacts, its logged model's config.json)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
+import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
 from pipelines.errors import ConvForgeError
 from pipelines.runtime import sha256_file
-from pipelines.tracking.store import PROJECT_ROOT
+from pipelines.tracking import tags
+from pipelines.tracking.store import PROJECT_ROOT, client, tracking_uri
+
+MLMODEL = "MLmodel"  # a logged model's description, which names its artifacts' folders
 
 
 def data_hash(data_dir: Path, root: Path = PROJECT_ROOT) -> str:
@@ -41,3 +53,87 @@ def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def has_changes(root: Path = PROJECT_ROOT) -> bool:
+    """Whether the work tree has uncommitted changes to tracked files (False outside git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """A finished run as MLflow holds it: ids, tags, params (strings) and its metrics' latest values."""
+
+    run_id: str
+    experiment_id: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.tags.get(tags.PARENT_RUN)
+
+
+def recorded_run(run_or_trial_id: str) -> RecordedRun:
+    """The run named by an MLflow run id, or by a search trial's id (its child run of the search)."""
+    store = client()
+    try:
+        run = store.get_run(run_or_trial_id)
+    except MlflowException:
+        experiments = [e.experiment_id for e in store.search_experiments()]
+        found = store.search_runs(experiments, max_results=1,
+                                  filter_string=f"tags.`{tags.TRIAL_ID}` = '{run_or_trial_id}'") if experiments else []
+        if not found:
+            raise ConvForgeError(f"{run_or_trial_id!r}: no MLflow run or search trial with this id in "
+                                 f"{tracking_uri()}") from None
+        run = found[0]
+    return RecordedRun(run.info.run_id, run.info.experiment_id, dict(run.data.tags), dict(run.data.params),
+                       dict(run.data.metrics))
+
+
+def run_json(run_id: str, artifact_file: str) -> dict[str, Any]:
+    """A JSON artifact of a run (e.g. `trial.json`), read back."""
+    with tempfile.TemporaryDirectory(prefix="convforge-replay-") as tmp:
+        try:
+            local = client().download_artifacts(run_id, artifact_file, tmp)
+        except (MlflowException, OSError) as exc:
+            raise ConvForgeError(f"run {run_id} has no {artifact_file} ({exc}); it was not recorded by a search "
+                                 "of this version") from None
+        return json.loads(Path(local).read_text())
+
+
+def logged_model_config(run_id: str) -> dict[str, Any]:
+    """config.json of the model a training run logged (its model folder, as the run saved it)."""
+    outputs = client().get_run(run_id).outputs
+    models = [output.model_id for output in (outputs.model_outputs if outputs else [])]
+    if not models:
+        raise ConvForgeError(f"run {run_id} logged no model: is it a training run?")
+    location = client().get_logged_model(models[-1]).artifact_location.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="convforge-replay-") as tmp:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MLMODEL}", dst_path=tmp)
+        flavor = Model.load(mlmodel).flavors.get("python_function", {})
+        folder = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
+        if not folder:
+            raise ConvForgeError(f"the model of run {run_id} holds no ConvForge model folder")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{folder}/config.json", dst_path=tmp)
+        return json.loads(Path(local).read_text())
+
+
+def metric_history(run_id: str, key: str) -> dict[int, float]:
+    """Each step's value of a run's metric (the last one logged at a step)."""
+    return {m.step: m.value for m in sorted(client().get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+
+
+@contextmanager
+def replay_run(original: RecordedRun, task: str, family: str) -> Iterator[str]:
+    """The active run of a replay of `original`, in its experiment and tagged with its id; yields the new id."""
+    run_tags = {tags.REPLAY_OF: original.run_id, tags.STAGE: "replay", tags.TASK: task, tags.FAMILY: family}
+    with mlflow.start_run(experiment_id=original.experiment_id, run_name=f"replay-{task}-{family}",
+                          tags=run_tags) as run:
+        yield run.info.run_id

@@ -1,29 +1,30 @@
 """Logged models and the model registry: models from code, registered as `<prefix>-<task>`, and champions.
 
 A model is logged as the pyfunc of mlflow_model.py (this folder) with the trained model's folder
-(safetensors + config.json) as its artifact, never pickled. The best version of each registered
-model carries the alias `champion`.
+(safetensors + config.json) as its artifact, never pickled. The version that passed the promote
+stage's gate on test data (pipelines/promotion.py) carries the alias `champion`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 from torch import nn
 
 from pipelines.engine import EngineSettings, predict
+from pipelines.errors import ConvForgeError
 from pipelines.tracking import tags
 from pipelines.tracking.outputs import pyfunc_output
 from pipelines.tracking.runs import set_tags
 from pipelines.tracking.store import client
 
+MLMODEL = "MLmodel"
 MODEL_CODE = Path(__file__).resolve().with_name("mlflow_model.py")
 PYFUNC_PACKAGES = ("torch", "torchvision", "safetensors", "numpy", "pandas", "mlflow")
 EXAMPLE_IMAGES = 2
@@ -31,11 +32,32 @@ EXAMPLE_IMAGES = 2
 
 @dataclass(frozen=True)
 class Registration:
-    """A registered model version, and whether it became the champion."""
+    """A registered model version."""
 
     name: str
     version: int
-    champion: bool
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A registered version as the promote stage reads it: its run and its tags."""
+
+    name: str
+    version: int
+    run_id: str | None
+    tags: dict[str, str]
+
+    def number(self, key: str) -> float | None:
+        """The tag `key` as a number (a test metric), None when absent or not a number."""
+        try:
+            return float(self.tags[key])
+        except (KeyError, ValueError):
+            return None
+
+    def test_metrics(self) -> dict[str, float]:
+        """The `test_*` metrics the promote stage recorded on this version."""
+        found = {key: self.number(key) for key in self.tags if key.startswith(tags.TEST_METRIC_PREFIX)}
+        return {key: value for key, value in found.items() if value is not None}
 
 
 def registered_name(prefix: str, task: str) -> str:
@@ -69,37 +91,59 @@ def log_model(model_dir: Path, example: Any, output: Any, name: str | None) -> s
     return max((v.version for v in versions), key=int) if versions else None
 
 
-def promote(name: str, version: str, metric: str, score: float, data_digest: str) -> bool:
-    """Tag the version with its score; make it the `champion` if it beats the current one.
-
-    A champion trained on other data (another hash) is not comparable: the new version replaces it.
-    """
-    store = client()
-    for key, value in ((tags.VERSION_METRIC, metric), (tags.VERSION_SCORE, f"{score:.10g}"),
-                       (tags.VERSION_DATA_HASH, data_digest)):
-        store.set_model_version_tag(name, version, key, value)
-    try:
-        champion = store.get_model_version_by_alias(name, tags.CHAMPION_ALIAS)
-    except MlflowException:
-        champion = None
-    if champion is not None and champion.version != version:
-        found = champion.tags or {}
-        same_data = found.get(tags.VERSION_DATA_HASH) == data_digest and found.get(tags.VERSION_METRIC) == metric
-        try:
-            best = float(found.get(tags.VERSION_SCORE, "-inf"))
-        except ValueError:
-            best = -math.inf
-        if same_data and best > score:
-            return False
-    store.set_registered_model_alias(name, tags.CHAMPION_ALIAS, version)
-    return True
-
-
 def register_model(model_dir: Path, model: nn.Module, task: str, data: Any, name: str, metric: str,
-                   score: float, data_digest: str) -> Registration:
-    """Log the saved model of the active run, register it as `name`, promote it if it is the best so far."""
+                   score: float, data_digest: str, weights_sha256: str) -> Registration:
+    """Log the saved model of the active run and register it as `name`, tagged with its validation score,
+    data hash and weights hash. Whether it becomes the champion is the promote stage's call, on test data."""
     example, output = pyfunc_example(model, task, data)
     version = log_model(model_dir, example, output, name)
-    champion = promote(name, version, metric, score, data_digest)
-    set_tags({tags.REGISTERED_VERSION: version, tags.CHAMPION: champion})
-    return Registration(name, int(version), champion)
+    tag_version(name, version, {tags.VERSION_METRIC: metric, tags.VERSION_SCORE: f"{score:.10g}",
+                                tags.VERSION_DATA_HASH: data_digest, tags.VERSION_WEIGHTS_SHA256: weights_sha256})
+    set_tags({tags.REGISTERED_VERSION: version})
+    return Registration(name, int(version))
+
+
+def tag_version(name: str, version: int | str, values: Mapping[str, Any], description: str | None = None) -> None:
+    """Tags (as strings) on a registered version, and its description when given."""
+    store = client()
+    for key, value in values.items():
+        store.set_model_version_tag(name, str(version), key, str(value))
+    if description is not None:
+        store.update_model_version(name, str(version), description=description)
+
+
+def model_version(name: str, version: int | str) -> RegisteredVersion:
+    """Registered version `version` of `name`."""
+    try:
+        found = client().get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise ConvForgeError(f"registered model {name} v{version} not found in the MLflow store "
+                             f"{mlflow.get_registry_uri()} ({exc.error_code})") from None
+    return RegisteredVersion(name, int(found.version), found.run_id, dict(found.tags or {}))
+
+
+def champion(name: str) -> RegisteredVersion | None:
+    """The version of `name` that holds the `champion` alias, None when there is none yet."""
+    try:
+        found = client().get_model_version_by_alias(name, tags.CHAMPION_ALIAS)
+    except MlflowException as exc:  # no such registered model, or no such alias
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return RegisteredVersion(name, int(found.version), found.run_id, dict(found.tags or {}))
+
+
+def set_champion(name: str, version: int | str) -> None:
+    """Move the `champion` alias of `name` to `version`."""
+    client().set_registered_model_alias(name, tags.CHAMPION_ALIAS, str(version))
+
+
+def download_model_dir(name: str, version: int | str, dest: Path) -> Path:
+    """The model folder (safetensors + config.json) that version `version` of `name` logged, downloaded under
+    `dest`; returns its path."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+    flavor = Model.load(str(local / MLMODEL)).flavors.get("python_function", {})
+    relative = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
+    if not relative or not (local / relative).is_dir():
+        raise ConvForgeError(f"registered model {name} v{version} holds no ConvForge model folder")
+    return local / relative

@@ -1,7 +1,10 @@
 """A search in MLflow: one parent run per search key, one child run per Ray Tune trial.
 
 Trials never write to MLflow themselves (SQLite wants one writer): the driver does, through
-these functions and the trial logger (trial_logger.py in this folder).
+these functions and the trial logger (trial_logger.py in this folder). What replays a trial
+(pipelines/replay.py) is recorded as JSON artifacts: the parent's `search_inputs.json` (what every
+trial shares: seed, data hash, commit, base config, engine settings) and each child's `trial.json`
+(its index and choice), with its outcome as metrics `trial_score` and `trial_epochs`.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 
 from pipelines.tracking import tags
 from pipelines.tracking.runs import end_run, metric_entries, param_entries, set_tags
 from pipelines.tracking.store import client
 
 COMPLETE = "complete"
+SEARCH_INPUTS = "search_inputs.json"  # on the parent run
+TRIAL_CHOICE = "trial.json"  # on each child run
 
 
 def open_search(experiment_id: str, task: str, key: str, params: Mapping[str, Any]) -> tuple[str, bool]:
@@ -32,6 +38,11 @@ def open_search(experiment_id: str, task: str, key: str, params: Mapping[str, An
                            tags={tags.SEARCH_KEY: key, tags.TASK: task, tags.STAGE: "search"})
     store.log_batch(run.info.run_id, params=param_entries(params))
     return run.info.run_id, False
+
+
+def log_search_inputs(parent_id: str, inputs: Mapping[str, Any]) -> None:
+    """What every trial of the search shares, as the parent run's `search_inputs.json` (what a replay reads)."""
+    client().log_dict(parent_id, dict(inputs), SEARCH_INPUTS)
 
 
 def mark_complete(parent_id: str) -> None:
@@ -57,16 +68,20 @@ def trial_run(experiment_id: str, parent_id: str, trial_id: str) -> str | None:
     return find_trial_run(client(), experiment_id, parent_id, trial_id)
 
 
-def close_trial_runs(experiment_id: str, parent_id: str, states: Mapping[str, str]) -> None:
-    """End the child runs still open with their trial's state (`states`: trial id -> state): trials the time
-    budget stopped, and trials a killed driver started after Tune last saved its state (drawn anew: `lost`)."""
+def close_trial_runs(experiment_id: str, parent_id: str, outcomes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Record each trial's outcome on its child run (`outcomes`: trial id -> {"status", "score", "epochs"}): its
+    state tag, and `trial_score`/`trial_epochs` metrics. Child runs still open end with it: trials the time budget
+    stopped, and trials a killed driver started after Tune last saved its state (drawn anew: `lost`)."""
     store = client()
-    open_runs = store.search_runs([experiment_id], filter_string=f"tags.`{tags.PARENT_RUN}` = '{parent_id}' "
-                                                                 "and attributes.status = 'RUNNING'")
-    for run in open_runs:
-        state = states.get(run.data.tags.get(tags.TRIAL_ID), "lost")
-        store.set_tag(run.info.run_id, tags.TRIAL_STATE, state)
-        store.set_terminated(run.info.run_id, "FINISHED" if state in ("completed", "stopped") else "KILLED")
+    children = store.search_runs([experiment_id], filter_string=f"tags.`{tags.PARENT_RUN}` = '{parent_id}'")
+    for run in children:
+        outcome = outcomes.get(run.data.tags.get(tags.TRIAL_ID), {"status": "lost"})
+        state = outcome["status"]
+        values = {"trial_score": outcome.get("score"), "trial_epochs": outcome.get("epochs")}
+        store.log_batch(run.info.run_id, metrics=metric_entries(values, step=0),
+                        tags=[RunTag(tags.TRIAL_STATE, state)])
+        if run.info.status == "RUNNING":
+            store.set_terminated(run.info.run_id, "FINISHED" if state in ("completed", "stopped") else "KILLED")
 
 
 def log_search_result(parent_id: str, files: list[Path], table: Mapping[str, list[Any]], totals: Mapping[str, float],

@@ -24,15 +24,22 @@ RETRIES = "convforge.retries"
 ERROR = "convforge.error"
 WINNER = "convforge.winner"
 
-# A training run
+# A training run (CHAMPION and PROMOTION are set by the promote stage, once the run's model is tested)
 REGISTERED_VERSION = "convforge.registered_version"
 CHAMPION = "convforge.champion"
+PROMOTION = "convforge.promotion"
 
 # Registered model versions, and the alias of each registered model's best version
 VERSION_METRIC = "metric"
 VERSION_SCORE = "score"
 VERSION_DATA_HASH = "data_hash"
+VERSION_WEIGHTS_SHA256 = "weights_sha256"  # of model.safetensors, checked before the champion is served
+# Set by the promote stage: the test split's hash, the gate's verdict, and each `test_*` metric as its own tag
+VERSION_TEST_DATA_HASH = "data_hash.test"
+VERSION_GATE = "gate"
+TEST_METRIC_PREFIX = "test_"
 CHAMPION_ALIAS = "champion"
 
 # A run's dataset input
 DATASET_HASH = "data_hash"
+REPLAY_OF = "convforge.replay_of"  # a replay run: the run id it rebuilt (python -m pipelines.replay)

@@ -11,8 +11,8 @@ from ray.tune.experiment import Trial
 
 from pipelines.tracking import tags
 from pipelines.tracking.runs import metric_entries, param_entries
-from pipelines.tracking.search_runs import find_trial_run
-from pipelines.tuner import error_line
+from pipelines.tracking.search_runs import TRIAL_CHOICE, find_trial_run
+from pipelines.tuner import error_line, trial_index
 
 # Ray Tune adds these bookkeeping numbers to every result (the trial's clock, counters, process id). Ray's
 # own list of them is no public API, so they are named here: they are no training metrics. `epoch` is the step.
@@ -56,8 +56,12 @@ class TrialLogger(tune.Callback):
                 self.experiment_id, run_name=f"{chosen.family}-{trial.trial_id}",
                 tags={tags.PARENT_RUN: self.parent_run_id, tags.TRIAL_ID: trial.trial_id, tags.FAMILY: chosen.family})
             found = run.info.run_id
-            values = {"family": chosen.family, "model": chosen.hparams, "train": chosen.train}
+            index = trial_index(trial)
+            values = {"family": chosen.family, "model": chosen.hparams, "train": chosen.train, "trial_index": index}
             self.client.log_batch(found, params=param_entries(values))
+            # The choice as it was (params are flattened strings): what a replay rebuilds the trial from.
+            self.client.log_dict(found, {"index": index, "family": chosen.family, "hparams": chosen.hparams,
+                                         "train": chosen.train}, TRIAL_CHOICE)
         self._runs[trial.trial_id] = found
         return found
 

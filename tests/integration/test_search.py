@@ -1,4 +1,5 @@
-"""The search on real Ray and a real MLflow store: two nodes, a failing trial, and a killed-then-resumed stage.
+"""The search on real Ray and a real MLflow store: two nodes, a failing trial, a killed-then-resumed stage, and the
+same search twice with its trials finishing in opposite orders (same trials, scores and winner; its trials replay).
 
 Digits 16x16 (the prepared_classify fixture), two small families, 1-2 epochs per trial.
 One two-node Ray cluster (`ray.cluster_utils.Cluster`, 1 CPU per node) serves the in-process
@@ -7,11 +8,13 @@ searches; the resume test runs the stage as a subprocess on its own local Ray.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +34,7 @@ FAMILIES = ["lenet5", "resnet"]
 def tiny_params(project_params: Params, tracking_uri: str, **task_overrides) -> Params:
     """The repo's params with a tiny classify search: 2 families, 4 trials, <= 2 epochs, 1 CPU a trial."""
     raw = project_params.model_dump()
-    raw["search"].update(scheduler="asha", algorithm="optuna", cpus_per_trial=1, gpus_per_trial=0.0,
+    raw["search"].update(budget="epochs", scheduler="asha", algorithm="optuna", cpus_per_trial=1, gpus_per_trial=0.0,
                          max_concurrent=2, max_failures=1, ray_address=None, storage=None, max_latency_ms=None)
     raw["search"]["classify"].update({"families": FAMILIES, "num_samples": 4, "max_epochs": 2, "grace_period": 1,
                                       "time_budget_s": 300, "train_subset": None, **task_overrides})
@@ -87,7 +90,8 @@ def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, p
     written = json.loads((out / "best.json").read_text())
     assert written == json.loads(json.dumps(best))
     assert set(written) == {"task", "family", "model", "train", "metric", "score", "trial_id",
-                            "mlflow_parent_run_id", "mlflow_run_id", "families"}
+                            "mlflow_parent_run_id", "mlflow_run_id", "families", "reproducible"}
+    assert written["reproducible"] is True
     assert written["task"] == "classify" and written["metric"] == "val_accuracy"
     assert written["family"] in FAMILIES and 0.0 <= written["score"] <= 1.0
     assert set(written["train"]) == {"optimizer", "lr", "weight_decay", "batch_size", "aug_strength"}
@@ -148,6 +152,102 @@ def test_failing_trial_is_retried_reported_and_the_search_goes_on(ray_cluster, p
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     assert failed[0].data.tags["convforge.retries"] == "1"  # max_failures = 1: one retry, then given up
     assert "no_such_hparam" in failed[0].data.tags["convforge.error"]
+
+
+def order_marker(data_root: str, family: str) -> Path:
+    """A file that says a `family` trial of this test session has finished (driver and workers agree on it)."""
+    session = hashlib.sha256(data_root.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"convforge-order-{session}-{family}-done"
+
+
+def finishing_first(family: str, config: dict, **kwargs) -> None:
+    """The real trial, delayed so that a `family` trial finishes first: the others start once one has finished."""
+    from pipelines.tuner import train_trial
+
+    marker = order_marker(kwargs["data"].root, family)
+    deadline = time.monotonic() + 120
+    while config["family"] != family and not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    train_trial(config, **kwargs)
+    if config["family"] == family:
+        marker.touch()
+
+
+def lenet5_first(config: dict, **kwargs) -> None:
+    finishing_first("lenet5", config, **kwargs)
+
+
+def resnet_first(config: dict, **kwargs) -> None:
+    finishing_first("resnet", config, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def two_orders(ray_cluster, project_params, prepared_classify, tmp_path_factory):
+    """The same search twice on the two nodes, once with a lenet5 trial finishing first, once with a resnet trial
+    finishing first; each in its own MLflow store. Returns {name: (best.json, families.json, MLflow URI)}."""
+    from pipelines.search import run_search
+
+    searches = {}
+    for name, trial in (("lenet5_first", lenet5_first), ("resnet_first", resnet_first)):
+        root = tmp_path_factory.mktemp(name)
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+            patch.chdir(root)
+            best = run_search(tiny_params(project_params, uri), "classify", prepared_classify, root / "out",
+                              storage=str(root / "ray"), trial=trial, log=lambda message: None)
+        searches[name] = (best, json.loads((root / "out" / "families.json").read_text()), uri)
+    for family in FAMILIES:
+        order_marker(str(prepared_classify.resolve()), family).unlink(missing_ok=True)
+    return searches
+
+
+def finishing_order(uri: str, parent_id: str) -> list[int]:
+    """The trials' indices in the order their child runs ended."""
+    from mlflow import MlflowClient
+
+    children = children_of(MlflowClient(uri), parent_id)
+    return [int(c.data.params["trial_index"]) for c in sorted(children, key=lambda c: c.info.end_time)]
+
+
+def test_reversed_finishing_order_gives_the_same_trials_scores_and_winner(two_orders):
+    (first, first_table, first_uri), (second, second_table, second_uri) = two_orders.values()
+    # Trial 0 (lenet5) and trial 1 (resnet), the families' starting points, finished in opposite orders.
+    first_order = finishing_order(first_uri, first["mlflow_parent_run_id"])
+    second_order = finishing_order(second_uri, second["mlflow_parent_run_id"])
+    assert first_order.index(0) < first_order.index(1) and second_order.index(1) < second_order.index(0)
+
+    def outcome(trial: dict) -> tuple:
+        return (trial["index"], trial["family"], trial["hparams"], trial["train"], trial["status"], trial["score"],
+                trial["epochs"])
+
+    assert [outcome(t) for t in first_table["trials"]] == [outcome(t) for t in second_table["trials"]]
+    assert [t["index"] for t in first_table["trials"]] == [0, 1, 2, 3]
+    same = ("family", "model", "train", "score")
+    assert {k: first[k] for k in same} == {k: second[k] for k in same}
+    assert [(f["family"], f["score"]) for f in first["families"]] == [(f["family"], f["score"]) for f in
+                                                                      second["families"]]
+    assert first["reproducible"] and second["reproducible"]
+
+
+def test_a_recorded_trial_replays_to_its_recorded_scores(two_orders, prepared_classify):
+    """`pipelines.replay` by trial id: the trial rebuilt from MLflow, retrained for its epochs, equal scores."""
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.replay import replay
+
+    best, table, uri = two_orders["lenet5_first"]
+    tracking.use_store(uri)
+    stopped = [t for t in table["trials"] if t["status"] == "stopped"]
+    for trial in [next(t for t in table["trials"] if t["trial_id"] == best["trial_id"]), *stopped[:1]]:
+        outcome = replay(trial["trial_id"], prepared_classify, log=lambda message: None)
+        assert outcome.exact and outcome.matches, outcome.differences()
+        assert outcome.replayed["trial_score"] == trial["score"]
+        assert len(outcome.compared) == trial["epochs"] + 1  # every epoch's score, and the final one
+        run = MlflowClient(uri).get_run(outcome.run_id)
+        assert run.data.tags["convforge.replay_of"] == outcome.original
+        assert run.info.experiment_id == MlflowClient(uri).get_run(outcome.original).info.experiment_id
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(project_params, prepared_classify, tmp_path):

@@ -9,6 +9,7 @@ models run directly through the training engine; every bad input gets its 4xx.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -117,11 +118,14 @@ def server(models_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("serving")
     home, out, port = work / "bentoml", work / "bento", free_port()
     base_env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    metrics = work / "metrics"
-    metrics.mkdir()
-    (metrics / "classify.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    promotion = work / "promotion"  # the promote stage's report: the champion's hash and test metrics
+    promotion.mkdir()
+    weights = models_dir / "classify" / "model.safetensors"
+    (promotion / "classify.json").write_text(json.dumps({"champion": {
+        "version": 1, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "metrics": {"test_accuracy": 0.5}}}))
     code = ("import pipelines.runtime; from pathlib import Path; from pipelines.stages.package import package; "
-            f"package(Path({str(models_dir)!r}), Path({str(metrics)!r}), Path({str(out)!r}))")
+            f"package(Path({str(models_dir)!r}), Path({str(promotion)!r}), Path({str(out)!r}))")
     packaged = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=base_env, capture_output=True,
                               text=True, timeout=300)
     assert packaged.returncode == 0, packaged.stderr[-3000:]
@@ -263,7 +267,7 @@ def test_classify_matches_the_model_multipart_and_json(server, models_dir, prepa
     reply = server["client"].post("/classify", files=files, data={"top_k": "3"})
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert body["schema_version"] == "1.1" and body["task"] == "classify" and len(body["results"]) == 3
+    assert body["schema_version"] == "1.2" and body["task"] == "classify" and len(body["results"]) == 3
     for result, probs in zip(body["results"], expected.numpy()):
         assert result["in_domain"] is True and "reason" not in result  # its own test items
         top = result["labels"]
@@ -399,19 +403,36 @@ def test_pickle_is_refused_on_every_route(server):
 # ---------------------------------------------------------------- OpenAPI fuzzing, metrics
 
 
+def prediction_requests(client: httpx.Client) -> dict[str, float]:
+    """convforge_requests_total per task, every outcome, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples if family.name == "convforge_requests" else ():
+            if sample.name.endswith("_total"):
+                counts[sample.labels["task"]] = counts.get(sample.labels["task"], 0.0) + sample.value
+    return counts
+
+
 def test_schemathesis_finds_no_server_error(server, tmp_path):
     spec = server["client"].get("/docs.json").json()
     for path in ("/classify", "/detect", "/segment"):
-        body = spec["paths"][path]["post"]["requestBody"]["content"]
-        assert {"application/json", "multipart/form-data"} <= set(body)
-        assert body["application/json"]["example"]["images"]
+        # BentoML documents one content type per api: the multipart upload (JSON with base64 is in the description)
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+        assert body["schema"]["properties"]["images"]["items"] == {"type": "string", "format": "binary"}
+        assert "base64" in body["schema"]["properties"]["images"]["description"]
+    assert "get" in spec["paths"]["/version"]
+    before = prediction_requests(server["client"])
     run = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server['base']}/docs.json",
          "--checks", "not_a_server_error", "--max-examples", "6", "--seed", "7", "--request-timeout", "30",
          "--workers", "1", "--suppress-health-check", "all"],
         cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, "NO_COLOR": "1"})
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "/classify" in run.stdout
+    assert f"Tested: {len(spec['paths'])}" in run.stdout, run.stdout[-2000:]
+    after = prediction_requests(server["client"])
+    assert all(after.get(task, 0) > before.get(task, 0) for task in FAMILIES), (before, after)  # it reached them
 
 
 def test_metrics_parse_and_hold_the_series(server):
@@ -435,9 +456,126 @@ def test_metrics_parse_and_hold_the_series(server):
     assert {("classify", "2xx"), ("classify", "4xx"), ("detect", "2xx"), ("segment", "2xx")} <= outcomes
     info = {(s.labels["task"], s.labels["family"]) for s in families["convforge_model_info"].samples}
     assert {task for task, _ in info} == set(FAMILIES)
+    served = {s.labels["model_version"] for s in families["convforge_model_info"].samples}
+    counted = {s.labels["model_version"] for s in families["convforge_requests"].samples}
+    assert counted <= served | {"none"}, (counted, served)  # the bare version, as every other series spells it
     allowed = {"task", "endpoint", "model_version", "status_class", "class", "family", "backend", "le",
                "reason_kind"}
     for name, family in families.items():
         if name.startswith("convforge_"):
             for sample in family.samples:
                 assert set(sample.labels) <= allowed, (name, sample.labels)
+
+
+# ---------------------------------------------------------------- BentoML's clients, /schema.json, the README
+
+
+def test_bentoml_clients_call_every_task_by_name(server, tmp_path):
+    import bentoml
+
+    shirt, scene_file = tmp_path / "shirt.png", tmp_path / "scene.png"
+    shirt.write_bytes(encode(Image.new("L", (28, 28), 90)))
+    scene_file.write_bytes(encode(Image.new("RGB", (64, 48), (20, 120, 60))))
+    routes = {route["name"]: route for route in server["client"].get("/schema.json").json()["routes"]}
+    assert {name: route["route"] for name, route in routes.items()} == {task: f"/{task}" for task in FAMILIES}
+    curl_style = server["client"].post("/classify", files={"images": ("shirt.png", shirt.read_bytes(), "image/png")},
+                                       data={"top_k": "3"}).json()
+    with bentoml.SyncHTTPClient(server["base"]) as client:
+        by_path = client.classify(images=[shirt], top_k=3)
+        assert by_path["results"][0]["labels"] == curl_style["results"][0]["labels"]
+        as_pil = client.classify(images=[Image.open(shirt)], top_k=3)  # a PIL image opened from a file
+        assert as_pil["results"][0]["labels"] == curl_style["results"][0]["labels"]
+        detected = client.detect(images=[scene_file, str(scene_file)], score_threshold=0.0, box_format="xywh")
+        assert [r["width"] for r in detected["results"]] == [64, 64] and detected["box_format"] == "xywh"
+        segmented = client.segment(images=[scene_file], mask_format="rle")
+        assert segmented["mask_format"] == "rle" and "class_pixels" in segmented["results"][0]
+    paths = server["client"].get("/docs.json").json()["paths"]
+    assert {f"/{task}" for task in FAMILIES} <= {path for path, item in paths.items() if "post" in item}
+
+
+def test_bentoml_async_client(server, tmp_path):
+    import asyncio
+
+    import bentoml
+
+    image = tmp_path / "scene.png"
+    image.write_bytes(encode(Image.new("L", (40, 40), 30)))
+
+    async def main():
+        async with bentoml.AsyncHTTPClient(server["base"]) as client:
+            return await client.segment(images=[image], mask_format="none")
+
+    body = asyncio.run(main())
+    assert body["task"] == "segment" and (body["results"][0]["width"], body["results"][0]["height"]) == (40, 40)
+
+
+def test_a_text_images_field_is_422_and_never_fetched(server):
+    with socket.socket() as listener:  # where a URL-following reader would connect
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.5)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+        for text in (url, "not a url", "http://127.0.0.1:1/x"):
+            reply = server["client"].post("/classify", files={"images": (None, text)})
+            assert reply.status_code == 422, (text, reply.status_code, reply.text)
+            assert "file upload" in reply.json()["error"]
+        import bentoml
+        from bentoml.exceptions import UnprocessableEntity
+
+        with bentoml.SyncHTTPClient(server["base"]) as client, pytest.raises(UnprocessableEntity, match="file upload"):
+            client.classify(images=[url])  # BentoML's client sends a URL as a form text field
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+def readme_serving() -> tuple[list[str], str]:
+    """The README's Serving section: its `curl` lines and its Python snippet."""
+    section = (ROOT / "README.md").read_text().split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```")
+    curls = [line for block in blocks[1::2] if block.startswith("bash")
+             for line in block.splitlines() if line.startswith("curl ")]
+    (python,) = [block.removeprefix("python\n") for block in blocks[1::2] if block.startswith("python\n")]
+    return curls, python
+
+
+def check_documented_fields(line: str, answer: dict) -> None:
+    """A README prediction line's answer: its task, the `-F` options it sends, what its comment promises."""
+    command, _, comment = line.partition("#")
+    fields = dict(arg.split("=", 1) for arg in shlex.split(command) if "=" in arg and not arg.startswith("http"))
+    assert answer["schema_version"] == "1.2" and answer["task"] == command.split()[-1].rsplit("/", 1)[1]
+    for result in answer["results"]:
+        if "top_k" in fields:
+            assert len(result["labels"]) == int(fields["top_k"])
+        if '"in_domain": false' in comment:
+            assert result["in_domain"] is False and result["reason"]
+    for echoed in ("box_format", "mask_format"):
+        if echoed in fields:
+            assert answer[echoed] == fields[echoed]
+
+
+def test_readme_serving_commands_run_verbatim(server, tmp_path):
+    """Every `curl` line and the client snippet of README.md's Serving section, on the test server's port."""
+    curls, python = readme_serving()
+    port = server["base"].rsplit(":", 1)[1]
+    (tmp_path / ".curlrc").write_text('silent\nshow-error\nwrite-out = "\\n%{http_code}"\n')  # status after body
+    env = {**os.environ, "CURL_HOME": str(tmp_path)}
+    seen = set()
+    for line in curls:
+        run = subprocess.run(["bash", "-c", line.replace(":3000", f":{port}")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        body, _, status = run.stdout.rpartition("\n")
+        assert run.returncode == 0 and status == "200", (line, run.stderr, run.stdout[-500:])
+        route = line.partition("#")[0].split()[-1].rsplit("/", 1)[1]
+        seen.add(route)
+        if route in FAMILIES:
+            check_documented_fields(line, json.loads(body))
+        elif route == "version":
+            assert set(json.loads(body)["models"]) == set(FAMILIES)
+        elif route == "metrics":
+            assert "convforge_requests_total" in body
+    assert seen >= {*FAMILIES, "version", "readyz", "metrics"}, seen
+    run = subprocess.run([sys.executable, "-c", python.replace(":3000", f":{port}")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = run.stdout.splitlines()
+    assert printed and all("'schema_version': '1.2'" in line for line in printed), run.stdout[-2000:]

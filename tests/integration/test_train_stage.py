@@ -1,7 +1,7 @@
 """train@task and evaluate@task on the tiny prepared fixtures, with a real MLflow SQLite store in tmp.
 
-One 1-epoch run per task: params, metrics, dataset input, plots (real PNGs), a registered model with
-the `champion` alias, a pyfunc that loads back through MLflow and predicts what the model predicts,
+One 1-epoch run per task: params, metrics, dataset input, plots (real PNGs), a registered model
+version (the promote stage, not training, moves the `champion` alias), a pyfunc that loads back through MLflow and predicts what the model predicts,
 then the test metrics JSON and DVC plot files.
 """
 
@@ -108,7 +108,7 @@ def test_run_logs_params_metrics_dataset_and_real_images(trained, store, task):
 
 
 @pytest.mark.parametrize("task", ["classify", "detect", "segment"])
-def test_model_is_registered_champion_and_loads_back_through_mlflow(trained, store, task):
+def test_model_is_registered_and_loads_back_through_mlflow(trained, store, task):
     import mlflow
     from mlflow import MlflowClient
 
@@ -119,17 +119,17 @@ def test_model_is_registered_champion_and_loads_back_through_mlflow(trained, sto
     _, uri = store
     config = trained[task]["config"]
     name = f"convforge-{task}"
-    champion = MlflowClient(uri).get_model_version_by_alias(name, "champion")
-    assert int(champion.version) == config["registered_version"]
-    assert champion.run_id == config["mlflow_run_id"]
+    # Training registers a version; only the promote stage moves the champion alias.
+    registered = MlflowClient(uri).get_model_version(name, str(config["registered_version"]))
+    assert registered.run_id == config["mlflow_run_id"]
     # MLflow's copy of the model folder and DVC's are the same files; the registration is DVC's alone.
-    logged = Path(mlflow.artifacts.download_artifacts(champion.source))
+    logged = Path(mlflow.artifacts.download_artifacts(registered.source))
     for name_on_disk in ("config.json", "model.safetensors", "history.json"):
         (copy,) = logged.rglob(name_on_disk)
         assert copy.read_bytes() == (trained[task]["out"] / name_on_disk).read_bytes(), name_on_disk
     assert not list(logged.rglob("registration.json"))
 
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{config['registered_version']}")
     data = get_task(task).load_split(trained[task]["data"], "test")
     images = data.images[:3]
     got = pyfunc.predict(images.numpy())

@@ -1,4 +1,4 @@
-"""ONNX export and parity (pipelines/export.py) on registry models."""
+"""ONNX export and parity (pipelines/export.py) on registry models: batch graphs and per-image detectors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from models._registry import build
 from pipelines.errors import ConvForgeError
-from pipelines.export import export_checked, export_onnx, parity
+from pipelines.export import detection_parity, export_checked, export_onnx, parity, scene_like
 
 
 @pytest.mark.parametrize("task, family, hparams", [("classify", "lenet5", {}),
@@ -62,3 +62,35 @@ def test_parity_failure_removes_the_export(tmp_path):
     finally:
         export.export_onnx = original
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("family", ["fcos", "faster_rcnn", "mask_rcnn"])
+def test_a_detector_exports_for_one_image_and_matches_torchs_detections(tmp_path, family):
+    torch.manual_seed(0)
+    model = build("detect", family, 3, 1, 32).eval()
+    config = {"task": "detect", "family": family, "image_size": 32, "in_channels": 1, "mean": [0.3], "std": [0.2]}
+    report = export_checked(model, config, tmp_path / "model.onnx")
+    assert report["missing"] == 0 and report["detections"] > 0 and report["batch"] == 1
+    assert report["max_box_diff"] <= report["tolerance"] and report["max_score_diff"] <= 1e-3
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 1, 32, 32]
+    names = [output.name for output in session.get_outputs()]
+    assert set(names) == {"boxes", "scores", "labels"} | ({"masks"} if family == "mask_rcnn" else set())
+    image = scene_like(config, 1, seed=5)[0]
+    with torch.inference_mode():
+        (expected,) = model([torch.from_numpy(image[0])])
+    got = dict(zip(names, session.run(None, {"input": image})))
+    assert len(got["scores"]) == len(expected["scores"])
+    assert np.allclose(np.sort(got["scores"]), np.sort(expected["scores"].numpy()), atol=1e-4)
+
+
+def test_detection_parity_finds_a_detector_that_drifted_from_its_export(tmp_path):
+    torch.manual_seed(0)
+    model = build("detect", "fcos", 3, 1, 32).eval()
+    config = {"task": "detect", "family": "fcos", "image_size": 32, "in_channels": 1, "mean": [0.3], "std": [0.2]}
+    export_onnx(model, config, tmp_path / "model.onnx")
+    assert detection_parity(model, config, tmp_path / "model.onnx")["missing"] == 0
+    with torch.no_grad():
+        model.head.regression_head.bbox_reg.weight.mul_(1.5)  # boxes move; the graph keeps the old weights
+    drifted = detection_parity(model, config, tmp_path / "model.onnx")
+    assert drifted["missing"] > 0 and drifted["detections"] > 0

@@ -45,6 +45,17 @@ def test_repo_params_load():
     assert params.scenes.min_items <= params.scenes.max_items
 
 
+def test_exponent_floats_as_dvc_writes_them(tmp_path):
+    """`dvc exp run -S train.classify.grad_clip=0.000001` writes `1e-06`: a float, as YAML 1.2 (and DVC) read it."""
+    text = (ROOT / "params.yaml").read_text()
+    assert "  grad_clip: " in text
+    lines = [line if not line.startswith("    grad_clip: ") else "    grad_clip: 1e-06" for line in text.splitlines()]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    params = load_params(path)
+    assert params.train.classify.grad_clip == 1e-06
+
+
 def test_unknown_key(tmp_path):
     assert error_of(write_params(tmp_path, "augment", "copys", 2)) == "augment.copys: unknown key"
 

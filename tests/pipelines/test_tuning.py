@@ -19,7 +19,7 @@ from pipelines.search import (families_table, pareto_front, pick_winner, pretrai
                               trial_config)
 from pipelines.search_space import TRANSFER_KEYS, SearchSpace, ray_domain
 from pipelines.tracking import data_hash
-from pipelines.tuner import make_scheduler, make_search_alg, trial_base
+from pipelines.tuner import InOrder, OrderedHalving, make_scheduler, make_search_alg, trial_base
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -170,6 +170,8 @@ def test_scheduler_factory(space):
     asha = make_scheduler("asha", max_epochs=3, grace_period=5, reduction_factor=2, space=space)
     assert isinstance(asha, ASHAScheduler)
     assert asha._max_t == 3 and asha._reduction_factor == 2  # grace period capped at max_epochs
+    ordered = make_scheduler("asha", 9, 1, 3, space, window=2)  # budget epochs: halving in trial order
+    assert isinstance(ordered, OrderedHalving) and ordered.rung_epochs == [1, 3] and ordered.window == 2
     assert isinstance(make_scheduler("hyperband", 9, 1, 3, space), HyperBandScheduler)
     pbt = make_scheduler("pbt", 4, 1, 2, space)
     assert isinstance(pbt, PopulationBasedTraining)
@@ -186,6 +188,11 @@ def test_search_alg_factory(space, project_params):
     assert optuna_alg.suggest("t1")["family"] == "wide" and optuna_alg.suggest("t2")["family"] == "deep"
     random_alg = make_search_alg("random", space, "val_accuracy", points, max_concurrent=2, seed=0)
     assert isinstance(random_alg, BasicVariantGenerator)
+    for algorithm in ("optuna", "random"):  # budget epochs: in trial order, each drawn by its own seeded sampler
+        ordered = make_search_alg(algorithm, space, "val_accuracy", points, max_concurrent=2, seed=0, in_order=True)
+        assert isinstance(ordered, ConcurrencyLimiter) and ordered.max_concurrent == 2
+        assert isinstance(ordered.searcher, InOrder) and ordered.searcher.window == 2
+        assert ordered.suggest("t1")["family"] == "wide" and ordered.suggest("t2")["family"] == "deep"
     with pytest.raises(ConvForgeError):
         make_search_alg("grid", space, "val_accuracy", points, 1, 0)
 
@@ -193,9 +200,20 @@ def test_search_alg_factory(space, project_params):
 def test_pbt_needs_random_search(project_params):
     from pipelines.params import SearchParams
 
-    raw = {**project_params.search.model_dump(), "scheduler": "pbt", "algorithm": "optuna"}
+    raw = {**project_params.search.model_dump(), "scheduler": "pbt", "algorithm": "optuna", "budget": "time"}
     with pytest.raises(ConvForgeError, match="pbt"):
         validate(SearchParams, raw, prefix="search")
+
+
+@pytest.mark.parametrize("scheduler", ["hyperband", "pbt"])
+def test_budget_epochs_takes_the_order_independent_scheduler_only(project_params, scheduler):
+    from pipelines.params import SearchParams
+
+    assert project_params.search.budget == "epochs"  # the default
+    raw = {**project_params.search.model_dump(), "scheduler": scheduler, "algorithm": "random"}
+    with pytest.raises(ConvForgeError, match="decides by which trial finishes first"):
+        validate(SearchParams, raw, prefix="search")
+    assert validate(SearchParams, {**raw, "budget": "time"}).scheduler == scheduler
 
 
 def test_pareto_front_and_winner_under_latency():
@@ -208,6 +226,10 @@ def test_pareto_front_and_winner_under_latency():
     assert pick_winner(rows, 2.5)["trial_id"] == "1"
     with pytest.raises(ConvForgeError, match="fastest takes 0.5 ms"):
         pick_winner(rows, 0.1)
+    # A tie never goes by a latency measured on this machine: fewer MACs, then the earlier trial.
+    tied = [{"trial_id": t, "index": i, "score": 0.9, "macs": m, "latency_ms": lat}
+            for t, i, m, lat in (("a", 0, 200, 1.0), ("b", 1, 100, 9.0), ("c", 2, 100, 0.5))]
+    assert pick_winner(tied, None)["trial_id"] == "b"
 
 
 def test_families_table_keeps_failed_families():
@@ -239,6 +261,7 @@ def test_search_key_changes_with_what_shapes_the_trials_only(project_params, spa
     # Picking among finished trials, or where Ray runs, is no new search: the finished one is reused.
     assert search_key(with_search(max_latency_ms=5.0, ray_address="10.0.0.1:6379"), "classify", space, data) == key
     assert search_key(with_search(max_concurrent=7), "classify", space, data) != key
+    assert search_key(with_search(budget="time"), "classify", space, data) != key
     raw = project_params.model_dump()
     raw["search"]["detect"]["num_samples"] = 99  # another task's budget
     assert search_key(validate(Params, raw), "classify", space, data) == key
@@ -285,7 +308,13 @@ def test_a_retrained_pretrained_model_is_another_search(project_params, space, t
     assert search_key(project_params, "detect", space, "data", {str(model): str(model)}) != key
 
 
-def test_a_missing_pretrained_model_stops_the_search_before_any_trial(project_params, space, tmp_path):
+def test_a_missing_pretrained_model_stops_the_search_before_any_trial(project_params, space, tmp_path, monkeypatch):
+    import pipelines.search as search_module
+    from pipelines import transfer
+
+    # A project whose classifier is not trained (whatever this workspace's artifacts/models holds).
+    monkeypatch.setattr(search_module, "pretrained_source",
+                        lambda spec, task: transfer.pretrained_source(spec, task, tmp_path))
     raw = project_params.model_dump()
     raw["train"]["detect"]["pretrained"] = str(tmp_path / "nowhere")
     sources = pretrained_sources(validate(type(project_params), raw), "detect", space)

@@ -37,3 +37,65 @@ def test_a_moved_dispatcher_is_one_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(batching, "DISPATCHER_MODULE", "bentoml._internal.marshal.nowhere")
     with pytest.raises(DispatcherMoved, match="BentoML moved CorkDispatcher: .*nowhere"):
         check_dispatcher()
+
+
+def test_a_lone_quick_job_after_a_burst_runs_at_once_on_the_loop() -> None:
+    """BentoML's optimizer would hold a lone job open for as long as past jobs waited; here it goes at once,
+    and, once the dispatcher has trained and the forward is quick, without a hop to a worker thread."""
+    import threading
+
+    seen = []
+
+    def run(jobs):
+        seen.append((len(jobs), threading.get_ident()))
+        return list(jobs)
+
+    async def main():
+        submit = batched(run, max_latency_ms=5000, max_batch_size=8, fallback=lambda: None)
+        for _ in range(3):
+            await asyncio.gather(*(submit(i) for i in range(32)))  # bursts: batches form and train the dispatcher
+        await submit(-1)  # the first lone job measures a one-job forward
+        seen.clear()
+        return [await submit(i) for i in range(5)]
+
+    assert asyncio.run(main()) == list(range(5))
+    assert seen == [(1, threading.get_ident())] * 5
+
+
+def test_a_slow_lone_job_runs_in_a_worker_thread() -> None:
+    import threading
+    import time
+
+    from services.batching import INLINE_FORWARD_S
+
+    threads = []
+
+    def slow(jobs):
+        time.sleep(2 * INLINE_FORWARD_S)
+        threads.append(threading.get_ident())
+        return list(jobs)
+
+    async def main():
+        submit = batched(slow, max_latency_ms=5000, max_batch_size=4, fallback=lambda: None)
+        for i in range(15):
+            await submit(i)
+
+    asyncio.run(main())
+    assert threading.get_ident() not in threads
+
+
+def test_a_queue_past_its_latency_budget_sheds_through_fallback() -> None:
+    import time
+
+    def slow(jobs):
+        time.sleep(0.02)
+        return list(jobs)
+
+    async def main():
+        submit = batched(slow, max_latency_ms=50, max_batch_size=2, fallback=lambda: "shed")
+        for i in range(12):
+            await submit(i)  # trains the latency model: ~20 ms a batch
+        return await asyncio.gather(*(submit(i) for i in range(40)))
+
+    answers = asyncio.run(main())
+    assert "shed" in answers and any(answer != "shed" for answer in answers)

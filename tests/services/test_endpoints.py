@@ -22,6 +22,18 @@ def test_every_task_has_one_endpoint_and_one_route() -> None:
         assert set(served.echoes) <= {"box_format", "mask_format"}
 
 
+def test_the_service_makes_one_bentoml_api_per_task() -> None:
+    from services.service import EXPLAIN_ROUTE, ConvForge
+
+    assert {api.route: name for name, api in ConvForge.apis.items()} == {**ROUTES, EXPLAIN_ROUTE: "explain"}
+    for name, api in ConvForge.apis.items():
+        if name == "explain":  # one api for every explainable task, not from the task table
+            assert api.doc and api.input_spec.multipart_fields == ["images"]
+            continue
+        assert api.name == name and api.doc == endpoint(name).doc and api.doc  # what the clients and /docs.json show
+        assert api.input_spec.multipart_fields == ["images"] and not api.batchable
+
+
 def test_batch_outputs_per_image() -> None:
     logits = np.array([[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]], np.float32)
     probs = probabilities(logits)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-import asyncio
-
-import httpx
 
 from services.errors import InputError
 from services.guard import RequestGuard
@@ -87,6 +86,20 @@ def test_json_and_multipart_are_read_the_same():
     as_form = c.post("/classify", files=[("images", ("a", b"abc")), ("images", ("b", b"abcd"))],
                      data={"top_k": "2", "box_format": "xywh"})
     assert as_form.json() == {"sizes": [3, 4], "top_k": 2, "box_format": "xywh"}
+    # BentoML's HTTP clients send each option json.dumps'd, None as null (its default)
+    from_client = c.post("/classify", files=[("images", ("a", b"abc"))],
+                         data={"top_k": "2", "box_format": '"xywh"', "score_threshold": "null"})
+    assert from_client.json() == {"sizes": [3], "top_k": 2, "box_format": "xywh"}
+
+
+def test_outcomes_are_counted_with_the_bare_model_version():
+    from prometheus_client import REGISTRY
+
+    labels = {"task": "classify", "endpoint": "/classify", "model_version": "1", "status_class": "2xx"}
+    before = REGISTRY.get_sample_value("convforge_requests_total", labels) or 0.0
+    reply = client(cap=10_000).post("/classify", json={"images": ["YQ=="]})
+    assert reply.headers["X-Model-Version"] == "m:1"  # the header keeps name:version
+    assert REGISTRY.get_sample_value("convforge_requests_total", labels) == before + 1
 
 
 def test_request_problems_are_one_line_4xx():
@@ -98,8 +111,11 @@ def test_request_problems_are_one_line_4xx():
         (dict(json={"images": ["YQ=="], "colour": 1}), 422, "unknown field 'colour'"),
         (dict(json={"images": ["YQ=="], "top_k": 0}), 422, "top_k"),
         (dict(files=[("images", ("a", b"x"))], data={"top_k": "lots"}), 422, "top_k"),
+        (dict(files=[("images", ("a", b"x"))], data={"top_k": "true"}), 422, "top_k"),
+        (dict(files=[("images", ("a", b"x"))], data={"box_format": '"yxyx"'}), 422, "box_format"),
         (dict(files=[("photo", ("a", b"x"))]), 422, "unknown field 'photo'"),
         (dict(files=[("images", (None, "text, not a file"))]), 422, "file upload"),
+        (dict(data={"images": "http://127.0.0.1:1/x.png"}), 422, "file upload"),  # urlencoded
         (dict(content=b"--nope\r\n", headers={"Content-Type": "multipart/form-data; boundary=zz"}), 400, "malformed"),
         (dict(content=b"--zz--\r\n", headers={"Content-Type": "multipart/form-data; boundary=zz"}), 422, "no images"),
         (dict(content=b"{", headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
@@ -110,3 +126,41 @@ def test_request_problems_are_one_line_4xx():
         reply = c.post("/classify", **kwargs)
         assert reply.status_code == status, (kwargs, reply.text)
         assert words in reply.json()["error"] and "\n" not in reply.json()["error"]
+
+
+def test_over_the_concurrency_cap_is_503_with_retry_after_and_the_slot_comes_back():
+    """Predictions past `max_concurrency` in flight get 503 + Retry-After; an answered one frees its slot."""
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = RequestGuard(slow_app, max_body_bytes=1024, routes={"/p": "t"}, max_concurrency=1)
+
+    async def call() -> tuple[int, dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/p", "headers": [(b"content-type", b"application/json")]}
+        await guard(scope, receive, send)
+        start = sent[0]
+        return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}
+
+    async def scenario():
+        first = asyncio.create_task(call())
+        await asyncio.sleep(0.01)
+        assert guard.in_flight == 1
+        status, headers = await call()
+        assert status == 503 and headers["retry-after"] == "1"
+        release.set()
+        assert (await first)[0] == 200 and guard.in_flight == 0
+        assert (await call())[0] == 200
+
+    asyncio.run(scenario())

@@ -1,4 +1,4 @@
-"""Served models (services/runners.py): torch vs ONNX Runtime, adaptive batching, load shedding."""
+"""Served models (services/runners.py): torch vs ONNX Runtime, the backend choice, adaptive batching, load shedding."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from services.runners import ModelCard, TaskRunner, load_runner
 CLASSES = [str(i) for i in range(10)]
 
 
-def save_tiny(directory, task: str = "classify", family: str = "lenet5", size: int = 16, **hparams):
+def save_tiny(directory, task: str = "classify", family: str = "lenet5", size: int = 16, export: bool = True,
+              **hparams):
     torch.manual_seed(0)
     num_classes = 3 if task == "segment" else 10
     model = build(task, family, num_classes, 1, size, **hparams)
     config = {"task": task, "family": family, "hparams": hparams, "num_classes": num_classes, "in_channels": 1,
               "image_size": size, "classes": CLASSES[:num_classes], "mean": [0.3], "std": [0.2]}
     checkpoint.save(model, config, directory)
-    if task != "detect":
+    if export:
         export_checked(model, config, directory / "model.onnx")
     return model, config
 
@@ -56,13 +57,49 @@ def test_torch_and_onnx_backends_agree_with_the_model(tmp_path, task, family, hp
         assert (np.stack(out_onnx) == expected).mean() > 0.999
 
 
-def test_detect_stays_on_torch_even_when_onnx_is_asked(tmp_path):
-    save_tiny(tmp_path, "detect", "fcos", size=32)
-    runner = load_runner("detect", tmp_path, name="convforge-detect", version="v1", backend="onnx",
-                         max_batch_size=4, max_latency_ms=1000)
-    assert runner.card.backend == "torch"
-    (out,) = runner.run(images(1, 32))
-    assert set(out) >= {"boxes", "scores", "labels"} and out["boxes"].shape[-1] == 4
+def scenes(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, 1] dark canvases with a bright square or two, like the training scenes."""
+    rng = np.random.default_rng(seed)
+    out = rng.integers(0, 30, (n, size, size, 1), dtype=np.uint8)
+    for image in out:
+        for _ in range(2):
+            y, x = rng.integers(0, size // 2, 2)
+            image[y:y + size // 3, x:x + size // 3] = rng.integers(120, 256)
+    return out
+
+
+@pytest.mark.parametrize("family", ["fcos", "faster_rcnn"])
+def test_a_detector_on_onnx_gives_torchs_detections(tmp_path, family):
+    save_tiny(tmp_path, "detect", family, size=32)
+    runners = {backend: load_runner("detect", tmp_path, name="convforge-detect", version="v1", backend=backend,
+                                    max_batch_size=4, max_latency_ms=1000) for backend in ("torch", "onnx")}
+    assert runners["onnx"].card.backend == "onnx" and runners["torch"].card.backend == "torch"
+    batch = scenes(3)
+    for expected, got in zip(runners["torch"].run(batch), runners["onnx"].run(batch)):  # each image on its own
+        assert set(got) == set(expected) == {"boxes", "scores", "labels"}
+        assert len(got["scores"]) == len(expected["scores"]) > 0 and got["labels"].dtype == expected["labels"].dtype
+        free = np.ones(len(got["scores"]), bool)
+        for box, score, label in zip(expected["boxes"], expected["scores"], expected["labels"]):
+            twin = free & (got["labels"] == label) & (np.abs(got["boxes"] - box).max(1) < 1e-3) \
+                & (np.abs(got["scores"] - score) < 1e-4)
+            assert twin.any(), (box, score, label)  # the same detection, in whatever order
+            free[np.argmax(twin)] = False
+
+
+def test_auto_serves_the_packaged_choice_while_onnx_can_serve_it(tmp_path):
+    save_tiny(tmp_path, "segment", "unet", depth=2, width=8)
+    recorded = {"backend": "onnx", "backend_reason": "auto: 900 req/s at peak on onnx vs 400 on torch"}
+    runner = load_runner("segment", tmp_path, name="convforge-segment", version="v1", backend="auto",
+                         max_batch_size=4, max_latency_ms=1000, lineage={"git_commit": "abc", **recorded})
+    assert runner.card.backend == "onnx"
+    # /version prints the card's backend and then its lineage: the lineage must not carry a second `backend`
+    assert runner.card.lineage == {"git_commit": "abc", "backend_reason": recorded["backend_reason"]}
+    native = load_runner("segment", tmp_path, name="convforge-segment", version="v1", backend="auto",
+                         max_batch_size=4, max_latency_ms=1000, lineage=recorded, scale="native", max_side=128)
+    assert native.card.backend == "torch" and "native" in native.card.lineage["backend_reason"]
+    plain = load_runner("segment", tmp_path, name="convforge-segment", version="v1", backend="torch",
+                        max_batch_size=4, max_latency_ms=1000, lineage=recorded)
+    assert plain.card.backend == "torch" and plain.card.lineage["backend_reason"] == "serve.backend: torch"
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_answers(tmp_path):
@@ -121,7 +158,7 @@ def test_native_scale_runs_each_size_at_its_own_pixels(tmp_path):
 
 
 def test_a_detector_sees_native_inputs_unresized(tmp_path):
-    save_tiny(tmp_path, "detect", "fcos", size=32)
+    save_tiny(tmp_path, "detect", "fcos", size=32, export=False)
     runner = load_runner("detect", tmp_path, name="convforge-detect", version="v1", backend="torch",
                          max_batch_size=4, max_latency_ms=1000, scale="native", max_side=256)
     wide = np.random.default_rng(4).integers(0, 256, (1, 64, 96, 1), np.uint8)
