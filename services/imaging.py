@@ -93,6 +93,7 @@ def native(array: np.ndarray, max_side: int) -> tuple[np.ndarray, Placement]:
 
 
 LUMA = np.float32([0.299, 0.587, 0.114])
+GREY_MODES = frozenset({"1", "L", "I", "I;16", "F"})
 
 
 def facts(image: Image.Image, in_channels: int) -> ImageFacts:
@@ -100,6 +101,8 @@ def facts(image: Image.Image, in_channels: int) -> ImageFacts:
     thumbnail)."""
     probe_size = (min(image.width, PROBE_SIDE), min(image.height, PROBE_SIDE))
     probe = image if probe_size == image.size else image.resize(probe_size, Image.NEAREST)
+    if probe.mode in GREY_MODES:  # no colour to measure: every channel (and luma) is the grey value
+        return ImageFacts(*full_size(image), False, float(to_array(probe, 1).mean()) / 255.0)
     rgb = to_array(probe, 3).astype(np.float32) / 255.0
     spread = float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
     # A grey model sees luma: Pillow's own L weights (ITU-R 601), without a second conversion.
