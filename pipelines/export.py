@@ -47,6 +47,7 @@ class TaskGraph(nn.Module):
     def __init__(self, module: nn.Module, task: str, names: tuple[str, ...] = (LOGITS,)) -> None:
         super().__init__()
         self.module, self.adapter, self.names = module.eval(), get_task(task), names
+        self.eval()  # the exporter restores this wrapper's mode afterwards, and with it the module's
 
     def forward(self, images: Tensor) -> Any:
         out = self.adapter.forward(self.module, images)

@@ -477,7 +477,8 @@ def test_bentoml_clients_call_every_task_by_name(server, tmp_path):
     shirt.write_bytes(encode(Image.new("L", (28, 28), 90)))
     scene_file.write_bytes(encode(Image.new("RGB", (64, 48), (20, 120, 60))))
     routes = {route["name"]: route for route in server["client"].get("/schema.json").json()["routes"]}
-    assert {name: route["route"] for name, route in routes.items()} == {task: f"/{task}" for task in FAMILIES}
+    assert {name: route["route"] for name, route in routes.items()} == {
+        **{task: f"/{task}" for task in FAMILIES}, "explain": "/explain"}
     curl_style = server["client"].post("/classify", files={"images": ("shirt.png", shirt.read_bytes(), "image/png")},
                                        data={"top_k": "3"}).json()
     with bentoml.SyncHTTPClient(server["base"]) as client:
@@ -490,7 +491,7 @@ def test_bentoml_clients_call_every_task_by_name(server, tmp_path):
         segmented = client.segment(images=[scene_file], mask_format="rle")
         assert segmented["mask_format"] == "rle" and "class_pixels" in segmented["results"][0]
     paths = server["client"].get("/docs.json").json()["paths"]
-    assert {f"/{task}" for task in FAMILIES} <= {path for path, item in paths.items() if "post" in item}
+    assert {f"/{task}" for task in FAMILIES} | {"/explain"} <= {path for path, item in paths.items() if "post" in item}
 
 
 def test_bentoml_async_client(server, tmp_path):

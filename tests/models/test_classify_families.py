@@ -92,7 +92,7 @@ def test_exports_to_onnx_with_onnxruntime_parity(name: str, tmp_path) -> None:
     model = build("classify", name, 4, 1, 16).eval()
     x = torch.randn(2, 1, 16, 16)
     # The same export the package stage uses (dynamic batch axis, input "input").
-    path = export_onnx(model, {"image_size": 16, "in_channels": 1}, tmp_path / "model.onnx")
+    path = export_onnx(model, {"task": "classify", "image_size": 16, "in_channels": 1}, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x3 = torch.randn(3, 1, 16, 16)  # another batch size than traced
     (got,) = session.run(None, {"input": x3.numpy()})

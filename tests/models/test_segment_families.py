@@ -61,7 +61,7 @@ def test_exports_to_onnx_with_onnxruntime_parity(name: str, tmp_path) -> None:
     model = build("segment", name, 2, 1, 32).eval()
     x = torch.randn(2, 1, 32, 32)
     # The same export the package stage uses (dynamic batch axis, input "input").
-    path = export_onnx(model, {"image_size": 32, "in_channels": 1}, tmp_path / "model.onnx")
+    path = export_onnx(model, {"task": "segment", "image_size": 32, "in_channels": 1}, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": x[:1].numpy()})
     with torch.no_grad():

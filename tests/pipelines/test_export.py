@@ -94,3 +94,14 @@ def test_detection_parity_finds_a_detector_that_drifted_from_its_export(tmp_path
         model.head.regression_head.bbox_reg.weight.mul_(1.5)  # boxes move; the graph keeps the old weights
     drifted = detection_parity(model, config, tmp_path / "model.onnx")
     assert drifted["missing"] > 0 and drifted["detections"] > 0
+
+
+def test_export_leaves_the_model_in_eval_mode(tmp_path):
+    """The exporter restores the exported wrapper's mode: the caller's model must stay in eval mode."""
+    from models._registry import build
+    from pipelines.export import export_onnx
+    from pipelines.tasks import ClassifyTask
+
+    model = build(ClassifyTask.name, "resnet", 4, 1, 16).eval()
+    export_onnx(model, {"task": ClassifyTask.name, "image_size": 16, "in_channels": 1}, tmp_path / "m.onnx")
+    assert not model.training and not any(m.training for m in model.modules())
