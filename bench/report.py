@@ -98,6 +98,14 @@ def serve_section(name: str, result: dict) -> list[str]:
             for t in result["targets"].values()]
     out += ["", "| figure (req/s ratio) | value |", "| --- | ---: |"]
     out += [f"| {key} | {_value(value)} |" for key, value in result["figures"].items()]
+    figures, rows = result["figures"], result["rows"]
+    depends_500 = sum(int((r.get("errors") or {}).get("500", 0)) for r in rows if r["config"] == "bento-depends")
+    if figures.get("depends_vs_in_process_at_1") is not None:
+        out += ["", f"Batching shape: BentoML's own (`@bentoml.api(batchable=True)` in a runner service behind "
+                    f"`bentoml.depends`) served {_value(figures['depends_vs_in_process_at_1'])}x the in-process "
+                    f"dispatcher's req/s at 1 client and {_value(figures.get('depends_vs_in_process_at_peak'))}x "
+                    f"at peak, with {depends_500:,} HTTP 500s under load, so the service keeps the in-process "
+                    "dispatcher (services/batching.py)."]
     out += ["", "Backends by task (read by `serve.backend: auto`):", "",
             "| task | backend | req/s at 1 client | req/s at peak |", "| --- | --- | ---: | ---: |"]
     out += [f"| {task} | {backend} | {_value(v['rps_1'])} | {_value(v['rps_peak'])} |"

@@ -191,14 +191,10 @@ class ConvForge:
             task = explain.explained_task(options)
         except InputError as exc:
             return _error(exc.status, str(exc))
-        runner = self.runners.get(task)
-        if runner is None:
-            return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
-        headers = {"X-Model-Version": runner.card.tag}
-        if error is not None:
-            return _error(error.status, str(error), headers)
-        received = received or time.perf_counter()
-        chosen = Options.model_construct(**{**options, "top_k": options["top_k"] or self.params.top_k})
+        opened = self._open(task, options, received, error)
+        if isinstance(opened, JSONResponse):
+            return opened
+        runner, headers, chosen, received = opened
         try:
             class_index = explain.chosen_class(runner, options)
             prepared = await anyio.to_thread.run_sync(explain.prepare, runner, images, self.limits)
@@ -214,18 +210,28 @@ class ConvForge:
         obs.EXPLAIN_SECONDS.labels(task, card.version).observe(time.perf_counter() - received)
         return response
 
-    async def _predict(self, task: str, blobs: list[bytes], options: dict[str, Any], received: float,
-                       error: InputError | None) -> JSONResponse:
-        """One prediction request of any task, as read by PredictionRequest: prepare, batch, map back and encode."""
+    def _open(self, task: str, options: dict[str, Any], received: float, error: InputError | None
+              ) -> tuple[TaskRunner, dict[str, str], Options, float] | JSONResponse:
+        """What every api does first: the task's runner (404 when none is served), its headers, a request
+        that did not parse answered with its 4xx, the options with the default top_k, and the start time
+        (0.0 when called in-process, not read from HTTP)."""
         runner = self.runners.get(task)
         if runner is None:
             return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
         headers = {"X-Model-Version": runner.card.tag}
         if error is not None:
             return _error(error.status, str(error), headers)
-        received = received or time.perf_counter()  # 0.0: called in-process, not read from HTTP
-        labels = (task, f"/{task}", runner.card.version)
         chosen = Options.model_construct(**{**options, "top_k": options["top_k"] or self.params.top_k})
+        return runner, headers, chosen, received or time.perf_counter()
+
+    async def _predict(self, task: str, blobs: list[bytes], options: dict[str, Any], received: float,
+                       error: InputError | None) -> JSONResponse:
+        """One prediction request of any task, as read by PredictionRequest: prepare, batch, map back and encode."""
+        opened = self._open(task, options, received, error)
+        if isinstance(opened, JSONResponse):
+            return opened
+        runner, headers, chosen, received = opened
+        labels = (task, f"/{task}", runner.card.version)
         try:
             # Small uploads decode faster inline than a hop to a worker thread: keep them on the loop.
             if sum(map(len, blobs)) <= INLINE_BYTES:
