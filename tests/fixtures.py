@@ -78,3 +78,43 @@ def prepared_classify(_prepared_digits) -> Path:
 def prepared_scenes(_prepared_digits) -> Path:
     """A data/prepared/scenes-like folder (40/10/10 scenes, 40 px, 1-3 digits): use with load_scenes."""
     return _prepared_digits / "scenes"
+
+
+def wait_ready(base: str, process, log: Path, timeout: float = 150) -> None:
+    """Until the server at `base` answers /readyz with 200; fails with its log when it dies or times out."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, Path(log).read_text()[-3000:]
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"{base} never became ready:\n{Path(log).read_text()[-3000:]}")
+
+
+def stop(process) -> None:
+    """SIGTERM to a server's process group when it leads one (BentoML's clean shutdown of its workers too),
+    else to the process; SIGKILL when it has not exited within 30 s."""
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    group = os.getpgid(process.pid) == process.pid  # started with start_new_session=True
+
+    def send(sig: int) -> None:
+        os.killpg(process.pid, sig) if group else os.kill(process.pid, sig)
+
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait()

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +19,7 @@ import pytest
 from PIL import Image
 
 from pipelines.tasks import ClassifyTask, DetectTask, SegmentTask
-from tests.fixtures import digits_splits, raw_data, tiny_scene_params
+from tests.fixtures import digits_splits, raw_data, stop, tiny_scene_params, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -83,25 +80,10 @@ def server(prepared, project_params, tmp_path_factory):
                                    stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("service never became ready:\n" + log.read_text()[-3000:])
+        wait_ready(base, process, log)
         yield base
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
 
 
 def png(array: np.ndarray) -> bytes:

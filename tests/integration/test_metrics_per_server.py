@@ -12,11 +12,9 @@ import io
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import httpx
 import pytest
 
 from pipelines.tasks import ClassifyTask
+from tests.fixtures import stop as stop_process, wait_ready as until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -82,28 +81,11 @@ def start(python: str, models: Path, log: Path, env: dict[str, str], cwd: Path =
 
 
 def wait_ready(server: Server, timeout: float = 150) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.process.poll() is None, server.log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{server.base}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{server.base} never became ready:\n{server.log.read_text()[-3000:]}")
+    until_ready(server.base, server.process, server.log, timeout)
 
 
 def stop(server: Server) -> None:
-    """SIGTERM to the server's process group (BentoML's clean shutdown), SIGKILL if it hangs."""
-    if server.process.poll() is not None:
-        return
-    os.killpg(server.process.pid, signal.SIGTERM)
-    try:
-        server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
+    stop_process(server.process)
 
 
 def scrape(base: str) -> dict:

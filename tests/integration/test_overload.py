@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures import stop
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,11 +89,7 @@ def server(tmp_path_factory):
             time.sleep(0.2)
         yield {"port": port, "request": request_bytes(port, task), "log": log_path}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
 
 
 def request_bytes(port: int, task: str) -> bytes:

@@ -28,6 +28,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.fixtures import stop
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,11 +170,7 @@ def server(models_dir, tmp_path_factory):
             yield {"client": client, "base": base, "seen": seen, "summary": summary, "healthy": healthy,
                    "metrics_at_ready": metrics_at_ready, "env": env, "log": work / "server.log"}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
         log.close()
 
 
