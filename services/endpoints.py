@@ -20,7 +20,7 @@ from pipelines.tasks import TASKS, ClassifyTask, DetectTask, SegmentTask, get_ta
 from services import observability as obs
 from services.imaging import Fit, Placement, fit_square, letterbox, native
 from services.results import classify_result, detect_result, foreground_fraction, segment_result
-from services.schemas import ImageResult, Options
+from services.schemas import ImageResult, Options, PredictionResponse
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,22 @@ def input_fit(task: str, image_size: int, scale: str = "fit", max_side: int = 0)
     if scale == "native" and served.scalable:
         return Fit(native, max_side, "long")
     return Fit(served.fit, image_size, served.side)
+
+
+def checked_result(task: str, index: int, value: Any, classes: list[str], options: Options, placement: Placement,
+                   domain: Any, facts: Any) -> tuple[ImageResult, list[tuple[str, str]]]:
+    """Image `index`'s result in its own pixels, marked `in_domain` (with the `reason`) by the model's
+    training-domain check (services.imaging.Domain); returns it and the broken rules (kind, reason)."""
+    result = endpoint(task).result(index, value, classes, options, placement)
+    broken = domain.check(facts)
+    result.in_domain = not broken
+    result.reason = "; ".join(reason for _, reason in broken) or None
+    return result, broken
+
+
+def response(task: str, card: Any, options: Options, results: list[ImageResult]) -> PredictionResponse:
+    """The versioned response of `task`'s model `card` (services.runners.ModelCard): its results, and the
+    request options the task echoes."""
+    return PredictionResponse(
+        task=task, model={"task": task, "family": card.family, "name": card.name, "version": card.version},
+        **{key: getattr(options, key) for key in endpoint(task).echoes}, results=results)

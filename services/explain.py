@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from pipelines.explain import class_cams, detection_cams
 from pipelines.tasks import ClassifyTask, DetectTask, get_task
-from services import imaging
 from services.errors import InputError
 from services.imaging import Placement, Prepared
 from services.results import classify_result, detect_result
@@ -62,17 +61,6 @@ def chosen_class(runner: TaskRunner, options: dict[str, Any]) -> int | None:
     if not 0 <= int(index) < len(runner.classes):
         raise InputError(422, f"class_index: {index} is not in 0..{len(runner.classes) - 1}")
     return int(index)
-
-
-def prepare(runner: TaskRunner, blobs: list[bytes], limits: imaging.DecodeLimits) -> list[Prepared]:
-    """Decode each upload and fit it to the runner's model input (services.imaging.prepare)."""
-    prepared = []
-    for index, blob in enumerate(blobs):
-        try:
-            prepared.append(imaging.prepare(blob, limits, runner.fit, runner.in_channels))
-        except InputError as exc:
-            raise InputError(exc.status, f"images[{index}]: {exc}") from None
-    return prepared
 
 
 def on_client(heat: torch.Tensor, placement: Placement) -> torch.Tensor:

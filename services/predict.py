@@ -39,7 +39,7 @@ from pipelines.errors import ConvForgeError, stage_entry
 from pipelines.params import ServeParams, load_params
 from pipelines.tasks import TASKS, ClassifyTask, DetectTask, SegmentTask, get_task
 from services import catalog, imaging
-from services.endpoints import endpoint
+from services.endpoints import checked_result, response
 from services.errors import InputError
 from services.runners import TaskRunner, load_runner
 from services.schemas import ImageResult, Options, PredictionResponse, decode_mask
@@ -120,18 +120,11 @@ class Prediction:
 def predict(blob: bytes, runner: TaskRunner, limits: imaging.DecodeLimits, options: Options) -> Prediction:
     """One upload through one runner, as the service's endpoint does it: prepare, run, result with its
     training-domain check, the versioned response; raises InputError for a bad image."""
-    served, card = endpoint(runner.task), runner.card
     prepared = imaging.prepare(blob, limits, runner.fit, runner.in_channels)
     (value,) = runner.run(prepared.array[None])
-    result = served.result(0, value, runner.classes, options, prepared.placement)
-    broken = runner.domain.check(prepared.facts)
-    result.in_domain = not broken
-    result.reason = "; ".join(reason for _, reason in broken) or None
-    response = PredictionResponse(
-        task=runner.task, model={"task": runner.task, "family": card.family, "name": card.name,
-                                 "version": card.version},
-        **{key: getattr(options, key) for key in served.echoes}, results=[result])
-    return Prediction(runner.task, response, runner.classes)
+    result, _ = checked_result(runner.task, 0, value, runner.classes, options, prepared.placement, runner.domain,
+                               prepared.facts)
+    return Prediction(runner.task, response(runner.task, runner.card, options, [result]), runner.classes)
 
 
 def response_json(prediction: Prediction) -> str:

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.params import ServeParams, load_params
-from services import catalog, explain, imaging
+from services import catalog, endpoints, explain, imaging
 from services import observability as obs
 from services.endpoints import ROUTES, endpoint
 from services.errors import InputError, Overloaded
@@ -197,18 +197,15 @@ class ConvForge:
         runner, headers, chosen, received = opened
         try:
             class_index = explain.chosen_class(runner, options)
-            prepared = await anyio.to_thread.run_sync(explain.prepare, runner, images, self.limits)
+            prepared = await anyio.to_thread.run_sync(self._prepare, runner, images, EXPLAIN_ROUTE)
             results = [await anyio.to_thread.run_sync(explain.explain_image, runner, index, item, chosen, class_index)
                        for index, item in enumerate(prepared)]
         except InputError as exc:
             return _error(exc.status, str(exc), headers)
-        card = runner.card
-        body = PredictionResponse(
-            task=task, model={"task": task, "family": card.family, "name": card.name, "version": card.version},
-            **{key: getattr(chosen, key) for key in endpoint(task).echoes}, results=results)
-        response = JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
-        obs.EXPLAIN_SECONDS.labels(task, card.version).observe(time.perf_counter() - received)
-        return response
+        body = endpoints.response(task, runner.card, chosen, results)
+        answer = JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
+        obs.EXPLAIN_SECONDS.labels(task, runner.card.version).observe(time.perf_counter() - received)
+        return answer
 
     def _open(self, task: str, options: dict[str, Any], received: float, error: InputError | None
               ) -> tuple[TaskRunner, dict[str, str], Options, float] | JSONResponse:
@@ -259,21 +256,20 @@ class ConvForge:
             results = self._results(runner, values, prepared, options)
         else:
             results = await anyio.to_thread.run_sync(self._results, runner, values, prepared, options)
-        task, card = runner.task, runner.card
-        body = PredictionResponse(
-            task=task, model={"task": task, "family": card.family, "name": card.name, "version": card.version},
-            **{key: getattr(options, key) for key in endpoint(task).echoes}, results=results)
+        body = endpoints.response(runner.task, runner.card, options, results)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    def _prepare(self, runner: TaskRunner, blobs: list[bytes]) -> list[imaging.Prepared]:
-        """Decode each image and fit it to the model input (services.imaging.prepare, the runner's fit)."""
+    def _prepare(self, runner: TaskRunner, blobs: list[bytes], route: str | None = None) -> list[imaging.Prepared]:
+        """Decode each image and fit it to the model input (services.imaging.prepare, the runner's fit);
+        `route`: the endpoint whose metrics see it (the task's own by default)."""
+        route = route or f"/{runner.task}"
         prepared = []
         for index, blob in enumerate(blobs):
             try:
                 item = imaging.prepare(blob, self.limits, runner.fit, runner.in_channels)
             except InputError as exc:
                 raise InputError(exc.status, f"images[{index}]: {exc}") from None
-            obs.IMAGE_PIXELS.labels(runner.task, f"/{runner.task}", runner.card.version).observe(
+            obs.IMAGE_PIXELS.labels(runner.task, route, runner.card.version).observe(
                 item.placement.width * item.placement.height)
             prepared.append(item)
         return prepared
@@ -284,10 +280,8 @@ class ConvForge:
         served, task, version = endpoint(runner.task), runner.task, runner.card.version
         results = []
         for index, (value, item) in enumerate(zip(values, prepared)):
-            result = served.result(index, value, runner.classes, options, item.placement)
-            broken = runner.domain.check(item.facts)
-            result.in_domain = not broken
-            result.reason = "; ".join(reason for _, reason in broken) or None
+            result, broken = endpoints.checked_result(task, index, value, runner.classes, options, item.placement,
+                                                      runner.domain, item.facts)
             for kind, _ in broken:
                 obs.OUT_OF_DOMAIN.labels(task, version, kind).inc()
             served.observe(result, task, version)

@@ -15,15 +15,12 @@ from typing import Any, Iterator
 import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 
 from pipelines.errors import ConvForgeError
 from pipelines.runtime import sha256_file
 from pipelines.tracking import tags
+from pipelines.tracking.registry import MLMODEL, model_folder
 from pipelines.tracking.store import PROJECT_ROOT, client, tracking_uri
-
-MLMODEL = "MLmodel"  # a logged model's description, which names its artifacts' folders
-
 
 def data_hash(data_dir: Path, root: Path = PROJECT_ROOT) -> str:
     """The DVC md5 of `data_dir` from dvc.lock's augment outs when recorded, else a SHA-256 over its files."""
@@ -117,10 +114,7 @@ def logged_model_config(run_id: str) -> dict[str, Any]:
     location = client().get_logged_model(models[-1]).artifact_location.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="convforge-replay-") as tmp:
         mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MLMODEL}", dst_path=tmp)
-        flavor = Model.load(mlmodel).flavors.get("python_function", {})
-        folder = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
-        if not folder:
-            raise ConvForgeError(f"the model of run {run_id} holds no ConvForge model folder")
+        folder = model_folder(Path(mlmodel), f"the model of run {run_id}")
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{folder}/config.json", dst_path=tmp)
         return json.loads(Path(local).read_text())
 

@@ -138,12 +138,21 @@ def set_champion(name: str, version: int | str) -> None:
     client().set_registered_model_alias(name, tags.CHAMPION_ALIAS, str(version))
 
 
+def model_folder(mlmodel: Path, what: str) -> str:
+    """Where a logged model keeps its ConvForge model folder (safetensors + config.json), relative to the
+    logged model, as its MLmodel file names it; `what` names the model in the error."""
+    flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
+    relative = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
+    if not relative:
+        raise ConvForgeError(f"{what} holds no ConvForge model folder")
+    return relative
+
+
 def download_model_dir(name: str, version: int | str, dest: Path) -> Path:
     """The model folder (safetensors + config.json) that version `version` of `name` logged, downloaded under
     `dest`; returns its path."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
-    flavor = Model.load(str(local / MLMODEL)).flavors.get("python_function", {})
-    relative = flavor.get("artifacts", {}).get("model_dir", {}).get("path")
-    if not relative or not (local / relative).is_dir():
+    folder = local / model_folder(local / MLMODEL, f"registered model {name} v{version}")
+    if not folder.is_dir():
         raise ConvForgeError(f"registered model {name} v{version} holds no ConvForge model folder")
-    return local / relative
+    return folder
