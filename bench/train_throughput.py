@@ -1,11 +1,14 @@
 """Training throughput: the ConvForge engine (MLflow tracking on) vs a plain PyTorch loop vs a naive loop.
 
-Same model, batch size, optimizer and threads, no augmentation, Fashion-MNIST train images:
+Same model, batch size, optimizer, threads, memory format and deterministic-algorithms mode, no
+augmentation, Fashion-MNIST train images:
 - engine: `pipelines.engine.fit` inside an MLflow run (SQLite store in a temp dir, system
-  metrics on, per-epoch metrics logged), settings from params.yaml (channels_last etc.);
+  metrics on, per-epoch metrics logged), settings from params.yaml;
 - plain: the textbook loop over a pre-normalized float tensor, sliced per batch;
 - naive: torchvision's FashionMNIST dataset (PIL image + ToTensor + Normalize per item) and a
   DataLoader, as most tutorials write it.
+The baselines take the memory format the engine resolves for this machine (channels_last on the
+CPU), so the ratios measure the loop, not the layout.
 Each variant trains `--epochs` epochs of `--images` images; img/s is taken over the epochs after
 the first (warm-up), best of `--repeats` interleaved runs, both per wall-clock second and per
 CPU second of the process (the latter is steadier on a shared machine: it ignores time spent
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+from bench.machine import describe  # noqa: E402
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 # hparams, and images per epoch (epochs of a few seconds at 1 thread: the per-epoch validation
@@ -80,22 +83,29 @@ def rates(epochs: list[tuple[int, float, float]]) -> dict[str, float]:
     return {"wall": images / sum(w for _, w, _ in later), "cpu": images / sum(c for _, _, c in later)}
 
 
+def layout(channels_last: bool):
+    """The memory format the engine uses for models and batches."""
+    import torch
+
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def plain_loop(name: str, images, labels, mean: float, std: float, batch: int, epochs: int,
-               lr: float) -> dict[str, float]:
+               lr: float, channels_last: bool) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    model = build(name)
+    model = build(name).to(memory_format=layout(channels_last))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x = (images.float() / 255 - mean) / std
+    x = ((images.float() / 255 - mean) / std).contiguous(memory_format=layout(channels_last))
     times = []
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
         clock = Clock()
         for i in range(0, len(x) - batch + 1, batch):
             idx = order[i:i + batch]
-            loss = F.cross_entropy(model(x[idx]), labels[idx])
+            loss = F.cross_entropy(model(x[idx].contiguous(memory_format=layout(channels_last))), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -104,7 +114,7 @@ def plain_loop(name: str, images, labels, mean: float, std: float, batch: int, e
 
 
 def naive_loop(name: str, dataset, count: int, mean: float, std: float, batch: int, epochs: int,
-               lr: float) -> dict[str, float]:
+               lr: float, channels_last: bool) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, Subset
@@ -112,7 +122,7 @@ def naive_loop(name: str, dataset, count: int, mean: float, std: float, batch: i
 
     dataset.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch, shuffle=True, drop_last=True)
-    model = build(name)
+    model = build(name).to(memory_format=layout(channels_last))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     times = []
@@ -120,7 +130,7 @@ def naive_loop(name: str, dataset, count: int, mean: float, std: float, batch: i
         clock = Clock()
         seen = 0
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=layout(channels_last))), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -167,14 +177,19 @@ def main() -> None:
                         help="torch threads (0 = every core; on a shared box more threads than free cores collapse)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N (the box may be shared)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/train_throughput.json")
     args = parser.parse_args()
 
     import torch
 
     from pipelines.datasets import ClassifyData
+    from pipelines.engine import EngineSettings
+    from pipelines.params import load_params
 
+    machine = describe()
     threads = runtime.set_threads(args.threads)
+    channels_last = EngineSettings.from_params(load_params(ROOT / "params.yaml")).choice().channels_last
     lr = 0.01
     with tempfile.TemporaryDirectory(prefix="convforge-bench-") as tmp:
         dataset = fashion_mnist(Path(tmp) / "data")
@@ -195,8 +210,8 @@ def main() -> None:
                 store.mkdir()
                 measured = {
                     "engine": engine_run(name, train, val, args.batch, args.epochs, lr, threads, store),
-                    "plain": plain_loop(name, images, labels, mean, std, args.batch, args.epochs, lr),
-                    "naive": naive_loop(name, dataset, count, mean, std, args.batch, args.epochs, lr),
+                    "plain": plain_loop(name, images, labels, mean, std, args.batch, args.epochs, lr, channels_last),
+                    "naive": naive_loop(name, dataset, count, mean, std, args.batch, args.epochs, lr, channels_last),
                 }
                 for variant, values in measured.items():
                     for clock, value in values.items():
@@ -226,10 +241,10 @@ def main() -> None:
                                                                  for k, ok in met.items()))
     runtime.write_json(args.out, {
         "bench": "train_throughput", "rows": rows, "targets": targets, "targets_met": met,
-        "batch_size": args.batch, "threads": threads, "epochs": args.epochs,
-        "repeats": args.repeats, "torch": torch.__version__, "machine": platform.machine(),
-        "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        "settings": {"batch_size": args.batch, "threads": threads, "channels_last": channels_last,
+                     "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                     "epochs": args.epochs, "repeats": args.repeats},
+        "note": args.note, "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}})
     print(f"wrote {args.out}")
 
 

@@ -4,6 +4,8 @@ Both searches draw the same trials (Ray's random search, same seed, each family 
 defaults) and differ only in the scheduler: ASHA stops the weak trials early, FIFO trains every
 trial for `--epochs`. Reported: best validation accuracy, total trial-epochs and wall time. The
 overhead part runs a no-op trainable many times, with and without actor reuse.
+Targets (`TARGETS`): ASHA's best score within 0.01 of the full budget's with at most 75% of its
+trial-epochs, and at most 0.2 s of Ray overhead per trial with actor reuse.
 
     .venv/bin/python bench/tune_efficiency.py
 
@@ -14,6 +16,7 @@ data/prepared/classify. Writes bench/results/tune_efficiency.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -23,6 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+from bench.machine import describe  # noqa: E402
+
+TARGETS = {"score_gap": 0.01, "epochs_fraction": 0.75, "reuse_overhead_s": 0.2}
+
+
+def targets_met(asha: dict, full: dict, reuse_s: float) -> dict[str, bool]:
+    """Each target of `TARGETS` against one run's figures."""
+    gap = (full["best_score"] or 0) - (asha["best_score"] or 0)
+    return {"score_gap": gap <= TARGETS["score_gap"],
+            "epochs_fraction": asha["trial_epochs"] <= TARGETS["epochs_fraction"] * full["trial_epochs"],
+            "reuse_overhead_s": reuse_s <= TARGETS["reuse_overhead_s"]}
 
 
 def digits_data(seed: int):
@@ -130,8 +144,10 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--noop-trials", type=int, default=100)
     parser.add_argument("--noop-trials-no-reuse", type=int, default=10)
+    parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tune_efficiency.json")
     args = parser.parse_args()
+    machine = describe()
 
     import ray
     from ray import tune
@@ -180,6 +196,8 @@ def main() -> None:
         "asha": asha, "full_budget": full, "epochs_saved_fraction": saved,
         "overhead_s_per_trial": {"reuse_actors": reuse, "no_reuse": fresh,
                                  "trials": {"reuse_actors": args.noop_trials, "no_reuse": args.noop_trials_no_reuse}},
+        "targets": TARGETS, "targets_met": targets_met(asha, full, reuse), "note": args.note,
+        "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
     })
     print(f"wrote {args.out}")
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from models._registry import build
+from models._registry import RECONSTRUCT_TASK, build
 from models._errors import ConvForgeError
 from models._files import sha256_file, write_json
 
@@ -183,7 +183,8 @@ def _trunk_key(name: str) -> str:
 
 
 def load_matching(model: nn.Module, source: dict[str, Tensor]) -> dict[str, Any]:
-    """Copy every source tensor whose trunk-relative name and shape match one of `model`'s; returns counts."""
+    """Copy every source tensor whose trunk-relative name and shape match one of `model`'s; returns counts
+    (`trunk_matched` of the `trunk` tensors of `model` below `features.`)."""
     by_key = {_trunk_key(name): tensor for name, tensor in source.items()}
     target = model.state_dict()
     matched, wrong_shape = {}, []
@@ -196,7 +197,22 @@ def load_matching(model: nn.Module, source: dict[str, Tensor]) -> dict[str, Any]
         else:
             wrong_shape.append(name)
     model.load_state_dict(matched, strict=False)
-    return {"matched": len(matched), "wrong_shape": len(wrong_shape), "target": len(target), "source": len(source)}
+    trunk = [name for name in target if _trunk_key(name).startswith(TRUNK)]
+    return {"matched": len(matched), "wrong_shape": len(wrong_shape), "target": len(target), "source": len(source),
+            "trunk": len(trunk), "trunk_matched": sum(name in matched for name in trunk)}
+
+
+def check_whole_trunk(report: dict[str, Any], config: dict[str, Any], pretrained: str) -> None:
+    """An encoder-decoder's encoder initialises a trunk whole or not at all: a user error unless every trunk
+    tensor of the model was matched (a partly initialised trunk would train as neither)."""
+    if report["trunk_matched"] == report["trunk"]:
+        return
+    hparams = config.get("hparams", {})
+    encoder = f"{hparams.get('encoder')} {hparams.get('encoder_hparams') or {}}" if "encoder" in hparams \
+        else f"{config.get('family')} (not a classifier's trunk)"
+    raise CheckpointError(f"pretrained: only {report['trunk_matched']}/{report['trunk']} trunk tensors match the "
+                          f"encoder at {pretrained}, whose encoder is {encoder}: train it with this classifier's "
+                          "family and hyperparameters as `encoder` and `encoder_hparams`")
 
 
 def _freeze_bn(module: nn.Module) -> int:
@@ -274,6 +290,7 @@ def apply_transfer(model: nn.Module, pretrained: str | None = None, freeze: int 
     """
     report: dict[str, Any] = {"pretrained": pretrained, "frozen_stages": 0, "frozen_bn": 0}
     if pretrained:
+        config: dict[str, Any] = {}  # a saved model's config.json (none for torchvision weights)
         if str(pretrained).startswith("torchvision:"):
             source = _rename_torchvision(_torchvision_state(str(pretrained)))
         else:
@@ -282,10 +299,13 @@ def apply_transfer(model: nn.Module, pretrained: str | None = None, freeze: int 
             source = read_weights(directory, config=config)
             report["weights_sha256"] = config.get("weights_sha256")
         report.update(load_matching(model, source))
+        if config.get("task") == RECONSTRUCT_TASK:
+            check_whole_trunk(report, config, str(pretrained))
         if not report["matched"]:
             raise ConvForgeError(f"pretrained: no tensor of {pretrained} matches the model by name and shape "
                                  "(use the same backbone family and hyperparameters)")
-        log(f"pretrained: loaded {report['matched']}/{report['target']} tensors from {pretrained} "
+        log(f"pretrained: loaded {report['matched']}/{report['target']} tensors from {pretrained}, "
+            f"{report['trunk_matched']}/{report['trunk']} of the trunk "
             f"({report['wrong_shape']} with the right name but another shape were skipped)")
     if freeze or freeze_bn:
         stages = _trunk_of(model)

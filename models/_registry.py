@@ -19,6 +19,9 @@ Output conventions, the same for every family of a task:
   so class index c is label c + 1.
 - segment: logits [N, num_classes + 1, H, W] at the input resolution, channel 0 =
   background, channel c + 1 = class c.
+- regress: values [N, num_classes] (one per target) in the targets' units: every classify family
+  is also a regress family, wrapped by `regressor` (its head predicts standardized targets;
+  `target_mean`/`target_std` are hparams, so config.json holds them).
 
 Every family works for image_size >= 8 (models/_stages.py `stride_plan` drops the strides that
 would shrink the last feature map below 2 px). Every model keeps its backbone stages in an
@@ -36,6 +39,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
+import torch
 from torch import Tensor, nn
 
 # What every builder takes first; the hyperparameters are the keyword parameters after them.
@@ -102,6 +106,13 @@ BACKBONE_TASK = "classify"
 # (in_channels, image_size) each task's families are profiled at (`python -m models.summary`): the
 # default data, Fashion-MNIST items and the 64 px scenes composed from them.
 PROFILE_INPUT = {"classify": (1, 28), "detect": (1, 64), "segment": (1, 64)}
+# Every family of BACKBONE_TASK is also a family of REGRESS_TASK, wrapped by `regressor` (no per-family code).
+REGRESS_TASK = "regress"
+PROFILE_INPUT[REGRESS_TASK] = PROFILE_INPUT[BACKBONE_TASK]
+# Encoder-decoders restore the classify items they are trained on (models/autoencoder.py, models/unet.py);
+# a trained autoencoder's encoder is a BACKBONE_TASK trunk, loaded whole or not at all (models/_checkpoint.py).
+RECONSTRUCT_TASK = "reconstruct"
+PROFILE_INPUT[RECONSTRUCT_TASK] = PROFILE_INPUT[BACKBONE_TASK]
 
 
 def register(task: str, name: str, *, space: Space | None = None,
@@ -138,7 +149,47 @@ def _load_families() -> None:
     for info in pkgutil.iter_modules(models.__path__):
         if not info.name.startswith("_") and info.name != "summary":  # infrastructure is _private
             importlib.import_module(f"models.{info.name}")
+    for fam in _REGISTRY.get(BACKBONE_TASK, {}).values():
+        _REGISTRY.setdefault(REGRESS_TASK, {})[fam.name] = Family(REGRESS_TASK, fam.name, regressor(fam.builder),
+                                                                 fam.space, fam.paper)
     _loaded = True
+
+
+class Regressor(nn.Module):
+    """A classifier built with one output per target: its head (linear on the pooled features) predicts the
+    standardized targets, and the output is in the targets' own units (`target_mean`, `target_std`)."""
+
+    def __init__(self, net: nn.Module, target_mean: Sequence[float], target_std: Sequence[float]) -> None:
+        super().__init__()
+        self.net = net
+        # Not in the state dict: the config's hparams are their one home (the served model's units).
+        self.register_buffer("target_mean", torch.tensor(target_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("target_std", torch.tensor(target_std, dtype=torch.float32), persistent=False)
+
+    def standardized(self, x: Tensor) -> Tensor:
+        """The head's output [N, K]: (target - target_mean) / target_std (auxiliary heads dropped)."""
+        out = self.net(x)
+        return out.logits if isinstance(out, AuxLogits) else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.standardized(x) * self.target_std + self.target_mean
+
+
+def regressor(classifier: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A regression builder from a classifier builder: its hyperparameters plus the targets' standardisation
+    (`target_mean`, `target_std`: one value per target; None = 0 and 1)."""
+
+    def builder(num_classes: int, in_channels: int, image_size: int, target_mean: Sequence[float] | None = None,
+                target_std: Sequence[float] | None = None, **hparams: Any) -> nn.Module:
+        net = classifier(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **hparams)
+        return Regressor(net, list(target_mean or [0.0] * num_classes), list(target_std or [1.0] * num_classes))
+
+    signature = inspect.signature(classifier)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for name in ("target_mean", "target_std")]
+    builder.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    builder.__name__ = builder.__qualname__ = f"{classifier.__name__}_regressor"
+    return builder
 
 
 def tasks() -> list[str]:

@@ -29,7 +29,10 @@ def efficientnet(num_classes: int, in_channels: int, image_size: int, phi: int =
     config = partial(MBConvConfig, width_mult=BETA ** phi, depth_mult=ALPHA ** phi)
     rows = [config(*row) for row in B0]
     strides = iter(stride_plan(image_size, 5))
-    norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)  # torchvision's (TF-matching) BN settings
+    # The TF reference's eps 1e-3, but PyTorch's default momentum 0.1, not TF's 0.01 (decay 0.99): at 0.01 the
+    # running statistics of a short run (one epoch of 10k items is 78 steps) keep half their initial (0, 1),
+    # and eval-mode predictions stay at chance; 0.01 suits ImageNet's ~10^5-10^6 steps only.
+    norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.1)
     stem = Conv2dNormActivation(in_channels, rows[0].input_channels, 3, stride=next(strides), norm_layer=norm,
                                 activation_layer=nn.SiLU)
     features, stage = [stem], []

@@ -28,10 +28,13 @@ class HighwayConv(nn.Module):
 
 @register("classify", "highway", paper="Srivastava et al. 2015, arXiv:1507.06228",
           space={"width": Choice([8, 16, 32, 64]), "layers": Choice([2, 3, 4, 6, 9]),
-                 "gate_bias": FloatRange(-3.0, -1.0), "dropout": FloatRange(0.0, 0.5)})
+                 "gate_bias": FloatRange(-1.0, -0.5), "dropout": FloatRange(0.0, 0.5)})
 def highway(num_classes: int, in_channels: int, image_size: int, width: int = 16, layers: int = 3,
-            gate_bias: float = -2.0, dropout: float = 0.0) -> StagedClassifier:
-    """Three stages of `layers` highway layers (width, 2x, 4x channels) joined by conv + max-pool."""
+            gate_bias: float = -1.0, dropout: float = 0.0) -> StagedClassifier:
+    """Three stages of `layers` highway layers (width, 2x, 4x channels) joined by conv + max-pool. The gate bias
+    defaults to -1, the least negative of the paper's initial biases (Sec. 2.2): at -2 a net of a few layers
+    carries its input almost unchanged and one epoch of 10k items ends at 0.58 (0.68 at -1), so the searched
+    range is the more open [-1, -0.5]."""
     features = [nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                               nn.ReLU(inplace=True))]
     channels = width

@@ -1,7 +1,9 @@
 """U-Net (Ronneberger et al. 2015, "U-Net: Convolutional Networks for Biomedical Image Segmentation"):
 a contracting path, an expanding path, and skip connections that concatenate encoder features.
 
-Padded convolutions (output at the input resolution, as in most re-implementations) and BN.
+Padded convolutions (output at the input resolution, as in most re-implementations) and BN. `skips: false`
+drops the skip connections (a plain encoder-decoder of the same depth): the ablation that shows what
+they carry, searchable for both segmentation and reconstruction (denoising / inpainting).
 """
 
 from __future__ import annotations
@@ -24,28 +26,30 @@ def double_conv(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn
 
 
 class Up(nn.Module):
-    """Upsample x2 (learned transposed conv or bilinear + 1x1 conv), concatenate the skip, double conv."""
+    """Upsample x2 (learned transposed conv or bilinear + 1x1 conv), concatenate the skip (when `skip`),
+    double conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, upsample: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, upsample: str, skip: bool = True) -> None:
         super().__init__()
-        self.bilinear = upsample == "bilinear"
+        self.bilinear, self.skip = upsample == "bilinear", skip
         self.up = (nn.Conv2d(in_channels, out_channels, 1) if self.bilinear
                    else nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2))
-        self.conv = double_conv(2 * out_channels, out_channels)
+        self.conv = double_conv(2 * out_channels if skip else out_channels, out_channels)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         if self.bilinear:
             x = self.up(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
         else:  # ceil-mode pooling may have rounded odd sizes up: crop back to the skip's size
             x = self.up(x)[..., : skip.shape[-2], : skip.shape[-1]]
-        return self.conv(torch.cat([skip, x], dim=1))
+        return self.conv(torch.cat([skip, x], dim=1) if self.skip else x)
 
 
 class UNet(nn.Module):
-    """Encoder stages in `features` (item 0 at full resolution), decoder in `decoder`, 1x1 classifier."""
+    """Encoder stages in `features` (item 0 at full resolution), decoder in `decoder`, 1x1 `classifier` to
+    `out_channels` (segment: background + classes; reconstruct: the image's channels)."""
 
-    def __init__(self, num_classes: int, in_channels: int, depth: int, width: int, upsample: str,
-                 dropout: float) -> None:
+    def __init__(self, out_channels: int, in_channels: int, depth: int, width: int, upsample: str,
+                 dropout: float, skips: bool = True) -> None:
         super().__init__()
         widths = [width * 2 ** i for i in range(depth + 1)]
         stages = [double_conv(in_channels, widths[0])]
@@ -54,8 +58,8 @@ class UNet(nn.Module):
             pool = nn.MaxPool2d(2, 2, ceil_mode=True)
             stages.append(nn.Sequential(pool, double_conv(widths[i - 1], widths[i], drop)))
         self.features = nn.Sequential(*stages)
-        self.decoder = nn.ModuleList(Up(widths[i], widths[i - 1], upsample) for i in range(depth, 0, -1))
-        self.classifier = nn.Conv2d(widths[0], num_classes + 1, 1)
+        self.decoder = nn.ModuleList(Up(widths[i], widths[i - 1], upsample, skips) for i in range(depth, 0, -1))
+        self.classifier = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         skips = []
@@ -67,13 +71,27 @@ class UNet(nn.Module):
         return self.classifier(x)
 
 
-@register("segment", "unet", paper="Ronneberger et al. 2015, arXiv:1505.04597",
-          space={"depth": IntRange(2, 5), "width": Choice([8, 16, 32, 64]),
-                 "upsample": Choice(["transpose", "bilinear"]), "dropout": FloatRange(0.0, 0.5)})
-def unet(num_classes: int, in_channels: int, image_size: int, depth: int = 3, width: int = 16,
-         upsample: str = "transpose", dropout: float = 0.0) -> UNet:
-    """U-Net with `depth` poolings (fewer when the input is too small for them), `width` first-level channels."""
+SPACE = {"depth": IntRange(2, 5), "width": Choice([8, 16, 32, 64]), "upsample": Choice(["transpose", "bilinear"]),
+         "dropout": FloatRange(0.0, 0.5), "skips": Choice([True, False])}
+
+
+def _depth(upsample: str, image_size: int, depth: int) -> int:
+    """The poolings that fit `image_size` (at least one), after checking `upsample`."""
     if upsample not in ("transpose", "bilinear"):
         raise KeyError(f"unet upsample must be transpose or bilinear, got {upsample!r}")
-    depth = max(1, stride_plan(image_size, depth).count(2))
-    return UNet(num_classes, in_channels, depth, width, upsample, dropout)
+    return max(1, stride_plan(image_size, depth).count(2))
+
+
+@register("segment", "unet", paper="Ronneberger et al. 2015, arXiv:1505.04597", space=SPACE)
+def unet(num_classes: int, in_channels: int, image_size: int, depth: int = 3, width: int = 16,
+         upsample: str = "transpose", dropout: float = 0.0, skips: bool = True) -> UNet:
+    """U-Net with `depth` poolings (fewer when the input is too small for them), `width` first-level channels;
+    logits for background + `num_classes` classes."""
+    return UNet(num_classes + 1, in_channels, _depth(upsample, image_size, depth), width, upsample, dropout, skips)
+
+
+@register("reconstruct", "unet", paper="Ronneberger et al. 2015, arXiv:1505.04597", space=SPACE)
+def unet_image(num_classes: int, in_channels: int, image_size: int, depth: int = 2, width: int = 16,
+               upsample: str = "transpose", dropout: float = 0.0, skips: bool = True) -> UNet:
+    """The same U-Net giving the restored image in [0, 1] units (`in_channels` outputs; `num_classes` unused)."""
+    return UNet(in_channels, in_channels, _depth(upsample, image_size, depth), width, upsample, dropout, skips)

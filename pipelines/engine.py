@@ -2,10 +2,13 @@
 
 A task differs only by its adapter (pipelines/tasks.py). Without per-sample augmentation a batch
 is a slice of the in-memory tensors (normalized on the device); with it, a DataLoader applies the
-torchvision.transforms.v2 policy per sample. On CUDA: AMP (bf16 by default), pinned memory and
-one batch of copy-ahead; everywhere: channels_last, optional torch.compile, a checkpoint per
-epoch to resume from, and a deterministic mode in which two CPU runs give identical metrics.
+torchvision.transforms.v2 policy per sample. On CUDA: AMP (bf16 where the GPU has it, else fp16
+with loss scaling), pinned memory and one batch of copy-ahead; everywhere: channels_last, optional
+torch.compile, a checkpoint per epoch to resume from, and a deterministic mode in which two CPU runs
+give identical metrics (pipelines/runtime.py `resolve` decides all of it from the machine's facts).
 The learning rate is a function of the step (pipelines/optim.py), so resuming needs only the step.
+Under DDP (Ray Train's workers, pipelines/distributed.py) each worker takes its share of every batch
+(`shard`) and the workers agree on BatchNorm statistics after each epoch (`agree`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from models._checkpoint import train_mode, trunk_parameters
 from pipelines.errors import ConvForgeError
 from pipelines.optim import lr_at, make_ema, make_optimizer, set_hyperparameters, stages_frozen
 from pipelines.params import PolicyParams, TrainConfig
-from pipelines.runtime import resolve_device, set_threads
+from pipelines import runtime
+from pipelines.runtime import DeviceChoice, set_threads
 from pipelines.tasks import PRIMARY, Batch, get_task
 
 if TYPE_CHECKING:
@@ -58,6 +62,15 @@ class EngineSettings:
                    num_threads=train.num_threads, num_workers=train.num_workers,
                    deterministic=params.deterministic, seed=params.seed, concurrent_runs=max(1, concurrent_runs))
 
+    def choice(self) -> DeviceChoice:
+        """Device, AMP, memory format and determinism these settings get on this machine."""
+        return runtime.resolve(self.device, self.amp, self.channels_last, self.deterministic, runtime.probe())
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings as a run records them: device, amp and channels_last as resolved (not `auto`)."""
+        chosen = self.choice()
+        return {**asdict(self), "device": chosen.device, "amp": chosen.amp, "channels_last": chosen.channels_last}
+
 
 @dataclass
 class EpochResult:
@@ -79,13 +92,10 @@ class FitResult:
 # ---------------------------------------------------------------- set-up
 
 
-def amp_dtype(settings: EngineSettings, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA (no loss scaling needed), off on CPU; bf16/fp16 force it; off turns it off."""
-    if settings.amp == "off" or (settings.amp == "auto" and device.type != "cuda"):
-        return None
-    if settings.amp == "fp16" and device.type != "cuda":
-        raise ConvForgeError("train.amp fp16 needs CUDA; use bf16 or off on the CPU")
-    return torch.float16 if settings.amp == "fp16" else torch.bfloat16
+def amp_dtype(settings: EngineSettings) -> torch.dtype | None:
+    """auto: bf16 on GPUs that have it, else fp16 (with loss scaling), off on CPU; bf16/fp16 force it; off turns
+    it off (`runtime.resolve` decides)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.choice().amp)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
@@ -97,17 +107,14 @@ def prepare(model: nn.Module, settings: EngineSettings) -> torch.device:
     """Threads, determinism, device and memory format for a run; returns the device."""
     if settings.num_threads > 0:
         set_threads(settings.num_threads)
+    chosen = settings.choice()
     if settings.deterministic:
-        # CUDA: deterministic cuBLAS; bilinear upsampling's backward has no deterministic kernel,
-        # so segmentation decoders warn rather than fail (determinism is promised on the CPU).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    device = resolve_device(settings.device)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    # CPU: every op's deterministic kernel; CUDA: cuDNN's only (see pipelines/runtime.py for why)
+    runtime.apply_determinism(chosen)
+    device = torch.device(chosen.device)
     model.to(device)
-    if settings.channels_last:
+    if chosen.channels_last:
         model.to(memory_format=torch.channels_last)
     return device
 
@@ -138,14 +145,16 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor, channels_last: bool) ->
 MAX_AUTO_WORKERS = 8  # past this, reading and augmenting small images stops paying for the processes
 
 
-def loader_workers(settings: EngineSettings, data: Any) -> int:
+def loader_workers(settings: EngineSettings, data: Any, per_sample_on_gpu: bool = False) -> int:
     """DataLoader workers for `data`: the count in the settings, or with "auto" 0 for in-memory tensors
-    (slicing beats any worker) and else one per core this run's share leaves beside its training process."""
+    (slicing beats any worker) and else one per core this run's share leaves beside its training process.
+    `per_sample_on_gpu`: in-memory items augmented one by one for a GPU, which waits on them: workers too
+    (on the CPU, 0 keeps a run's augmentation independent of the core count)."""
     from pipelines.datasets import is_lazy
 
     if settings.num_workers != "auto":
         return int(settings.num_workers)
-    if not is_lazy(data):
+    if not is_lazy(data) and not per_sample_on_gpu:
         return 0
     share = len(os.sched_getaffinity(0)) // max(1, settings.concurrent_runs)
     return max(0, min(MAX_AUTO_WORKERS, share - 1)) if share > 1 else 0
@@ -184,21 +193,35 @@ class _Samples(torch.utils.data.Dataset):
         return self.task.item(self.data, i, self.augment)
 
 
-def batches_per_epoch(total: int, batch_size: int) -> int:
-    """Batches per epoch; a last batch of one item is dropped (batch norm cannot train on it)."""
+def batches_per_epoch(total: int, batch_size: int, world: int = 1) -> int:
+    """Batches per epoch; a last batch that would leave one of `world` workers a single item is dropped (batch
+    norm cannot train on one)."""
     full, rest = divmod(total, batch_size)
-    return full + (1 if rest > 1 else 0) if total > 1 else total
+    return full + (1 if rest >= 2 * world else 0) if total > 1 else total
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) inside a DDP process group (Ray Train's workers); (0, 1) in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def train_batches(task: Any, data: Any, batch_size: int, generator: torch.Generator, augment: Callable | None,
                   settings: EngineSettings, pin: bool) -> Iterator[Batch]:
     """One epoch of shuffled CPU batches: slices of the tensors (read by DataLoader workers when the split
-    is lazy), or per-sample augmented through a DataLoader."""
-    count = batches_per_epoch(len(data), batch_size)
-    workers = loader_workers(settings, data)
-    if augment is None:
+    is lazy), or per-sample augmented through a DataLoader. Under DDP every worker draws the same order and
+    takes its share of each global batch, so N workers step on the batches one process would."""
+    rank, world = shard()
+    count = batches_per_epoch(len(data), batch_size, world)
+    workers = loader_workers(settings, data, per_sample_on_gpu=augment is not None and pin)
+    if augment is None or world > 1:
         order = torch.randperm(len(data), generator=generator)
-        chunks = [order[b * batch_size:(b + 1) * batch_size] for b in range(count)]
+        chunks = [order[b * batch_size:(b + 1) * batch_size][rank::world] for b in range(count)]
+        if augment is not None:
+            yield from _loader(_Samples(task, data, augment), workers, pin,
+                               batch_sampler=[chunk.tolist() for chunk in chunks], collate_fn=task.collate)
+            return
         if workers == 0 or not _lazy(data):  # tensors in memory: slicing beats any worker
             yield from (task.gather(data, chunk) for chunk in chunks)
             return
@@ -290,26 +313,28 @@ class Setup:
 
 
 def set_up(model: nn.Module, task: str, train: Any, cfg: TrainConfig, settings: EngineSettings,
-           policy: PolicyParams | None) -> Setup:
-    """Device, optimizer, EMA, loss scaler, normalization, augmentation and mixing for training on `train`."""
+           policy: PolicyParams | None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> Setup:
+    """Device, optimizer, EMA, loss scaler, normalization, augmentation and mixing for training on `train`;
+    `wrap` makes the module the loss calls (Ray Train's DDP `prepare_model`)."""
     adapter = get_task(task)
     device = prepare(model, settings)
-    dtype = amp_dtype(settings, device)
+    dtype = amp_dtype(settings)
     if len(train) < 2:
         raise ConvForgeError(f"{task}: the training split has {len(train)} item(s); need at least 2")
-    forward_model = torch.compile(model) if settings.compile and adapter.compiles else model
     held = trunk_parameters(model, cfg.freeze)
     for parameter in held:  # not trainable until set_trainable releases them; the optimizer holds them at lr 0
         parameter.requires_grad_(False)
+    wrapped = wrap(model) if wrap is not None else model  # after freezing: DDP reduces the trainable parameters
+    forward_model = torch.compile(wrapped) if settings.compile and adapter.compiles else wrapped
     optimizer = make_optimizer(model, cfg, held)
     ema = make_ema(model, cfg.ema_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.choice().grad_scaler)  # bf16 needs no loss scaling
     mean, std = _normalizer(train.mean, train.std, device)
     augment = adapter.augmenter(train, policy, cfg.aug_strength)
     mixer = adapter.mixer(cfg, len(train.classes))
     data = resident(train, device) if augment is None else train
     return Setup(model, forward_model, adapter, optimizer, ema, scaler, device, dtype, mean, std, augment, mixer, data,
-                 settings.channels_last, held)
+                 settings.choice().channels_last, held)
 
 
 def set_trainable(setup: Setup, cfg: TrainConfig, epoch: int) -> None:
@@ -415,6 +440,22 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- the loop
 
 
+def agree(setup: Setup, loss: float, seen: int) -> tuple[float, int]:
+    """Under DDP: rank 0's BatchNorm statistics on every worker (each updated its own on its share), so all
+    evaluate, select and stop alike; and the epoch's loss and images over all workers. One process: unchanged.
+
+    Every worker then validates on the whole split: torchmetrics sums its states over the workers, which
+    repeats each item world-size times and leaves every ratio (accuracy, F1, ECE, mAP) as it is."""
+    if shard()[1] == 1:
+        return loss, seen
+    for module in (setup.model, setup.ema):
+        for buffer in module.buffers() if module is not None else ():
+            torch.distributed.broadcast(buffer.data, 0)
+    totals = torch.tensor([loss * seen, float(seen)], dtype=torch.float64, device=setup.device)
+    torch.distributed.all_reduce(totals)
+    return float(totals[0] / totals[1]), int(totals[1])
+
+
 def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     """Seeds everything random in an epoch (order, augmentation, dropout, mixup) from (seed, epoch), so a
     resumed run repeats the uninterrupted one exactly; returns the generator that shuffles the epoch."""
@@ -459,16 +500,17 @@ def train_one_epoch(setup: Setup, batches: Iterable[Batch], cfg: TrainConfig, ep
 def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, settings: EngineSettings, *,
         policy: PolicyParams | None = None, checkpoint_dir: Path | None = None,
         on_epoch: Callable[[EpochResult], None] | None = None,
-        log: Callable[[str], None] | None = print) -> FitResult:
+        log: Callable[[str], None] | None = print, wrap: Callable[[nn.Module], nn.Module] | None = None) -> FitResult:
     """Train `model` on `train`, select the best epoch on `val`; resumes from `checkpoint_dir/last.pt` if present.
 
-    `on_epoch` runs after the epoch's checkpoint is written (a tuner may report and copy it).
+    `on_epoch` runs after the epoch's checkpoint is written (a tuner may report and copy it); `wrap`: see `set_up`.
     """
     say = log or (lambda message: None)
-    setup = set_up(model, task, train, cfg, settings, policy)
+    setup = set_up(model, task, train, cfg, settings, policy, wrap)
+    say(runtime.device_line(settings.choice(), runtime.probe()))
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = resume(path, setup, cfg, say)
-    steps = batches_per_epoch(len(train), cfg.batch_size)
+    steps = batches_per_epoch(len(train), cfg.batch_size, shard()[1])
     while not state.done(cfg):
         epoch = state.epoch + 1
         generator = seed_epoch(settings.seed, epoch)
@@ -476,6 +518,7 @@ def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, set
         batches = train_batches(setup.adapter, setup.data, cfg.batch_size, generator, setup.augment, settings,
                                 pin=setup.device.type == "cuda")
         train_loss, seen, epoch_s = train_one_epoch(setup, batches, cfg, epoch, state.step, steps, say)
+        train_loss, seen = agree(setup, train_loss, seen)
         if not math.isfinite(train_loss):
             raise ConvForgeError(f"{task}: training diverged in epoch {epoch} (loss {train_loss}); "
                                  f"lower train.{task}.lr (now {cfg.lr})")
@@ -507,14 +550,15 @@ def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, set
 
 @torch.inference_mode()
 def _evaluate(model: nn.Module, adapter: Any, data: Any, settings: EngineSettings, device: torch.device,
-              batch_size: int) -> "MetricReport":
-    """The adapter's metric report of `model` on a split, in order and without gradients."""
+              batch_size: int, meter: Any = None) -> "MetricReport":
+    """The adapter's metric report of `model` on a split (into `meter`, else the task's default one), in
+    order and without gradients."""
     model.eval()
-    dtype = amp_dtype(settings, device)
+    dtype = amp_dtype(settings)
     mean, std = _normalizer(data.mean, data.std, device)
-    meter = adapter.meter(data.classes)
+    meter = adapter.meter(data.classes) if meter is None else meter
     for batch in prefetch(eval_batches(adapter, data, batch_size, settings), device):
-        images = normalize(batch.images, mean, std, settings.channels_last)
+        images = normalize(batch.images, mean, std, settings.choice().channels_last)
         with _autocast(device, dtype):
             outputs = adapter.outputs(model, images)
         adapter.update(meter, outputs, batch)
@@ -522,15 +566,16 @@ def _evaluate(model: nn.Module, adapter: Any, data: Any, settings: EngineSetting
 
 
 def evaluate_report(model: nn.Module, task: str, data: Any, settings: EngineSettings,
-                    batch_size: int = 64) -> "MetricReport":
-    """Every metric of `task` on a split: scalars, per-class values, confusion matrix, PR curve."""
+                    batch_size: int = 64, meter: Any = None) -> "MetricReport":
+    """Every metric of `task` on a split: scalars, per-class values, confusion matrix, PR curve; `meter`:
+    the task adapter's meter made with the model's own settings (default: `adapter.meter(classes)`)."""
     device = prepare(model, settings)
-    return _evaluate(model, get_task(task), data, settings, device, batch_size)
+    return _evaluate(model, get_task(task), data, settings, device, batch_size, meter)
 
 
 def evaluate(model: nn.Module, task: str, data: Any, settings: EngineSettings,
              batch_size: int = 64) -> dict[str, float]:
-    """The metrics of `task` on a split as one flat dict (`accuracy`, ..., `accuracy.<class>`)."""
+    """The metrics of `task` on a split as one flat dict (`accuracy`, ..., `per_class/accuracy/<class>`)."""
     return evaluate_report(model, task, data, settings, batch_size).flat()
 
 
@@ -544,12 +589,12 @@ def predict(model: nn.Module, task: str, images: Tensor, mean: Iterable[float], 
     """
     adapter = get_task(task)
     device = prepare(model, settings)
-    dtype = amp_dtype(settings, device)
+    dtype = amp_dtype(settings)
     model.eval()
     mean_t, std_t = _normalizer(mean, std, device)
     chunks: list[Any] = []
     for start in range(0, len(images), batch_size):
-        chunk = normalize(images[start:start + batch_size].to(device), mean_t, std_t, settings.channels_last)
+        chunk = normalize(images[start:start + batch_size].to(device), mean_t, std_t, settings.choice().channels_last)
         with _autocast(device, dtype):
             outputs = adapter.outputs(model, chunk)
         chunks.append(adapter.cpu_predictions(outputs))

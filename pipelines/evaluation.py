@@ -1,13 +1,16 @@
 """Evaluating a trained model on the test split: metrics for DVC, plots for DVC and people, both into MLflow.
 
-`run_evaluation` writes flat `test_*` scalars (for `dvc metrics show/diff`) and a plots folder (JSON
-records for `dvc plots show`: learning curve, PR curve, per-class values, the confusion records of
-a classifier; and PNGs), and adds both to the model's training run in MLflow.
+`run_evaluation` writes flat `test_*` scalars (for `dvc metrics show/diff`), a plots folder of JSON
+records for `dvc plots show` (learning curve, PR curves per class, per-class values, the confusion
+records of a classifier) and an images folder of PNGs (declared as DVC image plots: a folder holding
+only images, so every task's pictures show without a dvc.yaml entry each), and adds them to the
+model's training run in MLflow.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +19,7 @@ from models import _checkpoint as checkpoint
 from pipelines import tracking
 from pipelines.engine import EngineSettings, evaluate_report
 from pipelines.errors import ConvForgeError
+from pipelines.metrics import SERVED_SETTINGS
 from pipelines.params import Params
 from pipelines.plots import (confusion_records, plot_confusion, plot_learning_curves, plot_pr_curve,
                              write_visuals)
@@ -31,26 +35,31 @@ def per_class_records(per_class: dict[str, dict[str, float]]) -> list[dict[str, 
             for name in names]
 
 
-def write_plots(task: str, report: Any, history: list[dict[str, Any]], model: Any, data: Any, folder: Path) -> None:
-    """Every plot of the evaluation into `folder`: JSON records for DVC, PNGs for people."""
-    folder = Path(folder)
+def write_plots(task: str, report: Any, history: list[dict[str, Any]], model: Any, data: Any, folder: Path,
+                images: Path) -> None:
+    """Every plot of the evaluation: JSON records for DVC into `folder`, PNGs for people into `images`."""
+    folder, images = Path(folder), Path(images)
     if history:
         runtime.write_json(folder / "learning_curve.json", history)
-        plot_learning_curves(history, folder / "learning_curves.png")
+        plot_learning_curves(history, images / "learning_curves.png")
     if report.curves:
         runtime.write_json(folder / "pr_curve.json", report.curves)
-        plot_pr_curve(report.curves, folder / "pr_curve.png", title=get_task(task).pr_title)
+        plot_pr_curve(report.curves, images / "pr_curve.png", title=get_task(task).pr_title)
     if report.per_class:
         runtime.write_json(folder / "per_class.json", per_class_records(report.per_class))
+    for stem, records in report.records.items():  # e.g. regress's predicted-vs-true scatter
+        runtime.write_json(folder / f"{stem}.json", records)
     if get_task(task).confusion and report.confusion is not None:
         runtime.write_json(folder / "confusion.json", confusion_records(report.confusion, data.classes))
-        plot_confusion(report.confusion, data.classes, folder / "confusion_matrix.png")
-    write_visuals(model, task, data, folder)
+        plot_confusion(report.confusion, data.classes, images / "confusion_matrix.png")
+    write_visuals(model, task, data, images)
 
 
 def run_evaluation(params: Params, task: str, data_root: Path, model_dir: Path, metrics_path: Path,
-                   plots_dir: Path, *, root: Path = PROJECT_ROOT, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Test metrics and plots of the model in `model_dir`; returns the metrics written."""
+                   plots_dir: Path, images_dir: Path | None = None, *, root: Path = PROJECT_ROOT,
+                   log: Callable[[str], None] = print) -> dict[str, float]:
+    """Test metrics and plots of the model in `model_dir` (PNGs in `images_dir`, else with the JSON in
+    `plots_dir`); returns the metrics written."""
     model, config = checkpoint.load(Path(model_dir))
     if config.get("task") != task:
         raise ConvForgeError(f"{model_dir}: holds a {config.get('task')!r} model, not {task!r}")
@@ -58,7 +67,9 @@ def run_evaluation(params: Params, task: str, data_root: Path, model_dir: Path, 
     if list(test.classes) != list(config.get("classes", test.classes)):
         raise ConvForgeError(f"{model_dir}: trained on classes {config['classes']}, but the test data has "
                              f"{test.classes}; rerun `dvc repro train@{task}`")
-    report = evaluate_report(model, task, test, EngineSettings.from_params(params))
+    # At the model's own serving settings (a detector's score threshold, chosen on val), as served
+    meter = get_task(task).meter(test.classes, **{key: config[key] for key in SERVED_SETTINGS if key in config})
+    report = evaluate_report(model, task, test, EngineSettings.from_params(params), meter=meter)
     # Scalars only, so `dvc metrics show` stays readable; per-class values go to per_class.json and MLflow.
     metrics = {f"test_{key}": round(value, 6) for key, value in report.scalars.items()}
     metrics["test_items"] = len(test)
@@ -66,21 +77,27 @@ def run_evaluation(params: Params, task: str, data_root: Path, model_dir: Path, 
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
 
     runtime.write_json(metrics_path, metrics)
-    with runtime.atomic_dir(plots_dir) as staging:
-        write_plots(task, report, history, model, test, staging)
-    log_to_run(params, config.get("mlflow_run_id"), report.flat("test_"), metrics_path, plots_dir, root, log)
+    with ExitStack() as stack:
+        staging = stack.enter_context(runtime.atomic_dir(plots_dir))
+        pictures = staging if images_dir is None else stack.enter_context(runtime.atomic_dir(images_dir))
+        write_plots(task, report, history, model, test, staging, pictures)
+    outputs = {"evaluation": metrics_path, "evaluation/plots": plots_dir}
+    if images_dir is not None:
+        outputs["evaluation/images"] = images_dir
+    log_to_run(params, config.get("mlflow_run_id"), report.flat("test_"), outputs, root, log)
     log(f"evaluate {task}: " + "  ".join(f"{k}={v:.4f}" for k, v in report.scalars.items())
-        + f"  ({len(test)} test items); wrote {metrics_path} and {plots_dir}")
+        + f"  ({len(test)} test items); wrote " + ", ".join(str(path) for path in outputs.values()))
     return metrics
 
 
-def log_to_run(params: Params, run_id: str | None, metrics: dict[str, float], metrics_path: Path, plots_dir: Path,
+def log_to_run(params: Params, run_id: str | None, metrics: dict[str, float], outputs: dict[str, Path],
                root: Path, log: Callable[[str], None]) -> None:
-    """Add the test metrics and plots to the training run, when the store still has it."""
+    """Add the test metrics and the evaluation's files (`{artifact path: local path}`) to the training run,
+    when the store still has it."""
     if not run_id:
         return
     uri = tracking.configure(params.mlflow, root)
     if not tracking.run_exists(run_id):
         log(f"note: MLflow run {run_id} not found in the store {uri}; test metrics were written to reports/ only")
         return
-    tracking.add_to_run(run_id, metrics, {"evaluation": metrics_path, "evaluation/plots": plots_dir})
+    tracking.add_to_run(run_id, metrics, outputs)

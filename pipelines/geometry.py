@@ -168,6 +168,8 @@ def derive_geometry(boxes: np.ndarray) -> Geometry:
 
 def data_geometry(data: Any) -> dict[str, Any]:
     """Every geometry hparam derived from a training split's boxes; {} for data without boxes."""
+    if hasattr(data, "target_stats"):  # regression data: its targets' standardisation (pipelines/regression.py)
+        return data.target_stats()
     return derive_geometry(split_boxes(data)).hparams() if hasattr(data, "targets") else {}
 
 
@@ -179,6 +181,6 @@ def family_geometry(geometry: dict[str, Any], defaults: dict[str, Any]) -> dict[
 def geometry_hparams(defaults: dict[str, Any], data: Any) -> dict[str, Any]:
     """The data-derived geometry hparams a family takes (those among its `defaults`), from a training split;
     {} for families without geometry hparams and for data without boxes."""
-    if not set(DEFAULT.hparams()) & set(defaults):
+    if not set(DEFAULT.hparams()) & set(defaults) and not hasattr(data, "target_stats"):
         return {}
     return family_geometry(data_geometry(data), defaults)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipelines.errors import ConvForgeError
 
-TASKS = ("classify", "detect", "segment")
+TASKS = ("classify", "detect", "segment", "regress", "reconstruct")
 BUILTIN_DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits")
 OWN_DATA_KINDS = ("imagefolder", "coco", "masks")
 
@@ -46,6 +46,14 @@ class DataParams(Section):
     on_corrupt: Literal["skip", "fail"]
     max_train: PosInt | None
     max_test: PosInt | None
+    # regress on own data: a CSV `file,target[,target2...]` (file relative to the imagefolder root)
+    targets_csv: str | None = None
+
+    @model_validator(mode="after")
+    def _targets_with_imagefolder(self) -> "DataParams":
+        if self.targets_csv is not None and self.kind != "imagefolder":
+            raise ValueError("targets_csv: only for data.dataset imagefolder:PATH")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -165,8 +173,9 @@ class SearchParams(Section):
     scheduler: Literal["asha", "hyperband", "pbt"]
     algorithm: Literal["optuna", "random"]
     reduction_factor: Annotated[int, Field(ge=2)]
-    cpus_per_trial: Annotated[float, Field(gt=0)]
-    gpus_per_trial: Annotated[float, Field(ge=0)]
+    # auto: the machine shared by max_concurrent trials (pipelines/runtime.py `trial_resources`)
+    cpus_per_trial: Annotated[float, Field(gt=0)] | Literal["auto"]
+    gpus_per_trial: Annotated[float, Field(ge=0)] | Literal["auto"]
     max_concurrent: PosInt
     max_failures: NonNegInt
     ray_address: str | None
@@ -175,6 +184,8 @@ class SearchParams(Section):
     classify: TaskSearchParams
     detect: TaskSearchParams
     segment: TaskSearchParams
+    regress: TaskSearchParams
+    reconstruct: TaskSearchParams
 
     @model_validator(mode="after")
     def _scheduler_fits(self) -> "SearchParams":
@@ -208,6 +219,7 @@ class TrainConfig(Section):
     early_stop_patience: NonNegInt
     aug_strength: Annotated[float, Field(ge=0, le=4)]
     dice_weight: Annotated[float, Field(ge=0)]  # segment: CE + dice_weight * soft Dice loss
+    loss: Literal["mse", "smooth_l1"]  # regress: on the standardized targets
     # Transfer learning (Keras `trainable=False` semantics): where the trunk's weights come from, how
     # many of its first stages stay frozen (their BatchNorm statistics too), and from which epoch the
     # frozen stages fine-tune at lr x unfreeze_lr_scale (0 = never).
@@ -228,9 +240,13 @@ class TrainParams(Section):
     compile: bool
     num_threads: NonNegInt
     num_workers: NonNegInt | Literal["auto"]
+    workers: PosInt  # Ray Train workers of the final training (DDP); 1: one process, no Ray
+    use_gpu: bool | Literal["auto"]  # Ray Train workers on GPUs; auto: from train.device and the cluster's GPUs
     classify: TrainConfig
     detect: TrainConfig
     segment: TrainConfig
+    regress: TrainConfig
+    reconstruct: TrainConfig
 
     def task(self, task: str) -> TrainConfig:
         return getattr(self, task)
@@ -254,9 +270,26 @@ class PromoteParams(Section):
     classify: PromoteGate
     detect: PromoteGate
     segment: PromoteGate
+    regress: PromoteGate
+    reconstruct: PromoteGate
 
     def task(self, task: str) -> PromoteGate:
         return getattr(self, task)
+
+
+class CorruptionParams(Section):
+    """How the reconstruct task corrupts its inputs (pipelines/reconstruction.py): Gaussian noise, then one
+    erased rectangle per image with probability `erasing`, covering a fraction in `erasing_scale` of it."""
+
+    noise_std: Annotated[float, Field(ge=0.0, le=1.0)]  # in [0, 1] pixel units
+    erasing: Fraction
+    erasing_scale: Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(min_length=2, max_length=2)]
+
+    @model_validator(mode="after")
+    def _ordered_scale(self) -> "CorruptionParams":
+        if self.erasing_scale[0] > self.erasing_scale[1]:
+            raise ValueError(f"erasing_scale must be [low, high] with low <= high, got {list(self.erasing_scale)}")
+        return self
 
 
 class MlflowParams(Section):
@@ -282,6 +315,7 @@ class ServeParams(Section):
     top_k: PosInt
     num_threads: NonNegInt
     workers: PosInt
+    device: Literal["auto", "cpu", "cuda"]  # auto: the GPU when one is usable
 
 
 class Params(Section):
@@ -293,6 +327,7 @@ class Params(Section):
     search: SearchParams
     train: TrainParams
     promote: PromoteParams
+    corruption: CorruptionParams
     mlflow: MlflowParams
     serve: ServeParams
 

@@ -132,6 +132,58 @@ def plot_classify_samples(images: Tensor, probs: Tensor, labels: Tensor, classes
     return _save(fig, path)
 
 
+def plot_regress_samples(images: Tensor, predicted: Tensor, true: Tensor, names: Sequence[str], path: Path,
+                         columns: int = 8) -> Path:
+    """A grid of images titled with their predicted targets, the true ones below."""
+    plt = _pyplot()
+    rows = math.ceil(len(images) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, pred, value in zip(axes.flat, images, predicted, true):
+        shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+        axis.imshow(shown.numpy(), cmap="gray" if image.shape[0] == 1 else None)
+        axis.set_title(" ".join(f"{float(v):.1f}" for v in pred.reshape(-1)), fontsize=7)
+        axis.text(0.5, -0.08, "true: " + " ".join(f"{float(v):.1f}" for v in value.reshape(-1)),
+                  transform=axis.transAxes, ha="center", va="top", fontsize=6)
+    fig.suptitle("predicted (" + ", ".join(names) + ")", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_regress_scatter(predicted: Tensor, true: Tensor, names: Sequence[str], path: Path) -> Path:
+    """Predicted against true values, one panel per target, with the identity line."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    for k, (axis, name) in enumerate(zip(axes.flat, names)):
+        x, y = true[:, k].numpy(), predicted[:, k].numpy()
+        low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        axis.scatter(x, y, s=3, alpha=0.4)
+        axis.plot([low, high], [low, high], color="tab:red", linewidth=1)
+        mae = float(abs(y - x).mean())
+        axis.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=f"{name}: MAE {mae:.2f}")
+        axis.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_triplets(inputs: Tensor, outputs: Tensor, targets: Tensor, path: Path, rows: int = 8) -> Path:
+    """Rows of corrupted input | restored output | clean target (uint8, float in [0, 1], uint8 [N, C, H, W]),
+    each output titled with its PSNR gain over the input (dB)."""
+    from pipelines.reconstruction import image_quality
+
+    plt = _pyplot()
+    count = min(rows, len(inputs))
+    fig, axes = plt.subplots(count, 3, figsize=(4.8, 1.7 * count), squeeze=False)
+    clean = targets[:count].float() / 255
+    gains = image_quality(outputs[:count].float(), clean)[0] - image_quality(inputs[:count].float() / 255, clean)[0]
+    for row, images in enumerate(zip(inputs[:count].float() / 255, outputs[:count].float(), clean)):
+        for column, (axis, image, title) in enumerate(zip(axes[row], images, ("input", "output", "target"))):
+            shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+            axis.imshow(shown.clamp(0, 1).numpy(), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
+            axis.axis("off")
+            axis.set_title(f"{title} (+{float(gains[row]):.1f} dB)" if column == 1 else title, fontsize=7)
+    return _save(fig, path)
+
+
 def draw_detect_samples(images: Tensor, detections: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]],
                         classes: Sequence[str], path: Path, min_score: float = 0.3) -> Path:
     """Pairs (truth | prediction) per image: boxes labelled with class (and score), masks filled when present."""

@@ -213,6 +213,10 @@ def prepare_from_classify(raw: RawData, prepared: Path, reports: Path, augment: 
         for start, block in row_blocks(raw.images_path("test")):
             items.add("test", block, test_labels[start:start + len(block)])
         items_meta = items.finish(raw.classes, augment, seed)
+        if raw.meta.get("target_names"):  # data.targets_csv: the regress task's own targets
+            from pipelines.targets import write_targets
+
+            write_targets(raw.root, out, {"train": train_idx, "val": val_idx}, augment.copies, raw.meta["target_names"])
     # Scenes draw items at random: one pread per item from the written splits (no split held in memory).
     labels = {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels}
     sources = {"train": [f"train/{i}" for i in train_idx], "val": [f"train/{i}" for i in val_idx],

@@ -24,7 +24,8 @@ from pipelines.sources import RAW_SPLITS, STREAMERS, ClassifySplits, read_datase
 
 # The data params that shape data/raw (image_size, on_corrupt and crop sizes act on own data only):
 # recorded in meta.json, so the raw data says how it was made whatever the dataset.
-SHAPING = {"dataset", "image_size", "auto_size_max", "auto_canvas_max", "on_corrupt", "max_train", "max_test"}
+SHAPING = {"dataset", "image_size", "auto_size_max", "auto_canvas_max", "on_corrupt", "max_train", "max_test",
+           "targets_csv"}
 
 
 def write_items(dataset: ClassifySplits, out: Path) -> dict:

@@ -107,10 +107,10 @@ def summary_text(results: dict[str, dict[str, Any]], tracking_uri: str, host: st
     return "\n".join(out)
 
 
-def replace_readme_table(readme: Path, table: str) -> None:
-    """Swap the text between `<!-- RESULTS:START -->` and `<!-- RESULTS:END -->` for `table`."""
+def replace_readme_table(readme: Path, table: str, marker: str = "RESULTS") -> None:
+    """Swap the text between `<!-- {marker}:START -->` and `<!-- {marker}:END -->` for `table`."""
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- RESULTS:START -->\n).*?(<!-- RESULTS:END -->)", re.S)
+    pattern = re.compile(rf"(<!-- {marker}:START -->\n).*?(<!-- {marker}:END -->)", re.S)
     if not pattern.search(text):
-        raise ConvForgeError(f"{readme}: no RESULTS:START/END markers to replace")
+        raise ConvForgeError(f"{readme}: no {marker}:START/END markers to replace")
     readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))

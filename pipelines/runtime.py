@@ -1,9 +1,24 @@
-"""Process set-up every stage shares: no telemetry, seeds, threads, device, atomic writes."""
+"""Process set-up every stage shares: no telemetry, seeds, threads, device, atomic writes.
+
+Device resolution is a pure function of the settings and the machine's facts (`Hardware`, read once by
+`probe`): `resolve` picks the device, the AMP dtype (bf16 where the GPU has it, else fp16 with loss
+scaling), channels_last and what `deterministic` means there; `device_line` is the one line a run logs
+and `device_record` what it records in MLflow. Determinism: on the CPU every op runs its deterministic
+kernel (two runs give identical metrics); on CUDA seeds and cuDNN's deterministic convolutions only,
+because ops such as bilinear upsampling's and RoIAlign's backward have no deterministic CUDA kernel and
+forcing deterministic algorithms there only warns and slows every other kernel down.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import random
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 from models._files import atomic_dir, sha256_file, write_json  # noqa: F401  (re-exported)
 
@@ -20,8 +35,37 @@ for _key, _value in TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
 
 
+def token_source() -> str | None:
+    """Where Ray would read an auth token from in this process (None: nowhere)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return path if Path(path).expanduser().is_file() else None
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def enable_token_auth() -> str | None:
+    """RAY_AUTH_MODE=token when RAY_ADDRESS names a `ray start` cluster, the mode is unset and a token is at hand, as
+    Ray does itself for a cluster it finds on its own; returns the token's source. A token sent to a cluster without
+    authentication is ignored there."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "local", "auto") or address.startswith("ray://") or "RAY_AUTH_MODE" in os.environ:
+        return None
+    source = token_source()
+    if source is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return source
+
+
+# Ray reads RAY_AUTH_MODE once, when imported: the token of the cluster at RAY_ADDRESS is picked up before that
+# (pipelines/cluster.py joins it).
+enable_token_auth()
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; in deterministic mode also pick deterministic kernels."""
+    """Seed Python, NumPy and torch; in deterministic mode also pick deterministic kernels (see `resolve`)."""
     import numpy as np
     import torch
 
@@ -29,11 +73,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        # CUDA needs this for deterministic cuBLAS; bilinear upsampling's backward has no
-        # deterministic CUDA kernel, so segmentation decoders warn instead of failing.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    apply_determinism(resolve("auto", "off", False, deterministic, probe()))  # the engine refines it per run
 
 
 def set_threads(num_threads: int) -> int:
@@ -45,14 +86,127 @@ def set_threads(num_threads: int) -> int:
     return count
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """The facts device resolution decides from (`probe` reads this machine's)."""
+
+    cores: int  # CPU cores this process may use
+    threads: int  # torch's intra-op threads
+    gpus: int = 0  # usable CUDA devices
+    gpu_name: str = ""
+    gpu_memory_gib: float = 0.0
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability of device 0
+    bf16: bool = False  # native bf16 (Ampere, capability 8.0, and later)
+    cuda_version: str = ""  # of the torch build
+    driver_version: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """How a run uses the hardware: what `resolve` decided."""
+
+    device: str  # cpu | cuda
+    amp: str  # bf16 | fp16 | off
+    grad_scaler: bool  # fp16 needs loss scaling; bf16 has float32's range
+    channels_last: bool
+    deterministic: str  # off | kernels (CPU: every op deterministic) | cudnn (CUDA: seeds + cuDNN's convolutions)
+
+
+@functools.lru_cache(maxsize=1)
+def probe() -> Hardware:
+    """This machine's facts: cores and threads, and the first GPU's name, memory, capability and versions."""
+    import torch
+
+    cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    if not torch.cuda.is_available():
+        return Hardware(cores, threads)
+    props = torch.cuda.get_device_properties(0)
+    return Hardware(cores, threads, torch.cuda.device_count(), props.name, round(props.total_memory / 2**30, 1),
+                    (props.major, props.minor), torch.cuda.is_bf16_supported(including_emulation=False),
+                    torch.version.cuda or "", _driver_version())
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's version as nvidia-smi reports it ("" without nvidia-smi)."""
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
+def resolve(device: str, amp: str, channels_last: bool, deterministic: bool, hw: Hardware,
+            section: str = "train") -> DeviceChoice:
+    """The device, AMP dtype, memory format and determinism that settings (`section`'s) get on `hw`.
+
+    auto: CUDA when a GPU is usable; AMP bf16 where the GPU has it natively, else fp16 with a GradScaler, off on
+    the CPU. channels_last only where it pays: the CPU and GPUs with tensor cores (capability 7.0 and later).
+    """
+    from pipelines.errors import ConvForgeError
+
+    if device == "cuda" and hw.gpus == 0:
+        raise ConvForgeError(f"{section}.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    on_cuda = device == "cuda" or (device == "auto" and hw.gpus > 0)
+    if amp == "auto":
+        amp = ("bf16" if hw.bf16 else "fp16") if on_cuda else "off"
+    if amp == "fp16" and not on_cuda:
+        raise ConvForgeError(f"{section}.amp fp16 needs CUDA; use bf16 or off on the CPU")
+    if amp == "bf16" and on_cuda and not hw.bf16:
+        raise ConvForgeError(f"{section}.amp bf16: {hw.gpu_name} (compute capability {hw.capability[0]}."
+                             f"{hw.capability[1]}) has no native bf16; use auto or fp16")
+    mode = "off" if not deterministic else ("cudnn" if on_cuda else "kernels")
+    return DeviceChoice("cuda" if on_cuda else "cpu", amp, amp == "fp16",
+                        channels_last and (not on_cuda or hw.capability >= (7, 0)), mode)
+
+
+def apply_determinism(choice: DeviceChoice) -> None:
+    """Deterministic kernels as `choice` says (process-wide settings of torch)."""
+    import torch
+
+    torch.use_deterministic_algorithms(choice.deterministic == "kernels", warn_only=True)
+    torch.backends.cudnn.deterministic = choice.deterministic == "cudnn"
+    torch.backends.cudnn.benchmark = choice.deterministic == "off"  # autotuning picks kernels by timing
+
+
+def device_line(choice: DeviceChoice, hw: Hardware) -> str:
+    """One line: the hardware a run uses and how."""
+    how = f"amp {choice.amp}{' + loss scaling' if choice.grad_scaler else ''}, " \
+          f"{'channels_last' if choice.channels_last else 'contiguous'}, deterministic {choice.deterministic}"
+    if choice.device == "cpu":
+        return f"device: cpu ({hw.cores} cores, {hw.threads} threads); {how}"
+    return (f"device: cuda x{hw.gpus} {hw.gpu_name} ({hw.gpu_memory_gib:g} GiB, capability {hw.capability[0]}."
+            f"{hw.capability[1]}, CUDA {hw.cuda_version or '?'}, driver {hw.driver_version or '?'}); {how}")
+
+
+def device_record(choice: DeviceChoice, hw: Hardware) -> dict[str, str | int | float | bool]:
+    """The resolved device and the hardware's facts, flat, as MLflow params of a run."""
+    record: dict[str, str | int | float | bool] = {"device": choice.device, "amp": choice.amp,
+                                                   "grad_scaler": choice.grad_scaler,
+                                                   "channels_last": choice.channels_last,
+                                                   "deterministic": choice.deterministic,
+                                                   "cores": hw.cores, "threads": hw.threads}
+    if choice.device == "cuda":
+        record.update(gpus=hw.gpus, gpu_name=hw.gpu_name, gpu_memory_gib=hw.gpu_memory_gib,
+                      capability=f"{hw.capability[0]}.{hw.capability[1]}", cuda_version=hw.cuda_version,
+                      driver_version=hw.driver_version)
+    return record
+
+
 def resolve_device(name: str) -> "torch.device":
     """`auto` picks CUDA when present; asking for CUDA without one is a user error."""
     import torch
 
-    from pipelines.errors import ConvForgeError
+    return torch.device(resolve(name, "off", False, False, probe()).device)
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConvForgeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    return torch.device(name)
+
+def trial_resources(cpus: float | str, gpus: float | str, max_concurrent: int, hw: Hardware) -> tuple[float, float]:
+    """(CPUs, GPUs) per search trial; `auto` shares the machine between `max_concurrent` trials: whole cores,
+    and a GPU fraction (at most one GPU; 0 without GPUs, so trials run on the CPU)."""
+    if cpus == "auto":
+        cpus = max(1, hw.cores // max_concurrent)
+    if gpus == "auto":
+        gpus = 0.0 if hw.gpus == 0 else min(1.0, math.floor(10_000 * hw.gpus / max_concurrent) / 10_000)
+    return float(cpus), float(gpus)

@@ -32,6 +32,7 @@ from pipelines.engine import EngineSettings
 from pipelines.errors import ConvForgeError
 from pipelines.geometry import data_geometry, family_geometry
 from pipelines.params import Params, TaskSearchParams, TrainConfig
+from pipelines.search_progress import SearchProgress
 from pipelines.search_space import SearchSpace
 from pipelines.tasks import PRIMARY, get_task
 from pipelines.tracking.search_runs import log_search_inputs
@@ -76,7 +77,9 @@ def search_key(params: Params, task: str, space: SearchSpace, data_hash: str,
               "search": {key: getattr(params.search, key) for key in SHAPING_KEYS},
               "budget": params.search.task(task).model_dump(), "train": trial_config(params, task).model_dump(),
               "policy": params.augment.policy.model_dump(), "space": repr(space), "data": data_hash,
-              **({"pretrained": weights_of(pretrained)} if pretrained else {})}
+              **({"pretrained": weights_of(pretrained)} if pretrained else {}),
+              # what an adapter makes of the prepared data (reconstruct: the corruption), when params choose it
+              **({"made": get_task(task).made_by(params)} if hasattr(get_task(task), "made_by") else {})}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -99,12 +102,24 @@ def prepare_search(params: Params, task: str, data_root: Path, storage: str | No
     return experiment, data_hash, key
 
 
+def trial_resources(params: Params) -> tuple[float, float]:
+    """(CPUs, GPUs) per trial: search.cpus_per_trial and gpus_per_trial, `auto` resolved on this machine."""
+    search = params.search
+    return runtime.trial_resources(search.cpus_per_trial, search.gpus_per_trial, search.max_concurrent,
+                                   runtime.probe())
+
+
 def trial_settings(params: Params) -> EngineSettings:
     """How each trial runs its engine: on its own CPUs (train.num_threads would count every core)."""
-    threads = max(1, int(params.search.cpus_per_trial))
-    return EngineSettings.from_params(params.model_copy(
-        update={"train": params.train.model_copy(update={"num_threads": threads})}),
-        concurrent_runs=params.search.max_concurrent)
+    cpus, gpus = trial_resources(params)
+    device = params.train.device
+    if gpus == 0 and device == "cuda":
+        raise ConvForgeError("train.device is cuda but search.gpus_per_trial is 0: trials would see no GPU "
+                             "(set search.gpus_per_trial to auto or a fraction such as 0.25)")
+    # Ray hides every GPU from a trial that asked for none: say cpu rather than let `auto` find none.
+    update = {"num_threads": max(1, int(cpus)), **({"device": "cpu"} if gpus == 0 else {})}
+    return EngineSettings.from_params(params.model_copy(update={"train": params.train.model_copy(update=update)}),
+                                      concurrent_runs=params.search.max_concurrent)
 
 
 def search_inputs(params: Params, experiment: Experiment, data_hash: str) -> dict[str, Any]:
@@ -112,8 +127,8 @@ def search_inputs(params: Params, experiment: Experiment, data_hash: str) -> dic
     return {"task": experiment.task, "metric": experiment.metric, "seed": params.seed, "budget": params.search.budget,
             "data_hash": data_hash, "git_commit": tracking.git_commit(), "train_subset": experiment.budget.train_subset,
             "max_epochs": experiment.budget.max_epochs, "base": experiment.base.model_dump(),
-            "policy": params.augment.policy.model_dump(), "engine": asdict(trial_settings(params)),
-            "gpus_per_trial": params.search.gpus_per_trial}
+            "policy": params.augment.policy.model_dump(), "engine": trial_settings(params).recorded(),
+            "cpus_per_trial": trial_resources(params)[0], "gpus_per_trial": trial_resources(params)[1]}
 
 
 def search_trials(params: Params, experiment: Experiment, data_hash: str, key: str, log: Callable[[str], None],
@@ -125,6 +140,10 @@ def search_trials(params: Params, experiment: Experiment, data_hash: str, key: s
     values = {"task": task, "budget": params.search.budget, "scheduler": params.search.scheduler,
               "algorithm": params.search.algorithm, "seed": params.seed, "data_hash": data_hash,
               **experiment.budget.model_dump()}
+    (cpus, gpus), settings = trial_resources(params), trial_settings(params)
+    device = runtime.device_line(settings.choice(), runtime.probe()).removeprefix("device: ")
+    log(f"search {task}: each trial gets {cpus:g} CPU(s), {gpus:g} GPU(s); device: {device}")
+    values.update(cpus_per_trial=cpus, gpus_per_trial=gpus, device=settings.choice().device)
     parent_id, complete = tracking.open_search(experiment_id, task, key, values)
     if complete and is_saved(experiment):
         # It ended by its trial count or time budget: a rerun (e.g. for another max_latency_ms) re-reads it.
@@ -133,9 +152,11 @@ def search_trials(params: Params, experiment: Experiment, data_hash: str, key: s
     log_search_inputs(parent_id, search_inputs(params, experiment, data_hash))
     logger = TrialLogger(uri, experiment_id, parent_id, experiment.space, experiment.metric,
                          experiment.budget.max_epochs)
+    progress = SearchProgress(task, experiment.metric, experiment.budget.max_epochs, experiment.budget.num_samples,
+                              log)
     try:
-        run_trials(experiment, params.search, params.seed, trial_settings(params), params.augment.policy, [logger],
-                   log, trial)
+        run_trials(experiment, params.search, params.seed, trial_settings(params), params.augment.policy,
+                   [logger, progress], log, trial)
     except Exception:
         tracking.end_search(parent_id, "FAILED")
         raise

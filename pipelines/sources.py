@@ -303,7 +303,10 @@ def stream_imagefolder(data: DataParams, out: Path) -> dict:
     readable image is greyscale, else 3 (greyscale ones converted to RGB).
     """
 
+    from pipelines.targets import read_targets_csv, target_row
+
     classes, listed = list_imagefolder(data.path)
+    names, table = read_targets_csv(Path(data.targets_csv)) if data.targets_csv else ([], {})
     corrupt = CorruptImages(data.on_corrupt)
     items = {split: [(Path(p), label, read_header(Path(p), corrupt)) for p, label in
                      progress(listed[split][:_limits(data)[split]], f"read {split} headers")]
@@ -314,19 +317,23 @@ def stream_imagefolder(data: DataParams, out: Path) -> dict:
     size, channels = working_size(data, headers, scene=False), 1 if all(h.grey for h in headers) else 3
     counts = {}
     for split, entries in items.items():
-        labels = []
+        labels, targets = [], []
         with ArrayWriter(out / split / "images.npy", (size, size, channels)) as writer:
             for path, label, header in progress(entries, f"decode {split} images"):
                 array = None if header is None else decode(path, channels, size, "square", corrupt)
                 if array is not None:
                     writer.append(array)
                     labels.append(label)
+                    targets += [target_row(table, path, data.path, data.targets_csv)] if names else []
         save_array(out / split / "labels.npy", np.array(labels, dtype=np.int64))
+        if names:  # regress on own data: the CSV's values in the items' order
+            save_array(out / split / "targets.npy", np.array(targets, dtype=np.float32).reshape(-1, len(names)))
         counts[split] = len(labels)
     if counts["train"] == 0:
         raise ConvForgeError(f"{data.path}: no readable training images")
     return {"name": "imagefolder", "source": str(data.path), "kind": ITEMS_DATA, "classes": list(classes),
-            "in_channels": channels, "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped}
+            "in_channels": channels, "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped,
+            **({"target_names": names} if names else {})}
 
 
 def _scene(image: np.ndarray, instance_masks: list[np.ndarray], labels: list[int], semantic: np.ndarray,

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from pipelines.datasets import ITEMS_DATA, SCENES_DATA
 from pipelines.metrics import ClassifyMeter, DetectMeter, SegmentMeter
 from pipelines.params import PolicyParams, TrainConfig
+from pipelines.regression import RegressTask  # imports Batch from here only inside its methods
+from pipelines.reconstruction import ReconstructTask  # imports Batch from here only inside its methods
 
 AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2015, Sec. 5)
 SAMPLES_PNG = "sample_predictions.png"
@@ -240,8 +242,9 @@ class DetectTask(SceneTask):
             decoded.append(item)
         return decoded
 
-    def meter(self, classes: Sequence[str]) -> DetectMeter:
-        return DetectMeter(classes)
+    def meter(self, classes: Sequence[str], score_threshold: float | None = None) -> DetectMeter:
+        """mAP, and precision/recall at `score_threshold` (None: chosen at max F1, as on val in training)."""
+        return DetectMeter(classes, score_threshold)
 
     def update(self, meter: DetectMeter, outputs: list[dict[str, Tensor]], batch: Batch) -> None:
         meter.update(outputs, batch.targets)
@@ -323,9 +326,15 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
-Task = ClassifyTask | DetectTask | SegmentTask
+Task = ClassifyTask | DetectTask | SegmentTask | RegressTask | ReconstructTask
 # The one declaration of the tasks: everything task-specific hangs off these adapters.
-TASKS: dict[str, Task] = {task.name: task for task in (ClassifyTask(), DetectTask(), SegmentTask())}
+TASKS: dict[str, Task] = {task.name: task for task in (
+    ClassifyTask(),
+    DetectTask(),
+    SegmentTask(),
+    RegressTask(),
+    ReconstructTask(),
+)}
 # The primary validation metric of each task, as the engine reports it (maximized).
 PRIMARY = {name: f"val_{task.metric}" for name, task in TASKS.items()}
 

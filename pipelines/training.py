@@ -19,24 +19,23 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 import pipelines.runtime as runtime
 from models import _checkpoint as checkpoint
-from models import build, family as registry_family
-from pipelines import tracking
+from pipelines import distributed, tracking
 from pipelines.engine import EngineSettings, FitResult, evaluate_report, fit
 from pipelines.errors import ConvForgeError
-from pipelines.geometry import geometry_hparams
+from pipelines.metrics import SERVED_SETTINGS
 from pipelines.params import Params, PolicyParams, TrainConfig
 from pipelines.plots import learning_curve_records, plot_confusion, plot_learning_curves, write_visuals
+from pipelines.recipe import run_config, run_model
 from pipelines.tasks import PRIMARY, get_task
-from pipelines.transfer import load_pretrained
+from pipelines.transfer import pretrained_source
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID_FILE = "mlflow_run_id"  # in the resume folder: a resumed run logs into the same MLflow run
@@ -90,17 +89,16 @@ def prepare(params: Params, task: str, data_root: Path, best_path: Path, root: P
     best = read_best(best_path, task)
     adapter = get_task(task)
     train, val = adapter.load_split(data_root, "train"), adapter.load_split(data_root, "val")
-    cfg = params.train.task(task).updated(**best.get("train", {}))
+    # As a trial sets up its run (pipelines/recipe.py): a trial of E epochs is this training for E epochs.
+    cfg = run_config(params.train.task(task), **best.get("train", {}))
+    source = pretrained_source(cfg.pretrained, task, root)
     try:
-        defaults = registry_family(task, best["family"]).defaults
         # The detector's pyramid and anchors fitted to the training boxes, recorded in config.json with the rest
-        hparams = {**defaults, **geometry_hparams(defaults, train), **best["model"]}
-        torch.manual_seed(params.seed)
-        model = build(task, best["family"], len(train.classes), train.in_channels, train.image_size, **hparams)
+        hparams, model, transfer = run_model(task, best["family"], best["model"], train, params.seed,
+                                             pretrained=source, log=log)
     except (KeyError, TypeError, ValueError) as exc:  # a family or hyperparameter value its builder refuses
         raise ConvForgeError(f"{best_path}: {best['family']} {best['model']}: {exc.args[0] if exc.args else exc}"
                              ) from None
-    transfer = load_pretrained(model, cfg.pretrained, task, root, log)
     return TrainingJob(task, best["family"], hparams, cfg, model, train, val, EngineSettings.from_params(params),
                        params.augment.policy, data_root, tracking.data_hash(data_root, root), best, transfer)
 
@@ -125,8 +123,11 @@ def resumable_run(work: Path) -> str | None:
 def log_inputs(job: TrainingJob) -> None:
     """The new run's params and datasets (what it trains, on what, how)."""
     adapter = get_task(job.task)
+    chosen, hardware = job.settings.choice(), runtime.probe()
+    tracking.set_tags({tracking.tags.DEVICE: runtime.device_line(chosen, hardware).removeprefix("device: ")})
     tracking.log_params({"task": job.task, "family": job.family, "model": job.hparams, "train": job.cfg.model_dump(),
-                         "engine": asdict(job.settings), "policy": job.policy.model_dump(),
+                         "engine": job.settings.recorded(), "hardware": runtime.device_record(chosen, hardware),
+                         "policy": job.policy.model_dump(),
                          "data_hash": job.data_hash, "num_train": len(job.train), "num_val": len(job.val),
                          "search_trial_id": job.best.get("trial_id"), "search_run_id": job.best.get("mlflow_run_id")})
     for split, data in (("train", job.train), ("val", job.val)):
@@ -140,8 +141,9 @@ def fit_model(job: TrainingJob, work: Path, log: Callable[[str], None]) -> FitRe
                checkpoint_dir=work, on_epoch=lambda r: tracking.log_metrics(r.metrics, step=r.epoch), log=log)
 
 
-def record(job: TrainingJob, result: FitResult) -> None:
-    """Step 3: the selected epoch's validation report and the training plots, into the run."""
+def record(job: TrainingJob, result: FitResult) -> dict[str, float]:
+    """Step 3: the selected epoch's validation report and the training plots, into the run; returns what
+    the report chose for serving (SERVED_SETTINGS: a detector's score threshold, at max F1 on val)."""
     report = evaluate_report(result.model, job.task, job.val, job.settings)
     tracking.log_metrics({f"best_{job.metric}": result.best_score, "best_epoch": result.best_epoch,
                           "train_images_per_s": result.images_per_s, **report.flat("best_val_")})
@@ -152,6 +154,7 @@ def record(job: TrainingJob, result: FitResult) -> None:
             plot_confusion(report.confusion, job.train.classes, folder / "confusion_matrix_val.png")
         write_visuals(result.model, job.task, job.val, folder)
         tracking.log_artifacts(folder, "plots")
+    return {key: report.scalars[key] for key in SERVED_SETTINGS if key in report.scalars}
 
 
 def model_config(job: TrainingJob, result: FitResult, run_id: str, registered: str, root: Path) -> dict[str, Any]:
@@ -170,8 +173,9 @@ def save(job: TrainingJob, result: FitResult, config: dict[str, Any], out_dir: P
     with runtime.atomic_dir(out_dir) as staging:
         sha = checkpoint.save(result.model, config, staging)
         runtime.write_json(staging / "history.json", learning_curve_records(result.history))
-        registration = tracking.register_model(staging, result.model, job.task, job.train, config["registered_model"],
-                                               job.metric, result.best_score, job.data_hash, sha)
+        card = tracking.ModelCard(job.task, job.family, job.metric, result.best_score, job.data_hash, sha,
+                                  result.best_epoch)
+        registration = tracking.register_model(staging, result.model, job.train, config["registered_model"], card)
         runtime.write_json(staging / checkpoint.REGISTRATION, {"registered_model": registration.name,
                                                     "registered_version": registration.version})
     return registration
@@ -183,7 +187,8 @@ def run_training(params: Params, task: str, data_root: Path, best_path: Path, ou
     job = prepare(params, task, Path(data_root), Path(best_path), root, log)
     uri = tracking.configure(params.mlflow, root)
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
-    work = Path(out_dir).parent / f".{Path(out_dir).name}-resume-{resume_key(job, params)}"  # until done
+    key, workers = resume_key(job, params), distributed.Workers.from_params(params)
+    work = Path(out_dir).parent / f".{Path(out_dir).name}-resume-{key}"  # until done
     work.mkdir(parents=True, exist_ok=True)
     resumed = resumable_run(work)
     log(f"train {task}: {job.family} {job.hparams} on {len(job.train)} items, {job.cfg.epochs} epochs; MLflow {uri}")
@@ -191,10 +196,12 @@ def run_training(params: Params, task: str, data_root: Path, best_path: Path, ou
         (work / RUN_ID_FILE).write_text(run_id)
         if resumed is None:
             log_inputs(job)
-        result = fit_model(job, work, log)
-        record(job, result)
+            tracking.log_params({"workers": workers.count})
+        result = (fit_model(job, work, log) if workers.count == 1 else  # Ray Train: DDP on N workers
+                  distributed.fit_on_workers(job, workers, run_id, f"train-{task}-{key}", log))
+        served = record(job, result)
         config = model_config(job, result, run_id, tracking.registered_name(params.mlflow.registered_model_prefix,
-                                                                            task), root)
+                                                                            task), root) | served
         registration = save(job, result, config, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     log(f"train {task}: best {job.metric} {result.best_score:.4f} at epoch {result.best_epoch}, "

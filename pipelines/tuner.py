@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -38,24 +39,22 @@ from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandSchedule
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from models import build, family
-from models._checkpoint import apply_transfer
+from pipelines import cluster, runtime, tracking
 from pipelines.engine import EngineSettings, EpochResult, fit
 from pipelines.errors import ConvForgeError
-from pipelines.geometry import family_geometry
 from pipelines.params import PolicyParams, SearchParams, TaskSearchParams, TrainConfig
+from pipelines.recipe import run_config, run_model
 from pipelines.search_space import SearchSpace, TrialChoice
 
 MODE = "max"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Generated trees a Ray cluster's workers never need (Ray also honours .gitignore).
-UPLOAD_EXCLUDES = ["data/", "artifacts/", "reports/", "ray_results/", "mlruns/", "mlartifacts/", "*.db",
-                   ".venv/", ".dvc/cache/", "bench/results/", "bentos/"]
 
 # Read by the Tune driver. Every epoch's checkpoint forces an experiment snapshot (num_to_keep is set),
 # which is what resuming needs: Ray's warning that snapshots are frequent is noise for short epochs.
 # Ctrl-C stops the stage (Tune's own handler would return as if the search had ended).
-TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+# RAY_AIR_NEW_OUTPUT=0 with `verbose=0` silences Tune's reporter (the new one prints its configuration box even
+# when silent); pipelines/search_progress.py prints a line per trial result instead.
+TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1",
+            "RAY_AIR_NEW_OUTPUT": "0"}
 # Each report carries the trial's score of every epoch so far (OrderedHalving reads earlier trials' rungs from
 # their last report), and the checkpoint keeps them in this file for a restored trial.
 SCORES = "scores"
@@ -111,8 +110,8 @@ class Experiment:
 
 
 def trial_base(cfg: TrainConfig, max_epochs: int) -> TrainConfig:
-    """`cfg` as a trial trains it: `max_epochs` epochs, warm-up cut to fit."""
-    return cfg.updated(epochs=max_epochs, warmup_epochs=min(cfg.warmup_epochs, max_epochs - 1))
+    """`cfg` as a trial trains it: `max_epochs` epochs, warm-up cut to fit (as the final training's, `run_config`)."""
+    return run_config(cfg, max_epochs)
 
 
 def rungs(max_epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
@@ -286,6 +285,7 @@ def make_search_alg(algorithm: str, space: SearchSpace, metric: str, points: lis
         sampler = tpe_sampler(seed, startup)
     else:
         return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent, random_state=seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
     searcher = OptunaSearch(space=space, metric=metric, mode=MODE, sampler=sampler,
                             points_to_evaluate=[space.optuna_point(p) for p in points])
     return ConcurrencyLimiter(InOrder(searcher, max_concurrent) if in_order else searcher, max_concurrent)
@@ -298,36 +298,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: Calla
     """
     for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Same code on every node: the project travels as the job's working_dir.
-        log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=True,
-                 runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES})
-        return True
-    num_cpus = num_cpus or len(os.sched_getaffinity(0))
-    pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-    log(f"starting a local Ray with {num_cpus} CPU(s)")
-    # address="local": a new Ray of our own, never one that another process left running here.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             object_store_memory=512 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    return True
+    return cluster.connect(address, num_cpus, log)
 
 
 def trial_model(task: str, chosen: TrialChoice, cfg: TrainConfig, data: TrialData, train_data: Any) -> Any:
-    """The model a trial trains, built as the final training builds it: seeded (so its initial weights do not
+    """The model a trial trains, built by the final training's `run_model`: seeded (so its initial weights do not
     depend on what its reused actor ran before), the detector geometry of its data, the trunk from `pretrained`."""
-    import torch
-
-    hparams = {**family_geometry(data.geometry, family(task, chosen.family).defaults), **chosen.hparams}
-    torch.manual_seed(data.seed)
-    model = build(task, chosen.family, len(train_data.classes), train_data.in_channels, train_data.image_size,
-                  **hparams)
-    if cfg.pretrained:
-        apply_transfer(model, pretrained=data.pretrained[cfg.pretrained])
-    return model
+    source = data.pretrained[cfg.pretrained] if cfg.pretrained else None
+    return run_model(task, chosen.family, chosen.hparams, train_data, data.seed, data.geometry, source, print)[1]
 
 
 def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: TrialData,
@@ -339,7 +317,9 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
     cfg = base.updated(**chosen.train)
     model = trial_model(task, chosen, cfg, data, train_data)
     node_id = ray.get_runtime_context().get_node_id()
-    name = tune.get_context().get_trial_name()
+    device = runtime.device_line(settings.choice(), runtime.probe()).removeprefix("device: ")  # the run's tag
+    # Ray logs "Checkpoint successfully created" at INFO for every epoch of every trial.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="convforge-trial-") as work:
         checkpoint_dir = Path(work) / "engine"
         checkpoint_dir.mkdir()
@@ -354,10 +334,12 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
             scores_path.write_text(json.dumps(scores))
             metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
             tune.report({**metrics, "score": result.score, "epoch": result.epoch, "node_id": node_id,
-                         SCORES: list(scores)}, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+                         "device": device, SCORES: list(scores)}, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
+        # Silent: the driver prints each reported epoch once (pipelines/search_progress.py); a trial's own
+        # prints would reach the terminal a second time through Ray's log forwarding.
         fit(model, task, train_data, val_data, cfg, settings, policy=policy, checkpoint_dir=checkpoint_dir,
-            on_epoch=on_epoch, log=lambda message: print(f"[{name} {chosen.family}] {message}", flush=True))
+            on_epoch=on_epoch, log=None)
 
 
 def trial_dirname(trial: Trial) -> str:
@@ -384,11 +366,15 @@ def make_tuner(trainable: Any, experiment: Experiment, search: SearchParams, see
         reuse_actors=True, trial_dirname_creator=trial_dirname,
     )
     run_config = tune.RunConfig(
-        name=experiment.name, storage_path=experiment.storage, callbacks=callbacks, verbose=1,
+        name=experiment.name, storage_path=experiment.storage, callbacks=callbacks, verbose=0,
         failure_config=tune.FailureConfig(max_failures=search.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
+    # `auto` shares this machine between max_concurrent trials; a GPU share makes Ray give the trial its GPU
+    # (with none it hides them all: CUDA_VISIBLE_DEVICES="")
+    cpus, gpus = runtime.trial_resources(search.cpus_per_trial, search.gpus_per_trial, search.max_concurrent,
+                                         runtime.probe())
+    resources = {"cpu": cpus, "gpu": gpus}
     return tune.Tuner(tune.with_resources(trainable, resources),
                       param_space=space.ray_space() if search.algorithm == "random" and not in_order else None,
                       tune_config=tune_config, run_config=run_config)
@@ -401,6 +387,8 @@ def run_trials(experiment: Experiment, search: SearchParams, seed: int, settings
     `trial` is the trainable, called as `train_trial` is (a test may wrap it)."""
     started_ray = init_ray(search.ray_address, log=log)
     try:
+        cluster.require_shared(f"search {experiment.task}", tracking.tracking_uri(), experiment.storage,
+                               search.ray_address)
         # Trials get paths, not arrays: each loads its splits from disk (memory-mapped when large), so the
         # object store (512 MiB locally) carries only the small arguments.
         trainable = tune.with_parameters(trial, task=experiment.task, space=experiment.space,

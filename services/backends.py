@@ -24,23 +24,43 @@ FIGURES_FILE = "bench/results/serve.json"  # bench/serve.py writes it; its `back
 FIGURES = Path(__file__).resolve().parents[1] / FIGURES_FILE
 
 
+def serve_device(asked: str) -> str:
+    """serve.device (auto | cpu | cuda) on this machine: cuda or cpu; cuda without a usable GPU is a user error."""
+    from pipelines.runtime import probe, resolve
+
+    return resolve(asked, "off", False, False, probe(), section="serve").device
+
+
+def onnx_providers(device: str) -> list[str]:
+    """ONNX Runtime's execution providers for `device`: CUDA's first where the installed wheel
+    (onnxruntime-gpu) has it, the CPU's always (the fallback for operators CUDA's lacks)."""
+    import onnxruntime as ort
+
+    cuda = device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
 class TorchBackend:
-    """Runs the PyTorch module (eval mode, inference_mode) the way its task's adapter calls it."""
+    """Runs the PyTorch module (eval mode, inference_mode) the way its task's adapter calls it, on `device`
+    in the batch's dtype (float32: the served outputs are the CPU's up to kernel rounding)."""
 
     name = "torch"
 
-    def __init__(self, module: Any, task: str) -> None:
+    def __init__(self, module: Any, task: str, device: str = "cpu") -> None:
+        import copy
+
         import torch
 
-        self.torch = torch
-        self.module = module.eval()
+        self.torch, self.device, self.target = torch, device, torch.device(device)
+        # A copy on the GPU: the runner's own module stays on the CPU for POST /explain's gradients.
+        self.module = (copy.deepcopy(module).to(self.target) if device == "cuda" else module).eval()
         self.adapter = get_task(task)
         self.per_image = endpoint(task).per_image
 
     def __call__(self, batch: np.ndarray) -> list[Any]:
         with self.torch.inference_mode():
-            outputs = self.adapter.forward(self.module, self.torch.from_numpy(batch))
-            return self.per_image(_numpy(outputs))
+            inputs = self.torch.from_numpy(batch).to(self.target, non_blocking=True)
+            return self.per_image(_numpy(self.adapter.forward(self.module, inputs)))
 
 
 def _numpy(value: Any) -> Any:
@@ -49,15 +69,17 @@ def _numpy(value: Any) -> Any:
         return {key: _numpy(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_numpy(item) for item in value]
+    value = value.cpu()
     return value.float().numpy() if value.is_floating_point() else value.numpy()
 
 
 class OnnxBackend:
-    """Runs the exported graph on ONNX Runtime's CPU provider, in the calling thread."""
+    """Runs the exported graph on ONNX Runtime in the calling thread: on its CUDA provider where `device` is
+    cuda and the wheel has it, else on its CPU provider."""
 
     name = "onnx"
 
-    def __init__(self, path: Path, task: str, num_threads: int = 0) -> None:
+    def __init__(self, path: Path, task: str, num_threads: int = 0, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -69,7 +91,8 @@ class OnnxBackend:
         options.inter_op_num_threads = 1
         options.intra_op_num_threads = num_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.per_graph_image = get_task(task).onnx_per_image
@@ -81,6 +104,13 @@ class OnnxBackend:
             return self.per_image([dict(zip(names, run(names, {self.input_name: image[None]}))) for image in batch])
         (logits,) = run(names, {self.input_name: batch})
         return self.per_image(logits)
+
+
+def on_device(backend: str, reason: str, device: str) -> tuple[str, str]:
+    """(backend, reason) on `device`: onnx on cuda needs ONNX Runtime's CUDA provider, else torch serves it."""
+    if device == "cuda" and backend == "onnx" and onnx_providers(device)[0] != "CUDAExecutionProvider":
+        return "torch", "serve.device cuda: this onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu has it)"
+    return backend, reason
 
 
 def read_figures(path: Path = FIGURES) -> dict[str, Any] | None:

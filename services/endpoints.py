@@ -16,10 +16,11 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from pipelines.tasks import TASKS, ClassifyTask, DetectTask, SegmentTask, get_task
+from pipelines.tasks import TASKS, ClassifyTask, DetectTask, ReconstructTask, RegressTask, SegmentTask, get_task
 from services import observability as obs
 from services.imaging import Fit, Placement, fit_square, letterbox, native
-from services.results import classify_result, detect_result, foreground_fraction, segment_result
+from services.results import (classify_result, detect_result, foreground_fraction, reconstruct_result, regress_result,
+                              segment_result)
 from services.schemas import ImageResult, Options, PredictionResponse
 
 
@@ -68,6 +69,21 @@ def observe_mask_area(result: ImageResult, task: str, version: str) -> None:
     obs.MASK_AREA.labels(task, version).observe(foreground_fraction(result))
 
 
+def restored_images(outputs: np.ndarray) -> list[np.ndarray]:
+    """Restored images float32 [C, S, S] in [0, 1] per image of a batch [N, C, S, S]."""
+    return list(np.clip(outputs, 0, 1).astype(np.float32))
+
+
+def observe_psnr(result: ImageResult, task: str, version: str) -> None:
+    if result.psnr is not None:
+        obs.RECONSTRUCTION_PSNR.labels(task, version).observe(result.psnr)
+
+
+def observe_values(result: ImageResult, task: str, version: str) -> None:
+    for name, value in zip(result.names or [], result.values or []):
+        obs.REGRESSION_VALUE.labels(task, version, name).observe(value)
+
+
 ENDPOINTS: dict[type, Endpoint] = {
     ClassifyTask: Endpoint(
         fit_square, probabilities, classify_result, observe_top_label,
@@ -78,11 +94,22 @@ ENDPOINTS: dict[type, Endpoint] = {
         scalable=True,
         doc="Boxes, labels and scores in the input's own pixels: letterboxed as in training (serve.scale "
             "native: at its own pixels up to serve.max_side), boxes mapped back in `box_format`; "
-            "`score_threshold`, `max_detections`, instance masks in `mask_format`."),
+            "`score_threshold` (default: the model's, chosen on val), one label per box unless `nms` is "
+            "per_class, `max_detections`, instance masks in `mask_format`."),
     SegmentTask: Endpoint(
         letterbox, label_masks, segment_result, observe_mask_area, ("mask_format",), side="long", scalable=True,
         doc="Class mask at the input's size and pixels per class: a PNG (pixel = class + 1) or per-class "
             "RLE/polygons in `mask_format`, and per-class pixel counts."),
+    RegressTask: Endpoint(
+        fit_square, list, regress_result, observe_values,
+        doc="Predicted continuous targets per image (`values`, in the targets' units, named in `names`; the "
+            "default model: the rotation angle in degrees, counter-clockwise positive), each image resized "
+            "as in training."),
+    ReconstructTask: Endpoint(
+        letterbox, restored_images, reconstruct_result, observe_psnr, side="long",
+        doc="The restored (denoised, inpainted) image at the input's size as a base64 PNG (`image`): letterboxed "
+            "as in training and mapped back; with `targets` (the clean images, one per image) also its `psnr` "
+            "in dB."),
 }
 ROUTES = {f"/{name}": name for name in TASKS}  # path -> task
 

@@ -25,7 +25,7 @@ from pipelines.explain import class_cams, detection_cams
 from pipelines.tasks import ClassifyTask, DetectTask, get_task
 from services.errors import InputError
 from services.imaging import Placement, Prepared
-from services.results import classify_result, detect_result
+from services.results import classify_result, detect_result, served_detections
 from services.runners import TaskRunner
 from services.schemas import Explanation, Heatmap, ImageResult, Options, png_base64
 
@@ -99,11 +99,9 @@ def explain_classify(runner: TaskRunner, index: int, item: Prepared, options: Op
 
 
 def returned(options: Options) -> Callable[[dict[str, torch.Tensor]], list[int]]:
-    """The detections /detect returns, best first: scored >= score_threshold, at most max_detections."""
+    """The detections /detect returns, best first (services.results.served_detections)."""
     def select(detections: dict[str, torch.Tensor]) -> list[int]:
-        scores = detections["scores"].double().numpy()
-        keep = np.flatnonzero(scores >= options.score_threshold)
-        return keep[np.argsort(-scores[keep], kind="stable")][:options.max_detections].tolist()
+        return served_detections(detections["boxes"].numpy(), detections["scores"].double().numpy(), options).tolist()
     return select
 
 

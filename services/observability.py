@@ -47,6 +47,15 @@ DETECTIONS = Histogram("convforge_detections_per_image", "Detections returned pe
                        buckets=COUNT_BUCKETS)
 MASK_AREA = Histogram("convforge_mask_area_fraction", "Fraction of an image's pixels segmented as foreground",
                       MODEL, buckets=FRACTION_BUCKETS)
+# regress: each predicted value, by target name (the served model's names, bounded by the model)
+VALUE_BUCKETS = (-90, -45, -30, -20, -10, -5, 0, 5, 10, 20, 30, 45, 90)
+REGRESSION_VALUE = Histogram("convforge_regression_value", "Predicted value per image and target (regress)",
+                             (*MODEL, "name"), buckets=VALUE_BUCKETS)
+# reconstruct: PSNR (dB) of each restored image against the target the client sent with it
+PSNR_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 50, 100)
+RECONSTRUCTION_PSNR = Histogram("convforge_reconstruction_psnr_db", "PSNR of a restored image against the "
+                                "request's target, in dB (reconstruct, when targets are sent)", MODEL,
+                                buckets=PSNR_BUCKETS)
 BATCH_SIZE = Histogram("convforge_batch_size", "Images per model forward (adaptive batching)", MODEL,
                        buckets=BATCH_BUCKETS)
 LOAD_SECONDS = Gauge("convforge_model_load_seconds", "Seconds to load the model", MODEL, multiprocess_mode="max")

@@ -5,6 +5,9 @@
 (their multipart reader fetches a text value of a file field as a URL). Every problem is an
 InputError with a one-line message: 400 (unreadable), 413 (too many images), 415 (other
 content types), 422 (wrong field names or types).
+
+The reconstruct api also takes `targets`: clean images, one per image (multipart file parts `targets`,
+or base64 strings in JSON), decoded by the same reader under the same limits, to score its output.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from starlette.requests import Request
 from services.errors import InputError
 from services.schemas import JsonRequest, Options, decode_base64
 
-OPTION_FIELDS = tuple(Options.model_fields)
+TARGETS = "targets"  # reconstruct: the clean images its outputs are scored against (PSNR)
+OPTION_FIELDS = tuple(name for name in Options.model_fields if name != TARGETS)
 HOOK_PARAMETERS = ("request", "serde")  # IODescriptor.from_http_request(cls, request, serde) in bentoml 1.4
 # A urlencoded form carries no files, but is read as one so that text `images` (BentoML's clients send a URL
 # string that way) get the form's own 422.
@@ -41,7 +45,7 @@ def validation_message(exc: ValidationError) -> str:
         return str(first["ctx"]["error"]) if "ctx" in first else first["msg"]
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        return f"unknown field '{where}'; fields are images (or image), {', '.join(OPTION_FIELDS)}{more}"
+        return f"unknown field '{where}'; fields are images (or image), {TARGETS}, {', '.join(OPTION_FIELDS)}{more}"
     return f"{where}: {first['msg']}{more}"
 
 
@@ -50,6 +54,15 @@ def _check_count(count: int, max_images: int) -> None:
         raise InputError(422, "no images: send at least one in 'images'")
     if count > max_images:
         raise InputError(413, f"{count} images in one call; the limit is {max_images}")
+
+
+def _with_targets(options: Options, targets: list[bytes], images: int) -> Options:
+    """The options carrying the raw `targets` files, when sent: exactly one per image."""
+    if not targets:
+        return options
+    if len(targets) != images:
+        raise InputError(422, f"{len(targets)} targets for {images} images: send one target per image, in order")
+    return options.model_copy(update={TARGETS: targets})
 
 
 async def read_json(request: Request, max_images: int) -> tuple[list[bytes], Options]:
@@ -65,23 +78,25 @@ async def read_json(request: Request, max_images: int) -> tuple[list[bytes], Opt
     images = payload.image_list()
     _check_count(len(images), max_images)
     blobs = [decode_base64(text, i) for i, text in enumerate(images)]
-    return blobs, Options(**payload.model_dump(include=set(OPTION_FIELDS)))
+    targets = [decode_base64(text, i, TARGETS) for i, text in enumerate(payload.targets or [])]
+    return blobs, _with_targets(Options(**payload.model_dump(include=set(OPTION_FIELDS))), targets, len(blobs))
 
 
 async def read_multipart(request: Request, max_images: int) -> tuple[list[bytes], Options]:
     try:
-        form = await request.form(max_files=max_images + 1, max_fields=2 * len(OPTION_FIELDS))
+        form = await request.form(max_files=2 * max_images + 1, max_fields=2 * len(OPTION_FIELDS))
     except Exception as exc:  # noqa: BLE001 - starlette/python-multipart raise several types on bad bodies
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         if "too many files" in str(detail).lower():
             raise InputError(413, f"more than {max_images} images in one call; the limit is {max_images}") from None
         raise InputError(400, f"malformed multipart body ({str(detail).splitlines()[0][:120]})") from None
-    unknown = sorted(set(form.keys()) - {"images", "image", *OPTION_FIELDS})
+    unknown = sorted(set(form.keys()) - {"images", "image", TARGETS, *OPTION_FIELDS})
     if unknown:
-        raise InputError(422, f"unknown field '{unknown[0]}'; fields are images (or image), {', '.join(OPTION_FIELDS)}")
-    files = [*form.getlist("images"), *form.getlist("image")]
-    if any(not isinstance(item, UploadFile) for item in files):
-        raise InputError(422, "images: each must be a file upload (use JSON for base64)")
+        raise InputError(422, f"unknown field '{unknown[0]}'; fields are images (or image), {TARGETS}, "
+                              f"{', '.join(OPTION_FIELDS)}")
+    files, target_files = [*form.getlist("images"), *form.getlist("image")], form.getlist(TARGETS)
+    if any(not isinstance(item, UploadFile) for item in [*files, *target_files]):
+        raise InputError(422, "images and targets: each must be a file upload (use JSON for base64)")
     _check_count(len(files), max_images)
     raw = {key: form[key] for key in OPTION_FIELDS if key in form}
     if any(not isinstance(value, str) for value in raw.values()):
@@ -92,8 +107,9 @@ async def read_multipart(request: Request, max_images: int) -> tuple[list[bytes]
     except ValidationError as exc:
         raise InputError(422, validation_message(exc)) from None
     blobs = [await item.read() for item in files]
+    targets = [await item.read() for item in target_files]
     await form.close()
-    return blobs, options
+    return blobs, _with_targets(options, targets, len(blobs))
 
 
 def _form_value(value: str) -> object:
@@ -155,7 +171,7 @@ class ImageUploads(bentoml.IODescriptor):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        cls.multipart_fields = ["images"]  # BentoML counts only Path and PIL fields as files
+        cls.multipart_fields = ["images", TARGETS]  # BentoML counts only Path and PIL fields as files
 
 
 # Options before ImageUploads in the bases makes `images` the first field (docs, positional client calls).
@@ -166,14 +182,20 @@ class PredictionRequest(Options, ImageUploads):
     multipart and JSON; the values are validated there, so the model is built without a second validation."""
 
     max_images: ClassVar[int] = 32
+    limits: ClassVar[Any] = None  # services.imaging.DecodeLimits that `targets` are decoded under (None: refused)
+    targets: list[Annotated[bytes, ImageFile()]] | None = Field(
+        None, description="reconstruct: clean image files, one per image and in the same order, as multipart parts "
+                          "`targets` (or base64 strings in JSON): each result then has the PSNR of the restored image")
     received: SkipJsonSchema[float] = Field(0.0, exclude=True)  # perf_counter() when reading began
     error: SkipJsonSchema[Any] = Field(None, exclude=True)  # the InputError of a bad request, for the api to answer
 
     @classmethod
-    def limited_to(cls, max_images: int) -> type[PredictionRequest]:
-        """This model taking at most `max_images` images per request (serve.max_images); checks the BentoML hook."""
+    def limited_to(cls, max_images: int, limits: Any = None) -> type[PredictionRequest]:
+        """This model taking at most `max_images` images per request (serve.max_images), decoding `targets` under
+        `limits` (services.imaging.DecodeLimits; None refuses them); checks the BentoML hook."""
         check_request_hook()
-        return type(cls.__name__, (cls,), {"max_images": int(max_images), "__module__": cls.__module__})
+        return type(cls.__name__, (cls,), {"max_images": int(max_images), "limits": limits,
+                                           "__module__": cls.__module__})
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: Any) -> PredictionRequest:
@@ -182,6 +204,24 @@ class PredictionRequest(Options, ImageUploads):
         received = time.perf_counter()
         try:
             blobs, options = await read_request(request, cls.max_images)
+            options = options.model_copy(update={TARGETS: decode_targets(options.targets, cls.limits)})
         except InputError as exc:
             return cls.model_construct(images=[], received=received, error=exc)
         return cls.model_construct(images=blobs, received=received, **dict(options))
+
+
+def decode_targets(blobs: list[bytes] | None, limits: Any) -> list[Any] | None:
+    """The `targets` files as fully decoded Pillow images, under the same limits as the images (4xx otherwise)."""
+    from services import imaging
+
+    if not blobs:
+        return None
+    if limits is None:
+        raise InputError(422, f"{TARGETS}: this server does not score outputs against targets")
+    decoded = []
+    for index, blob in enumerate(blobs):
+        try:
+            decoded.append(imaging.decode(blob, limits))
+        except InputError as exc:
+            raise InputError(exc.status, f"{TARGETS}[{index}]: {exc}") from None
+    return decoded

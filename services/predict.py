@@ -36,8 +36,9 @@ from torchvision.transforms.v2 import functional as F
 from pipelines.decode import to_array
 from pipelines.drawing import class_colors, draw_caption, draw_detections, draw_semantic, save_png
 from pipelines.errors import ConvForgeError, stage_entry
+from pipelines.metrics import NMS_MODES
 from pipelines.params import ServeParams, load_params
-from pipelines.tasks import TASKS, ClassifyTask, DetectTask, SegmentTask, get_task
+from pipelines.tasks import TASKS, ClassifyTask, DetectTask, ReconstructTask, SegmentTask, get_task
 from services import catalog, imaging
 from services.endpoints import checked_result, response
 from services.errors import InputError
@@ -121,6 +122,7 @@ def predict(blob: bytes, runner: TaskRunner, limits: imaging.DecodeLimits, optio
     """One upload through one runner, as the service's endpoint does it: prepare, run, result with its
     training-domain check, the versioned response; raises InputError for a bad image."""
     prepared = imaging.prepare(blob, limits, runner.fit, runner.in_channels)
+    options = runner.options(options.model_dump(), options.top_k)
     (value,) = runner.run(prepared.array[None])
     result, _ = checked_result(runner.task, 0, value, runner.classes, options, prepared.placement, runner.domain,
                                prepared.facts)
@@ -218,6 +220,21 @@ def draw_mask(canvas: torch.Tensor, prediction: Prediction, fx: float, fy: float
     return draw_caption(draw_semantic(canvas, semantic, classes), legend, colours)
 
 
+def restored_line(result: ImageResult) -> str:
+    """The restored image's size (and its PSNR when a target was scored)."""
+    return f"restored {result.width}x{result.height}" + (f", PSNR {result.psnr:.2f} dB" if result.psnr is not None else "")
+
+
+def draw_restored(canvas: torch.Tensor, prediction: Prediction, fx: float, fy: float) -> torch.Tensor:
+    """The restored image at display size, in place of the upload."""
+    import base64
+    import io
+
+    restored = Image.open(io.BytesIO(base64.b64decode(prediction.response.results[0].image or ""))).convert("RGB")
+    tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(restored).transpose(2, 0, 1)))
+    return F.resize(tensor, list(canvas.shape[1:]), interpolation=F.InterpolationMode.NEAREST_EXACT)
+
+
 @dataclass(frozen=True)
 class View:
     """How one task's prediction reads: a text line, and drawn on the image."""
@@ -230,6 +247,7 @@ VIEWS: dict[type, View] = {
     ClassifyTask: View(labels_line, draw_labels),
     DetectTask: View(detections_line, draw_boxes),
     SegmentTask: View(mask_line, draw_mask),
+    ReconstructTask: View(restored_line, draw_restored),
 }
 
 
@@ -331,15 +349,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--models-dir", metavar="DIR", help="<dir>/<task>/ model folders (artifacts/models)")
     source.add_argument("--bento", metavar="TAG", help="Bento tag or .bento archive (default: bento.json's)")
     parser.add_argument("--top-k", type=int, metavar="N", help="labels per image (default serve.top_k)")
-    parser.add_argument("--score-threshold", type=float, metavar="S", help="drop detections scored below this (0.25)")
+    parser.add_argument("--score-threshold", type=float, metavar="S",
+                        help="drop detections scored below this (default: the model's, chosen on val)")
     parser.add_argument("--max-detections", type=int, metavar="N", help="keep at most this many detections (100)")
+    parser.add_argument("--nms", choices=NMS_MODES,
+                        help="agnostic: one label per box (default); per_class: a box per class found")
     return parser.parse_args(argv)
 
 
 def request_options(args: argparse.Namespace, top_k: int) -> Options:
     """The request options the flags stand for, checked as the service checks a request's."""
     given = {"top_k": top_k if args.top_k is None else args.top_k, "score_threshold": args.score_threshold,
-             "max_detections": args.max_detections}
+             "max_detections": args.max_detections, "nms": args.nms}
     try:
         return Options(**{key: value for key, value in given.items() if value is not None})
     except ValidationError as exc:

@@ -1,4 +1,4 @@
-"""One served model per task: loading, its backend (services/backends.py), and adaptive batching.
+"""One served model per task: loading, its backend (services/backends.py), adaptive batching, and its request defaults.
 
 Batching is BentoML's own CORK dispatcher (services/batching.py), used in-process: each
 endpoint stays one short async method that decodes, awaits its images' places in the shared
@@ -24,11 +24,15 @@ from typing import Any, Callable
 import numpy as np
 
 from services import observability as obs
-from services.backends import OnnxBackend, TorchBackend, choose, read_figures
+from services.backends import OnnxBackend, TorchBackend, choose, on_device, read_figures
 from services.batching import batched
 from services.endpoints import input_fit
 from services.errors import Overloaded
 from services.imaging import Domain, Fit, native
+from services.schemas import Options
+
+# A detector's score threshold when its config.json has none (saved before training chose one on val)
+DEFAULT_SCORE_THRESHOLD = 0.25
 
 
 @dataclass
@@ -77,6 +81,7 @@ class TaskRunner:
         self.in_channels = int(config["in_channels"])
         self.fit = fit or input_fit(self.task, self.image_size)  # upload -> model input (services.imaging)
         self.domain = Domain.from_config(config)
+        self.score_threshold = float(config.get("score_threshold", DEFAULT_SCORE_THRESHOLD))
         mean = np.asarray(config["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(config["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         # (x / 255 - mean) / std as one multiply-add: x * scale + shift
@@ -89,6 +94,13 @@ class TaskRunner:
 
         self._submit = batched(self._run_batch, max_latency_ms, self.max_batch_size, overloaded)
 
+    def options(self, given: dict[str, Any], top_k: int) -> Options:
+        """A request's (validated) options with this model's defaults where it set none: `top_k` (serve.top_k)
+        and `score_threshold` (the one training chose on val at max F1, stored with the model)."""
+        threshold = given.get("score_threshold")
+        return Options.model_construct(**{**given, "top_k": given.get("top_k") or top_k,
+                                          "score_threshold": self.score_threshold if threshold is None else threshold})
+
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] to the model's float32 [N, C, H, W] input (training's mean/std)."""
         count, height, width, channels = images.shape
@@ -96,6 +108,11 @@ class TaskRunner:
         np.multiply(images.transpose(0, 3, 1, 2), self.scale, out=batch)
         batch += self.shift
         return batch
+
+    @property
+    def device(self) -> str:
+        """Where the model runs: cpu or cuda (ONNX Runtime without its CUDA provider runs on the cpu)."""
+        return str(getattr(self.backend, "device", "cpu"))
 
     def run(self, images: np.ndarray) -> list[Any]:
         """Run the backend on uint8 [N, H, W, C] images now, bypassing the queue (warm-up, tests)."""
@@ -148,8 +165,9 @@ def backend_choice(task: str, asked: str, directory: Path, fit: Fit,
 def load_runner(task: str, directory: Path, *, name: str, version: str, backend: str, max_batch_size: int,
                 max_latency_ms: int, lineage: dict[str, Any] | None = None,
                 expected_sha256: str | None = None, num_threads: int = 0, scale: str = "fit",
-                max_side: int = 0) -> TaskRunner:
-    """Load `directory` (safetensors + config.json [+ model.onnx]) as a runner; records load time and info.
+                max_side: int = 0, device: str = "cpu") -> TaskRunner:
+    """Load `directory` (safetensors + config.json [+ model.onnx]) as a runner on `device` (cpu | cuda, as
+    services.backends.serve_device resolved serve.device); records load time and info.
 
     `backend`: serve.backend (torch | onnx | auto; the card's lineage says why, `backend_reason`).
     `scale`/`max_side`: serve.scale (fit | native) and serve.max_side, for the tasks that can serve natively."""
@@ -159,9 +177,11 @@ def load_runner(task: str, directory: Path, *, name: str, version: str, backend:
     module, config = checkpoint.load(Path(directory), expected_sha256=expected_sha256, device="cpu")
     fit = input_fit(task, _size(config), scale, max_side)
     lineage = dict(lineage or {})
-    chosen, reason = backend_choice(task, backend, Path(directory), fit, lineage)
-    runner_backend = (OnnxBackend(Path(directory) / "model.onnx", task, num_threads) if chosen == "onnx"
-                      else TorchBackend(module, task))
+    chosen, reason = on_device(*backend_choice(task, backend, Path(directory), fit, lineage), device)
+    runner_backend = (OnnxBackend(Path(directory) / "model.onnx", task, num_threads, device) if chosen == "onnx"
+                      else TorchBackend(module, task, device))
+    if runner_backend.device != device:  # the CUDA provider failed to load (its CUDA libraries): torch serves
+        runner_backend, reason = TorchBackend(module, task, device), "ONNX Runtime's CUDA provider did not load"
     lineage = {key: value for key, value in lineage.items() if key != "backend"} | {"backend_reason": reason}
     card = ModelCard(task=task, family=str(config.get("family", "")), name=name, version=version,
                      backend=runner_backend.name, lineage=lineage)

@@ -12,20 +12,23 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
+from pipelines.metrics import NMS_MODES
 from pipelines.tasks import TASKS
 
 # major.minor: a minor version only adds fields, so clients of 1 keep working (1.1: in_domain, reason;
-# 1.2: explanation, the /explain heatmaps).
-SCHEMA_VERSION = "1.2"
+# 1.2: explanation, the /explain heatmaps; 1.3: values and names of /regress, image and psnr of /reconstruct).
+SCHEMA_VERSION = "1.3"
 TaskName = Literal[tuple(TASKS)]  # one value per task of pipelines/tasks.py
 BoxFormat = Literal["xyxy", "xywh", "normalized"]
 MaskFormat = Literal["png", "rle", "polygon", "none"]
+NmsMode = Literal[NMS_MODES]  # pipelines/metrics.py: what evaluate measures is what is served
 
 
 class Options(BaseModel):
@@ -34,14 +37,20 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int | None = Field(None, ge=1, le=1000, description="classify: labels per image (default serve.top_k)")
-    score_threshold: float = Field(0.25, ge=0.0, le=1.0, description="detect: drop detections scored below this")
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="detect: drop detections scored below "
+                                          "this (default: the model's, chosen on val at max F1)")
     max_detections: int = Field(100, ge=1, le=1000, description="detect: keep at most this many per image")
+    nms: NmsMode = Field("agnostic", description="detect: agnostic keeps one label per "
+                                                  "box (the best), per_class a box per class the model found")
     box_format: BoxFormat = Field("xyxy", description="detect: xyxy | xywh pixels, or xyxy normalized to [0, 1]")
     mask_format: MaskFormat = Field("png", description="segment class mask and detect instance masks")
     task: TaskName | None = Field(None, description="explain: the served model to explain (default classify)")
     class_name: str | None = Field(None, max_length=256, description="explain, classify: the class to explain "
                                                                      "(default: the top class)")
     class_index: int | None = Field(None, ge=0, description="explain, classify: the class to explain, by index")
+    # reconstruct: the clean images to score the restored ones against, decoded by the request reader
+    # (services/payloads.py documents them); never a JSON option of their own
+    targets: SkipJsonSchema[list[Any] | None] = Field(None, exclude=True)
 
 
 class JsonRequest(Options):
@@ -49,6 +58,8 @@ class JsonRequest(Options):
 
     images: list[str] | None = Field(None, min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
     image: str | None = Field(None, description="one base64 image: shorthand for images: [image]")
+    targets: list[str] | None = Field(None, min_length=1, description="reconstruct: base64 clean images, one per "
+                                                                      "image, to answer the PSNR of each")
 
     @model_validator(mode="after")
     def _one_source(self) -> "JsonRequest":
@@ -118,6 +129,12 @@ class ImageResult(BaseModel):
                                                      "(channels, size, mean intensity); since schema 1.1")
     reason: str | None = Field(None, description="why the image is out of domain (rules joined by '; ')")
     explanation: Explanation | None = Field(None, description="POST /explain only: Grad-CAM heatmaps")
+    values: list[float] | None = Field(None, description="regress: the predicted targets, in their units; since 1.3")
+    names: list[str] | None = Field(None, description="regress: the name of each value (e.g. angle, in degrees)")
+    image: str | None = Field(None, description="reconstruct: the restored image, base64 PNG at the input's size; "
+                                                 "since 1.3")
+    psnr: float | None = Field(None, description="reconstruct: PSNR (dB) of the restored image against the "
+                                                 "request's `targets` image, when sent")
 
 
 class ModelInfo(BaseModel):
@@ -140,7 +157,7 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-def decode_base64(text: str, index: int) -> bytes:
+def decode_base64(text: str, index: int, field: str = "images") -> bytes:
     """Bytes of a base64 image string (with or without a data-URI prefix), or a 400 InputError."""
     from services.errors import InputError
 
@@ -149,7 +166,7 @@ def decode_base64(text: str, index: int) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InputError(400, f"images[{index}]: not valid base64") from None
+        raise InputError(400, f"{field}[{index}]: not valid base64") from None
 
 
 def convert_boxes(boxes_xyxy: np.ndarray, box_format: BoxFormat, width: int, height: int) -> np.ndarray:

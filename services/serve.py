@@ -150,9 +150,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.import_only:
             print(f"serve: {target} is in the store ({os.environ['BENTOML_HOME']})", flush=True)
             return
+        from services.backends import serve_device
+
+        device = serve_device(params.device)  # serve.device cuda without a GPU: one line here, not in a worker
         cmd = command(target, host, port)
         os.environ["BENTOML_HOME"] = str(instance_home(Path(os.environ["BENTOML_HOME"])))
-        print(f"serve: {target} on http://{host}:{port} (BENTOML_HOME {os.environ['BENTOML_HOME']})", flush=True)
+        print(f"serve: {target} on http://{host}:{port}, models on {device} (BENTOML_HOME {os.environ['BENTOML_HOME']})", flush=True)
         os.execv(cmd[0], cmd)
 
     run()

@@ -63,7 +63,8 @@ def serve_params() -> ServeParams:
 
 PARAMS = serve_params()
 EXPLAIN_ROUTE = "/explain"  # Grad-CAM of the classify and detect models (services/explain.py)
-REQUEST = PredictionRequest.limited_to(PARAMS.max_images)  # every prediction api's input
+REQUEST = PredictionRequest.limited_to(  # every prediction api's input; reconstruct's targets decode as images do
+    PARAMS.max_images, imaging.DecodeLimits(PARAMS.max_pixels, tuple(PARAMS.formats)))
 
 # GET /version (BentoML's apis are POST); its route joins BentoML's /docs.json, so no docs of its own.
 lineage = FastAPI(title="ConvForge", version=SCHEMA_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
@@ -119,8 +120,10 @@ class ConvForge:
 
     def __init__(self) -> None:
         from pipelines.runtime import set_threads
+        from services.backends import serve_device
 
         self.params = PARAMS
+        self.device = serve_device(PARAMS.device)  # cpu | cuda
         # One intra-op thread by default: on a small machine the other cores decode, and more threads
         # than free cores make OpenMP spin (BENCHMARKS.md).
         self.threads = set_threads(PARAMS.num_threads)
@@ -132,8 +135,9 @@ class ConvForge:
                 backend=PARAMS.backend, max_batch_size=PARAMS.max_batch_size,
                 max_latency_ms=PARAMS.max_latency_ms, lineage=source.lineage,
                 expected_sha256=source.expected_sha256, num_threads=self.threads, scale=PARAMS.scale,
-                max_side=PARAMS.max_side)
-            logger.info("loaded %s model %s (%s)", source.task, source.version, self.runners[source.task].card.backend)
+                max_side=PARAMS.max_side, device=self.device)
+            logger.info("loaded %s model %s (%s on %s)", source.task, source.version,
+                        self.runners[source.task].card.backend, self.runners[source.task].device)
         if not self.runners:
             raise RuntimeError("no models to serve: run `python -m pipelines.stages.package` (or set "
                                f"{catalog.MODELS_DIR_ENV}=artifacts/models)")
@@ -177,9 +181,10 @@ class ConvForge:
         server_context = bentoml.server_context
         known = server_context.bento_version not in (None, "", "not available")
         bento = f"{server_context.bento_name}:{server_context.bento_version}" if known else None
-        return {"schema_version": SCHEMA_VERSION, "bento": bento, "models": {
+        return {"schema_version": SCHEMA_VERSION, "bento": bento, "device": self.device, "models": {
             task: {"name": r.card.name, "version": r.card.version, "tag": r.card.tag, "family": r.card.family,
-                   "backend": r.card.backend, "classes": r.classes, "image_size": r.image_size, **r.card.lineage}
+                   "backend": r.card.backend, "device": r.device, "classes": r.classes, "image_size": r.image_size,
+                   **r.card.lineage}
             for task, r in self.runners.items()}}
 
     @bentoml.api(route=EXPLAIN_ROUTE, name="explain", input_spec=REQUEST, output_spec=PredictionResponse)
@@ -218,7 +223,7 @@ class ConvForge:
         headers = {"X-Model-Version": runner.card.tag}
         if error is not None:
             return _error(error.status, str(error), headers)
-        chosen = Options.model_construct(**{**options, "top_k": options["top_k"] or self.params.top_k})
+        chosen = runner.options(options, self.params.top_k)
         return runner, headers, chosen, received or time.perf_counter()
 
     async def _predict(self, task: str, blobs: list[bytes], options: dict[str, Any], received: float,

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "services", "models")
 # The adapters, the registry and the params schema declare tasks; the prepared-data layout names its
 # item folder after the task it was made for (data/prepared/classify).
-DECLARING = {"pipelines/tasks.py", "models/_registry.py", "pipelines/params.py", "pipelines/datasets.py"}
+DECLARING = {"pipelines/tasks.py", "models/_registry.py", "pipelines/params.py", "pipelines/datasets.py",
+             "pipelines/regression.py",
+             "pipelines/reconstruction.py"}
 NAMED = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(map(re.escape, TASKS)) + r")(?![A-Za-z0-9])")
 
 

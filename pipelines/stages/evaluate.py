@@ -1,8 +1,9 @@
 """Stage `evaluate@task`: the trained model's metrics and plots on the test split.
 
 `python -m pipelines.stages.evaluate <task>` reads `artifacts/models/<task>/` and `data/prepared/<data>`,
-and writes `reports/metrics/<task>.json` and `reports/plots/<task>/`, also added to the training run
-in MLflow; see `pipelines.evaluation.run_evaluation`.
+and writes `reports/metrics/<task>.json`, `reports/plots/<task>/` (JSON for DVC's plots) and
+`reports/images/<task>/` (PNGs), also added to the training run in MLflow; see
+`pipelines.evaluation.run_evaluation`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def main() -> None:
     params = load_params()
     runtime.seed_everything(params.seed, params.deterministic)
     runtime.set_threads(params.train.num_threads)
+    reports = Path("reports")
     run_evaluation(params, task, Path("data/prepared") / get_task(task).data, Path("artifacts/models") / task,
-                   Path("reports/metrics") / f"{task}.json", Path("reports/plots") / task)
+                   reports / "metrics" / f"{task}.json", reports / "plots" / task, reports / "images" / task)
 
 
 if __name__ == "__main__":

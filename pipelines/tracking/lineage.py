@@ -43,15 +43,6 @@ def data_hash(data_dir: Path, root: Path = PROJECT_ROOT) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def git_commit(root: Path = PROJECT_ROOT) -> str | None:
-    """The checked-out commit, or None outside git or before the first commit."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def has_changes(root: Path = PROJECT_ROOT) -> bool:
     """Whether the work tree has uncommitted changes to tracked files (False outside git)."""
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from torch import nn
@@ -21,13 +22,14 @@ from pipelines.engine import EngineSettings, predict
 from pipelines.errors import ConvForgeError
 from pipelines.tracking import tags
 from pipelines.tracking.outputs import pyfunc_output
-from pipelines.tracking.runs import set_tags
+from pipelines.tracking.runs import METRICS_PER_BATCH, set_tags
 from pipelines.tracking.store import client
 
 MLMODEL = "MLmodel"
 MODEL_CODE = Path(__file__).resolve().with_name("mlflow_model.py")
 PYFUNC_PACKAGES = ("torch", "torchvision", "safetensors", "numpy", "pandas", "mlflow")
 EXAMPLE_IMAGES = 2
+SELECTED_PREFIX = "best_"  # the train stage's metrics of the selected epoch (pipelines/training.py `record`)
 
 
 @dataclass(frozen=True)
@@ -78,38 +80,108 @@ def pyfunc_example(model: nn.Module, task: str, data: Any) -> tuple[Any, Any]:
     return images.numpy(), pyfunc_output(predictions, list(data.classes))
 
 
-def log_model(model_dir: Path, example: Any, output: Any, name: str | None) -> str | None:
-    """Log `model_dir` into the active run as a models-from-code pyfunc, registered as `name` when given;
-    returns the registered version, or None."""
+@dataclass(frozen=True)
+class ModelCard:
+    """What a trained model says about itself in MLflow: task, family, data, validation score, weights hash,
+    and the epoch it is the checkpoint of."""
+
+    task: str
+    family: str
+    metric: str
+    score: float
+    data_hash: str
+    weights_sha256: str
+    epoch: int = 0
+
+    @property
+    def model_name(self) -> str:
+        """The logged model's name: its task and family (`classify-resnet`)."""
+        return f"{self.task}-{self.family}"
+
+    def description(self) -> str:
+        """The version's description, first paragraph: task, family, data, validation score."""
+        return (f"{self.task} model, family {self.family}, trained on data {self.data_hash[:16]}; "
+                f"validation {self.metric} {self.score:.4f}")
+
+
+@dataclass(frozen=True)
+class LoggedVersion:
+    """A logged model (its MLflow model id) and the registered version it became, if registered."""
+
+    model_id: str
+    version: str | None
+
+
+def log_model(model_dir: Path, example: Any, output: Any, name: str | None, model_name: str = "model",
+              params: Mapping[str, Any] | None = None, step: int = 0) -> LoggedVersion:
+    """Log `model_dir` into the active run as a models-from-code pyfunc called `model_name` (with `params`),
+    registered as `name` when given. MLflow links the run's metrics of `step` to it."""
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(MODEL_CODE), artifacts={"model_dir": str(model_dir)},
+        name=model_name, python_model=str(MODEL_CODE), artifacts={"model_dir": str(model_dir)},
         signature=infer_signature(example, output), input_example=example, pip_requirements=pip_requirements(),
-        registered_model_name=name)
+        registered_model_name=name, params={k: str(v) for k, v in (params or {}).items()} or None, step=step)
     if name is None:
-        return None
+        return LoggedVersion(info.model_id, None)
     versions = client().search_model_versions(f"name = '{name}' and run_id = '{info.run_id}'")
-    return max((v.version for v in versions), key=int) if versions else None
+    return LoggedVersion(info.model_id, max((v.version for v in versions), key=int) if versions else None)
 
 
-def register_model(model_dir: Path, model: nn.Module, task: str, data: Any, name: str, metric: str,
-                   score: float, data_digest: str, weights_sha256: str) -> Registration:
-    """Log the saved model of the active run and register it as `name`, tagged with its validation score,
-    data hash and weights hash. Whether it becomes the champion is the promote stage's call, on test data."""
-    example, output = pyfunc_example(model, task, data)
-    version = log_model(model_dir, example, output, name)
-    tag_version(name, version, {tags.VERSION_METRIC: metric, tags.VERSION_SCORE: f"{score:.10g}",
-                                tags.VERSION_DATA_HASH: data_digest, tags.VERSION_WEIGHTS_SHA256: weights_sha256})
+def link_metrics(run_id: str, model_id: str, prefix: str) -> None:
+    """The run's metrics named `prefix...` (not the `per_class/` sections) as the logged model's metrics too, the
+    Models tab's columns. Each is logged again as it was (same time and step), which MLflow keeps as one point."""
+    store = client()
+    keys = [key for key in store.get_run(run_id).data.metrics if key.startswith(prefix) and "/" not in key]
+    latest = [max(store.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step)) for key in keys]
+    entries = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in latest]
+    for start in range(0, len(entries), METRICS_PER_BATCH):
+        store.log_batch(run_id, metrics=entries[start:start + METRICS_PER_BATCH])
+
+
+def registered_description(task: str) -> str:
+    """The registered model's description (the same for every version)."""
+    return (f"ConvForge's {task} models: each `dvc repro train@{task}` registers a version, described by its "
+            f"family, data, validation and test metrics. The alias `{tags.CHAMPION_ALIAS}` marks the version "
+            f"that passed the promote stage's gate on test data; it is the one served.")
+
+
+def register_model(model_dir: Path, model: nn.Module, data: Any, name: str, card: ModelCard) -> Registration:
+    """Log the saved model of the active run with its metrics (its epoch's, and the run's `best_*` but not
+    their `per_class/` sections), and register it as `name`, tagged with its validation score, data hash and
+    weights hash. Whether it becomes the champion is the promote stage's call, on test data."""
+    example, output = pyfunc_example(model, card.task, data)
+    # At its epoch's step, so MLflow links that epoch's metrics (not the step-0 per-class values) to the model.
+    logged = log_model(model_dir, example, output, name, card.model_name,
+                       {"task": card.task, "family": card.family, "metric": card.metric, "data_hash": card.data_hash},
+                       step=card.epoch)
+    link_metrics(mlflow.active_run().info.run_id, logged.model_id, SELECTED_PREFIX)
+    version = logged.version
+    tag_version(name, version, {tags.VERSION_METRIC: card.metric, tags.VERSION_SCORE: f"{card.score:.10g}",
+                                tags.VERSION_DATA_HASH: card.data_hash,
+                                tags.VERSION_WEIGHTS_SHA256: card.weights_sha256})
+    store = client()
+    store.update_model_version(name, str(version), description=card.description())
+    store.update_registered_model(name, description=registered_description(card.task))
     set_tags({tags.REGISTERED_VERSION: version})
     return Registration(name, int(version))
 
 
+def scores_on_test(values: Mapping[str, Any]) -> str:
+    """The `test_*` numbers of `values` as one line of a version's description."""
+    found = {key.removeprefix(tags.TEST_METRIC_PREFIX): value for key, value in values.items()
+             if key.startswith(tags.TEST_METRIC_PREFIX) and isinstance(value, (int, float))}
+    return ("test: " + ", ".join(f"{key} {value:.4f}" for key, value in found.items())) if found else ""
+
+
 def tag_version(name: str, version: int | str, values: Mapping[str, Any], description: str | None = None) -> None:
-    """Tags (as strings) on a registered version, and its description when given."""
+    """Tags (as strings) on a registered version; with `description`, the version's description becomes its
+    card (the first paragraph, written at registration), the `test_*` numbers of `values`, and `description`."""
     store = client()
     for key, value in values.items():
         store.set_model_version_tag(name, str(version), key, str(value))
     if description is not None:
-        store.update_model_version(name, str(version), description=description)
+        card = (store.get_model_version(name, str(version)).description or "").split("\n\n")[0]
+        paragraphs = (card, scores_on_test(values), description)
+        store.update_model_version(name, str(version), description="\n\n".join(p for p in paragraphs if p))
 
 
 def model_version(name: str, version: int | str) -> RegisteredVersion:

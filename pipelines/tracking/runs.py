@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import posixpath
 import re
+import subprocess
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -16,7 +18,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 
 from pipelines.tracking import tags
-from pipelines.tracking.store import client
+from pipelines.tracking.store import PROJECT_ROOT, client
 
 METRICS_PER_BATCH = 1000  # MLflow's limits on one logging call
 PARAMS_PER_BATCH = 100
@@ -49,22 +51,31 @@ def param_entries(values: Mapping[str, Any]) -> list[Param]:
     return [Param(sanitize(k), ("" if v is None else str(v))[:PARAM_LENGTH]) for k, v in flat.items()]
 
 
-def metric_entries(metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> list[Metric]:
-    """The finite numbers of `metrics` as MLflow metrics with sanitized names."""
+def metric_entries(metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None,
+                   model_id: str | None = None) -> list[Metric]:
+    """The finite numbers of `metrics` as MLflow metrics with sanitized names; with `model_id`, those without a
+    `/` in their name (not the `per_class/` sections) are also the logged model's metrics."""
     now = timestamp_ms or int(time.time() * 1000)
-    return [Metric(sanitize(k), float(v), now, step) for k, v in metrics.items()
+    return [Metric(sanitize(k), float(v), now, step, model_id=None if "/" in k else model_id)
+            for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
 
 
-def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str | None = None) -> None:
-    """Log the finite numbers of `metrics` to `run_id` (default: the active run)."""
-    entries = metric_entries(metrics, step or 0)
-    if run_id is None:
-        if entries:
-            mlflow.log_metrics({m.key: m.value for m in entries}, step=step)
-        return
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str | None = None,
+                model_id: str | None = None) -> None:
+    """Log the finite numbers of `metrics` to `run_id` (default: the active run), and against the logged model
+    `model_id` when given (what MLflow's Models tab compares models by)."""
+    # Through the client, not mlflow.log_metrics: that links every step-0 metric to the run's models itself.
+    entries = metric_entries(metrics, step or 0, model_id=model_id)
+    run_id = run_id or mlflow.active_run().info.run_id
     for start in range(0, len(entries), METRICS_PER_BATCH):
         client().log_batch(run_id, metrics=entries[start:start + METRICS_PER_BATCH])
+
+
+def logged_models(run_id: str) -> list[str]:
+    """The ids of the models run `run_id` logged."""
+    outputs = client().get_run(run_id).outputs
+    return [output.model_id for output in (outputs.model_outputs if outputs else [])]
 
 
 def log_params(values: Mapping[str, Any], run_id: str | None = None) -> None:
@@ -117,10 +128,28 @@ def system_metrics_available() -> bool:
         return False
 
 
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    """The checked-out commit, or None outside git or before the first commit."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_tags(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The source and commit tags `mlflow.start_run` gives a run, for runs created through the client."""
+    found = {tags.SOURCE_NAME: str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0] else "",
+             tags.SOURCE_TYPE: "LOCAL"}
+    commit = git_commit(root)
+    return {**found, tags.GIT_COMMIT: commit} if commit else found
+
+
 @contextmanager
 def training_run(experiment_id: str, resume_run_id: str | None, task: str, family: str) -> Iterator[str]:
     """The active run of a training (run `resume_run_id` again when given), with system metrics; yields its id."""
-    run_tags = {tags.TASK: task, tags.STAGE: "train", tags.FAMILY: family}
+    # The commit of the project, not of sys.argv[0]'s folder (MLflow's guess, wrong under pytest or a venv script)
+    run_tags = {tags.TASK: task, tags.STAGE: "train", tags.FAMILY: family, **source_tags()}
     with mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
                           run_name=f"train-{task}-{family}", tags=run_tags,
                           log_system_metrics=system_metrics_available()) as run:
@@ -128,8 +157,10 @@ def training_run(experiment_id: str, resume_run_id: str | None, task: str, famil
 
 
 def add_to_run(run_id: str, metrics: Mapping[str, Any], artifacts: Mapping[str, Path]) -> None:
-    """Add metrics (step 0) and files or folders (`{artifact_path: local path}`) to a run that has ended."""
-    log_metrics(metrics, step=0, run_id=run_id)
+    """Add metrics (step 0, also against the model the run logged) and files or folders
+    (`{artifact_path: local path}`) to a run that has ended."""
+    models = logged_models(run_id)
+    log_metrics(metrics, step=0, run_id=run_id, model_id=models[-1] if models else None)
     store = client()
     for artifact_path, local in artifacts.items():
         if Path(local).is_dir():

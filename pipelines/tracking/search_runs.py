@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
 from pipelines.tracking import tags
-from pipelines.tracking.runs import end_run, metric_entries, param_entries, set_tags
+from pipelines.tracking.runs import end_run, metric_entries, param_entries, set_tags, source_tags
 from pipelines.tracking.store import client
 
 COMPLETE = "complete"
@@ -35,7 +35,7 @@ def open_search(experiment_id: str, task: str, key: str, params: Mapping[str, An
         store.update_run(run_id, status="RUNNING")
         return run_id, found[0].data.tags.get(tags.SEARCH_STATE) == COMPLETE
     run = store.create_run(experiment_id, run_name=f"search-{task}",
-                           tags={tags.SEARCH_KEY: key, tags.TASK: task, tags.STAGE: "search"})
+                           tags={tags.SEARCH_KEY: key, tags.TASK: task, tags.STAGE: "search", **source_tags()})
     store.log_batch(run.info.run_id, params=param_entries(params))
     return run.info.run_id, False
 

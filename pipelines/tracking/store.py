@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.params import MlflowParams
+from pipelines.tracking import tags
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -70,7 +71,8 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def ensure_experiment(name: str) -> str:
-    """The id of experiment `name`, created first if needed (before any trial or run writes to it)."""
+    """The id of experiment `name`, created first if needed (before any trial or run writes to it), of the kind
+    "Model training", so MLflow's UI opens it on its runs and models rather than its GenAI pages."""
     store = client()
 
     def get_or_create() -> str:
@@ -78,8 +80,11 @@ def ensure_experiment(name: str) -> str:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 store.restore_experiment(found.experiment_id)
+            if found.tags.get(tags.EXPERIMENT_KIND) is None:  # a store from before the kind was set
+                store.set_experiment_tag(found.experiment_id, tags.EXPERIMENT_KIND, tags.MODEL_TRAINING_KIND)
             return found.experiment_id
-        return store.create_experiment(name, artifact_location=_artifact_location(tracking_uri()))
+        return store.create_experiment(name, artifact_location=_artifact_location(tracking_uri()),
+                                       tags={tags.EXPERIMENT_KIND: tags.MODEL_TRAINING_KIND})
 
     return retry(get_or_create)
 

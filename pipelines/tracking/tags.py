@@ -1,7 +1,15 @@
 """Every tag and alias name ConvForge writes to MLflow, in one place (queries and writers share them)."""
 
-# MLflow's own tag: the UI nests a run under the run it names.
+# MLflow's own tags: the UI nests a run under the run it names, and shows each run's source and commit
+# (mlflow.start_run sets the last three itself; runs the search creates through the client get them from us).
 PARENT_RUN = "mlflow.parentRunId"
+SOURCE_NAME = "mlflow.source.name"
+SOURCE_TYPE = "mlflow.source.type"
+GIT_COMMIT = "mlflow.source.git.commit"
+
+# MLflow's experiment tag for the UI's kind of experiment: "Model training" (its default is the GenAI view).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 # Runs of every stage
 TASK = "convforge.task"
@@ -20,6 +28,7 @@ TRIAL_ID = "convforge.trial_id"
 TRIAL_STATE = "convforge.trial_state"
 NODE_ID = "convforge.node_id"
 NODE_IP = "convforge.node_ip"
+DEVICE = "convforge.device"  # the resolved device line (also of training runs)
 RETRIES = "convforge.retries"
 ERROR = "convforge.error"
 WINNER = "convforge.winner"

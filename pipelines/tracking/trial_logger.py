@@ -1,4 +1,6 @@
-"""The Ray Tune callback that logs each trial of a search as an MLflow child run of the search's parent run."""
+"""The Ray Tune callback that logs each trial of a search as an MLflow child run of the search's parent run.
+
+It prints nothing: what a search prints is pipelines/search_progress.py's."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from pipelines.tracking import tags
-from pipelines.tracking.runs import metric_entries, param_entries
+from pipelines.tracking.runs import metric_entries, param_entries, source_tags
 from pipelines.tracking.search_runs import TRIAL_CHOICE, find_trial_run
 from pipelines.tuner import error_line, trial_index
 
@@ -35,6 +37,7 @@ class TrialLogger(tune.Callback):
         self.space, self.metric, self.max_epochs = space, metric, max_epochs
         self._runs: dict[str, str] = {}
         self._client: MlflowClient | None = None
+        self.source = source_tags()  # the driver's, as its parent run has them
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None, "_runs": {}}
@@ -54,7 +57,8 @@ class TrialLogger(tune.Callback):
             chosen = self.space.choice(trial.config)
             run = self.client.create_run(
                 self.experiment_id, run_name=f"{chosen.family}-{trial.trial_id}",
-                tags={tags.PARENT_RUN: self.parent_run_id, tags.TRIAL_ID: trial.trial_id, tags.FAMILY: chosen.family})
+                tags={tags.PARENT_RUN: self.parent_run_id, tags.TRIAL_ID: trial.trial_id, tags.FAMILY: chosen.family,
+                      tags.STAGE: "search", **self.source})
             found = run.info.run_id
             index = trial_index(trial)
             values = {"family": chosen.family, "model": chosen.hparams, "train": chosen.train, "trial_index": index}
@@ -73,15 +77,12 @@ class TrialLogger(tune.Callback):
         values = {key: value for key, value in result.items() if key not in RAY_RESULT_NUMBERS}
         values["epoch_time_s"] = result.get("time_this_iter_s", 0.0)
         metrics = metric_entries(values, step, timestamp_ms=int(1000 * result.get("timestamp", 0)) or 0)
-        run_tags = [RunTag(tags.NODE_ID, str(result.get("node_id"))), RunTag(tags.NODE_IP, str(result.get("node_ip")))]
+        run_tags = [RunTag(tags.NODE_ID, str(result.get("node_id"))), RunTag(tags.NODE_IP, str(result.get("node_ip"))),
+                    RunTag(tags.DEVICE, str(result.get("device")))]
         self.client.log_batch(self.run_id(trial), metrics=metrics, tags=run_tags)
-        score = result.get(self.metric)
-        print(f"trial {trial.trial_id} ({trial.config.get('family')}) epoch {step}/{self.max_epochs}: "
-              f"{self.metric}={score if score is None else round(score, 4)}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.client.set_tag(self.run_id(trial), tags.RETRIES, str(trial.num_failures))
-        print(f"trial {trial.trial_id} failed (attempt {trial.num_failures}); retrying", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         epochs = int((trial.last_result or {}).get("epoch", 0) or 0)
@@ -95,4 +96,3 @@ class TrialLogger(tune.Callback):
         self.client.set_tag(run_id, tags.RETRIES, str(max(0, trial.num_failures - 1)))
         self.client.set_tag(run_id, tags.ERROR, error_line(trial)[:5000])
         self.client.set_terminated(run_id, "FAILED")
-        print(f"trial {trial.trial_id} failed for good: {error_line(trial)}", flush=True)

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.tasks import TASKS
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,14 +52,26 @@ TINY = {
     "search.segment.num_samples": 1,
     "search.segment.max_epochs": 1,
     "search.segment.train_subset": 48,
+    "search.regress.families": ["lenet5"],
+    "search.regress.num_samples": 1,
+    "search.regress.max_epochs": 1,
+    "search.regress.train_subset": 400,
+    "search.reconstruct.families": ["unet"],
+    "search.reconstruct.num_samples": 1,
+    "search.reconstruct.max_epochs": 1,
+    "search.reconstruct.train_subset": 400,
     "train.classify.epochs": 1,
     "train.detect.epochs": 1,
     "train.segment.epochs": 1,
+    "train.regress.epochs": 1,
+    "train.reconstruct.epochs": 1,
     # One epoch on tiny data cannot reach the default bounds: the gate here only compares with the champion.
     "promote.classify.min": {},
     "promote.classify.max": {},
     "promote.detect.min": {},
     "promote.segment.min": {},
+    "promote.regress.max": {},
+    "promote.reconstruct.min": {},
 }
 
 
@@ -118,12 +132,13 @@ def project(tmp_path_factory):
     return {"root": root, "env": env, "port": port, "first": first, "traces": traces}
 
 
+@pytest.mark.timeout(1800)  # its fixture runs the whole tiny pipeline, five tasks
 def test_every_stage_ran_and_status_is_clean(project):
     root, env = project["root"], project["env"]
     for stage in ("fetch", "augment", "search@classify", "train@detect", "evaluate@segment", "promote@classify",
                   "package"):
         assert f"Running stage '{stage}'" in project["first"].stdout
-    for task in ("classify", "detect", "segment"):
+    for task in TASKS:
         best = json.loads((root / f"artifacts/search/{task}/best.json").read_text())
         assert best["family"] in TINY[f"search.{task}.families"]
         metrics = json.loads((root / f"reports/metrics/{task}.json").read_text())
@@ -170,7 +185,7 @@ def test_mlflow_holds_the_search_and_the_champions(project):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     parents = {r.info.run_id for r in runs} & {r.data.tags["mlflow.parentRunId"] for r in children}
     assert len(parents) >= 3 and len(children) >= 4  # one search per task, every trial a child
-    for task in ("classify", "detect", "segment"):
+    for task in TASKS:
         version = client.get_model_version_by_alias(f"convforge-{task}", "champion")
         assert version.run_id
     del mlflow
@@ -234,6 +249,8 @@ def test_the_built_bento_serves_every_endpoint(project):
         assert "detections" in detect["results"][0]
         segment = _post_json(f"{base}/segment", {"image": base64.b64encode(_png_bytes(32)).decode()})
         assert segment["results"][0]["mask"]
+        regress = _post_json(f"{base}/regress", {"image": image})
+        assert regress["results"][0]["names"] == ["angle"] and len(regress["results"][0]["values"]) == 1
     finally:
         server.terminate()
         server.wait(timeout=30)

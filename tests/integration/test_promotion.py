@@ -130,8 +130,8 @@ def _register(root: Path, seed: int, data) -> Path:
                   "in_channels": data.in_channels, "image_size": data.image_size, "classes": data.classes,
                   "mean": data.mean, "std": data.std, "mlflow_run_id": run.info.run_id}
         sha = checkpoint.save(model, config, folder)
-        registration = tracking.register_model(folder, model, "classify", data, "convforge-classify", "val_accuracy",
-                                               0.5, "h", sha)
+        card = tracking.ModelCard("classify", "lenet5", "val_accuracy", 0.5, "h", sha)
+        registration = tracking.register_model(folder, model, data, "convforge-classify", card)
     (folder / "registration.json").write_text(json.dumps({"registered_model": registration.name,
                                                           "registered_version": registration.version}))
     return folder

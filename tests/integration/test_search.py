@@ -34,7 +34,7 @@ FAMILIES = ["lenet5", "resnet"]
 def tiny_params(project_params: Params, tracking_uri: str, **task_overrides) -> Params:
     """The repo's params with a tiny classify search: 2 families, 4 trials, <= 2 epochs, 1 CPU a trial."""
     raw = project_params.model_dump()
-    raw["search"].update(budget="epochs", scheduler="asha", algorithm="optuna", cpus_per_trial=1, gpus_per_trial=0.0,
+    raw["search"].update(budget="epochs", scheduler="asha", algorithm="optuna", cpus_per_trial=1, gpus_per_trial="auto",
                          max_concurrent=2, max_failures=1, ray_address=None, storage=None, max_latency_ms=None)
     raw["search"]["classify"].update({"families": FAMILIES, "num_samples": 4, "max_epochs": 2, "grace_period": 1,
                                       "time_budget_s": 300, "train_subset": None, **task_overrides})
@@ -109,6 +109,7 @@ def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, p
     client = MlflowClient(mlflow_store)
     parent = client.get_run(written["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["convforge.winner.family"] == written["family"]
+    assert parent.data.params["device"] == "cpu" and parent.data.params["gpus_per_trial"] == "0.0"  # auto, no GPU
     assert parent.data.metrics["best_score"] == pytest.approx(written["score"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best.json", "families.csv", "score_vs_latency.png", "families_table.json"} <= artifacts
@@ -120,6 +121,7 @@ def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, p
         child = by_trial[trial["trial_id"]]
         assert child.info.status == "FINISHED" and child.data.params["family"] == trial["family"]
         assert child.data.tags["convforge.trial_state"] == trial["status"]
+        assert child.data.tags["convforge.device"].startswith("cpu (")  # the device the trial resolved
         history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(1, trial["epochs"] + 1))  # every epoch, once
 

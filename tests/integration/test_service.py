@@ -98,12 +98,23 @@ def train_tiny(task: str, prepared: Path, directory: Path, params) -> None:
     model = build(task, family, len(train.classes), channels, size, **hparams)
     cfg = params.train.task(task).updated(epochs=1, batch_size=16, warmup_epochs=0)
     result = fit(model, task, train, val, cfg, EngineSettings(device="cpu", channels_last=False, seed=0), log=None)
-    checkpoint.save(result.model, {
+    served = {"score_threshold": median_score(result.model, prepared)} if task == "detect" else {}
+    checkpoint.save(result.model, {**served,
         "task": task, "family": family, "hparams": hparams, "num_classes": len(train.classes),
         "in_channels": channels, "image_size": size, "classes": train.classes, "mean": train.mean,
         "std": train.std, "mlflow_run_id": f"run-{task}", "registered_model": f"convforge-{task}",
         "registered_version": "3", "search_trial_id": f"trial-{task}", "data_hash": "md5-test",
         "git_commit": "0123abc"}, directory)
+
+
+def median_score(model, prepared: Path) -> float:
+    """The median score of the detector's detections on test scene 0: a stored threshold the served default shows."""
+    from pipelines.datasets import load_scenes
+    from pipelines.engine import EngineSettings, predict
+
+    data = load_scenes(prepared, "test")
+    (out,) = predict(model, "detect", data.images[:1], data.mean, data.std, EngineSettings(device="cpu"))
+    return round(float(out["scores"].median()), 6)
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +238,13 @@ def test_ready_only_after_warm_up_and_healthcheck_passes(server):
 
 
 def test_version_lineage_and_header(server):
+    from pipelines.runtime import probe
+
     client, summary = server["client"], server["summary"]
     version = client.get("/version").json()
     assert version["bento"] == summary["bento"]
+    device = "cuda" if probe().gpus else "cpu"  # serve.device: auto
+    assert version["device"] == device and all(model["device"] == device for model in version["models"].values())
     for task in FAMILIES:
         model = version["models"][task]
         assert model["tag"] == summary["models"][task]
@@ -265,7 +280,7 @@ def test_classify_matches_the_model_multipart_and_json(server, models_dir, prepa
     reply = server["client"].post("/classify", files=files, data={"top_k": "3"})
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert body["schema_version"] == "1.2" and body["task"] == "classify" and len(body["results"]) == 3
+    assert body["schema_version"] == "1.3" and body["task"] == "classify" and len(body["results"]) == 3
     for result, probs in zip(body["results"], expected.numpy()):
         assert result["in_domain"] is True and "reason" not in result  # its own test items
         top = result["labels"]
@@ -281,7 +296,7 @@ def test_detect_matches_the_model_with_boxes_in_input_pixels(server, models_dir,
     array, image = scene(prepared_scenes)
     expected, config = direct(models_dir, "detect", array[None])
     reply = server["client"].post("/detect", json={"image": b64(encode(image)), "score_threshold": 0.0,
-                                                   "max_detections": 5})
+                                                   "max_detections": 5, "nms": "per_class"})
     assert reply.status_code == 200, reply.text
     detections = reply.json()["results"][0]["detections"]
     scores = expected[0]["scores"].numpy()
@@ -294,13 +309,31 @@ def test_detect_matches_the_model_with_boxes_in_input_pixels(server, models_dir,
     # Twice the size: the same objects, boxes in the bigger image's pixels (xywh here).
     big = image.resize((image.width * 2, image.height * 2), Image.NEAREST)
     scaled = server["client"].post("/detect", files={"images": ("big.png", encode(big), "image/png")},
-                                   data={"score_threshold": "0", "max_detections": "5", "box_format": "xywh"})
+                                   data={"score_threshold": "0", "max_detections": "5", "box_format": "xywh",
+                                         "nms": "per_class"})
     assert scaled.status_code == 200, scaled.text
     result = scaled.json()["results"][0]
     assert (result["width"], result["height"]) == (big.width, big.height)
     for det in result["detections"]:
         x, y, w, h = det["box"]
         assert 0 <= x <= x + w <= big.width + 1e-6 and 0 <= y <= y + h <= big.height + 1e-6
+
+
+def test_detect_defaults_to_the_models_threshold_and_one_label_per_box(server, models_dir, prepared_scenes):
+    from pipelines.metrics import one_label_per_box
+
+    array, image = scene(prepared_scenes)
+    (expected,), config = direct(models_dir, "detect", array[None])
+    stored = config["score_threshold"]  # chosen on val by training; here scene 0's median score
+    above = expected["scores"] >= stored
+    kept = one_label_per_box(expected["boxes"][above], expected["scores"][above])
+    served = server["client"].post("/detect", json={"image": b64(encode(image))}).json()["results"][0]["detections"]
+    assert [d["score"] for d in served] == pytest.approx(expected["scores"][above][kept].tolist(), abs=1e-4)
+    assert 0 < len(served) < len(expected["scores"])  # the default threshold drops some, keeps some
+    assert min(d["score"] for d in served) >= stored
+    every = server["client"].post("/detect", json={"image": b64(encode(image)), "score_threshold": 0.0,
+                                                   "nms": "per_class"}).json()["results"][0]["detections"]
+    assert len(every) == len(expected["scores"])
 
 
 def test_segment_matches_the_model_at_input_size(server, models_dir, prepared_scenes):
@@ -541,7 +574,7 @@ def check_documented_fields(line: str, answer: dict) -> None:
     """A README prediction line's answer: its task, the `-F` options it sends, what its comment promises."""
     command, _, comment = line.partition("#")
     fields = dict(arg.split("=", 1) for arg in shlex.split(command) if "=" in arg and not arg.startswith("http"))
-    assert answer["schema_version"] == "1.2" and answer["task"] == command.split()[-1].rsplit("/", 1)[1]
+    assert answer["schema_version"] == "1.3" and answer["task"] == command.split()[-1].rsplit("/", 1)[1]
     for result in answer["results"]:
         if "top_k" in fields:
             assert len(result["labels"]) == int(fields["top_k"])
@@ -577,4 +610,4 @@ def test_readme_serving_commands_run_verbatim(server, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     printed = run.stdout.splitlines()
-    assert printed and all("'schema_version': '1.2'" in line for line in printed), run.stdout[-2000:]
+    assert printed and all("'schema_version': '1.3'" in line for line in printed), run.stdout[-2000:]

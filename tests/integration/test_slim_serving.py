@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -55,12 +56,16 @@ def stages() -> list[list[tuple[str, str]]]:
 
 
 def pip_steps() -> list[list[str]]:
-    """Each `pip ...` command of the build stage's RUN lines, without the image's index options."""
+    """Each `pip ...` command of the build stage's RUN lines, without the image's index options, its
+    build arguments at their defaults (the CPU image's)."""
     steps = []
+    defaults = dict(argument.split("=", 1) for instruction, argument in dockerfile_instructions()
+                    if instruction == "ARG" and "=" in argument)
     for instruction, argument in stages()[0]:
         if instruction != "RUN" or "pip " not in argument:
             continue
         for command in argument.split("&&"):
+            command = re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), command)
             argv, kept = shlex.split(command), []
             while argv:
                 word = argv.pop(0)

@@ -117,7 +117,7 @@ def test_pyfunc_from_code_round_trip_and_champion_alias(store, tmp_path, prepare
     versions = []
     for _ in range(3):
         with mlflow.start_run(experiment_id=experiment):
-            versions.append(tracking.log_model(folder, example, expected[:2], "p-classify"))
+            versions.append(tracking.log_model(folder, example, expected[:2], "p-classify").version)
     client = MlflowClient(store)
     assert [int(v) for v in versions] == [1, 2, 3]
     # No pickled module: the logged model is the code file plus the safetensors/JSON folder.
@@ -161,6 +161,7 @@ def test_trial_logger_logs_each_trial_as_a_child_run_without_rays_bookkeeping(st
                             num_failures=0, last_result={"epoch": 2})
     logger = TrialLogger(store, experiment, parent, OneChoice(), "val_accuracy", max_epochs=2)
     result = {"val_accuracy": 0.5, "train_loss": 1.0, "score": 0.5, "epoch": 1, "node_id": "n1", "node_ip": "1.2.3.4",
+              "device": "cpu (2 cores, 2 threads); amp off",
               "timestamp": 1_700_000_000, "time_this_iter_s": 2.0, "time_total_s": 2.0, "training_iteration": 1,
               "pid": 123, "done": False, "trial_id": "t1"}
     logger.on_trial_start(0, [], trial)
@@ -173,6 +174,7 @@ def test_trial_logger_logs_each_trial_as_a_child_run_without_rays_bookkeeping(st
     assert run.data.params == {"family": "lenet5", "model.width": "1", "train.lr": "0.1", "trial_index": "0"}
     assert run.data.tags["convforge.trial_state"] == "completed" and run.info.status == "FINISHED"
     assert run.data.tags["convforge.node_id"] == "n1"
+    assert run.data.tags["convforge.device"] == "cpu (2 cores, 2 threads); amp off"
     assert pickle.loads(pickle.dumps(logger)).run_id(trial) == run_id  # a restored search finds its runs
 
     tracking.mark_complete(parent)

@@ -88,10 +88,14 @@ def test_run_logs_params_metrics_dataset_and_real_images(trained, store, task):
     assert run.data.params["family"] == BEST[task]["family"]
     assert run.data.params["data_hash"] == config["data_hash"] and config["data_hash"]
     assert run.data.params["train.epochs"] == "1"
+    # the device as resolved (params.yaml says auto), with this machine's facts
+    assert run.data.params["engine.device"] == "cpu" and int(run.data.params["hardware.cores"]) >= 1
+    assert run.data.tags["convforge.device"].startswith("cpu (")
     primary = {"classify": "val_accuracy", "detect": "val_map", "segment": "val_miou"}[task]
     assert primary in run.data.metrics and "train_loss" in run.data.metrics
     assert HEADLINE[task] in run.data.metrics  # evaluate adds the test metrics to the same run
-    per_class = {"classify": "test_accuracy.", "detect": "test_ap.", "segment": "test_iou."}[task]
+    per_class = {"classify": "per_class/test_accuracy/", "detect": "per_class/test_ap/",
+                 "segment": "per_class/test_iou/"}[task]
     assert any(key.startswith(per_class) for key in run.data.metrics)
     assert [d.dataset.digest for d in run.inputs.dataset_inputs]
     local = Path(client.download_artifacts(run.info.run_id, "plots"))
@@ -179,6 +183,19 @@ def test_saved_model_and_reports_follow_the_contracts(trained, task):
         with Image.open(png) as image:
             image.load()
     assert (plots / "sample_predictions.png").is_file()
+
+
+def test_a_detector_keeps_its_val_threshold_and_is_evaluated_at_it(trained):
+    from pipelines.metrics import COCO_CURVE, SERVED_CURVE
+
+    result = trained["detect"]
+    config = json.loads((result["out"] / "config.json").read_text())
+    metrics = json.loads(result["metrics_path"].read_text())
+    assert 0.0 < config["score_threshold"] <= 1.0  # chosen on val at max F1 by training
+    assert metrics["test_score_threshold"] == pytest.approx(config["score_threshold"])
+    assert {"test_precision", "test_recall", "test_f1", "test_detections_per_object"} <= set(metrics)
+    curves = json.loads((result["plots"] / "pr_curve.json").read_text())
+    assert {record["class"] for record in curves} == {COCO_CURVE, SERVED_CURVE}
 
 
 def test_missing_best_json_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

@@ -96,7 +96,7 @@ def test_a_whole_section_declared_must_be_read_whole() -> None:
     reads = {"seed", *(f"train.classify.{k}" for k in ("lr", "batch_size", "optimizer", "momentum", "weight_decay",
                                                        "schedule", "warmup_epochs", "label_smoothing", "mixup_alpha",
                                                        "cutmix_alpha", "ema_decay", "grad_clip", "aug_strength",
-                                                       "early_stop_patience", "dice_weight", "pretrained", "freeze",
+                                                       "early_stop_patience", "dice_weight", "loss", "pretrained", "freeze",
                                                        "unfreeze_epoch", "unfreeze_lr_scale"))}
     assert param_problems(search, reads, leaf_keys()) == [
         "search@classify: param train.classify.epochs is declared but never read (in section train.classify)",

@@ -77,7 +77,9 @@ def test_progress_lines_and_best_epoch_selection(digits, cfg):
     lines = []
     result = fit(lenet(train), "classify", train, val, cfg.updated(optimizer="adamw", lr=0.003,
                                                                      schedule="onecycle"), CPU, log=lines.append)
-    assert len(lines) == 2 and all("loss" in l and "val_accuracy" in l and "img/s" in l and "ETA" in l for l in lines)
+    assert lines[0].startswith("device: cpu (") and "amp off" in lines[0]  # the resolved device, once per run
+    epochs = lines[1:]
+    assert len(epochs) == 2 and all("loss" in l and "val_accuracy" in l and "img/s" in l and "ETA" in l for l in epochs)
     scores = [r.score for r in result.history]
     assert result.best_score == max(scores) and result.history[result.best_epoch - 1].score == max(scores)
     assert result.metric == "val_accuracy" and result.images_per_s > 0
@@ -111,7 +113,8 @@ def test_a_resumed_run_takes_a_changed_config(digits, cfg, tmp_path):
     after = before.updated(lr=0.02, momentum=0.5, weight_decay=1e-3)
     lines = []
     resumed = fit(lenet(train), "classify", train, val, after, CPU, checkpoint_dir=tmp_path, log=lines.append)
-    assert lines[0] == ("resuming classify at epoch 2 with changed config: lr 0.05 -> 0.02, momentum 0.9 -> 0.5, "
+    assert lines[0].startswith("device: cpu (")
+    assert lines[1] == ("resuming classify at epoch 2 with changed config: lr 0.05 -> 0.02, momentum 0.9 -> 0.5, "
                         "weight_decay 0.0005 -> 0.001")
     assert [r.metrics["lr"] for r in resumed.history] == [
         lr_at(steps, before, steps), lr_at(2 * steps, after, steps), lr_at(3 * steps, after, steps)]

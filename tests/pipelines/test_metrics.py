@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipelines.metrics import ClassifyMeter, DetectMeter, MetricReport, SegmentMeter, segment_report
+from pipelines.metrics import COCO_CURVE, ClassifyMeter, DetectMeter, MetricReport, SegmentMeter, segment_report
 
 
 def test_classify_metrics_match_a_hand_computed_confusion_matrix():
@@ -30,7 +30,7 @@ def test_classify_metrics_match_a_hand_computed_confusion_matrix():
     assert report.scalars["ece"] == pytest.approx(0.3, abs=1e-5)
     assert report.per_class["accuracy"] == pytest.approx({"a": 1.0, "b": 0.0, "c": 0.5})
     assert {r["class"] for r in report.curves} == {"a", "b", "c"}
-    assert report.flat("test_")["test_accuracy.c"] == pytest.approx(0.5)
+    assert report.flat("test_")["per_class/test_accuracy/c"] == pytest.approx(0.5)
 
 
 def _box_mask(box: list[float], size: int = 64) -> torch.Tensor:
@@ -58,7 +58,7 @@ def test_detection_ap_matches_coco_101_point_interpolation():
     assert report.scalars["map_50"] == pytest.approx((class0 + 1) / 2, abs=1e-4)
     assert report.scalars["mask_map"] == pytest.approx((class0 + 1) / 2, abs=1e-4)  # masks fill the boxes
     assert report.per_class["mask_ap"]["bag"] == pytest.approx(1.0, abs=1e-4)
-    assert report.curves[0] == {"recall": 0.0, "precision": 1.0}
+    assert report.curves[0] == {"class": COCO_CURVE, "recall": 0.0, "precision": 1.0}
 
 
 def test_detection_without_masks_reports_box_map_only():

@@ -100,7 +100,8 @@ def test_per_sample_augmentation_keeps_targets_in_step(prepared_scenes, project_
         batch = task.collate([task.item(data, i, augment) for i in range(3)])
         assert batch.images.shape[0] == 3
         assert task.augmenter(data, policy, 0.0) is None
-    assert PRIMARY == {"classify": "val_accuracy", "detect": "val_map", "segment": "val_miou"}
+    assert PRIMARY == {"classify": "val_accuracy", "detect": "val_map", "segment": "val_miou",
+                       "regress": "val_r2", "reconstruct": "val_psnr"}
 
 
 def test_every_adapter_declares_what_the_rest_of_the_project_reads():

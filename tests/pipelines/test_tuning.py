@@ -322,3 +322,20 @@ def test_a_missing_pretrained_model_stops_the_search_before_any_trial(project_pa
     raw["train"]["detect"]["pretrained"] = "classify"  # this pipeline's classifier, not trained here
     with pytest.raises(ConvForgeError, match="run `dvc repro train@classify` first"):
         pretrained_sources(validate(type(project_params), raw), "detect", space)
+
+
+def test_trials_get_their_share_of_this_machine(project_params):
+    from pipelines.runtime import probe
+    from pipelines.search import trial_resources, trial_settings
+
+    if probe().gpus:
+        pytest.skip("this machine has a GPU")
+    search = project_params.search.model_copy(update={"cpus_per_trial": "auto", "gpus_per_trial": "auto"})
+    params = project_params.model_copy(update={"search": search})
+    cores = probe().cores
+    assert trial_resources(params) == (float(max(1, cores // search.max_concurrent)), 0.0)
+    settings = trial_settings(params)
+    assert settings.device == "cpu" and settings.num_threads == max(1, cores // search.max_concurrent)
+    on_cuda = params.model_copy(update={"train": params.train.model_copy(update={"device": "cuda"})})
+    with pytest.raises(ConvForgeError, match="train.device is cuda but search.gpus_per_trial is 0"):
+        trial_settings(on_cuda)

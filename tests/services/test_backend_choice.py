@@ -92,3 +92,48 @@ def test_the_package_stage_records_the_choice_and_the_service_serves_it(tmp_path
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["choice"][0] == found["label"] == found["card"] == "onnx" and found["same_tag"]
     assert found["reason"] == found["choice"][1] and "900" in found["reason"]
+
+
+# ---------------------------------------------------------------- serve.device
+
+
+def test_serve_device_auto_is_the_cpu_here_and_cuda_without_a_gpu_is_a_user_error():
+    import pytest
+
+    from pipelines.errors import ConvForgeError
+    from pipelines.runtime import probe
+    from services.backends import on_device, onnx_providers, serve_device
+
+    if probe().gpus:
+        pytest.skip("this machine has a GPU")
+    assert serve_device("auto") == "cpu" and serve_device("cpu") == "cpu"
+    with pytest.raises(ConvForgeError, match=r"^serve\.device is 'cuda' but no CUDA device is available"):
+        serve_device("cuda")
+    assert onnx_providers("cpu") == ["CPUExecutionProvider"]
+    assert on_device("onnx", "serve.backend: onnx", "cpu") == ("onnx", "serve.backend: onnx")
+    assert on_device("torch", "why", "cuda") == ("torch", "why")
+
+
+def test_serve_device_cuda_without_a_gpu_stops_the_server_in_one_line(tmp_path, monkeypatch, capsys):
+    import pytest
+    import yaml
+
+    from pipelines.runtime import probe
+    from services import serve
+    from services.catalog import MODELS_DIR_ENV
+
+    if probe().gpus:
+        pytest.skip("this machine has a GPU")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["serve"]["device"] = "cuda"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = {"CONVFORGE_PARAMS": params, "BENTOML_HOME": tmp_path / "bentoml", MODELS_DIR_ENV: tmp_path}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))  # restored afterwards, also where serve.main changes them
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        serve.main(["--models-dir", str(tmp_path)])  # stops before it would start (exec) the server
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == ("error: serve.device is 'cuda' but no CUDA device is available "
+                                       "(use 'auto' or 'cpu')\n")

@@ -17,8 +17,10 @@ def test_every_task_has_one_endpoint_and_one_route() -> None:
     assert set(PredictionResponse.model_json_schema()["properties"]["task"]["enum"]) == set(TASKS)
     for name, adapter in TASKS.items():
         served = endpoint(name)
-        # Classification items are resized and centre-cropped in training; scenes are letterboxed.
-        assert served.fit is (fit_square if adapter.data == ITEMS_DATA else letterbox)
+        # Classification items are resized and centre-cropped in training; scenes are letterboxed, and so are
+        # the images reconstruct restores (its answer covers the whole input, at the input's size).
+        image_out = served.result.__name__ == "reconstruct_result"
+        assert served.fit is (fit_square if adapter.data == ITEMS_DATA and not image_out else letterbox)
         assert set(served.echoes) <= {"box_format", "mask_format"}
 
 
@@ -28,10 +30,10 @@ def test_the_service_makes_one_bentoml_api_per_task() -> None:
     assert {api.route: name for name, api in ConvForge.apis.items()} == {**ROUTES, EXPLAIN_ROUTE: "explain"}
     for name, api in ConvForge.apis.items():
         if name == "explain":  # one api for every explainable task, not from the task table
-            assert api.doc and api.input_spec.multipart_fields == ["images"]
+            assert api.doc and api.input_spec.multipart_fields == ["images", "targets"]  # the apis' one input model
             continue
         assert api.name == name and api.doc == endpoint(name).doc and api.doc  # what the clients and /docs.json show
-        assert api.input_spec.multipart_fields == ["images"] and not api.batchable
+        assert api.input_spec.multipart_fields == ["images", "targets"] and not api.batchable  # targets: reconstruct
 
 
 def test_batch_outputs_per_image() -> None:

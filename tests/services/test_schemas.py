@@ -115,7 +115,7 @@ def test_segment_result_counts_and_formats():
 def test_response_schema_is_versioned():
     response = PredictionResponse(task="classify", model={"task": "classify", "family": "lenet5", "name": "m",
                                                           "version": "1"}, results=[])
-    assert response.model_dump()["schema_version"] == "1.2"
+    assert response.model_dump()["schema_version"] == "1.3"
     # 1.1 only adds fields: a 1.0 result (no in_domain/reason) still validates, and they stay out when unset.
     old = ImageResult(index=0, width=2, height=2, labels=[])
     assert old.in_domain is None and "reason" not in old.model_dump(exclude_none=True)

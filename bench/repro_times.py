@@ -1,0 +1,84 @@
+"""Time the default run stage by stage: `dvc repro` with a clock on each stage.
+
+Runs `dvc repro` (extra arguments are passed on, e.g. `--force` for a whole run on data and
+models already there), passes its output through unchanged, notes when each stage starts and
+when the run ends, and writes bench/results/repro_times.json. `--readme` also writes the
+per-stage time table into README.md (between the TIMES markers), next to the 25-minute budget
+of the default run on 2 CPU cores.
+
+    .venv/bin/python bench/repro_times.py --force --readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.reporting import replace_readme_table  # noqa: E402
+
+RESULT = ROOT / "bench" / "results" / "repro_times.json"
+BUDGET_MIN = 25.0  # the default run on 2 CPU cores, set-up excluded
+STARTED = re.compile(r"^Running stage '([^']+)'")
+
+
+def timed_repro(args: list[str]) -> tuple[list[dict], float, int]:
+    """Run `dvc repro args`, echoing its output; the seconds of each stage that ran, the total, the exit code."""
+    dvc = shutil.which("dvc", path=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ.get("PATH", ""))
+    start = time.perf_counter()
+    marks: list[tuple[str, float]] = []
+    with subprocess.Popen([dvc or "dvc", "repro", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            found = STARTED.match(line)
+            if found:
+                marks.append((found.group(1), time.perf_counter()))
+        code = process.wait()
+    end = time.perf_counter()
+    stages = [{"stage": name, "seconds": round((marks[i + 1][1] if i + 1 < len(marks) else end) - at, 1)}
+              for i, (name, at) in enumerate(marks)]
+    return stages, round(end - start, 1), code
+
+
+def table(result: dict) -> str:
+    """The per-stage time table in Markdown, with the total against the budget."""
+    lines = ["| stage | minutes | share |", "| --- | ---: | ---: |"]
+    total = result["total_seconds"]
+    for row in result["stages"]:
+        lines.append(f"| `{row['stage']}` | {row['seconds'] / 60:.2f} | {row['seconds'] / total:.0%} |")
+    verdict = "within" if total / 60 <= result["budget_minutes"] else "over"
+    lines.append(f"| **total** | **{total / 60:.1f}** | {verdict} the {result['budget_minutes']:.0f}-minute budget |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", action="store_true", help="write the time table into README.md")
+    known, rest = parser.parse_known_args()
+    stages, total, code = timed_repro(rest)
+    if code != 0:
+        sys.exit(code)  # dvc said why; a failed run's times are not a time table
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "python": platform.python_version(),
+              "date": dt.date.today().isoformat(), "command": "dvc repro " + " ".join(rest),
+              "budget_minutes": BUDGET_MIN, "total_seconds": total, "stages": stages}
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result), end="")
+    if known.readme:
+        replace_readme_table(ROOT / "README.md", table(result), marker="TIMES")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""What one training run is, for a search trial and the train stage alike: the TrainConfig of its epochs and the
+model built from a family choice. A trial of E epochs is then the final training of E epochs on the trial's
+items (tests/integration/test_trial_equals_final.py): the two differ only in their epochs and their data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models import build, family as registry_family
+from models._checkpoint import apply_transfer
+from pipelines.geometry import family_geometry, geometry_hparams
+from pipelines.params import TrainConfig
+
+
+def run_config(cfg: TrainConfig, epochs: int | None = None, **choice: Any) -> TrainConfig:
+    """`cfg` with a search choice's keys, for `epochs` epochs (default: its own), its warm-up cut to leave at
+    least one epoch after it (a 1-epoch run has none: a warm-up over the whole run never reaches the rate)."""
+    cfg = cfg.updated(**choice, **({"epochs": epochs} if epochs is not None else {}))
+    return cfg.updated(warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1))
+
+
+def run_model(task: str, family_name: str, hparams: dict[str, Any], data: Any, seed: int,
+              geometry: dict[str, Any] | None = None, pretrained: str | None = None,
+              log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], nn.Module, dict[str, Any] | None]:
+    """The model a run trains: every hparam (the family's defaults, the detector geometry of `data`'s boxes or
+    `geometry` when the caller worked it out, then `hparams`), built seeded, its trunk from the `pretrained`
+    weights (a resolved source); returns the hparams, the model and how the weights loaded (None: none asked)."""
+    defaults = registry_family(task, family_name).defaults
+    fitted = family_geometry(geometry, defaults) if geometry is not None else geometry_hparams(defaults, data)
+    full = {**defaults, **fitted, **hparams}
+    torch.manual_seed(seed)  # its initial weights depend on the seed only, not on what ran before in the process
+    model = build(task, family_name, len(data.classes), data.in_channels, data.image_size, **full)
+    transfer = apply_transfer(model, pretrained=pretrained, log=log or (lambda message: None)) if pretrained else None
+    return full, model, transfer

@@ -1,0 +1,101 @@
+"""What MLflow's UI shows of ConvForge, read back with MlflowClient from a real SQLite store in tmp: the
+experiment's kind, logged models named by task and family with their validation and test metrics,
+per-class metrics in their own section, described registered models and versions, and the source and
+commit of search runs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipelines import tracking
+from pipelines.params import MlflowParams
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)  # MLflow sets both for subprocesses: undone after the test
+    tracking.configure(MlflowParams(tracking_uri="sqlite:///ignored.db", experiment="x",
+                                    registered_model_prefix="p"), tmp_path)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    # Later tests (and the DVC stages they start) must not find this store as their registry.
+    mlflow.set_registry_uri("")
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_trained_model_is_named_ranked_and_described(store, tmp_path, prepared_classify):
+    from models import _checkpoint as checkpoint
+    from models._registry import build
+    from pipelines.datasets import load_classify
+
+    experiment = tracking.ensure_experiment("convforge")
+    client = MlflowClient(store)
+    assert client.get_experiment(experiment).tags[tracking.tags.EXPERIMENT_KIND] == "custom_model_development"
+
+    data = load_classify(prepared_classify, "test")
+    torch.manual_seed(0)
+    model = build("classify", "lenet5", len(data.classes), data.in_channels, data.image_size)
+    config = {"task": "classify", "family": "lenet5", "hparams": {}, "num_classes": len(data.classes),
+              "in_channels": data.in_channels, "image_size": data.image_size, "classes": data.classes,
+              "mean": data.mean, "std": data.std}
+    sha = checkpoint.save(model, config, tmp_path / "model")
+    with tracking.training_run(experiment, None, "classify", "lenet5") as run_id:
+        # As the train stage logs them: per-epoch values, then the selected epoch's (`best_*`, per class too).
+        tracking.log_metrics({"val_accuracy": 0.4}, step=1)
+        tracking.log_metrics({"best_val_accuracy": 0.5, "best_epoch": 1,
+                              "per_class/best_val_accuracy/c0": 0.25})
+        card = tracking.ModelCard("classify", "lenet5", "val_accuracy", 0.5, "abc123", sha, epoch=1)
+        registration = tracking.register_model(tmp_path / "model", model, data, "p-classify", card)
+    tracking.add_to_run(run_id, {"test_accuracy": 0.625, "per_class/test_accuracy/c0": 0.5}, {})
+
+    [model_id] = tracking.logged_models(run_id)
+    logged = client.get_logged_model(model_id)
+    assert logged.name == "classify-lenet5" and logged.params["family"] == "lenet5"
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["best_val_accuracy"] == 0.5 and linked["test_accuracy"] == 0.625 and linked["val_accuracy"] == 0.4
+    assert not any(key.startswith("per_class/") for key in linked)  # the Models tab's columns stay few
+    run = client.get_run(run_id)
+    assert run.data.metrics["per_class/test_accuracy/c0"] == 0.5
+    assert len(client.get_metric_history(run_id, "best_val_accuracy")) == 1  # linking logged no second point
+    assert run.data.tags[tracking.tags.GIT_COMMIT] == tracking.git_commit()
+
+    assert "classify" in client.get_registered_model("p-classify").description
+    description = client.get_model_version("p-classify", str(registration.version)).description
+    assert "family lenet5" in description and "abc123" in description and "val_accuracy 0.5000" in description
+    # The promote stage adds the test metrics and its verdict; the card stays.
+    tracking.tag_version("p-classify", registration.version, {"test_accuracy": 0.625, "gate": "passed"},
+                         description="promoted to champion")
+    description = client.get_model_version("p-classify", str(registration.version)).description
+    assert description.split("\n\n") == [card.description(), "test: accuracy 0.6250", "promoted to champion"]
+
+
+def test_search_runs_carry_source_and_commit(store):
+    from pipelines.tracking.trial_logger import TrialLogger
+
+    class OneChoice:
+        def choice(self, config):
+            from pipelines.search_space import TrialChoice
+
+            return TrialChoice("lenet5", {"width": 1}, {"lr": 0.1})
+
+    experiment = tracking.ensure_experiment("trials")
+    parent, _ = tracking.open_search(experiment, "classify", "key-1", {"task": "classify"})
+    trial = SimpleNamespace(trial_id="t1", experiment_tag="1", config={"family": "lenet5"}, num_failures=0,
+                            last_result={})
+    TrialLogger(store, experiment, parent, OneChoice(), "val_accuracy", max_epochs=2).on_trial_start(0, [], trial)
+    client = MlflowClient(store)
+    commit = tracking.git_commit()
+    for run_id in (parent, tracking.trial_run(experiment, parent, "t1")):
+        run_tags = client.get_run(run_id).data.tags
+        assert run_tags[tracking.tags.SOURCE_TYPE] == "LOCAL" and run_tags[tracking.tags.SOURCE_NAME]
+        assert run_tags.get(tracking.tags.GIT_COMMIT) == commit

@@ -1,0 +1,62 @@
+"""Joining Ray as a user's cluster needs it: which stores a cluster of several machines cannot use, where the auth
+token comes from, and the one-line stops (pipelines/cluster.py). The real `ray start` cluster is
+tests/integration/test_cluster_cli.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pipelines import cluster, runtime
+from pipelines.errors import ConvForgeError
+
+HERE = "10.0.0.1"
+
+
+def node(ip: str, alive: bool = True) -> dict:
+    return {"NodeManagerAddress": ip, "Alive": alive}
+
+
+def test_a_cluster_spans_machines_when_a_live_node_is_elsewhere_or_through_ray_client() -> None:
+    assert not cluster.spans_machines([node(HERE), node(HERE)], HERE, "10.0.0.1:6379")  # two nodes, one machine
+    assert not cluster.spans_machines([node(HERE), node("10.0.0.2", alive=False)], HERE, None)
+    assert cluster.spans_machines([node(HERE), node("10.0.0.2")], HERE, "10.0.0.1:6379")
+    assert cluster.spans_machines([], HERE, "ray://head:10001")  # the driver would run on the head
+
+
+@pytest.mark.parametrize("uri, local", [("sqlite:///mlflow.db", True), ("/abs/mlruns", True), ("mlruns", True),
+                                        ("file:///abs/mlruns", True), ("http://head:5000", False),
+                                        ("https://mlflow.example.com", False), ("databricks", False)])
+def test_local_stores(uri: str, local: bool) -> None:
+    assert cluster.is_local_store(uri) is local
+
+
+def test_storage_folders() -> None:
+    assert cluster.is_local_path("ray_results") and cluster.is_local_path("/abs/ray")
+    assert not cluster.is_local_path("s3://bucket/ray") and not cluster.is_local_path("file:///nfs/ray")
+    assert cluster.folder_of("file:///nfs/ray") == cluster.Path("/nfs/ray")
+    assert cluster.folder_of("s3://bucket/ray") is None
+
+
+def test_token_auth_is_enabled_for_an_explicit_address_with_a_token_at_hand(tmp_path, monkeypatch) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # Ray decides itself for a cluster it finds
+    assert runtime.enable_token_auth() is None and "RAY_AUTH_MODE" not in runtime.os.environ
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
+    assert runtime.enable_token_auth() == str(token) and runtime.os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a user's explicit choice stays
+    assert runtime.enable_token_auth() is None and runtime.os.environ["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert runtime.enable_token_auth() is None and "RAY_AUTH_MODE" not in runtime.os.environ
+
+
+def test_ray_client_addresses_stop_with_one_line_without_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "grpc", None)  # as without ray[client]: `import grpc` fails
+    with pytest.raises(ConvForgeError, match=r"ray:// needs Ray Client .* RAY_ADDRESS=<head-ip>:6379"):
+        cluster.join("ray://head:10001", log=lambda message: None)
