@@ -118,3 +118,70 @@ def stop(process) -> None:
     except subprocess.TimeoutExpired:
         send(signal.SIGKILL)
         process.wait()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 image array [H, W] or [H, W, C] as PNG bytes (an upload)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def serving(models: Path, work: Path):
+    """A real `python -m services.serve` of the model folders under `models`, ready, in a private BENTOML_HOME;
+    yields it (a fixture body: `yield from serving(...)`) and stops it afterwards."""
+    import os
+    import sys
+
+    from tests.integration.test_metrics_per_server import start
+
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "PYTHONUNBUFFERED": "1"}
+    running = start(sys.executable, models, work / "server.log", env)
+    try:
+        wait_ready(running.base, running.process, running.log)
+        yield running
+    finally:
+        stop(running.process)
+
+
+# Requests every prediction endpoint must refuse with a 4xx (and the same one as /classify)
+BAD_REQUESTS = {
+    "not an image": {"files": {"images": ("x.png", b"not an image", "image/png")}},
+    "empty": {"content": b"", "headers": {"Content-Type": "application/json"}},
+    "bad base64": {"json": {"image": "%%%"}},
+    "no images": {"json": {"images": []}},
+    "pickle": {"content": b"\x80\x04N.", "headers": {"Content-Type": "application/vnd.bentoml+pickle"}},
+    "unknown option": {"json": {"image": "", "colour": "red"}},
+}
+
+
+def assert_same_4xx(base: str, task: str, other: str, case: str) -> None:
+    """`BAD_REQUESTS[case]` gets a 4xx with a JSON error body from /<task>, the status /<other> answers."""
+    import json
+
+    import httpx
+
+    answers = [httpx.post(f"{base}/{name}", timeout=60, **BAD_REQUESTS[case]) for name in (task, other)]
+    assert 400 <= answers[0].status_code < 500, answers[0].text
+    assert answers[0].status_code == answers[1].status_code, [a.text for a in answers]
+    assert json.loads(answers[0].text)  # a JSON error body, as every endpoint gives
+
+
+def saved_lenet5(folder: Path, prepared: Path):
+    """An untrained LeNet-5 for the prepared classify data's test split, saved in `folder` as the train stage
+    saves models; returns (model, that split, folder, the weights' sha256)."""
+    from models import _checkpoint as checkpoint
+    from models._registry import build
+    from pipelines.datasets import load_classify
+
+    data = load_classify(prepared, "test")
+    torch.manual_seed(0)
+    model = build("classify", "lenet5", len(data.classes), data.in_channels, data.image_size)
+    config = {"task": "classify", "family": "lenet5", "hparams": {}, "num_classes": len(data.classes),
+              "in_channels": data.in_channels, "image_size": data.image_size, "classes": data.classes,
+              "mean": data.mean, "std": data.std}
+    return model, data, folder, checkpoint.save(model, config, folder)

@@ -145,6 +145,7 @@ def run_stage(stage: str, project: Path, env: dict[str, str]) -> str:
 
 
 def test_search_and_ray_train_on_a_ray_start_cluster(cluster, project_params, prepared_classify, tmp_path):
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
@@ -182,7 +183,11 @@ def test_search_and_ray_train_on_a_ray_start_cluster(cluster, project_params, pr
     version = client.get_model_version(registration["registered_model"], str(registration["registered_version"]))
     assert version.run_id == training.info.run_id
     # the model's files went through the server (no artifact lands on a node's disk but the server's)
-    model = Path(download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(tmp_path / "model"),
-                                    tracking_uri=uri, registry_uri=uri))
+    # (a models:/ URI resolves through the global registry URI whatever download_artifacts is given)
+    mlflow.set_tracking_uri(uri), mlflow.set_registry_uri(uri)
+    try:
+        model = Path(download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(tmp_path / "model")))
+    finally:
+        mlflow.set_tracking_uri(None), mlflow.set_registry_uri(None)
     assert (model / "MLmodel").is_file() and list(model.rglob("model.safetensors"))
     assert not list((work / "ray_storage").glob("train-classify-*"))  # Ray Train's checkpoints of the done run

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from pipelines import tracking
 from pipelines.params import MlflowParams
+from tests.fixtures import saved_lenet5
 
 pytestmark = pytest.mark.integration
 
@@ -34,21 +34,11 @@ def store(tmp_path, monkeypatch):
 
 
 def test_a_trained_model_is_named_ranked_and_described(store, tmp_path, prepared_classify):
-    from models import _checkpoint as checkpoint
-    from models._registry import build
-    from pipelines.datasets import load_classify
-
     experiment = tracking.ensure_experiment("convforge")
     client = MlflowClient(store)
     assert client.get_experiment(experiment).tags[tracking.tags.EXPERIMENT_KIND] == "custom_model_development"
 
-    data = load_classify(prepared_classify, "test")
-    torch.manual_seed(0)
-    model = build("classify", "lenet5", len(data.classes), data.in_channels, data.image_size)
-    config = {"task": "classify", "family": "lenet5", "hparams": {}, "num_classes": len(data.classes),
-              "in_channels": data.in_channels, "image_size": data.image_size, "classes": data.classes,
-              "mean": data.mean, "std": data.std}
-    sha = checkpoint.save(model, config, tmp_path / "model")
+    model, data, _, sha = saved_lenet5(tmp_path / "model", prepared_classify)
     with tracking.training_run(experiment, None, "classify", "lenet5") as run_id:
         # As the train stage logs them: per-epoch values, then the selected epoch's (`best_*`, per class too).
         tracking.log_metrics({"val_accuracy": 0.4}, step=1)

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import sys
 
 import httpx
 import numpy as np
@@ -28,7 +25,8 @@ from pipelines.engine import EngineSettings, fit
 from pipelines.params import CorruptionParams
 from pipelines.reconstruction import image_quality, load_corrupted
 from pipelines.tasks import ClassifyTask, ReconstructTask
-from tests.integration.test_metrics_per_server import save_untrained, scrape, start, stop, wait_ready
+from tests.fixtures import BAD_REQUESTS, assert_same_4xx, png_bytes, serving
+from tests.integration.test_metrics_per_server import save_untrained, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -73,22 +71,12 @@ def trained(tmp_path_factory, project_params):
     return {"test": test, "models": models}
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+png = png_bytes
 
 
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "PYTHONUNBUFFERED": "1"}
-    running = start(sys.executable, trained["models"], work / "server.log", env)
-    try:
-        wait_ready(running)
-        yield running
-    finally:
-        stop(running)
+    yield from serving(trained["models"], tmp_path_factory.mktemp("serve"))
 
 
 def test_twenty_noisy_items_come_back_at_their_size_with_3_db_more_psnr(server, trained):
@@ -121,14 +109,6 @@ def test_json_targets_score_a_grown_image_at_its_own_size(server, trained):
     assert np.asarray(Image.open(io.BytesIO(base64.b64decode(result["image"])))).shape == (24, 40)
 
 
-BAD = {
-    "not an image": {"files": {"images": ("x.png", b"not an image", "image/png")}},
-    "empty": {"content": b"", "headers": {"Content-Type": "application/json"}},
-    "bad base64": {"json": {"image": "%%%"}},
-    "no images": {"json": {"images": []}},
-    "pickle": {"content": b"\x80\x04N.", "headers": {"Content-Type": "application/vnd.bentoml+pickle"}},
-    "unknown option": {"json": {"image": "", "colour": "red"}},
-}
 BAD_TARGETS = {
     "target not an image": ({"json": {"image": base64.b64encode(png(np.zeros((16, 16), np.uint8))).decode(),
                                       "targets": [base64.b64encode(b"not an image").decode()]}}, 400),
@@ -140,12 +120,9 @@ BAD_TARGETS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_inputs_get_the_same_4xx_as_classify(server, case):
-    answers = [httpx.post(f"{server.base}/{task}", timeout=60, **BAD[case]) for task in (RECONSTRUCT, CLASSIFY)]
-    assert 400 <= answers[0].status_code < 500, answers[0].text
-    assert answers[0].status_code == answers[1].status_code, [a.text for a in answers]
-    assert json.loads(answers[0].text)  # a JSON error body, as every endpoint gives
+    assert_same_4xx(server.base, RECONSTRUCT, CLASSIFY, case)
 
 
 @pytest.mark.parametrize("case", list(BAD_TARGETS))

@@ -10,16 +10,11 @@ classifier, /regress answers values and names equal to the engine's, and bad inp
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import sys
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from models import _checkpoint as checkpoint
 from models._registry import build, family
@@ -27,7 +22,8 @@ from pipelines.datasets import ITEMS_DATA
 from pipelines.engine import EngineSettings, fit, predict
 from pipelines.geometry import geometry_hparams
 from pipelines.tasks import ClassifyTask, RegressTask
-from tests.integration.test_metrics_per_server import save_untrained, scrape, start, stop, wait_ready
+from tests.fixtures import BAD_REQUESTS, assert_same_4xx, png_bytes, serving
+from tests.integration.test_metrics_per_server import save_untrained, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -94,22 +90,12 @@ def test_tilted_items_are_within_15_degrees_and_beat_the_mean(trained):
     assert mae <= 15.0 and mae < baseline, (mae, baseline)
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+png = png_bytes
 
 
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "PYTHONUNBUFFERED": "1"}
-    running = start(sys.executable, trained["models"], work / "server.log", env)
-    try:
-        wait_ready(running)
-        yield running
-    finally:
-        stop(running)
+    yield from serving(trained["models"], tmp_path_factory.mktemp("serve"))
 
 
 def test_served_values_and_names_equal_the_engine(server, trained):
@@ -129,19 +115,8 @@ def test_served_values_and_names_equal_the_engine(server, trained):
     assert [(sample.labels["name"], sample.value) for sample in counts] == [("angle", 3.0)]
 
 
-BAD = {
-    "not an image": {"files": {"images": ("x.png", b"not an image", "image/png")}},
-    "empty": {"content": b"", "headers": {"Content-Type": "application/json"}},
-    "bad base64": {"json": {"image": "%%%"}},
-    "no images": {"json": {"images": []}},
-    "pickle": {"content": b"\x80\x04N.", "headers": {"Content-Type": "application/vnd.bentoml+pickle"}},
-    "unknown option": {"json": {"image": "", "colour": "red"}},
-}
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_inputs_get_the_same_4xx_as_classify(server, case):
-    answers = [httpx.post(f"{server.base}/{task}", timeout=60, **BAD[case]) for task in (REGRESS, CLASSIFY)]
-    assert 400 <= answers[0].status_code < 500, answers[0].text
-    assert answers[0].status_code == answers[1].status_code, [a.text for a in answers]
-    assert json.loads(answers[0].text)  # a JSON error body, as every endpoint gives
+    assert_same_4xx(server.base, REGRESS, CLASSIFY, case)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipelines import tracking
+from tests.fixtures import saved_lenet5
 from pipelines.params import MlflowParams
 
 
@@ -87,29 +87,13 @@ def test_data_hash_prefers_dvc_lock_and_else_hashes_the_files(tmp_path):
     assert tracking.data_hash(data, tmp_path) == "0123abcd.dir"
 
 
-def _saved_model(tmp_path, prepared_classify):
-    from models import _checkpoint as checkpoint
-    from models._registry import build
-    from pipelines.datasets import load_classify
-
-    data = load_classify(prepared_classify, "test")
-    torch.manual_seed(0)
-    model = build("classify", "lenet5", len(data.classes), data.in_channels, data.image_size)
-    config = {"task": "classify", "family": "lenet5", "hparams": {}, "num_classes": len(data.classes),
-              "in_channels": data.in_channels, "image_size": data.image_size, "classes": data.classes,
-              "mean": data.mean, "std": data.std}
-    folder = tmp_path / "model"
-    checkpoint.save(model, config, folder)
-    return model, data, folder
-
-
 def test_pyfunc_from_code_round_trip_and_champion_alias(store, tmp_path, prepared_classify):
     import mlflow
     from mlflow import MlflowClient
 
     from pipelines.engine import EngineSettings, predict
 
-    model, data, folder = _saved_model(tmp_path, prepared_classify)
+    model, data, folder, _ = saved_lenet5(tmp_path / "model", prepared_classify)
     settings = EngineSettings(device="cpu", channels_last=False)
     example = data.images[:2].numpy()
     expected = predict(model, "classify", data.images[:5], data.mean, data.std, settings).numpy()
