@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS=1 RAY_USAGE_STATS_ENABLED=0 BENTOML_DO_NOT_TRACK=True MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 
-.PHONY: setup data repro test test-fast serve ui bench clean-outputs
+.PHONY: setup data repro test test-slow test-fast serve ui bench clean-outputs
 
 ## setup: virtualenv with the pinned stack, plus Fashion-MNIST's Debian package when missing
 setup: $(VENV)/.installed data
@@ -34,6 +34,10 @@ repro: setup
 ## test: the whole suite (unit + integration with real MLflow, Ray, BentoML, DVC)
 test: setup
 	$(PY) -m pytest -q
+
+## test-slow: the tests too long for every run (each classify family trained for an epoch on 10k items)
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 serve:
 	PATH=$(BIN):$$PATH $(PY) -m services.serve

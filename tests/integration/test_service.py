@@ -28,13 +28,16 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.datasets import ITEMS_DATA
+from pipelines.tasks import get_task
 from tests.fixtures import stop
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
-FAMILIES = {"classify": ("lenet5", {}), "detect": ("fcos", {}), "segment": ("unet", {"depth": 2, "width": 8})}
+FAMILIES = {"classify": ("lenet5", {}), "detect": ("fcos", {}), "segment": ("unet", {"depth": 2, "width": 8}),
+            "regress": ("lenet5", {}), "reconstruct": ("unet", {"depth": 2, "width": 8})}
 
 
 # ---------------------------------------------------------------- the Dockerfile, parsed
@@ -87,12 +90,11 @@ def train_tiny(task: str, prepared: Path, directory: Path, params) -> None:
     """A few optimizer steps of a small family with the real engine, saved as the train stage does."""
     from models import _checkpoint as checkpoint
     from models._registry import build, families
-    from pipelines.datasets import load_classify, load_scenes
     from pipelines.engine import EngineSettings, fit
 
     family, hparams = FAMILIES[task]
     family = family if family in families(task) else families(task)[0]
-    load = load_classify if task == "classify" else load_scenes
+    load = get_task(task).load_split
     train, val = load(prepared, "train").subset(64, 0), load(prepared, "val").subset(8, 0)
     size, channels = int(train.images.shape[-1]), int(train.images.shape[1])
     model = build(task, family, len(train.classes), channels, size, **hparams)
@@ -121,7 +123,8 @@ def median_score(model, prepared: Path) -> float:
 def models_dir(tmp_path_factory, prepared_classify, prepared_scenes, project_params) -> Path:
     root = tmp_path_factory.mktemp("artifacts") / "models"
     for task in FAMILIES:
-        train_tiny(task, prepared_classify if task == "classify" else prepared_scenes, root / task, project_params)
+        items = get_task(task).data == ITEMS_DATA  # classify, regress and reconstruct read the classify items
+        train_tiny(task, prepared_classify if items else prepared_scenes, root / task, project_params)
     return root
 
 
@@ -491,7 +494,7 @@ def test_metrics_parse_and_hold_the_series(server):
     counted = {s.labels["model_version"] for s in families["convforge_requests"].samples}
     assert counted <= served | {"none"}, (counted, served)  # the bare version, as every other series spells it
     allowed = {"task", "endpoint", "model_version", "status_class", "class", "family", "backend", "le",
-               "reason_kind"}
+               "reason_kind", "name"}  # name: a regress model's target names, fixed by the model
     for name, family in families.items():
         if name.startswith("convforge_"):
             for sample in family.samples:

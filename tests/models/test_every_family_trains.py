@@ -24,6 +24,11 @@ SEED, TRAIN, VAL, THRESHOLD = 42, 10_000, 2_000, 0.6
 CLASSIFY = "classify"
 
 
+# About 5-8 minutes on 2 CPU cores (densenet alone 2.5): more than the default suite's budget, so it runs with
+# `make test-slow` (pytest -m slow) rather than `make test`.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def fashion_split(project_params) -> tuple[ClassifyData, ClassifyData]:
     """10k train / 2k val items drawn from Fashion-MNIST's training split with seed 42, normalized by the 10k's."""
