@@ -43,7 +43,7 @@ def write_plots(task: str, report: Any, history: list[dict[str, Any]], model: An
         runtime.write_json(folder / "learning_curve.json", history)
         plot_learning_curves(history, images / "learning_curves.png")
     if report.curves:
-        runtime.write_json(folder / "pr_curve.json", report.curves)
+        runtime.write_json(folder / "pr_curve.json", same_fields(report.curves))
         plot_pr_curve(report.curves, images / "pr_curve.png", title=get_task(task).pr_title)
     if report.per_class:
         runtime.write_json(folder / "per_class.json", per_class_records(report.per_class))
@@ -53,6 +53,13 @@ def write_plots(task: str, report: Any, history: list[dict[str, Any]], model: An
         runtime.write_json(folder / "confusion.json", confusion_records(report.confusion, data.classes))
         plot_confusion(report.confusion, data.classes, images / "confusion_matrix.png")
     write_visuals(model, task, data, images)
+
+
+def same_fields(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with only the fields all of them have: DVC's plots fail on a file whose records differ
+    (detect's served-detections curve has a `threshold` the COCO curve lacks; the PNG shows both)."""
+    common = set.intersection(*(set(record) for record in records)) if records else set()
+    return [{key: value for key, value in record.items() if key in common} for record in records]
 
 
 def run_evaluation(params: Params, task: str, data_root: Path, model_dir: Path, metrics_path: Path,

@@ -135,7 +135,8 @@ def read_candidate(model_dir: Path, metrics: dict[str, float], test_hash: str, t
     version = tracking.model_version(name, number)
     if version.run_id != config.get("mlflow_run_id"):
         raise ConvForgeError(f"{model_dir}: registered {name} v{number} belongs to run {version.run_id}, "
-                             f"not to this model's run {config.get('mlflow_run_id')}; rerun `dvc repro train@{task}`")
+                             f"not to this model's run {config.get('mlflow_run_id')} (DVC's run-cache can restore a "
+                             f"training another MLflow store registered): rerun `dvc repro --force train@{task}`")
     return Candidate(version, str(config.get("weights_sha256") or ""), test_hash, metrics)
 
 
