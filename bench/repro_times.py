@@ -36,9 +36,11 @@ STARTED = re.compile(r"^Running stage '([^']+)'")
 def timed_repro(args: list[str]) -> tuple[list[dict], float, int]:
     """Run `dvc repro args`, echoing its output; the seconds of each stage that ran, the total, the exit code."""
     dvc = shutil.which("dvc", path=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ.get("PATH", ""))
+    if dvc is None:
+        sys.exit("repro_times: no `dvc` in .venv/bin or on PATH: run `make setup` first")
     start = time.perf_counter()
     marks: list[tuple[str, float]] = []
-    with subprocess.Popen([dvc or "dvc", "repro", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    with subprocess.Popen([dvc, "repro", *args], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         for line in process.stdout:
             sys.stdout.write(line)
