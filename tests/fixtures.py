@@ -8,6 +8,8 @@ Built once per test session through pipelines.preparation, the same code the aug
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +22,29 @@ from pipelines.params import Params, SceneParams, load_params, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_IMAGE_SIZE = 16
+
+
+MLFLOW_STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store_left_as_found():
+    """Each test leaves MLflow's store as it found it: pointing MLflow at a store sets process globals and the
+    environment variables subprocesses inherit, and `mlflow.set_registry_uri(None)` leaves its variable set, so a
+    later test would reach a server that is gone."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_STORE_VARIABLES}
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -179,7 +179,8 @@ def test_mlflow_holds_the_search_and_the_champions(project):
     import mlflow
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{project['root'] / 'mlflow.db'}")
+    store = f"sqlite:///{project['root'] / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     experiment = client.get_experiment_by_name("convforge")
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
