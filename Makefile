@@ -54,4 +54,6 @@ bench:
 	$(PY) bench/owndata.py
 	$(PY) bench/upload.py
 	$(PY) bench/pretrain.py
+	$(PY) bench/transfer.py
+	$(PY) bench/families.py
 	$(PY) bench/report.py

@@ -1,22 +1,33 @@
-"""Tuning efficiency: ASHA vs every trial at full budget (same random trials), and Ray Tune's per-trial overhead.
+"""Tuning efficiency: do early trial scores predict, and what ASHA saves on a realistic search; Ray's overhead.
 
-Both searches draw the same trials (Ray's random search, same seed, each family first at its
-defaults) and differ only in the scheduler: ASHA stops the weak trials early, FIFO trains every
-trial for `--epochs`. Reported: best validation accuracy, total trial-epochs and wall time. The
-overhead part runs a no-op trainable many times, with and without actor reuse.
-Targets (`TARGETS`): ASHA's best score within 0.01 of the full budget's with at most 75% of its
-trial-epochs, and at most 0.2 s of Ray overhead per trial with actor reuse.
+Per seed, the same random trials (Ray's random search seeded alike, each family first at its defaults)
+run twice with the project's trainable: under Ray Tune's ASHAScheduler and under FIFO, every trial
+trained for `--epochs`. Each search's pick (its best trial by its last validation score) is scored on
+a held-out test split the search never saw. Reported:
+
+- rank correlation: for the FIFO trials of the first seed, the "trial score" (validation score at the
+  grace period, what ASHA decides on) against the "final test score" (the same trial at full budget,
+  its best-validation epoch's weights on the test split), as Spearman's rho with its p-value;
+- per seed, the trial-epochs FIFO trains over those ASHA trains, and whether the two picks' test
+  scores are equal (within `TARGETS["best_test_gap"]`);
+- Ray Tune's overhead per trial of a no-op trainable, with and without actor reuse.
+
+Targets (`TARGETS`): rho >= 0.8; ASHA at least 3x fewer trial-epochs with an equal best on every
+seed; at most 0.2 s of overhead per trial with actor reuse.
 
     .venv/bin/python bench/tune_efficiency.py
 
-Data: scikit-learn's digits upscaled to 16x16 (default), or `--data fashion-mnist`: subsets of
-data/prepared/classify. Writes bench/results/tune_efficiency.json.
+Data: subsets of data/prepared/classify (Fashion-MNIST, `dvc repro augment` first; default), or
+`--data digits`: scikit-learn's digits upscaled to 16x16. Writes bench/results/tune_efficiency.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -27,20 +38,22 @@ sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.machine import describe  # noqa: E402
+from pipelines.errors import ConvForgeError  # noqa: E402
 
-TARGETS = {"score_gap": 0.01, "epochs_fraction": 0.75, "reuse_overhead_s": 0.2}
+TARGETS = {"spearman_rho": 0.8, "asha_epochs_ratio": 3.0, "best_test_gap": 0.005, "reuse_overhead_s": 0.2}
 
 
-def targets_met(asha: dict, full: dict, reuse_s: float) -> dict[str, bool]:
-    """Each target of `TARGETS` against one run's figures."""
-    gap = (full["best_score"] or 0) - (asha["best_score"] or 0)
-    return {"score_gap": gap <= TARGETS["score_gap"],
-            "epochs_fraction": asha["trial_epochs"] <= TARGETS["epochs_fraction"] * full["trial_epochs"],
+def targets_met(rank: dict, searches: list[dict], reuse_s: float) -> dict[str, bool]:
+    """Each target of `TARGETS` against one run's figures; the ASHA target holds only when every seed meets it."""
+    rho = rank["spearman_rho"]
+    return {"spearman_rho": rho is not None and rho >= TARGETS["spearman_rho"],
+            "asha_epochs_ratio": all(s["epochs_ratio"] >= TARGETS["asha_epochs_ratio"] and s["equal_best"]
+                                     for s in searches),
             "reuse_overhead_s": reuse_s <= TARGETS["reuse_overhead_s"]}
 
 
 def digits_data(seed: int):
-    """sklearn digits as prepared-style tensors: 16x16, 80/20 split, train mean/std."""
+    """sklearn digits as prepared-style tensors: 16x16, 60/20/20 train/val/test split, train mean/std."""
     import torch
     from sklearn.datasets import load_digits
     from torchvision.transforms.v2 import functional as F
@@ -52,27 +65,28 @@ def digits_data(seed: int):
     images = F.resize(images, [16, 16], antialias=True)
     labels = torch.from_numpy(digits.target).long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(order))
-    train_idx, val_idx = order[:cut], order[cut:]
-    pixels = images[train_idx].float() / 255
+    cuts = [int(0.6 * len(order)), int(0.8 * len(order))]
+    splits = [order[:cuts[0]], order[cuts[0]:cuts[1]], order[cuts[1]:]]
+    pixels = images[splits[0]].float() / 255
     mean, std = [pixels.mean().item()], [pixels.std().item()]
     classes = [str(i) for i in range(10)]
-    return (ClassifyData(images[train_idx], labels[train_idx], classes, mean, std),
-            ClassifyData(images[val_idx], labels[val_idx], classes, mean, std))
+    return tuple(ClassifyData(images[idx], labels[idx], classes, mean, std) for idx in splits)
 
 
 def load_data(args, seed: int):
+    """(name, train, val, test): the test split only ever scores the searches' picks."""
     from pipelines.datasets import load_classify
 
     if args.data == "digits":
         return ("digits 16x16", *digits_data(seed))
     root = ROOT / "data/prepared/classify"
-    return ("fashion-mnist subset", load_classify(root, "train").subset(args.train, seed),
-            load_classify(root, "val").subset(args.val, seed))
+    return ("Fashion-MNIST subsets", *(load_classify(root, split).subset(n, seed) for split, n in
+                                       (("train", args.train), ("val", args.val), ("test", args.test))))
 
 
 def write_prepared(folder: Path, train, val) -> Path:
-    """The splits in the prepared-data layout on disk: trials read their data from paths, like the pipeline's."""
+    """The search's splits in the prepared-data layout on disk: trials read their data from paths, like the
+    pipeline's. The test split stays out of it."""
     import json
 
     from pipelines.datasets import save_array
@@ -86,8 +100,9 @@ def write_prepared(folder: Path, train, val) -> Path:
     return folder
 
 
-def run_search(label: str, scheduler, trainable, space, points, args, storage: str, seed: int) -> dict:
-    """One search over the random trials with `scheduler` (None = FIFO, every trial at full budget)."""
+def run_search(label: str, scheduler, trainable, space, points, args, storage: str, seed: int):
+    """One search over the random trials with `scheduler` (None = FIFO, every trial at full budget);
+    returns its figures and Ray's ResultGrid."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -105,12 +120,75 @@ def run_search(label: str, scheduler, trainable, space, points, args, storage: s
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     started = time.perf_counter()
     grid = tuner.fit()
-    wall = time.perf_counter() - started
-    scores = [r.metrics.get(PRIMARY["classify"]) for r in grid if r.metrics]
-    scores = [s for s in scores if isinstance(s, (int, float))]
-    return {"best_score": max(scores) if scores else None, "trial_epochs": sum(int(r.metrics.get("epoch", 0))
-                                                                               for r in grid if r.metrics),
-            "wall_s": wall, "trials": len(grid), "errors": grid.num_errors}
+    figures = {"trial_epochs": sum(int(r.metrics.get("epoch", 0)) for r in grid if r.metrics),
+               "wall_s": time.perf_counter() - started, "trials": len(grid), "errors": grid.num_errors}
+    return figures, grid
+
+
+def finished(grid) -> list:
+    """The trials of a ResultGrid that reported a usable score and kept a checkpoint."""
+    from pipelines.tasks import PRIMARY
+
+    metric = PRIMARY["classify"]
+    return [r for r in grid if r.checkpoint is not None and isinstance(r.metrics.get(metric), (int, float))
+            and math.isfinite(r.metrics[metric])]
+
+
+def test_score(result, space, train, test, seed: int, settings) -> float:
+    """A trial's final model (its best-validation epoch's weights, what `fit` returns) scored on the test split."""
+    import torch
+
+    from pipelines.engine import CHECKPOINT, evaluate
+    from pipelines.recipe import run_model
+    from pipelines.tasks import get_task
+
+    chosen = space.choice(result.config)
+    model = run_model("classify", chosen.family, chosen.hparams, train, seed)[1]
+    saved = torch.load(Path(result.checkpoint.path) / CHECKPOINT, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["best_state"])
+    return evaluate(model, "classify", test, settings)[get_task("classify").metric]
+
+
+def pick(grid):
+    """What a search delivers: its trial with the best last validation score."""
+    from pipelines.tasks import PRIMARY
+
+    results = finished(grid)
+    return max(results, key=lambda r: r.metrics[PRIMARY["classify"]]) if results else None
+
+
+def rank_rows(grid, space, grace_period: int, test_of) -> list[dict]:
+    """Each full-budget trial's family, its score at the grace period and its final test score."""
+    from pipelines.tuner import SCORES
+
+    rows = [{"family": space.choice(r.config).family, "trial_score": r.metrics[SCORES][grace_period - 1],
+             "final_test_score": test_of(r)} for r in finished(grid)]
+    return sorted(rows, key=lambda row: -row["trial_score"])
+
+
+def spearman(rows: list[dict]) -> tuple[float | None, float | None]:
+    """Spearman's rho and its p-value of trial score against final test score (None when undefined)."""
+    from scipy.stats import spearmanr
+
+    if len(rows) < 3:
+        return None, None
+    result = spearmanr([r["trial_score"] for r in rows], [r["final_test_score"] for r in rows])
+    rho, p = float(result.statistic), float(result.pvalue)
+    return (rho, p) if math.isfinite(rho) else (None, None)
+
+
+def compare(seed: int, asha: dict, full: dict, asha_grid, full_grid, test_of) -> dict:
+    """One seed's ASHA against FIFO: trial-epochs, their ratio, each pick's validation and test score."""
+    from pipelines.tasks import PRIMARY
+
+    for figures, grid in ((asha, asha_grid), (full, full_grid)):
+        best = pick(grid)
+        figures["best_val"] = best.metrics[PRIMARY["classify"]] if best else None
+        figures["best_test"] = test_of(best) if best else None
+    gap = None if None in (asha["best_test"], full["best_test"]) else full["best_test"] - asha["best_test"]
+    return {"seed": seed, "asha": asha, "full_budget": full,
+            "epochs_ratio": full["trial_epochs"] / max(1, asha["trial_epochs"]), "test_gap": gap,
+            "equal_best": gap is not None and abs(gap) <= TARGETS["best_test_gap"]}
 
 
 def noop(config: dict) -> None:
@@ -131,25 +209,68 @@ def overhead(trials: int, reuse: bool, storage: str) -> float:
     return (time.perf_counter() - started) / trials
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line; out-of-range sizes are a one-line usage error."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=8, help="trials per search")
-    parser.add_argument("--epochs", type=int, default=4, help="full budget (epochs) of a trial")
-    parser.add_argument("--data", choices=["digits", "fashion-mnist"], default="digits",
-                        help="digits (bundled, fast) or data/prepared/classify (run `dvc repro augment` first)")
-    parser.add_argument("--train", type=int, default=3000, help="training items (Fashion-MNIST subset)")
+    parser.add_argument("--samples", type=int, default=24, help="trials per search")
+    parser.add_argument("--epochs", type=int, default=9, help="full budget (epochs) of a trial")
+    parser.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung (epochs)")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this of the trials per rung")
+    parser.add_argument("--seeds", type=int, default=3, help="searches per scheduler, seeded params.seed + 0, 1, ...")
+    parser.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist",
+                        help="data/prepared/classify (run `dvc repro augment` first) or digits (bundled)")
+    parser.add_argument("--train", type=int, default=2000, help="training items (Fashion-MNIST subset)")
     parser.add_argument("--val", type=int, default=1000, help="validation items (Fashion-MNIST subset)")
-    parser.add_argument("--families", nargs="+", default=["lenet5", "mobilenet_v2"],
-                        help="families searched (the default pair keeps even their largest variants fast)")
+    parser.add_argument("--test", type=int, default=2000, help="test items (Fashion-MNIST subset)")
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="families searched (default: search.classify.families of params.yaml)")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--noop-trials", type=int, default=100)
     parser.add_argument("--noop-trials-no-reuse", type=int, default=10)
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tune_efficiency.json")
     args = parser.parse_args()
+    counts = ("samples", "epochs", "grace_period", "reduction_factor", "seeds", "train", "val", "test", "concurrent",
+              "noop_trials", "noop_trials_no_reuse")
+    for name in counts:
+        if getattr(args, name) < (2 if name == "reduction_factor" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'reduction_factor' else 1}")
+    if args.grace_period > args.epochs:
+        parser.error("--grace-period must not exceed --epochs")
+    return args
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that reproduces the figures: the script with its flags, less --note and --out (they only
+    label and place the result)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.split("=")[0] in ("--note", "--out"):
+            skip = not skip and "=" not in arg
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "bench/tune_efficiency.py", *kept])
+
+
+def print_summary(rank: dict, searches: list[dict], reuse: float, fresh: float, args) -> None:
+    """The run's figures as the terminal shows them at the end."""
+    rho = "n/a" if rank["spearman_rho"] is None else f"{rank['spearman_rho']:.3f} (p {rank['p_value']:.2g})"
+    print(f"\nrank correlation, seed {rank['seed']}, {len(rank['rows'])} trials: Spearman rho {rho}")
+    print(f"{'seed':>6}{'ASHA ep':>9}{'FIFO ep':>9}{'ratio':>7}{'ASHA test':>11}{'FIFO test':>11}{'equal':>7}")
+    for s in searches:
+        asha, full = s["asha"], s["full_budget"]
+        print(f"{s['seed']:>6}{asha['trial_epochs']:>9}{full['trial_epochs']:>9}{s['epochs_ratio']:>7.2f}"
+              f"{asha['best_test'] or 0:>11.4f}{full['best_test'] or 0:>11.4f}{'yes' if s['equal_best'] else 'no':>7}")
+    print(f"Ray Tune overhead, no-op trainable: {reuse:.3f} s/trial with actor reuse ({args.noop_trials} trials), "
+          f"{fresh:.3f} s/trial without ({args.noop_trials_no_reuse} trials)")
+
+
+def main() -> None:
+    args = parse_args()
     machine = describe()
 
     import ray
+    import torch
     from ray import tune
 
     from pipelines.engine import EngineSettings
@@ -157,50 +278,60 @@ def main() -> None:
     from pipelines.search_space import SearchSpace
     from pipelines.tuner import TrialData, init_ray, make_scheduler, train_trial, trial_base
 
+    torch.set_num_threads(1)  # the driver only scores picks; the trials have the cores
     params = load_params(ROOT / "params.yaml")
-    seed = params.seed
-    data_name, train_data, val_data = load_data(args, seed)
-    space = SearchSpace.build("classify", args.families, params.search.classify.space,
-                               params.search.classify.model_space)
+    families = args.families or list(params.search.classify.families)
+    data_name, train_data, val_data, test_data = load_data(args, params.seed)
+    space = SearchSpace.build("classify", families, params.search.classify.space, params.search.classify.model_space)
     base = trial_base(params.train.classify, args.epochs)
     points = space.points(base)[:args.samples]
     settings = EngineSettings.from_params(params.model_copy(
         update={"train": params.train.model_copy(update={"num_threads": 1})}))
     init_ray(num_cpus=2)
-    print(f"data: {data_name}, {len(train_data)} train / {len(val_data)} val; {args.samples} trials of "
-          f"{args.families}, <= {args.epochs} epochs, {args.concurrent} at a time")
+    print(f"data: {data_name}, {len(train_data)} train / {len(val_data)} val / {len(test_data)} test; "
+          f"{args.seeds} seeds x {args.samples} trials of {families}, <= {args.epochs} epochs, ASHA grace "
+          f"{args.grace_period} and reduction factor {args.reduction_factor}, {args.concurrent} at a time")
+    searches, rank = [], None
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
         prepared = write_prepared(Path(storage) / "prepared", train_data, val_data)
-        trainable = tune.with_parameters(train_trial, task="classify", space=space,
-                                         data=TrialData(str(prepared), None, seed), base=base, settings=settings,
-                                         policy=params.augment.policy)
-        asha = run_search("asha", make_scheduler("asha", args.epochs, 1, params.search.reduction_factor, space),
-                          trainable, space, points, args, storage, seed)
-        full = run_search("full", None, trainable, space, points, args, storage, seed)
+        for seed in range(params.seed, params.seed + args.seeds):
+            trainable = tune.with_parameters(train_trial, task="classify", space=space,
+                                             data=TrialData(str(prepared), None, seed), base=base, settings=settings,
+                                             policy=params.augment.policy)
+            scheduler = make_scheduler("asha", args.epochs, args.grace_period, args.reduction_factor, space)
+            asha, asha_grid = run_search(f"asha-{seed}", scheduler, trainable, space, points, args, storage, seed)
+            print(f"seed {seed} ASHA: {asha['trial_epochs']} trial-epochs, {asha['wall_s']:.0f} s", flush=True)
+            full, full_grid = run_search(f"full-{seed}", None, trainable, space, points, args, storage, seed)
+            print(f"seed {seed} FIFO: {full['trial_epochs']} trial-epochs, {full['wall_s']:.0f} s", flush=True)
+
+            test_of = functools.partial(test_score, space=space, train=train_data, test=test_data, seed=seed,
+                                        settings=settings)
+            searches.append(compare(seed, asha, full, asha_grid, full_grid, test_of))
+            if rank is None:
+                rows = rank_rows(full_grid, space, args.grace_period, test_of)
+                rho, p = spearman(rows)
+                rank = {"seed": seed, "spearman_rho": rho, "p_value": p, "rows": rows}
         reuse = overhead(args.noop_trials, True, storage)
         fresh = overhead(args.noop_trials_no_reuse, False, storage)
     ray.shutdown()
 
-    rows = [("ASHA (random trials)", asha), ("full budget (same trials)", full)]
-    print(f"\n{'search':<28}{'best val acc':>14}{'trial-epochs':>14}{'wall s':>9}{'errors':>8}")
-    for name, r in rows:
-        score = "-" if r["best_score"] is None else f"{r['best_score']:.4f}"
-        print(f"{name:<28}{score:>14}{r['trial_epochs']:>14}{r['wall_s']:>9.1f}{r['errors']:>8}")
-    saved = 1 - asha["trial_epochs"] / max(1, full["trial_epochs"])
-    print(f"ASHA trains {saved:.0%} fewer epochs; wall time x{asha['wall_s'] / full['wall_s']:.2f}")
-    print(f"\nRay Tune overhead, no-op trainable: {reuse:.3f} s/trial with actor reuse ({args.noop_trials} trials), "
-          f"{fresh:.3f} s/trial without ({args.noop_trials_no_reuse} trials)")
+    print_summary(rank, searches, reuse, fresh, args)
     runtime.write_json(args.out, {
-        "data": data_name, "train_items": len(train_data), "val_items": len(val_data), "trials": args.samples,
-        "max_epochs": args.epochs, "families": args.families, "max_concurrent": args.concurrent,
-        "asha": asha, "full_budget": full, "epochs_saved_fraction": saved,
+        "command": command_line(sys.argv[1:]),
+        "data": data_name, "train_items": len(train_data), "val_items": len(val_data), "test_items": len(test_data),
+        "families": families, "trials": args.samples, "max_epochs": args.epochs, "grace_period": args.grace_period,
+        "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent,
+        "rank": rank, "searches": searches,
         "overhead_s_per_trial": {"reuse_actors": reuse, "no_reuse": fresh,
                                  "trials": {"reuse_actors": args.noop_trials, "no_reuse": args.noop_trials_no_reuse}},
-        "targets": TARGETS, "targets_met": targets_met(asha, full, reuse), "note": args.note,
+        "targets": TARGETS, "targets_met": targets_met(rank, searches, reuse), "note": args.note,
         "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
     })
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConvForgeError as exc:
+        sys.exit(f"tune_efficiency: {exc}")

@@ -94,6 +94,17 @@ class Family:
         """The builder's hyperparameters and their default values, read from its signature (a fresh copy)."""
         return copy.deepcopy(_signature_defaults(self.builder))
 
+    @property
+    def trunk_key(self) -> str | None:
+        """The hparam naming the classifier whose trunk this family builds on (`backbone`, `encoder`), if any."""
+        return next((key for key in TRUNK_KEYS if key in _signature_defaults(self.builder)), None)
+
+    @property
+    def takes_trunk(self) -> bool:
+        """Whether a classifier's trained trunk can start this family: a classifier (or the regressor wrapping
+        one) is a trunk and a head; detectors, segmenters and autoencoders take one as their `trunk_key`."""
+        return self.task in (BACKBONE_TASK, REGRESS_TASK) or self.trunk_key is not None
+
 
 def _signature_defaults(builder: Callable[..., nn.Module]) -> dict[str, Any]:
     params = list(inspect.signature(builder).parameters.values())
@@ -103,6 +114,8 @@ def _signature_defaults(builder: Callable[..., nn.Module]) -> dict[str, Any]:
 _REGISTRY: dict[str, dict[str, Family]] = {}
 # Detectors and segmenters take the `features` of one of this task's families as their trunk.
 BACKBONE_TASK = "classify"
+# The hparams naming that family (its own hparams: `<key>_hparams`), by the kind of model that takes it.
+TRUNK_KEYS = ("backbone", "encoder")
 # (in_channels, image_size) each task's families are profiled at (`python -m models.summary`): the
 # default data, Fashion-MNIST items and the 64 px scenes composed from them.
 PROFILE_INPUT = {"classify": (1, 28), "detect": (1, 64), "segment": (1, 64)}

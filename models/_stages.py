@@ -49,25 +49,38 @@ def pooled_head(channels: int, num_classes: int, dropout: float = 0.0) -> nn.Seq
 
 
 @torch.no_grad()
-def stage_shapes(features: nn.Sequential, in_channels: int, image_size: int) -> list[tuple[int, int]]:
-    """(channels, stride) of each stage's output, found by one forward pass of a blank image."""
+def stage_sides(features: nn.Sequential, in_channels: int, image_size: int) -> list[tuple[int, int]]:
+    """(channels, side in px) of each stage's output, found by one forward pass of a blank image."""
     was_training = features.training
     features.eval()  # BN in train mode refuses 1x1 maps of a single image
     x = torch.zeros(1, in_channels, image_size, image_size, device=next(features.parameters()).device)
-    shapes = []
+    sides = []
     for stage in features:
         x = stage(x)
-        shapes.append((x.shape[1], 2 ** max(0, round(math.log2(image_size / x.shape[-1])))))
+        sides.append((x.shape[1], x.shape[-1]))
     features.train(was_training)
-    return shapes
+    return sides
+
+
+def stage_shapes(features: nn.Sequential, in_channels: int, image_size: int) -> list[tuple[int, int]]:
+    """(channels, stride) of each stage's output, the stride rounded to a power of two."""
+    return [(channels, 2 ** max(0, round(math.log2(image_size / side))))
+            for channels, side in stage_sides(features, in_channels, image_size)]
 
 
 def trunk(backbone: str, in_channels: int, image_size: int, backbone_hparams: dict | None) -> nn.Sequential:
-    """The `features` of registry classifier `backbone`, the trunk of a detector or segmenter."""
+    """The `features` of registry classifier `backbone`, the trunk of a detector or segmenter.
+
+    Its stride plan is made for `image_size`, or for `backbone_hparams["image_size"]` when given: a classifier
+    trained on 28 px items keeps its strides on 64 px scenes, so its stages see the items at the scale they
+    learned them (the same weights at a coarser plan would see them at half the size).
+    """
     from models._errors import ConvForgeError
     from models._registry import BACKBONE_TASK, build
 
-    model = build(BACKBONE_TASK, backbone, 1, in_channels, image_size, **dict(backbone_hparams or {}))
+    hparams = dict(backbone_hparams or {})
+    planned = hparams.pop("image_size", image_size)
+    model = build(BACKBONE_TASK, backbone, 1, in_channels, planned, **hparams)
     if not isinstance(getattr(model, "features", None), nn.Sequential):
         raise ConvForgeError(f"{BACKBONE_TASK} family {backbone!r} has no `features` stages to serve as a backbone")
     return model.features

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from models._registry import Choice, FloatRange, IntRange, register
-from models._stages import stride_plan
+from models._stages import stage_sides, stride_plan, trunk
 
 
 def double_conv(in_channels: int, out_channels: int, dropout: float = 0.0) -> nn.Sequential:
@@ -71,6 +71,37 @@ class UNet(nn.Module):
         return self.classifier(x)
 
 
+class EncoderUNet(nn.Module):
+    """U-Net whose contracting path is a registry classifier's trunk (`features`, as for every backbone): the last
+    stage of each stride is a skip, each decoder step upsamples x2 to the next finer one and concatenates it (its
+    channels), and the finest map is resized to the input before the 1x1 `classifier` (TernausNet, Iglovikov &
+    Shvets 2018: a U-Net on a pretrained classifier's encoder)."""
+
+    def __init__(self, features: nn.Sequential, in_channels: int, image_size: int, out_channels: int, upsample: str,
+                 skips: bool) -> None:
+        super().__init__()
+        sides = stage_sides(features, in_channels, image_size)
+        last_of_side = {side: i for i, (_, side) in enumerate(sides)}
+        self.levels = [last_of_side[side] for side in sorted(last_of_side, reverse=True)]  # finest first
+        self.features = features[: self.levels[-1] + 1]
+        channels = [sides[i][0] for i in self.levels]
+        self.decoder = nn.ModuleList(Up(channels[i], channels[i - 1], upsample, skips)
+                                     for i in range(len(channels) - 1, 0, -1))
+        self.classifier = nn.Conv2d(channels[0], out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size, maps = x.shape[-2:], []
+        for i, stage in enumerate(self.features):
+            x = stage(x)
+            if i in self.levels:
+                maps.append(x)
+        for up, skip in zip(self.decoder, reversed(maps[:-1])):
+            x = up(x, skip)
+        if x.shape[-2:] != size:  # a trunk whose stem already strides
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.classifier(x)
+
+
 SPACE = {"depth": IntRange(2, 5), "width": Choice([8, 16, 32, 64]), "upsample": Choice(["transpose", "bilinear"]),
          "dropout": FloatRange(0.0, 0.5), "skips": Choice([True, False])}
 
@@ -84,10 +115,18 @@ def _depth(upsample: str, image_size: int, depth: int) -> int:
 
 @register("segment", "unet", paper="Ronneberger et al. 2015, arXiv:1505.04597", space=SPACE)
 def unet(num_classes: int, in_channels: int, image_size: int, depth: int = 3, width: int = 16,
-         upsample: str = "transpose", dropout: float = 0.0, skips: bool = True) -> UNet:
+         upsample: str = "transpose", dropout: float = 0.0, skips: bool = True, encoder: str | None = None,
+         encoder_hparams: dict | None = {}) -> UNet | EncoderUNet:
     """U-Net with `depth` poolings (fewer when the input is too small for them), `width` first-level channels;
-    logits for background + `num_classes` classes."""
-    return UNet(num_classes + 1, in_channels, _depth(upsample, image_size, depth), width, upsample, dropout, skips)
+    logits for background + `num_classes` classes. With `encoder` (a classifier family, its `encoder_hparams`)
+    that classifier's trunk is the contracting path instead (`depth`, `width` and `dropout` then go unused):
+    what `pretrained: classify` builds."""
+    if encoder is None:
+        return UNet(num_classes + 1, in_channels, _depth(upsample, image_size, depth), width, upsample, dropout,
+                    skips)
+    _depth(upsample, image_size, depth)  # checks `upsample`
+    features = trunk(encoder, in_channels, image_size, encoder_hparams)
+    return EncoderUNet(features, in_channels, image_size, num_classes + 1, upsample, skips)
 
 
 @register("reconstruct", "unet", paper="Ronneberger et al. 2015, arXiv:1505.04597", space=SPACE)

@@ -113,18 +113,26 @@ def _scale(image_size: int) -> int:
     return max(1, 192 // max(1, image_size))
 
 
+def _image_grid(images: Sequence[Tensor], columns: int, cell_height: float, **shown: Any) -> tuple[Any, list[Any]]:
+    """A figure of `images` ([C, H, W], grey or RGB) in rows of `columns` cells 1.6 wide and `cell_height` high,
+    every axis off, and each image's axis in order (for its titles and overlays); `shown` goes to imshow."""
+    plt = _pyplot()
+    rows = math.ceil(len(images) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, cell_height * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image in zip(axes.flat, images):
+        grey = image.shape[0] == 1
+        axis.imshow((image[0] if grey else image.permute(1, 2, 0)).numpy(), cmap="gray" if grey else None, **shown)
+    return fig, list(axes.flat[:len(images)])
+
+
 def plot_classify_samples(images: Tensor, probs: Tensor, labels: Tensor, classes: Sequence[str],
                           path: Path, columns: int = 8) -> Path:
     """A grid of images titled `predicted (p)`, green when right and red when wrong, true class below."""
-    plt = _pyplot()
-    rows = math.ceil(len(images) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image, prob, label in zip(axes.flat, images, probs, labels):
+    fig, axes = _image_grid(images, columns, 1.9)
+    for axis, prob, label in zip(axes, probs, labels):
         pred = int(prob.argmax())
-        shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
-        axis.imshow(shown.numpy(), cmap="gray" if image.shape[0] == 1 else None)
         axis.set_title(f"{classes[pred]} ({float(prob[pred]):.2f})", fontsize=7,
                        color="tab:green" if pred == int(label) else "tab:red")
         axis.text(0.5, -0.08, f"true: {classes[int(label)]}", transform=axis.transAxes, ha="center", va="top",
@@ -135,14 +143,8 @@ def plot_classify_samples(images: Tensor, probs: Tensor, labels: Tensor, classes
 def plot_regress_samples(images: Tensor, predicted: Tensor, true: Tensor, names: Sequence[str], path: Path,
                          columns: int = 8) -> Path:
     """A grid of images titled with their predicted targets, the true ones below."""
-    plt = _pyplot()
-    rows = math.ceil(len(images) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image, pred, value in zip(axes.flat, images, predicted, true):
-        shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
-        axis.imshow(shown.numpy(), cmap="gray" if image.shape[0] == 1 else None)
+    fig, axes = _image_grid(images, columns, 1.9)
+    for axis, pred, value in zip(axes, predicted, true):
         axis.set_title(" ".join(f"{float(v):.1f}" for v in pred.reshape(-1)), fontsize=7)
         axis.text(0.5, -0.08, "true: " + " ".join(f"{float(v):.1f}" for v in value.reshape(-1)),
                   transform=axis.transAxes, ha="center", va="top", fontsize=6)
@@ -168,19 +170,17 @@ def plot_regress_scatter(predicted: Tensor, true: Tensor, names: Sequence[str], 
 def plot_triplets(inputs: Tensor, outputs: Tensor, targets: Tensor, path: Path, rows: int = 8) -> Path:
     """Rows of corrupted input | restored output | clean target (uint8, float in [0, 1], uint8 [N, C, H, W]),
     each output titled with its PSNR gain over the input (dB)."""
-    from pipelines.reconstruction import image_quality
+    from pipelines.reconstruction import image_psnr
 
-    plt = _pyplot()
     count = min(rows, len(inputs))
-    fig, axes = plt.subplots(count, 3, figsize=(4.8, 1.7 * count), squeeze=False)
-    clean = targets[:count].float() / 255
-    gains = image_quality(outputs[:count].float(), clean)[0] - image_quality(inputs[:count].float() / 255, clean)[0]
-    for row, images in enumerate(zip(inputs[:count].float() / 255, outputs[:count].float(), clean)):
-        for column, (axis, image, title) in enumerate(zip(axes[row], images, ("input", "output", "target"))):
-            shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
-            axis.imshow(shown.clamp(0, 1).numpy(), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
-            axis.axis("off")
-            axis.set_title(f"{title} (+{float(gains[row]):.1f} dB)" if column == 1 else title, fontsize=7)
+    corrupted, restored, clean = inputs[:count].float() / 255, outputs[:count].float(), targets[:count].float() / 255
+    gains = image_psnr(restored, clean) - image_psnr(corrupted, clean)
+    cells = [image.clamp(0, 1) for triplet in zip(corrupted, restored, clean) for image in triplet]
+    fig, axes = _image_grid(cells, 3, 1.7, vmin=0, vmax=1)
+    for row, gain in enumerate(gains):
+        titles = ("input", f"output (+{float(gain):.1f} dB)", "target")
+        for axis, title in zip(axes[3 * row:3 * row + 3], titles):
+            axis.set_title(title, fontsize=7)
     return _save(fig, path)
 
 
@@ -274,14 +274,8 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: nn.Module | None = None) -
 def plot_grad_cam(images: Tensor, heatmaps: Tensor, predicted: Tensor, classes: Sequence[str], path: Path,
                   columns: int = 8) -> Path:
     """Images with their Grad-CAM heatmap overlaid (jet, alpha 0.45), titled with the explained class."""
-    plt = _pyplot()
-    rows = math.ceil(len(images) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.7 * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image, heat, pred in zip(axes.flat, images, heatmaps, predicted):
-        shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
-        axis.imshow(shown.numpy(), cmap="gray" if image.shape[0] == 1 else None)
+    fig, axes = _image_grid(images, columns, 1.7)
+    for axis, heat, pred in zip(axes, heatmaps, predicted):
         axis.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
         axis.set_title(classes[int(pred)], fontsize=7)
     return _save(fig, path)

@@ -12,8 +12,10 @@ from torch import nn
 
 from models import build, family as registry_family
 from models._checkpoint import apply_transfer
+from pipelines.errors import ConvForgeError
 from pipelines.geometry import family_geometry, geometry_hparams
 from pipelines.params import TrainConfig
+from pipelines.transfer import trunk_hparams
 
 
 def run_config(cfg: TrainConfig, epochs: int | None = None, **choice: Any) -> TrainConfig:
@@ -29,9 +31,15 @@ def run_model(task: str, family_name: str, hparams: dict[str, Any], data: Any, s
     """The model a run trains: every hparam (the family's defaults, the detector geometry of `data`'s boxes or
     `geometry` when the caller worked it out, then `hparams`), built seeded, its trunk from the `pretrained`
     weights (a resolved source); returns the hparams, the model and how the weights loaded (None: none asked)."""
-    defaults = registry_family(task, family_name).defaults
+    family = registry_family(task, family_name)
+    if pretrained and not family.takes_trunk:
+        raise ConvForgeError(f"{task} family {family_name} has no classifier trunk to start from {pretrained}: "
+                             f"train it from scratch (train.{task}.pretrained: null) or choose a family with a "
+                             "backbone")
+    defaults = family.defaults
     fitted = family_geometry(geometry, defaults) if geometry is not None else geometry_hparams(defaults, data)
-    full = {**defaults, **fitted, **hparams}
+    # A classifier's trunk comes with its family and hyperparameters, whatever backbone the search drew.
+    full = {**defaults, **fitted, **hparams, **trunk_hparams(family, pretrained)}
     torch.manual_seed(seed)  # its initial weights depend on the seed only, not on what ran before in the process
     model = build(task, family_name, len(data.classes), data.in_channels, data.image_size, **full)
     transfer = apply_transfer(model, pretrained=pretrained, log=log or (lambda message: None)) if pretrained else None

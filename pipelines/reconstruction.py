@@ -29,6 +29,7 @@ from pipelines.datasets import ITEMS_DATA, _ImageTensors, _subset_indices, is_la
 from pipelines.errors import ConvForgeError
 from pipelines.metrics import MetricReport
 from pipelines.params import CorruptionParams, PolicyParams, TrainConfig, load_params
+from pipelines.regression import TensorPredictions
 
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}  # each split corrupts from its own seeded stream
 ERASING_RATIO = (0.3, 3.3)  # aspect ratios of erased rectangles (torchvision's RandomErasing default)
@@ -160,19 +161,27 @@ class ReconstructMeter:
 
 def image_quality(image: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Per-image PSNR (dB, at most MAX_PSNR) and SSIM of float images [N, C, H, W] in [0, 1]."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    psnr = peak_signal_noise_ratio(image, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     kernel = ssim_kernel(min(image.shape[-2:]))
     ssim = structural_similarity_index_measure(image, target, data_range=1.0, reduction="none",
                                                kernel_size=kernel, sigma=1.5 * kernel / 11)
-    return psnr.nan_to_num(posinf=MAX_PSNR).clamp(max=MAX_PSNR), ssim
+    return image_psnr(image, target), ssim
+
+
+def image_psnr(image: Tensor, target: Tensor) -> Tensor:
+    """Per-image PSNR (dB, at most MAX_PSNR) of float images [N, C, H, W] in [0, 1]: alone, it fits images of
+    any size (SSIM's window needs more than a pixel) and costs no SSIM where only PSNR is shown."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    value = peak_signal_noise_ratio(image, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return value.nan_to_num(posinf=MAX_PSNR).clamp(max=MAX_PSNR)
 
 
 # ---------------------------------------------------------------- the adapter
 
 
-class ReconstructTask:
+class ReconstructTask(TensorPredictions):
     name, metric = "reconstruct", "psnr"
     data = ITEMS_DATA  # reads the classification items and corrupts them (no data of its own on disk)
     compiles = True
@@ -192,16 +201,6 @@ class ReconstructTask:
 
     def target_array(self, data: ReconstructData) -> Tensor:
         return data.clean
-
-    def forward(self, model: nn.Module, images: Tensor) -> Any:
-        return model(images)
-
-    def cpu_predictions(self, outputs: Tensor) -> Tensor:
-        """A chunk's restored images float [N, C, H, W] in [0, 1], on the CPU."""
-        return outputs.float().cpu()
-
-    def join(self, chunks: list[Any]) -> Tensor:
-        return torch.cat(chunks) if chunks else torch.zeros((0,), dtype=torch.float32)
 
     def gather(self, data: ReconstructData, idx: Tensor) -> Any:
         """Corrupted inputs and clean targets; training batches are corrupted afresh."""

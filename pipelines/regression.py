@@ -160,7 +160,22 @@ def scatter_records(predicted: Tensor, true: Tensor, names: Sequence[str]) -> li
 # ---------------------------------------------------------------- the adapter
 
 
-class RegressTask:
+class TensorPredictions:
+    """How the engine predicts in chunks for a task whose model answers one float tensor (regress: targets
+    [N, K] in their units; reconstruct: restored images [N, C, H, W] in [0, 1]), the same for both."""
+
+    def forward(self, model: nn.Module, images: Tensor) -> Any:
+        return model(images)
+
+    def cpu_predictions(self, outputs: Tensor) -> Tensor:
+        """A chunk's predictions as float, on the CPU (the model already answers in the task's units)."""
+        return outputs.float().cpu()
+
+    def join(self, chunks: list[Any]) -> Tensor:
+        return torch.cat(chunks) if chunks else torch.zeros((0,), dtype=torch.float32)
+
+
+class RegressTask(TensorPredictions):
     name, metric = "regress", "r2"
     data = ITEMS_DATA  # reads the classification items and rotates them (no data of its own on disk)
     compiles = True
@@ -176,16 +191,6 @@ class RegressTask:
 
     def target_array(self, data: RegressData) -> Tensor:
         return data.values
-
-    def forward(self, model: nn.Module, images: Tensor) -> Any:
-        return model(images)
-
-    def cpu_predictions(self, outputs: Tensor) -> Tensor:
-        """A chunk's predicted targets [N, K] in the targets' units, on the CPU."""
-        return outputs.float().cpu()
-
-    def join(self, chunks: list[Any]) -> Tensor:
-        return torch.cat(chunks) if chunks else torch.zeros((0,), dtype=torch.float32)
 
     def gather(self, data: RegressData, idx: Tensor) -> Any:
         from pipelines.tasks import Batch

@@ -24,6 +24,7 @@ Space = dict[str, Domain]
 # TrainConfig keys searched only when `search.<task>.space` gives their choices (Yosinski et al. 2014:
 # how much of a pretrained trunk to transfer and freeze is an empirical question, so search it).
 TRANSFER_KEYS = ("pretrained", "freeze", "unfreeze_epoch")
+NO_TRANSFER = {"pretrained": None, "freeze": 0, "unfreeze_epoch": 0}  # what a family without a trunk trains with
 _ABSENT = object()  # a starting point's value that its domain does not offer (None is a valid choice)
 
 
@@ -92,6 +93,7 @@ class SearchSpace:
     optimizers: dict[str, Space]
     train: Space
     defaults: dict[str, dict[str, Any]]  # each family's registry defaults, its starting point
+    trunkless: frozenset[str] = frozenset()  # families no classifier trunk can start (U-Net): always from scratch
 
     @classmethod
     def build(cls, task: str, family_names: list[str], space: TrainSpaceParams,
@@ -101,12 +103,14 @@ class SearchSpace:
         # Entries for families this search leaves out are ignored, so narrowing
         # `families` alone (e.g. `dvc exp run -S search.classify.families=[lenet5]`) stays valid.
         model_space = model_space or {}
-        families, defaults = {}, {}
+        families, defaults, trunkless = {}, {}, set()
         for name in family_names:
             try:
                 registered = registry_family(task, name)
             except KeyError as exc:
                 raise ConvForgeError(f"search.{task}.families: {exc.args[0]}") from None
+            if not registered.takes_trunk:
+                trunkless.add(name)
             families[name], defaults[name] = dict(registered.space), dict(registered.defaults)
             for key, values in model_space.get(name, {}).items():
                 if key not in registered.space:
@@ -120,7 +124,7 @@ class SearchSpace:
             "aug_strength": FloatRange(*space.aug_strength),
         }
         train.update({key: Choice(list(getattr(space, key))) for key in TRANSFER_KEYS if getattr(space, key)})
-        return cls(families, optimizers, train, defaults)
+        return cls(families, optimizers, train, defaults, frozenset(trunkless))
 
     def branches(self) -> list[tuple[str, dict[str, Space]]]:
         """The categorical keys whose value decides which `<value>.<hparam>` keys exist."""
@@ -163,6 +167,8 @@ class SearchSpace:
         train = {"optimizer": optimizer}
         train.update({name: _cast(d, config[f"{optimizer}.{name}"]) for name, d in opt_space.items()})
         train.update({name: _cast(d, config[name]) for name, d in self.train.items()})
+        if family in self.trunkless:  # whatever train.<task> or the draw says about transfer
+            train.update(NO_TRANSFER)
         return TrialChoice(family, hparams, train)
 
     def points(self, base: TrainConfig) -> list[dict[str, Any]]:

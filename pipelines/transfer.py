@@ -14,6 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from models import _checkpoint as checkpoint
+from models._registry import BACKBONE_TASK
 from pipelines.errors import ConvForgeError
 from pipelines.tasks import TASKS
 
@@ -38,6 +39,19 @@ def pretrained_source(spec: str | None, task: str, root: Path = PROJECT_ROOT) ->
         raise ConvForgeError(f"train.{task}.pretrained: {spec} means {folder}, which holds no trained model: "
                              f"run `dvc repro train@{spec}` first")
     return str(folder)
+
+
+def trunk_hparams(family: Any, source: str | None) -> dict[str, Any]:
+    """The trunk `family` (a registry Family) builds when `source` is a saved classifier: that classifier's
+    family and hyperparameters as its `backbone`/`encoder` (so every trunk tensor fits), with the stride plan
+    of its image size (so its stages see objects at the scale they learned); {} otherwise."""
+    if not source or source.startswith(TORCHVISION) or family.trunk_key is None:
+        return {}
+    config = checkpoint.read_config(Path(source))
+    if config.get("task") != BACKBONE_TASK:
+        return {}
+    return {family.trunk_key: config["family"],
+            f"{family.trunk_key}_hparams": {**config["hparams"], "image_size": config["image_size"]}}
 
 
 def load_pretrained(model: nn.Module, spec: str | None, task: str, root: Path = PROJECT_ROOT,

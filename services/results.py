@@ -89,10 +89,8 @@ def reconstruct_result(index: int, restored: np.ndarray, classes: list[str], opt
                        placement: Placement) -> ImageResult:
     """The restored image (float [C, S, S] in [0, 1] of the letterboxed input) at the input's size as a base64
     PNG, and its PSNR against the request's target image `index`, when sent."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
     from pipelines.decode import to_array
-    from pipelines.reconstruction import MAX_PSNR
+    from pipelines.reconstruction import image_psnr
     from services.errors import InputError
 
     image = image_to_input(restored, placement)
@@ -104,9 +102,7 @@ def reconstruct_result(index: int, restored: np.ndarray, classes: list[str], opt
                                   f"{image.shape[1]}x{image.shape[0]}: send the clean image at the same size")
         as_float = [torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None].float() / 255
                     for a in (image, target)]
-        # PSNR alone (as pipelines.reconstruction.image_quality gives it): SSIM's window needs more than a pixel
-        psnr = peak_signal_noise_ratio(*as_float, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        result.psnr = round(float(psnr.nan_to_num(posinf=MAX_PSNR).clamp(max=MAX_PSNR)[0]), 4)
+        result.psnr = round(float(image_psnr(*as_float)[0]), 4)  # PSNR alone: SSIM's window needs more than a pixel
     return result
 
 

@@ -25,7 +25,8 @@ def ui_lines(url: str, experiment: str, experiment_id: str | None) -> list[str]:
     return [
         f"MLflow UI, experiment {experiment!r} (\"Model training\" view):",
         f"  runs    {page}/runs?{TRAINING_VIEW}",
-        "          train-<task>-<family>: learning curves first, per-class values folded under `per_class`;",
+        "          train-<task>-<family>: opens on Overview (params, last metrics); its Model metrics tab has the",
+        "          learning curves, per-class values in their own sections (per_class/<metric>);",
         "          search-<task>: one child run per trial (expand the row)",
         f"  models  {page}/models?{TRAINING_VIEW}",
         "          one logged model per training, <task>-<family>, with its best_val_* and test_* columns",

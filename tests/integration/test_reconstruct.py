@@ -23,7 +23,7 @@ from models._registry import build
 from pipelines.datasets import ITEMS_DATA
 from pipelines.engine import EngineSettings, fit
 from pipelines.params import CorruptionParams
-from pipelines.reconstruction import image_quality, load_corrupted
+from pipelines.reconstruction import image_psnr, load_corrupted
 from pipelines.tasks import ClassifyTask, ReconstructTask
 from tests.fixtures import BAD_REQUESTS, assert_same_4xx, png_bytes, serving
 from tests.integration.test_metrics_per_server import save_untrained, scrape
@@ -90,9 +90,9 @@ def test_twenty_noisy_items_come_back_at_their_size_with_3_db_more_psnr(server, 
     restored = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"])))) for r in results]
     assert all(image.shape == (SIZE, SIZE) for image in restored) and len(results) == 20
     as_float = lambda arrays: torch.from_numpy(np.stack(arrays))[:, None].float() / 255  # noqa: E731
-    ours = image_quality(as_float(restored), as_float(list(clean)))[0]
+    ours = image_psnr(as_float(restored), as_float(list(clean)))
     assert [r["psnr"] for r in results] == pytest.approx(ours.tolist(), abs=1e-3)  # the service scores what it sends
-    gain = float(ours.mean() - image_quality(as_float(list(noisy)), as_float(list(clean)))[0].mean())
+    gain = float(ours.mean() - image_psnr(as_float(list(noisy)), as_float(list(clean))).mean())
     assert gain >= 3.0, gain
     counts = [s for s in scrape(server.base)["convforge_reconstruction_psnr_db"].samples
               if s.name.endswith("_count") and s.labels["task"] == RECONSTRUCT]

@@ -66,3 +66,26 @@ def test_exports_to_onnx_with_onnxruntime_parity(name: str, tmp_path) -> None:
     (got,) = session.run(None, {"input": x[:1].numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x[:1]).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("encoder,plan", [("resnet", {"image_size": 16}), ("resnet", {}), ("mobilenet_v2", {}),
+                                          ("vgg", {})])
+@pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
+@pytest.mark.parametrize("image_size", [37, 40])
+def test_unet_on_a_classifier_trunk_skips_each_resolution_and_answers_at_the_input_size(encoder, plan, upsample,
+                                                                                    image_size, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build("segment", "unet", 3, 1, image_size, encoder=encoder, encoder_hparams=plan, upsample=upsample)
+    classifier = build("classify", encoder, 3, 1, plan.get("image_size", image_size))
+    # the contracting path is the classifier's trunk, tensor for tensor: what `pretrained: classify` loads
+    trunk = {k: v.shape for k, v in classifier.features.state_dict().items()}
+    assert {k: v.shape for k, v in model.features.state_dict().items()}.items() <= trunk.items()
+    assert len(model.decoder) == len(model.levels) - 1 >= 2
+    x = torch.randn(2, 1, image_size, image_size)
+    logits = model(x)
+    assert logits.shape == (2, 4, image_size, image_size)
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, 4, (2, image_size, image_size))).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    without = build("segment", "unet", 3, 1, image_size, encoder=encoder, encoder_hparams=plan, upsample=upsample,
+                    skips=False)
+    assert sum(p.numel() for p in without.decoder.parameters()) < sum(p.numel() for p in model.decoder.parameters())

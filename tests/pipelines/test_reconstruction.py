@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipelines.params import CorruptionParams
-from pipelines.reconstruction import (MAX_PSNR, ReconstructMeter, corrupt, corrupt_split, erased, load_corrupted,
-                                      ssim_kernel)
+from pipelines.reconstruction import (MAX_PSNR, ReconstructMeter, corrupt, corrupt_split, erased, image_psnr,
+                                      image_quality, load_corrupted, ssim_kernel)
 from pipelines.tasks import get_task
 from tests.fixtures import _prepared_digits, prepared_classify, project_params  # noqa: F401  (fixtures)
 
@@ -70,3 +70,12 @@ def test_meter_reports_psnr_ssim_of_output_and_input_and_the_gain() -> None:
     assert report["psnr_gain"] == pytest.approx(MAX_PSNR - report["input_psnr"])
     assert report["input_ssim"] < 0.9 and math.isfinite(report["ssim_gain"])
     assert ssim_kernel(28) == 11 and ssim_kernel(8) == 7 and ssim_kernel(5) == 5
+
+
+def test_psnr_alone_is_the_meters_psnr_and_scores_a_single_pixel() -> None:
+    clean = clean_images(8).float() / 255
+    noisy = corrupt(clean_images(8), NOISY, torch.Generator().manual_seed(0)).float() / 255
+    assert torch.equal(image_psnr(noisy, clean), image_quality(noisy, clean)[0])
+    pixel = torch.full((2, 3, 1, 1), 0.5)
+    assert image_psnr(pixel, pixel).tolist() == [MAX_PSNR, MAX_PSNR]  # SSIM's window could not score it
+    assert image_psnr(pixel, pixel + 0.1).tolist() == pytest.approx([20.0, 20.0])

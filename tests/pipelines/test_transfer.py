@@ -115,10 +115,10 @@ def test_a_checkpoint_of_another_freeze_is_refused_in_one_line(digits, cfg, tmp_
     assert "\n" not in str(error.value)
 
 
-def saved_classifier(folder):
+def saved_classifier(folder, image_size=64):
     torch.manual_seed(0)
-    classifier = build("classify", "resnet", 10, 1, 64, **BACKBONE)
-    config = {"task": "classify", "family": "resnet", "num_classes": 10, "in_channels": 1, "image_size": 64,
+    classifier = build("classify", "resnet", 10, 1, image_size, **BACKBONE)
+    config = {"task": "classify", "family": "resnet", "num_classes": 10, "in_channels": 1, "image_size": image_size,
               "hparams": BACKBONE}
     checkpoint.save(classifier, config, folder)
     return classifier
@@ -137,6 +137,31 @@ def test_pretrained_folder_or_task_loads_a_classifier_trunk(tmp_path, task, fami
         stem = next(k for k in trunk if k.endswith("features.0.0.weight"))
         assert torch.equal(trunk[stem], classifier.features[0][0].weight)
     assert load_pretrained(model, None, task) is None
+
+
+@pytest.mark.parametrize("task,family", [("detect", "faster_rcnn"), ("segment", "fcn"), ("segment", "unet")])
+def test_a_classifier_trunk_brings_its_family_and_hparams_whatever_backbone_was_drawn(tmp_path, prepared_scenes,
+                                                                                      prepared_classify, task, family):
+    from models import family as registry_family
+    from pipelines.recipe import run_model
+    from pipelines.tasks import get_task
+
+    classifier = saved_classifier(tmp_path / "classify", image_size=16)  # the scenes are 40 px
+    data = get_task(task).load_split(prepared_scenes, "train")
+    key = registry_family(task, family).trunk_key  # backbone, or U-Net's encoder
+    drawn = {key: "mobilenet_v2", f"{key}_hparams": {}}  # what a search space may still draw
+    hparams, model, report = run_model(task, family, drawn, data, seed=0, pretrained=str(tmp_path / "classify"))
+    assert (hparams[key], hparams[f"{key}_hparams"]) == ("resnet", {**BACKBONE, "image_size": 16})
+    # the classifier's stride plan: its stem keeps full resolution on 16 px items, and so on the scenes
+    assert model.state_dict() and classifier.features[0][0].stride == (1, 1)
+    assert next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).stride == (1, 1)
+    assert report["trunk_matched"] == report["trunk"] > 0 and report["wrong_shape"] == 0
+    stem = next(k for k, _ in model.named_parameters() if k.endswith("features.0.0.weight"))
+    assert torch.equal(dict(model.named_parameters())[stem], classifier.features[0][0].weight)
+    with pytest.raises(ConvForgeError, match="unet has no classifier trunk") as error:
+        run_model("reconstruct", "unet", {}, get_task("reconstruct").load_split(prepared_classify, "train"), seed=0,
+                  pretrained=str(tmp_path / "classify"))
+    assert "\n" not in str(error.value)
 
 
 def test_pretrained_names_are_checked_in_one_line(tmp_path):

@@ -154,6 +154,20 @@ def test_transfer_keys_are_search_dimensions_when_listed(project_params):
     assert space(study.ask())["pretrained"] is None
 
 
+def test_a_family_without_a_trunk_trains_from_scratch_whatever_the_transfer_keys_say(project_params):
+    space = project_params.search.reconstruct.space
+    listed = validate(TrainSpaceParams, {**space.model_dump(), "pretrained": ["classify"], "freeze": [2],
+                                         "unfreeze_epoch": [3]})
+    searched = SearchSpace.build("reconstruct", ["unet", "autoencoder"], listed)
+    assert searched.trunkless == {"unet"}  # the autoencoder's encoder is a classifier's trunk
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(10):
+        chosen = searched.choice(searched(study.ask()))
+        seen[chosen.family] = tuple(chosen.train[key] for key in TRANSFER_KEYS)
+    assert seen == {"unet": (None, 0, 0), "autoencoder": ("classify", 2, 3)}
+
+
 def test_train_space_params_validate():
     good = {"optimizer": ["sgd"], "lr": {"sgd": [0.01, 0.1]}, "weight_decay": [1e-5, 1e-3],
             "batch_size": [32], "aug_strength": [0.0, 1.0]}
