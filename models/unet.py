@@ -41,6 +41,8 @@ class Up(nn.Module):
             x = self.up(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
         else:  # ceil-mode pooling may have rounded odd sizes up: crop back to the skip's size
             x = self.up(x)[..., : skip.shape[-2], : skip.shape[-1]]
+            if x.shape[-2:] != skip.shape[-2:]:  # a classifier trunk that skips a resolution (LeNet-5: 2 -> 8)
+                x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         return self.conv(torch.cat([skip, x], dim=1) if self.skip else x)
 
 

@@ -36,11 +36,27 @@ def run_model(task: str, family_name: str, hparams: dict[str, Any], data: Any, s
         raise ConvForgeError(f"{task} family {family_name} has no classifier trunk to start from {pretrained}: "
                              f"train it from scratch (train.{task}.pretrained: null) or choose a family with a "
                              "backbone")
+    log = log or (lambda message: None)
     defaults = family.defaults
     fitted = family_geometry(geometry, defaults) if geometry is not None else geometry_hparams(defaults, data)
+    full = {**defaults, **fitted, **hparams}
     # A classifier's trunk comes with its family and hyperparameters, whatever backbone the search drew.
-    full = {**defaults, **fitted, **hparams, **trunk_hparams(family, pretrained)}
-    torch.manual_seed(seed)  # its initial weights depend on the seed only, not on what ran before in the process
-    model = build(task, family_name, len(data.classes), data.in_channels, data.image_size, **full)
-    transfer = apply_transfer(model, pretrained=pretrained, log=log or (lambda message: None)) if pretrained else None
-    return full, model, transfer
+    trunk = trunk_hparams(family, pretrained)
+    try:
+        model = seeded_build(task, family_name, data, seed, {**full, **trunk})
+    except ConvForgeError as exc:
+        if not trunk:
+            raise
+        # e.g. LeNet-5's strides 1, 2, 8 give no feature pyramid: the search's own backbone, from scratch
+        log(f"pretrained: the classifier's {trunk[family.trunk_key]} trunk does not fit {family_name} ({exc}); "
+            f"{family_name} trains its {full[family.trunk_key]} {family.trunk_key} from scratch")
+        return full, seeded_build(task, family_name, data, seed, full), None
+    transfer = apply_transfer(model, pretrained=pretrained, log=log) if pretrained else None
+    return {**full, **trunk}, model, transfer
+
+
+def seeded_build(task: str, family_name: str, data: Any, seed: int, hparams: dict[str, Any]) -> nn.Module:
+    """The family built for `data` with initial weights that depend on the seed only, not on what ran before in
+    the process."""
+    torch.manual_seed(seed)
+    return build(task, family_name, len(data.classes), data.in_channels, data.image_size, **hparams)

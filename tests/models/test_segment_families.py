@@ -69,7 +69,7 @@ def test_exports_to_onnx_with_onnxruntime_parity(name: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("encoder,plan", [("resnet", {"image_size": 16}), ("resnet", {}), ("mobilenet_v2", {}),
-                                          ("vgg", {})])
+                                          ("vgg", {}), ("lenet5", {"image_size": 16})])  # LeNet-5: 2 px -> 8 px
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 @pytest.mark.parametrize("image_size", [37, 40])
 def test_unet_on_a_classifier_trunk_skips_each_resolution_and_answers_at_the_input_size(encoder, plan, upsample,

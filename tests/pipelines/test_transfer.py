@@ -164,6 +164,24 @@ def test_a_classifier_trunk_brings_its_family_and_hparams_whatever_backbone_was_
     assert "\n" not in str(error.value)
 
 
+def test_a_classifier_trunk_that_gives_no_pyramid_leaves_the_detector_its_own_backbone(tmp_path, prepared_scenes):
+    from pipelines.recipe import run_model
+    from pipelines.tasks import get_task
+
+    config = {"task": "classify", "family": "lenet5", "num_classes": 3, "in_channels": 1, "image_size": 16,
+              "hparams": {}}
+    checkpoint.save(build("classify", "lenet5", 3, 1, 16), config, tmp_path / "lenet5")
+    data, lines = get_task("detect").load_split(prepared_scenes, "train"), []
+    hparams, model, report = run_model("detect", "fcos", {}, data, seed=0, pretrained=str(tmp_path / "lenet5"),
+                                       log=lines.append)
+    assert report is None and hparams["backbone"] == "resnet"  # the search's, trained from scratch
+    (line,) = lines
+    assert "lenet5 trunk does not fit fcos" in line and "trains its resnet backbone from scratch" in line
+    torch.manual_seed(0)
+    scratch = build("detect", "fcos", len(data.classes), 1, data.image_size, **hparams)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), scratch.state_dict().values()))
+
+
 def test_pretrained_names_are_checked_in_one_line(tmp_path):
     with pytest.raises(ConvForgeError, match="this stage's own model"):
         pretrained_source("classify", "classify", tmp_path)
