@@ -25,13 +25,13 @@ from typing import Any, Callable
 
 import pipelines.runtime as runtime
 from models import _checkpoint as checkpoint
-from models import build, family
 from models.summary import profile
 from pipelines import tracking
 from pipelines.engine import EngineSettings
 from pipelines.errors import ConvForgeError
-from pipelines.geometry import data_geometry, family_geometry
+from pipelines.geometry import data_geometry
 from pipelines.params import Params, TaskSearchParams, TrainConfig
+from pipelines.recipe import run_model
 from pipelines.search_progress import SearchProgress
 from pipelines.search_space import SearchSpace
 from pipelines.tasks import PRIMARY, get_task
@@ -199,7 +199,8 @@ def run_search(params: Params, task: str, data_root: Path, out_dir: Path, *, sto
     # max_latency_ms picks by latencies measured on this machine: the trials reproduce, the winner may not.
     reproducible = params.search.budget == "epochs" and not fired and params.search.max_latency_ms is None
     log(f"search {task}: {len(records)} trials done; profiling their models")
-    rows = trial_rows(records, profile_trials(task, records, experiment.train, experiment.data.geometry))
+    rows = trial_rows(records, profile_trials(task, records, experiment.train, experiment.data.geometry,
+                                              trunks(records, experiment)))
     table = families_table(list(experiment.space.families), rows)
     try:
         winner = pick_winner(rows, params.search.max_latency_ms)
@@ -241,10 +242,16 @@ def write_search(out_dir: Path, best: dict[str, Any], table: list[dict[str, Any]
                                     "run_id": best["mlflow_run_id"]})
 
 
-def profile_trials(task: str, records: list[TrialRecord], data: Any,
-                   geometry: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Size, MACs and CPU latency (1 thread) of each scored trial's model (built as the trial built it, with
-    the data's detector geometry), by trial id."""
+def trunks(records: list[TrialRecord], experiment: Experiment) -> dict[str, str | None]:
+    """Each trial's resolved `pretrained` source by trial id: its own draw, else the search's base config's."""
+    sources = experiment.data.pretrained if experiment.data is not None else {}
+    return {r.trial_id: sources.get(r.train.get("pretrained", experiment.base.pretrained)) for r in records}
+
+
+def profile_trials(task: str, records: list[TrialRecord], data: Any, geometry: dict[str, Any] | None = None,
+                   pretrained: dict[str, str | None] | None = None) -> dict[str, dict[str, Any]]:
+    """Size, MACs and CPU latency (1 thread) of each scored trial's model, built as the trial built it (with the
+    data's detector geometry and the trunk of its `pretrained` source, by trial id), by trial id."""
     import torch
 
     # One thread: per-request serving latency, and stable figures on a busy machine (two threads
@@ -254,8 +261,8 @@ def profile_trials(task: str, records: list[TrialRecord], data: Any,
     for record in records:
         if record.score is None:
             continue
-        hparams = {**family_geometry(geometry or {}, family(task, record.family).defaults), **record.hparams}
-        model = build(task, record.family, len(data.classes), data.in_channels, data.image_size, **hparams)
+        _, model, _ = run_model(task, record.family, record.hparams, data, 0, geometry or {},
+                                (pretrained or {}).get(record.trial_id))
         out[record.trial_id] = profile(model, task, data.in_channels, data.image_size, reps=5)
     return out
 

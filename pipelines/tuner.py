@@ -303,9 +303,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: Calla
 
 def trial_model(task: str, chosen: TrialChoice, cfg: TrainConfig, data: TrialData, train_data: Any) -> Any:
     """The model a trial trains, built by the final training's `run_model`: seeded (so its initial weights do not
-    depend on what its reused actor ran before), the detector geometry of its data, the trunk from `pretrained`."""
+    depend on what its reused actor ran before), the detector geometry of its data, the trunk from `pretrained`
+    (quietly: the search prints a line per trial, and the final training says how its trunk loaded)."""
     source = data.pretrained[cfg.pretrained] if cfg.pretrained else None
-    return run_model(task, chosen.family, chosen.hparams, train_data, data.seed, data.geometry, source, print)[1]
+    return run_model(task, chosen.family, chosen.hparams, train_data, data.seed, data.geometry, source)[1]
 
 
 def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: TrialData,
