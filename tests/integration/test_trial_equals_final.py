@@ -32,8 +32,9 @@ def one_trial_params(project_params: Params, task: str, uri: str) -> Params:
                          max_concurrent=1, max_failures=0, ray_address=None, storage=None, max_latency_ms=None)
     raw["search"][task].update(families=[family], num_samples=1, max_epochs=epochs, grace_period=epochs,
                                time_budget_s=300, train_subset=None, model_space={family: model_space})
-    raw["search"][task]["space"]["batch_size"] = [32]
-    raw["train"][task].update(epochs=epochs, warmup_epochs=1, batch_size=32)
+    # from scratch: this pins the run's set-up, not transfer (which needs this pipeline's trained classifier)
+    raw["search"][task]["space"].update(batch_size=[32], pretrained=None, freeze=None, unfreeze_epoch=None)
+    raw["train"][task].update(epochs=epochs, warmup_epochs=1, batch_size=32, pretrained=None)
     raw["train"].update(device="cpu", amp="off", compile=False, num_threads=1, num_workers="auto")
     raw["mlflow"]["tracking_uri"] = uri
     return validate(Params, raw)
