@@ -55,9 +55,6 @@ def one_run(task: str, start: str, args: argparse.Namespace, params, settings: E
     train = train.subset(args.scenes, params.seed) if args.scenes else train
     family, hparams, searched = choice(task, args.family)
     source = pretrained_source("classify", task, ROOT)
-    if not registry_family(task, family).takes_trunk:
-        raise ConvForgeError(f"{task} family {family} has no backbone to take the classifier's trunk: "
-                             "pass --family with one that has (fcn, faster_rcnn, fcos, ...)")
     # Scratch builds the very same network: the classifier's backbone family, hyperparameters and stride plan.
     hparams = {**hparams, **trunk_hparams(registry_family(task, family), source)}
     cfg = run_config(params.train.task(task), args.epochs, **{**searched, "pretrained": None})
@@ -65,6 +62,8 @@ def one_run(task: str, start: str, args: argparse.Namespace, params, settings: E
                       unfreeze_epoch=args.unfreeze_epoch if start == "classify" else 0)
     full, model, transfer = run_model(task, family, hparams, train, params.seed,
                                       pretrained=source if start == "classify" else None, log=print)
+    if start == "classify" and transfer is None:  # run_model fell back to a scratch backbone: nothing to compare
+        raise ConvForgeError(f"{task} {family}: the classifier's trunk does not fit it (the line above says why)")
     started = time.perf_counter()
     result = fit(model, task, train, val, cfg, settings, policy=params.augment.policy,
                  log=lambda line: print(f"  {task} {start}: {line}"))
@@ -105,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = describe()
     try:
         rows = [one_run(task, start, args, params, settings) for task in args.tasks for start in ("scratch", "classify")]
-    except ConvForgeError as exc:
-        sys.exit(f"bench/transfer.py: {exc}")
+    except (ConvForgeError, KeyError) as exc:  # KeyError: an unknown --family, as the registry words it
+        sys.exit(f"bench/transfer.py: {exc.args[0] if isinstance(exc, KeyError) else exc}")
     table = gains(rows)
     print(f"\n{'task':<8} {'metric':<6} {'scratch':>8} {'classify':>9} {'gain':>7}")
     for task, row in sorted(table.items()):
