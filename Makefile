@@ -11,7 +11,13 @@ export DVC_NO_ANALYTICS=1 RAY_USAGE_STATS_ENABLED=0 BENTOML_DO_NOT_TRACK=True ML
 ## setup: virtualenv with the pinned stack, plus Fashion-MNIST's Debian package when missing
 setup: $(VENV)/.installed data
 
+# The virtualenv takes about 7 GB (PyTorch with its CUDA libraries): too little disk fails in one line, not
+# half-way through pip.
+SETUP_GB := 7
 $(VENV)/.installed: pyproject.toml
+	@free=$$(df -Pk $(dir $(abspath $(VENV))) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ ! -d $(VENV)/lib ] && [ "$$free" -lt $(SETUP_GB) ]; then \
+	  echo "setup: the virtualenv needs about $(SETUP_GB) GB of disk, $$free GB free in $(dir $(abspath $(VENV)))" >&2; exit 1; fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

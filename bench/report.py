@@ -132,6 +132,7 @@ def tune_section(name: str, result: dict) -> list[str]:
         ["Ray Tune overhead per no-op trial, actor reuse", f"{over['reuse_actors']:.3f} s",
          f"<= {targets['reuse_overhead_s']} s", met["reuse_overhead_s"]]], "lrll")
     out += _rank_table(rank, result["grace_period"])
+    out += _rung_table(rank, result["grace_period"])
     out += [f"**ASHA against every trial at full budget**, per seed (equal best: the picks' test "
             f"scores within {targets['best_test_gap']}):", ""]
     out += table(["seed", "ASHA trial-epochs", "full-budget trial-epochs", "ratio", "ASHA pick test",
@@ -161,6 +162,18 @@ def _rank_table(rank: dict, grace_period: int) -> list[str]:
         ["family", "trial score", "final test score"],
         [[row["family"], _score(row["trial_score"]), _score(row["final_test_score"])] for row in rank["rows"]],
         "lrr")
+
+
+def _rung_table(rank: dict, grace_period: int) -> list[str]:
+    """Spearman's rho had ASHA's first rung come after 1, 2, ... epochs (the same full-budget trials)."""
+    by_rung = rank.get("by_rung")
+    if not by_rung:
+        return []
+    return [f"**How late must the first rung come?** The same trials' validation accuracy after each epoch "
+            f"against their final test score (this run's first rung: {grace_period} epoch(s)):", ""] + table(
+        ["first rung after (epochs)", "trials", "Spearman rho", "p"],
+        [[r["epochs"], r["trials"], "n/a" if r["spearman_rho"] is None else f"{r['spearman_rho']:.3f}",
+          "n/a" if r["p_value"] is None else f"{r['p_value']:.2g}"] for r in by_rung], "rrrr")
 
 
 def _pivot(rows: list[dict], task: str) -> list[str]:

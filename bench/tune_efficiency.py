@@ -158,12 +158,26 @@ def pick(grid):
 
 
 def rank_rows(grid, space, grace_period: int, test_of) -> list[dict]:
-    """Each full-budget trial's family, its score at the grace period and its final test score."""
+    """Each full-budget trial's family, its score at the grace period, its validation score after every
+    epoch and its final test score."""
     from pipelines.tuner import SCORES
 
     rows = [{"family": space.choice(r.config).family, "trial_score": r.metrics[SCORES][grace_period - 1],
-             "final_test_score": test_of(r)} for r in finished(grid)]
+             "val_scores": [float(v) for v in r.metrics[SCORES]], "final_test_score": test_of(r)}
+            for r in finished(grid)]
     return sorted(rows, key=lambda row: -row["trial_score"])
+
+
+def rank_by_rung(rows: list[dict], epochs: int) -> list[dict]:
+    """Spearman's rho of the validation score after each epoch (a first rung there) against the final
+    test score: how late ASHA's first decision must come for trial scores to predict."""
+    by_rung = []
+    for rung in range(1, epochs + 1):
+        at = [{"trial_score": row["val_scores"][rung - 1], "final_test_score": row["final_test_score"]}
+              for row in rows if len(row.get("val_scores", ())) >= rung]
+        rho, p = spearman(at)
+        by_rung.append({"epochs": rung, "trials": len(at), "spearman_rho": rho, "p_value": p})
+    return by_rung
 
 
 def spearman(rows: list[dict]) -> tuple[float | None, float | None]:
@@ -256,6 +270,9 @@ def print_summary(rank: dict, searches: list[dict], reuse: float, fresh: float, 
     """The run's figures as the terminal shows them at the end."""
     rho = "n/a" if rank["spearman_rho"] is None else f"{rank['spearman_rho']:.3f} (p {rank['p_value']:.2g})"
     print(f"\nrank correlation, seed {rank['seed']}, {len(rank['rows'])} trials: Spearman rho {rho}")
+    print("  with the first rung after " + ", ".join(
+        f"{r['epochs']} ep: {'n/a' if r['spearman_rho'] is None else format(r['spearman_rho'], '.2f')}"
+        for r in rank.get("by_rung", [])))
     print(f"{'seed':>6}{'ASHA ep':>9}{'FIFO ep':>9}{'ratio':>7}{'ASHA test':>11}{'FIFO test':>11}{'equal':>7}")
     for s in searches:
         asha, full = s["asha"], s["full_budget"]
@@ -310,7 +327,8 @@ def main() -> None:
             if rank is None:
                 rows = rank_rows(full_grid, space, args.grace_period, test_of)
                 rho, p = spearman(rows)
-                rank = {"seed": seed, "spearman_rho": rho, "p_value": p, "rows": rows}
+                rank = {"seed": seed, "spearman_rho": rho, "p_value": p, "rows": rows,
+                        "by_rung": rank_by_rung(rows, args.epochs)}
         reuse = overhead(args.noop_trials, True, storage)
         fresh = overhead(args.noop_trials_no_reuse, False, storage)
     ray.shutdown()

@@ -14,9 +14,12 @@ from models._stages import StagedClassifier, scaled, stride_plan
 LAYOUTS = {11: "A", 13: "B", 16: "D", 19: "E"}
 
 
+# `batch_norm: False` (the paper's VGG) stays a builder argument but is not searched: at width 8 it stays at chance
+# (val accuracy 0.10 after 1-3 epochs of 10k Fashion-MNIST items, SGD at lr 0.05 or 0.01), where with BN it
+# reaches 0.74 after one.
 @register("classify", "vgg", paper="Simonyan & Zisserman 2015, arXiv:1409.1556",
           space={"depth": Choice([11, 13, 16, 19]), "width": Choice([8, 16, 32, 64]),
-                 "batch_norm": Choice([True, False]), "dropout": FloatRange(0.0, 0.5)})
+                 "dropout": FloatRange(0.0, 0.5)})
 def vgg(num_classes: int, in_channels: int, image_size: int, depth: int = 11, width: int = 16,
         batch_norm: bool = True, dropout: float = 0.5) -> StagedClassifier:
     """VGG-`depth` with `width` first-block channels (64 = the paper's); one stage per pooling block."""
