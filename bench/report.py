@@ -422,7 +422,7 @@ names the choice, this table the figure that led to it.
 | `pipelines/search.py` profiling | latency measured with 1 thread | two threads waiting on each other under load read 10-100x slower |
 | `pipelines/metrics.py` segment confusion | CPU `bincount` | torchmetrics' confusion matrix ~200x slower under deterministic algorithms |
 | `bench/serve.py` | whole benchmark | ~5-6 min |
-| `bench/tune_efficiency.py` | whole benchmark | ~36 min (3 seeds x 24 trials, ASHA and full budget) on a loaded 2-core box |
+| `bench/tune_efficiency.py` | whole benchmark | ~17 min (3 seeds x 24 trials, ASHA and full budget) on a quiet 2-core box (36 on a loaded one) |
 | `bench/families.py` | whole benchmark | ~21 min (12 families, 10k items x 2 epochs, 1 thread) on a loaded 2-core box |
 """
 
