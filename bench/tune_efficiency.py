@@ -174,7 +174,7 @@ def rank_by_rung(rows: list[dict], epochs: int) -> list[dict]:
     by_rung = []
     for rung in range(1, epochs + 1):
         at = [{"trial_score": row["val_scores"][rung - 1], "final_test_score": row["final_test_score"]}
-              for row in rows if len(row.get("val_scores", ())) >= rung]
+              for row in rows if len(row["val_scores"]) >= rung]  # a trial that failed midway reported fewer
         rho, p = spearman(at)
         by_rung.append({"epochs": rung, "trials": len(at), "spearman_rho": rho, "p_value": p})
     return by_rung
