@@ -132,7 +132,7 @@ def tune_section(name: str, result: dict) -> list[str]:
         ["Ray Tune overhead per no-op trial, actor reuse", f"{over['reuse_actors']:.3f} s",
          f"<= {targets['reuse_overhead_s']} s", met["reuse_overhead_s"]]], "lrll")
     out += _rank_table(rank, result["grace_period"])
-    out += _rung_table(rank, result["grace_period"])
+    out += _rung_table(result)
     out += [f"**ASHA against every trial at full budget**, per seed (equal best: the picks' test "
             f"scores within {targets['best_test_gap']}):", ""]
     out += table(["seed", "ASHA trial-epochs", "full-budget trial-epochs", "ratio", "ASHA pick test",
@@ -164,16 +164,35 @@ def _rank_table(rank: dict, grace_period: int) -> list[str]:
         "lrr")
 
 
-def _rung_table(rank: dict, grace_period: int) -> list[str]:
-    """Spearman's rho had ASHA's first rung come after 1, 2, ... epochs (the same full-budget trials)."""
+def _rung_table(result: dict) -> list[str]:
+    """Spearman's rho had ASHA's first rung come after 1, 2, ... epochs (the same full-budget trials); beside it,
+    a baseline run's (validated with training's running BatchNorm averages) with its ASHA figures."""
+    rank, baseline = result["rank"], result.get("baseline")
     by_rung = rank.get("by_rung")
     if not by_rung:
         return []
-    return [f"**How late must the first rung come?** The same trials' validation accuracy after each epoch "
-            f"against their final test score (this run's first rung: {grace_period} epoch(s)):", ""] + table(
-        ["first rung after (epochs)", "trials", "Spearman rho", "p"],
-        [[r["epochs"], r["trials"], "n/a" if r["spearman_rho"] is None else f"{r['spearman_rho']:.3f}",
-          "n/a" if r["p_value"] is None else f"{r['p_value']:.2g}"] for r in by_rung], "rrrr")
+
+    def rho(row: dict | None) -> str:
+        return "n/a" if row is None or row["spearman_rho"] is None else f"{row['spearman_rho']:.3f}"
+
+    header = ["first rung after (epochs)", "trials", "Spearman rho", "p"]
+    rows = [[r["epochs"], r["trials"], rho(r), "n/a" if r["p_value"] is None else f"{r['p_value']:.2g}"]
+            for r in by_rung]
+    out = [f"**How late must the first rung come?** The same trials' validation accuracy after each epoch "
+           f"against their final test score (this run's first rung: {result['grace_period']} epoch(s)); BatchNorm "
+           f"statistics recomputed on {result.get('precise_bn', 0):,} training items before each validation "
+           "(`train.classify.precise_bn`).", ""]
+    if baseline is None:
+        return out + table(header, rows, "rrrr")
+    theirs = {r["epochs"]: r for r in baseline["rank"].get("by_rung", [])}
+    rows = [[*row, rho(theirs.get(row[0]))] for row in rows]
+    searches = baseline["searches"]
+    out += table([*header, "Spearman rho, running averages"], rows, "rrrrr")
+    worst = min((s["epochs_ratio"] for s in searches), default=None)
+    return out + [f"*Running averages*: `{baseline['command']}`, the same trials validated with the BatchNorm "
+                  f"statistics training leaves (run {baseline['machine']['time']}). Its ASHA: {_ratio(worst)} fewer "
+                  f"trial-epochs on the lowest seed, equal best on {sum(s['equal_best'] for s in searches)} of "
+                  f"{len(searches)} seeds; {baseline['note']}.", ""]
 
 
 def _pivot(rows: list[dict], task: str) -> list[str]:
@@ -427,6 +446,10 @@ names the choice, this table the figure that led to it.
 """
 
 
+# A result that is another's baseline (the same bench with one setting changed) shows inside that one's section.
+BASELINES = {"tune_efficiency": "tune_efficiency_running_bn"}
+
+
 def load_results(folder: Path = RESULTS) -> dict[str, dict]:
     """Every bench result in `folder`, by bench name."""
     return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
@@ -440,13 +463,16 @@ def render(results: dict[str, dict]) -> str:
            "Contents: " + ", ".join(f"[{TITLES.get(n, n).split(':')[0]}](#{_anchor(TITLES.get(n, n))})"
                                     for n in _names(results)) + ".", ""]
     for name in _names(results):
-        out += SECTIONS.get(name, generic_section)(name, results[name])
+        result = results[name]
+        if BASELINES.get(name) in results:
+            result = {**result, "baseline": results[BASELINES[name]]}
+        out += SECTIONS.get(name, generic_section)(name, result)
     out.append(DESIGN_FIGURES)
     return "\n".join(out).rstrip() + "\n"
 
 
 def _names(results: dict) -> list[str]:
-    return [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER))
+    return [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER) - set(BASELINES.values()))
 
 
 def _anchor(title: str) -> str:

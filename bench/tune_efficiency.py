@@ -12,6 +12,9 @@ a held-out test split the search never saw. Reported:
   scores are equal (within `TARGETS["best_test_gap"]`);
 - Ray Tune's overhead per trial of a no-op trainable, with and without actor reuse.
 
+`--precise-bn 0` runs the same trials validated with training's running BatchNorm averages (the baseline of
+BENCHMARKS.md's rank tables, bench/results/tune_efficiency_running_bn.json).
+
 Targets (`TARGETS`): rho >= 0.8; ASHA at least 3x fewer trial-epochs with an equal best on every
 seed; at most 0.2 s of overhead per trial with actor reuse.
 
@@ -238,6 +241,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test", type=int, default=2000, help="test items (Fashion-MNIST subset)")
     parser.add_argument("--families", nargs="+", default=None,
                         help="families searched (default: search.classify.families of params.yaml)")
+    parser.add_argument("--precise-bn", type=int, default=None,
+                        help="train.classify.precise_bn of the trials (default: params.yaml's); 0 validates with "
+                             "training's running BatchNorm averages")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--noop-trials", type=int, default=100)
     parser.add_argument("--noop-trials-no-reuse", type=int, default=10)
@@ -249,6 +255,8 @@ def parse_args() -> argparse.Namespace:
     for name in counts:
         if getattr(args, name) < (2 if name == "reduction_factor" else 1):
             parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'reduction_factor' else 1}")
+    if args.precise_bn is not None and args.precise_bn < 0:
+        parser.error("--precise-bn must be at least 0")
     if args.grace_period > args.epochs:
         parser.error("--grace-period must not exceed --epochs")
     return args
@@ -300,14 +308,18 @@ def main() -> None:
     families = args.families or list(params.search.classify.families)
     data_name, train_data, val_data, test_data = load_data(args, params.seed)
     space = SearchSpace.build("classify", families, params.search.classify.space, params.search.classify.model_space)
-    base = trial_base(params.train.classify, args.epochs)
+    classify = params.train.classify
+    if args.precise_bn is not None:
+        classify = classify.updated(precise_bn=args.precise_bn)
+    base = trial_base(classify, args.epochs)
     points = space.points(base)[:args.samples]
     settings = EngineSettings.from_params(params.model_copy(
         update={"train": params.train.model_copy(update={"num_threads": 1})}))
     init_ray(num_cpus=2)
     print(f"data: {data_name}, {len(train_data)} train / {len(val_data)} val / {len(test_data)} test; "
           f"{args.seeds} seeds x {args.samples} trials of {families}, <= {args.epochs} epochs, ASHA grace "
-          f"{args.grace_period} and reduction factor {args.reduction_factor}, {args.concurrent} at a time")
+          f"{args.grace_period} and reduction factor {args.reduction_factor}, {args.concurrent} at a time, "
+          f"precise_bn {base.precise_bn}")
     searches, rank = [], None
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
         prepared = write_prepared(Path(storage) / "prepared", train_data, val_data)
@@ -338,7 +350,7 @@ def main() -> None:
         "command": command_line(sys.argv[1:]),
         "data": data_name, "train_items": len(train_data), "val_items": len(val_data), "test_items": len(test_data),
         "families": families, "trials": args.samples, "max_epochs": args.epochs, "grace_period": args.grace_period,
-        "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent,
+        "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent, "precise_bn": base.precise_bn,
         "rank": rank, "searches": searches,
         "overhead_s_per_trial": {"reuse_actors": reuse, "no_reuse": fresh,
                                  "trials": {"reuse_actors": args.noop_trials, "no_reuse": args.noop_trials_no_reuse}},

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from models._checkpoint import train_mode, trunk_parameters
+from models._checkpoint import BATCH_NORMS, train_mode, trunk_parameters
 from pipelines.errors import ConvForgeError
 from pipelines.optim import lr_at, make_ema, make_optimizer, set_hyperparameters, stages_frozen
 from pipelines.params import PolicyParams, TrainConfig
@@ -497,6 +497,43 @@ def train_one_epoch(setup: Setup, batches: Iterable[Batch], cfg: TrainConfig, ep
     return float(loss_sum) / max(1, seen), seen, time.perf_counter() - started
 
 
+@torch.no_grad()
+def recalibrate_bn(setup: Setup, train: Any, cfg: TrainConfig, settings: EngineSettings) -> None:
+    """Precise BatchNorm statistics (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm") for a validation.
+
+    Each BN layer that trained this epoch gets the plain average of its batch statistics over
+    `cfg.precise_bn` training items (un-augmented, the same seeded ones every epoch), in place of the running
+    average, which lags the weights by about 1/momentum steps. Early in a run, at a search's first rung, that
+    lag leaves a deep net near chance on validation although its weights have learned, and trials then rank
+    by how fast their statistics settle. Layers of frozen stages keep theirs; training never reads them.
+    """
+    if cfg.precise_bn <= 0:
+        return
+    trained = {name for name, m in setup.model.named_modules() if isinstance(m, BATCH_NORMS) and m.training}
+    model = setup.eval_model
+    norms = [m for name, m in model.named_modules() if name in trained]
+    if not norms:
+        return
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+        m.train()
+    try:
+        items = train.subset(cfg.precise_bn, settings.seed)
+        for batch in prefetch(eval_batches(setup.adapter, items, cfg.batch_size, settings), setup.device):
+            if len(batch) < 2:  # BN in training mode needs two values per channel
+                continue
+            images = normalize(batch.images, setup.mean, setup.std, setup.channels_last)
+            with _autocast(setup.device, setup.dtype):
+                setup.adapter.outputs(model, images)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            m.eval()
+
+
 def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, settings: EngineSettings, *,
         policy: PolicyParams | None = None, checkpoint_dir: Path | None = None,
         on_epoch: Callable[[EpochResult], None] | None = None,
@@ -522,6 +559,7 @@ def fit(model: nn.Module, task: str, train: Any, val: Any, cfg: TrainConfig, set
         if not math.isfinite(train_loss):
             raise ConvForgeError(f"{task}: training diverged in epoch {epoch} (loss {train_loss}); "
                                  f"lower train.{task}.lr (now {cfg.lr})")
+        recalibrate_bn(setup, train, cfg, settings)
         report = _evaluate(setup.eval_model, setup.adapter, val, settings, setup.device, cfg.batch_size)
         metrics = {"train_loss": train_loss, **{f"val_{k}": v for k, v in report.scalars.items()},
                    "lr": lr_at(state.step + steps, cfg, steps),  # the rate the next epoch starts at

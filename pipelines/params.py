@@ -217,6 +217,7 @@ class TrainConfig(Section):
     ema_decay: Annotated[float, Field(ge=0, lt=1)]
     grad_clip: Annotated[float, Field(ge=0)]
     early_stop_patience: NonNegInt
+    precise_bn: NonNegInt  # training items BatchNorm statistics are recomputed on before each validation; 0 = off
     aug_strength: Annotated[float, Field(ge=0, le=4)]
     dice_weight: Annotated[float, Field(ge=0)]  # segment: CE + dice_weight * soft Dice loss
     loss: Literal["mse", "smooth_l1"]  # regress: on the standardized targets

@@ -111,6 +111,15 @@ def on_cpu(settings: EngineSettings, recorded_on_cpu: bool) -> tuple[EngineSetti
     return (replace(settings, device="cpu") if exact else settings), exact
 
 
+# TrainConfig keys added after a run may have been recorded, at the value that run trained with.
+ADDED_KEYS = {"precise_bn": 0}
+
+
+def recorded_config(values: dict[str, Any], prefix: str) -> TrainConfig:
+    """A recorded run's TrainConfig, the keys it predates at `ADDED_KEYS`."""
+    return validate(TrainConfig, {**ADDED_KEYS, **values}, prefix=prefix)
+
+
 def replay_training(run: lineage.RecordedRun, data_root: Path | None, tolerance: float,
                     log: Callable[[str], None]) -> Replay:
     """Retrain a training run from its config.json and params; compare best val and test metrics."""
@@ -122,7 +131,7 @@ def replay_training(run: lineage.RecordedRun, data_root: Path | None, tolerance:
     settings, exact = on_cpu(EngineSettings(**params_section(run.params, "engine")),
                              run.params.get("engine.device") == "cpu" or not gpu)
     policy = validate(PolicyParams, params_section(run.params, "policy"), prefix="policy")
-    cfg = validate(TrainConfig, config["train"], prefix="train")
+    cfg = recorded_config(config["train"], "train")
     adapter = get_task(task)
     train, val, test = (adapter.load_split(data_root, split) for split in ("train", "val", "test"))
     torch.manual_seed(settings.seed)  # as the train stage seeds before it builds
@@ -149,7 +158,7 @@ def trial_scores(task: str, choice: dict[str, Any], inputs: dict[str, Any], data
     """Train a search trial as its trial ran (`pipelines.tuner.train_trial`) for `epochs` epochs."""
     hparams = with_tuples(choice["hparams"], registry_family(task, choice["family"]).space)
     chosen = TrialChoice(choice["family"], hparams, choice["train"])
-    cfg = validate(TrainConfig, inputs["base"], prefix="base").updated(**chosen.train)
+    cfg = recorded_config(inputs["base"], "base").updated(**chosen.train)
     pretrained = {cfg.pretrained: pretrained_source(cfg.pretrained, task)} if cfg.pretrained else {}
     data = TrialData(str(Path(data_root).resolve()), inputs["train_subset"], inputs["seed"], {}, pretrained)
     train, val = data.load(task)

@@ -9,7 +9,7 @@ import torch
 
 from models._registry import build
 from pipelines.datasets import load_classify, load_scenes
-from pipelines.engine import CHECKPOINT, EngineSettings, batches_per_epoch, evaluate, fit, predict
+from pipelines.engine import CHECKPOINT, EngineSettings, batches_per_epoch, evaluate, fit, inputs_of, predict
 from pipelines.optim import lr_at
 
 CPU = EngineSettings(device="cpu", num_threads=1, seed=3)
@@ -94,6 +94,36 @@ def test_early_stopping_when_validation_stops_improving(digits, cfg):
     frozen = cfg.updated(epochs=5, lr=1e-9, schedule="constant", warmup_epochs=0, early_stop_patience=2)
     result = fit(lenet(train, variant="classic"), "classify", train, val, frozen, CPU, log=None)
     assert [r.epoch for r in result.history] == [1, 2, 3] and result.best_epoch == 1
+
+
+def test_precise_bn_validates_with_the_statistics_of_the_training_items(digits, cfg):
+    """Before each validation the BN layers get the exact mean and variance of their inputs over `precise_bn`
+    un-augmented training items; the running averages training leaves are off, and are what 0 keeps."""
+    train, val = digits
+    one_batch = cfg.updated(epochs=1, batch_size=len(train), warmup_epochs=0, precise_bn=len(train))
+
+    def first_bn_input(model):
+        seen = []
+        norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        hook = norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        with torch.no_grad():
+            model.eval()(inputs_of(train.images, train.mean, train.std))
+        hook.remove()
+        return norm, seen[0]
+
+    def resnet():
+        torch.manual_seed(0)
+        return build("classify", "resnet", len(train.classes), train.in_channels, train.image_size, depth=10, width=8)
+
+    precise = fit(resnet(), "classify", train, val, one_batch, CPU, log=None).model
+    norm, inputs = first_bn_input(precise)
+    assert torch.allclose(norm.running_mean, inputs.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.running_var, inputs.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert norm.momentum == 0.1  # put back
+    running = fit(resnet(), "classify", train, val, one_batch.updated(precise_bn=0), CPU, log=None).model
+    norm, inputs = first_bn_input(running)  # one momentum-0.1 step from (0, 1): far from the items' statistics
+    assert not torch.allclose(norm.running_mean, inputs.mean((0, 2, 3)), atol=1e-3)
+    assert torch.equal(running.state_dict()["features.0.0.weight"], precise.state_dict()["features.0.0.weight"])
 
 
 def test_a_last_batch_of_one_item_is_dropped():
