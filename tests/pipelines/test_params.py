@@ -196,3 +196,14 @@ def test_only_the_stage_process_that_loaded_params_writes_its_reads(tmp_path, mo
     monkeypatch.setattr(params_module, "_trace_owner", [os.getpid()])
     params_module._write_trace(tmp_path)
     assert json.loads((tmp_path / "train@detect.json").read_text()) == ["seed", "train.detect.lr"]
+
+
+def test_a_run_recorded_before_a_train_key_existed_replays_at_that_keys_old_behaviour(project_params):
+    from pipelines.replay import ADDED_KEYS, recorded_config
+
+    recorded = project_params.train.classify.model_dump()
+    for key in ADDED_KEYS:
+        del recorded[key]
+    assert recorded_config(recorded, "train").precise_bn == 0  # validated with the running averages, as it trained
+    with pytest.raises(ConvForgeError, match="precise_bn"):
+        recorded_config({**recorded, "precise_bn": -1}, "train")
