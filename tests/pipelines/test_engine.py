@@ -161,7 +161,9 @@ def test_scene_tasks_train_with_joint_augmentation_and_predict(prepared_scenes, 
     train, val = load_scenes(prepared_scenes, "train").subset(16, 0), load_scenes(prepared_scenes, "val")
     torch.manual_seed(0)
     model = build(task, family, len(train.classes), train.in_channels, train.image_size, **hparams)
-    cfg = project_params.train.task(task).updated(epochs=1, batch_size=8, warmup_epochs=0, dice_weight=0.5)
+    # precise BN on: a detector recomputes its statistics through its inference path (no targets)
+    cfg = project_params.train.task(task).updated(epochs=1, batch_size=8, warmup_epochs=0, dice_weight=0.5,
+                                                  precise_bn=8)
     result = fit(model, task, train, val, cfg, CPU, policy=project_params.augment.policy, log=None)
     metric = {"detect": "val_map", "segment": "val_miou"}[task]
     assert math.isfinite(result.history[0].metrics["train_loss"]) and 0.0 <= result.best_score <= 1.0
