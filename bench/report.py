@@ -166,8 +166,8 @@ def _rank_table(rank: dict, grace_period: int) -> list[str]:
 
 def _rung_table(result: dict) -> list[str]:
     """Spearman's rho had ASHA's first rung come after 1, 2, ... epochs (the same full-budget trials); beside it,
-    a baseline run's (validated with training's running BatchNorm averages) with its ASHA figures."""
-    rank, baseline = result["rank"], result.get("baseline")
+    each baseline run's (the same bench with one setting changed) with its ASHA figures."""
+    rank, baselines = result["rank"], result.get("baselines", [])
     by_rung = rank.get("by_rung")
     if not by_rung:
         return []
@@ -181,18 +181,31 @@ def _rung_table(result: dict) -> list[str]:
     out = [f"**How late must the first rung come?** The same trials' validation accuracy after each epoch "
            f"against their final test score (this run's first rung: {result['grace_period']} epoch(s)); BatchNorm "
            f"statistics recomputed on {result.get('precise_bn', 0):,} training items before each validation "
-           "(`train.classify.precise_bn`).", ""]
-    if baseline is None:
-        return out + table(header, rows, "rrrr")
-    theirs = {r["epochs"]: r for r in baseline["rank"].get("by_rung", [])}
-    rows = [[*row, rho(theirs.get(row[0]))] for row in rows]
-    searches = baseline["searches"]
-    out += table([*header, "Spearman rho, running averages"], rows, "rrrrr")
-    worst = min((s["epochs_ratio"] for s in searches), default=None)
-    return out + [f"*Running averages*: `{baseline['command']}`, the same trials validated with the BatchNorm "
-                  f"statistics training leaves (run {baseline['machine']['time']}). Its ASHA: {_ratio(worst)} fewer "
-                  f"trial-epochs on the lowest seed, equal best on {sum(s['equal_best'] for s in searches)} of "
-                  f"{len(searches)} seeds; {baseline['note']}.", ""]
+           f"(`train.classify.precise_bn`); {_items(result)}.", ""]
+    notes = []
+    for baseline in baselines:
+        theirs = {r["epochs"]: r for r in baseline["rank"].get("by_rung", [])}
+        rows = [[*row, rho(theirs.get(row[0]))] for row in rows]
+        header.append(f"Spearman rho, {_setting(baseline)}")
+        searches = baseline["searches"]
+        worst = min((s["epochs_ratio"] for s in searches), default=None)
+        notes.append(f"*{_setting(baseline).capitalize()}*: `{baseline['command']}` ({_items(baseline)}; run "
+                     f"{baseline['machine']['time']}). Its ASHA: {_ratio(worst)} fewer trial-epochs on the lowest "
+                     f"seed, equal best on {sum(s['equal_best'] for s in searches)} of {len(searches)} seeds; "
+                     f"{baseline['note']}.")
+    out += table(header, rows, "r" * len(header))
+    return out + [line for note in notes for line in (note, "")]
+
+
+def _items(result: dict) -> str:
+    return (f"{result['train_items']:,} training items a trial, {result['val_items']:,} validation, "
+            f"{result['test_items']:,} test")
+
+
+def _setting(baseline: dict) -> str:
+    """How a baseline run of the tuning bench differs: its training items, and running BatchNorm averages."""
+    setting = f"{baseline['train_items']:,} training items"
+    return setting + (", running averages" if not baseline.get("precise_bn") else "")
 
 
 def _pivot(rows: list[dict], task: str) -> list[str]:
@@ -441,13 +454,13 @@ names the choice, this table the figure that led to it.
 | `pipelines/search.py` profiling | latency measured with 1 thread | two threads waiting on each other under load read 10-100x slower |
 | `pipelines/metrics.py` segment confusion | CPU `bincount` | torchmetrics' confusion matrix ~200x slower under deterministic algorithms |
 | `bench/serve.py` | whole benchmark | ~5-6 min |
-| `bench/tune_efficiency.py` | whole benchmark | ~17 min (3 seeds x 24 trials, ASHA and full budget) on a quiet 2-core box (36 on a loaded one) |
+| `bench/tune_efficiency.py` | whole benchmark | ~55 min (3 seeds x 24 trials on 8,000 items, ASHA and full budget) on a quiet 2-core box; ~17 min with `--train 2000 --val 1000 --test 2000` |
 | `bench/families.py` | whole benchmark | ~21 min (12 families, 10k items x 2 epochs, 1 thread) on a loaded 2-core box |
 """
 
 
 # A result that is another's baseline (the same bench with one setting changed) shows inside that one's section.
-BASELINES = {"tune_efficiency": "tune_efficiency_running_bn"}
+BASELINES = {"tune_efficiency": ("tune_efficiency_2000_items", "tune_efficiency_running_bn")}
 
 
 def load_results(folder: Path = RESULTS) -> dict[str, dict]:
@@ -464,15 +477,16 @@ def render(results: dict[str, dict]) -> str:
                                     for n in _names(results)) + ".", ""]
     for name in _names(results):
         result = results[name]
-        if BASELINES.get(name) in results:
-            result = {**result, "baseline": results[BASELINES[name]]}
+        baselines = [results[b] for b in BASELINES.get(name, ()) if b in results]
+        if baselines:
+            result = {**result, "baselines": baselines}
         out += SECTIONS.get(name, generic_section)(name, result)
     out.append(DESIGN_FIGURES)
     return "\n".join(out).rstrip() + "\n"
 
 
 def _names(results: dict) -> list[str]:
-    return [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER) - set(BASELINES.values()))
+    return [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER) - {b for names in BASELINES.values() for b in names})
 
 
 def _anchor(title: str) -> str:

@@ -20,8 +20,10 @@ seed; at most 0.2 s of overhead per trial with actor reuse.
 
     .venv/bin/python bench/tune_efficiency.py
 
-Data: subsets of data/prepared/classify (Fashion-MNIST, `dvc repro augment` first; default), or
-`--data digits`: scikit-learn's digits upscaled to 16x16. Writes bench/results/tune_efficiency.json.
+Data: data/prepared/classify (Fashion-MNIST, `dvc repro augment` first; default): as in the pipeline's search,
+each trial trains on search.classify.train_subset items and is scored on the whole val split; the picks are
+tested on the whole test split. Or `--data digits`: scikit-learn's digits upscaled to 16x16. Writes
+bench/results/tune_efficiency.json.
 """
 
 from __future__ import annotations
@@ -76,15 +78,16 @@ def digits_data(seed: int):
     return tuple(ClassifyData(images[idx], labels[idx], classes, mean, std) for idx in splits)
 
 
-def load_data(args, seed: int):
-    """(name, train, val, test): the test split only ever scores the searches' picks."""
+def load_data(args, seed: int, train_subset: int | None):
+    """(name, train, val, test): the test split only ever scores the searches' picks; `--train` defaults to
+    `train_subset` (the search's)."""
     from pipelines.datasets import load_classify
 
     if args.data == "digits":
         return ("digits 16x16", *digits_data(seed))
     root = ROOT / "data/prepared/classify"
     return ("Fashion-MNIST subsets", *(load_classify(root, split).subset(n, seed) for split, n in
-                                       (("train", args.train), ("val", args.val), ("test", args.test))))
+                                       (("train", args.train or train_subset), ("val", args.val), ("test", args.test))))
 
 
 def write_prepared(folder: Path, train, val) -> Path:
@@ -236,9 +239,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="searches per scheduler, seeded params.seed + 0, 1, ...")
     parser.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist",
                         help="data/prepared/classify (run `dvc repro augment` first) or digits (bundled)")
-    parser.add_argument("--train", type=int, default=2000, help="training items (Fashion-MNIST subset)")
-    parser.add_argument("--val", type=int, default=1000, help="validation items (Fashion-MNIST subset)")
-    parser.add_argument("--test", type=int, default=2000, help="test items (Fashion-MNIST subset)")
+    parser.add_argument("--train", type=int, default=None,
+                        help="training items of a trial (default: search.classify.train_subset of params.yaml, what "
+                             "the pipeline's trials train on)")
+    parser.add_argument("--val", type=int, default=None,
+                        help="validation items (default: the whole val split, what the pipeline's trials score on)")
+    parser.add_argument("--test", type=int, default=None, help="test items (default: the whole test split)")
     parser.add_argument("--families", nargs="+", default=None,
                         help="families searched (default: search.classify.families of params.yaml)")
     parser.add_argument("--precise-bn", type=int, default=None,
@@ -253,7 +259,7 @@ def parse_args() -> argparse.Namespace:
     counts = ("samples", "epochs", "grace_period", "reduction_factor", "seeds", "train", "val", "test", "concurrent",
               "noop_trials", "noop_trials_no_reuse")
     for name in counts:
-        if getattr(args, name) < (2 if name == "reduction_factor" else 1):
+        if getattr(args, name) is not None and getattr(args, name) < (2 if name == "reduction_factor" else 1):
             parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'reduction_factor' else 1}")
     if args.precise_bn is not None and args.precise_bn < 0:
         parser.error("--precise-bn must be at least 0")
@@ -306,7 +312,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the driver only scores picks; the trials have the cores
     params = load_params(ROOT / "params.yaml")
     families = args.families or list(params.search.classify.families)
-    data_name, train_data, val_data, test_data = load_data(args, params.seed)
+    data_name, train_data, val_data, test_data = load_data(args, params.seed, params.search.classify.train_subset)
     space = SearchSpace.build("classify", families, params.search.classify.space, params.search.classify.model_space)
     classify = params.train.classify
     if args.precise_bn is not None:
