@@ -126,6 +126,25 @@ def test_precise_bn_validates_with_the_statistics_of_the_training_items(digits, 
     assert torch.equal(running.state_dict()["features.0.0.weight"], precise.state_dict()["features.0.0.weight"])
 
 
+def test_precise_bn_recalibrates_the_averaged_weights_when_ema_is_on(digits, cfg):
+    """With EMA on, the averaged weights are what is validated and kept: their BN layers get the exact
+    statistics of their own inputs (left alone, they would hold an average of the trained weights' running ones)."""
+    train, val = digits
+    # two steps: the first copies the trained weights into the average, the second blends them
+    two_steps = cfg.updated(epochs=2, batch_size=len(train), warmup_epochs=0, precise_bn=len(train), ema_decay=0.5)
+    torch.manual_seed(0)
+    model = build("classify", "resnet", len(train.classes), train.in_channels, train.image_size, depth=10, width=8)
+    kept = fit(model, "classify", train, val, two_steps, CPU, log=None).model.eval()
+    norm = next(m for m in kept.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        kept(inputs_of(train.images, train.mean, train.std))
+    hook.remove()
+    assert torch.allclose(norm.running_mean, seen[0].mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.running_var, seen[0].var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+
+
 def test_a_last_batch_of_one_item_is_dropped():
     assert batches_per_epoch(65, 32) == 2 and batches_per_epoch(66, 32) == 3
 
