@@ -109,7 +109,7 @@ def train_section(name: str, result: dict) -> list[str]:
 def tune_section(name: str, result: dict) -> list[str]:
     """Targets first; then whether the trial score at ASHA's first rung ranks trials as their final test score
     does, ASHA against the full budget per seed, and Ray's overhead per trial with and without actor reuse."""
-    rank, searches, over = result["rank"], result["searches"], result["overhead_s_per_trial"]
+    ranks, searches, over = result["ranks"], result["searches"], result["overhead_s_per_trial"]
     targets, met = result["targets"], result["targets_met"]
     out = _intro(name, result, result["command"])
     out += [f"{len(searches)} seed(s) x {result['trials']} random trials of {', '.join(result['families'])} on "
@@ -122,16 +122,16 @@ def tune_section(name: str, result: dict) -> list[str]:
     worst = min((s["epochs_ratio"] for s in searches), default=None)
     equal = sum(s["equal_best"] for s in searches)
     out += table(["comparison", "measured", "target", "met"], [
-        [f"Spearman rho, trial score vs final test score ({len(rank['rows'])} trials)",
-         "n/a" if rank["spearman_rho"] is None else f"{rank['spearman_rho']:.3f} (p {rank['p_value']:.2g})",
-         f">= {targets['spearman_rho']}", met["spearman_rho"]],
+        [f"Spearman rho, trial score vs final test score ({len(ranks[0]['rows'])} trials a seed)",
+         "; ".join(f"{_rho(r)} (p {_p(r)}, seed {r['seed']})" for r in ranks),
+         f">= {targets['spearman_rho']}" + (", every seed" if len(ranks) > 1 else ""), met["spearman_rho"]],
         ["trial-epochs, full budget over ASHA (lowest seed); equal best test score",
          f"{_ratio(worst)}; {equal} of {len(searches)} seeds",
          f">= {targets['asha_epochs_ratio']:g}x, test scores within {targets['best_test_gap']}, every seed",
          met["asha_epochs_ratio"]],
         ["Ray Tune overhead per no-op trial, actor reuse", f"{over['reuse_actors']:.3f} s",
          f"<= {targets['reuse_overhead_s']} s", met["reuse_overhead_s"]]], "lrll")
-    out += _rank_table(rank, result["grace_period"])
+    out += _rank_table(ranks[0], result["grace_period"])
     out += _rung_table(result)
     out += [f"**ASHA against every trial at full budget**, per seed (equal best: the picks' test "
             f"scores within {targets['best_test_gap']}):", ""]
@@ -154,6 +154,14 @@ def _score(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _rho(row: dict | None) -> str:
+    return "n/a" if row is None or row["spearman_rho"] is None else f"{row['spearman_rho']:.3f}"
+
+
+def _p(row: dict) -> str:
+    return "n/a" if row["p_value"] is None else f"{row['p_value']:.2g}"
+
+
 def _rank_table(rank: dict, grace_period: int) -> list[str]:
     """The full-budget trials of one seed: their score at the first rung and their final test score."""
     return [f"**Do trial scores predict?** Seed {rank['seed']}'s full-budget trials: trial score = validation "
@@ -165,28 +173,25 @@ def _rank_table(rank: dict, grace_period: int) -> list[str]:
 
 
 def _rung_table(result: dict) -> list[str]:
-    """Spearman's rho had ASHA's first rung come after 1, 2, ... epochs (the same full-budget trials); beside it,
-    each baseline run's (the same bench with one setting changed) with its ASHA figures."""
-    rank, baselines = result["rank"], result.get("baselines", [])
-    by_rung = rank.get("by_rung")
-    if not by_rung:
+    """Spearman's rho had ASHA's first rung come after 1, 2, ... epochs (each seed's full-budget trials); beside
+    it, each baseline run's (the same bench with one setting changed, its first seed) with its ASHA figures."""
+    ranks, baselines = result["ranks"], result.get("baselines", [])
+    if not ranks[0].get("by_rung"):
         return []
-
-    def rho(row: dict | None) -> str:
-        return "n/a" if row is None or row["spearman_rho"] is None else f"{row['spearman_rho']:.3f}"
-
-    header = ["first rung after (epochs)", "trials", "Spearman rho", "p"]
-    rows = [[r["epochs"], r["trials"], rho(r), "n/a" if r["p_value"] is None else f"{r['p_value']:.2g}"]
-            for r in by_rung]
-    out = [f"**How late must the first rung come?** The same trials' validation accuracy after each epoch "
+    per_seed = [{r["epochs"]: r for r in rank["by_rung"]} for rank in ranks]
+    header = ["first rung after (epochs)", "trials", *(f"Spearman rho, seed {rank['seed']}" for rank in ranks)]
+    rows = [[r["epochs"], r["trials"], *(_rho(seed.get(r["epochs"])) for seed in per_seed)]
+            for r in ranks[0]["by_rung"]]
+    out = [f"**How late must the first rung come?** Each seed's trials' validation accuracy after each epoch "
            f"against their final test score (this run's first rung: {result['grace_period']} epoch(s)); BatchNorm "
            f"statistics recomputed on {result.get('precise_bn', 0):,} training items before each validation "
            f"(`train.classify.precise_bn`); {_items(result)}.", ""]
     notes = []
     for baseline in baselines:
-        theirs = {r["epochs"]: r for r in baseline["rank"].get("by_rung", [])}
-        rows = [[*row, rho(theirs.get(row[0]))] for row in rows]
-        header.append(f"Spearman rho, {_setting(baseline)}")
+        first = baseline["ranks"][0]
+        theirs = {r["epochs"]: r for r in first.get("by_rung", [])}
+        rows = [[*row, _rho(theirs.get(row[0]))] for row in rows]
+        header.append(f"Spearman rho, seed {first['seed']}, {_setting(baseline)}")
         searches = baseline["searches"]
         worst = min((s["epochs_ratio"] for s in searches), default=None)
         notes.append(f"*{_setting(baseline).capitalize()}*: `{baseline['command']}` ({_items(baseline)}; run "

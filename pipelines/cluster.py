@@ -14,6 +14,7 @@ ConvForge does not install.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -27,6 +28,19 @@ UPLOAD_EXCLUDES = ["data/", "artifacts/", "reports/", "ray_results/", "mlruns/",
                    ".venv/", ".dvc/cache/", "bench/results/", "bentos/"]
 AUTH_HELP = ("give this process the cluster's token: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN=<`ray get-auth-token` "
              "on the head> (or RAY_AUTH_TOKEN_PATH=<file>)")
+
+
+def quiet_sigterm_exit() -> None:
+    """In a Ray worker process: no traceback when Ray ends it. Ray stops a finished search's or training's workers
+    with SIGTERM, whose handler raises SystemExit wherever the process is; when that is inside a garbage-collection
+    callback, Python cannot raise it and prints "Exception ignored in ..." with its traceback to the terminal
+    instead, under a search that succeeded. The process ends either way; only that print goes."""
+    sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: Any) -> None:
+    if not issubclass(unraisable.exc_type, SystemExit):
+        sys.__unraisablehook__(unraisable)
 
 
 def join(address: str, log: Callable[[str], None] = print) -> None:

@@ -83,6 +83,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    cluster.quiet_sigterm_exit()
     job, run_id = config["job"], config["run_id"]
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()

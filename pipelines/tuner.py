@@ -321,6 +321,7 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
     device = runtime.device_line(settings.choice(), runtime.probe()).removeprefix("device: ")  # the run's tag
     # Ray logs "Checkpoint successfully created" at INFO for every epoch of every trial.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cluster.quiet_sigterm_exit()
     with tempfile.TemporaryDirectory(prefix="convforge-trial-") as work:
         checkpoint_dir = Path(work) / "engine"
         checkpoint_dir.mkdir()

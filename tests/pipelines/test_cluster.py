@@ -1,10 +1,12 @@
 """Joining Ray as a user's cluster needs it: which stores a cluster of several machines cannot use, where the auth
 token comes from, and the one-line stops (pipelines/cluster.py). The real `ray start` cluster is
-tests/integration/test_cluster_cli.py."""
+tests/integration/test_cluster_cli.py. A Ray worker that Ray ends prints no traceback."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from pipelines import cluster, runtime
 from pipelines.errors import ConvForgeError
 
 HERE = "10.0.0.1"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def node(ip: str, alive: bool = True) -> dict:
@@ -60,3 +63,35 @@ def test_ray_client_addresses_stop_with_one_line_without_the_extra(monkeypatch) 
     monkeypatch.setitem(sys.modules, "grpc", None)  # as without ray[client]: `import grpc` fails
     with pytest.raises(ConvForgeError, match=r"ray:// needs Ray Client .* RAY_ADDRESS=<head-ip>:6379"):
         cluster.join("ray://head:10001", log=lambda message: None)
+
+
+# A Ray worker's SIGTERM handler (ray/_private/worker.py) raises SystemExit; the signal arrives while a weakref
+# callback runs, as garbage collection in a trial does when Ray ends the worker.
+SIGTERM_IN_A_CALLBACK = """
+import os, signal, sys, weakref
+from pipelines import cluster
+def sigterm(signum, frame):
+    raise SystemExit(1)
+signal.signal(signal.SIGTERM, sigterm)
+if sys.argv[1] == "quiet":
+    cluster.quiet_sigterm_exit()
+class Item: pass
+def on_collect(ref):
+    if sys.argv[2] == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # the handler runs here
+    else:
+        raise ValueError("a real error in a callback")
+item = Item(); ref = weakref.ref(item, on_collect); del item
+print("went on")
+"""
+
+
+@pytest.mark.parametrize("hook", ["quiet", "python"])
+@pytest.mark.parametrize("event", ["sigterm", "error"])
+def test_a_worker_ended_by_sigterm_prints_no_traceback_and_other_errors_still_print(hook: str, event: str) -> None:
+    done = subprocess.run([sys.executable, "-c", SIGTERM_IN_A_CALLBACK, hook, event], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "went on\n"  # Python cannot raise out of the callback
+    printed = "Exception ignored" in done.stderr and "Traceback" in done.stderr
+    assert printed == (hook == "python" or event == "error"), done.stderr

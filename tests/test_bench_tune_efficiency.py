@@ -1,0 +1,38 @@
+"""bench/tune_efficiency.py's verdicts: the rank target, like the ASHA one, holds only when every seed meets it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import tune_efficiency as bench
+
+
+def seeds(*rhos: float | None) -> list[dict]:
+    return [{"seed": 42 + i, "spearman_rho": rho} for i, rho in enumerate(rhos)]
+
+
+def search(ratio: float, equal_best: bool) -> dict:
+    return {"epochs_ratio": ratio, "equal_best": equal_best}
+
+
+def test_the_rank_target_needs_every_seed_at_or_above_it():
+    assert bench.targets_met(seeds(0.85, 0.80, 0.93), [], 0.1)["spearman_rho"]
+    assert not bench.targets_met(seeds(0.85, 0.79, 0.93), [], 0.1)["spearman_rho"]
+    assert not bench.targets_met(seeds(0.85, None), [], 0.1)["spearman_rho"]  # too few trials to rank
+    assert not bench.targets_met([], [], 0.1)["spearman_rho"]
+
+
+def test_the_asha_target_needs_the_ratio_and_an_equal_best_on_every_seed():
+    met = bench.targets_met(seeds(0.9), [search(3.2, True), search(3.0, True)], 0.1)
+    assert met["asha_epochs_ratio"] and met["reuse_overhead_s"]
+    assert not bench.targets_met(seeds(0.9), [search(3.2, True), search(2.9, True)], 0.1)["asha_epochs_ratio"]
+    assert not bench.targets_met(seeds(0.9), [search(4.0, False)], 0.1)["asha_epochs_ratio"]
+    assert not bench.targets_met(seeds(0.9), [], 0.3)["reuse_overhead_s"]
+
+
+def test_a_seed_with_a_rank_for_every_epoch():
+    rows = [{"family": "resnet", "trial_score": s, "val_scores": [s, s + 0.05], "final_test_score": t}
+            for s, t in ((0.70, 0.88), (0.60, 0.85), (0.50, 0.86), (0.40, 0.80))]
+    rank = bench.rank_of(43, rows, 2)
+    assert rank["seed"] == 43 and rank["spearman_rho"] == pytest.approx(0.8)  # one pair out of order among four
+    assert [r["epochs"] for r in rank["by_rung"]] == [1, 2] and rank["by_rung"][1]["spearman_rho"] == pytest.approx(0.8)
