@@ -122,7 +122,7 @@ def tune_section(name: str, result: dict) -> list[str]:
     worst = min((s["epochs_ratio"] for s in searches), default=None)
     equal = sum(s["equal_best"] for s in searches)
     out += table(["comparison", "measured", "target", "met"], [
-        [f"Spearman rho, trial score vs final test score ({len(ranks[0]['rows'])} trials a seed)",
+        [f"Spearman rho, trial score vs final test score ({_counts([len(r['rows']) for r in ranks])} trials a seed)",
          "; ".join(f"{_rho(r)} (p {_p(r)}, seed {r['seed']})" for r in ranks),
          f">= {targets['spearman_rho']}" + (", every seed" if len(ranks) > 1 else ""), met["spearman_rho"]],
         ["trial-epochs, full budget over ASHA (lowest seed); equal best test score",
@@ -158,6 +158,11 @@ def _rho(row: dict | None) -> str:
     return "n/a" if row is None or row["spearman_rho"] is None else f"{row['spearman_rho']:.3f}"
 
 
+def _counts(counts: list[int]) -> str:
+    """One count when every seed has it (the usual case), else each seed's: a trial that failed shows."""
+    return str(counts[0]) if len(set(counts)) == 1 else " / ".join(map(str, counts))
+
+
 def _p(row: dict) -> str:
     return "n/a" if row["p_value"] is None else f"{row['p_value']:.2g}"
 
@@ -180,8 +185,8 @@ def _rung_table(result: dict) -> list[str]:
         return []
     per_seed = [{r["epochs"]: r for r in rank["by_rung"]} for rank in ranks]
     header = ["first rung after (epochs)", "trials", *(f"Spearman rho, seed {rank['seed']}" for rank in ranks)]
-    rows = [[r["epochs"], r["trials"], *(_rho(seed.get(r["epochs"])) for seed in per_seed)]
-            for r in ranks[0]["by_rung"]]
+    rows = [[r["epochs"], _counts([seed[r["epochs"]]["trials"] for seed in per_seed if r["epochs"] in seed]),
+             *(_rho(seed.get(r["epochs"])) for seed in per_seed)] for r in ranks[0]["by_rung"]]
     out = [f"**How late must the first rung come?** Each seed's trials' validation accuracy after each epoch "
            f"against their final test score (this run's first rung: {result['grace_period']} epoch(s)); BatchNorm "
            f"statistics recomputed on {result.get('precise_bn', 0):,} training items before each validation "

@@ -281,6 +281,10 @@ def command_line(argv: list[str]) -> str:
     return shlex.join(["python", "bench/tune_efficiency.py", *kept])
 
 
+def rho_text(rho: float | None, digits: int = 3) -> str:
+    return "n/a" if rho is None else f"{rho:.{digits}f}"
+
+
 def rank_of(seed: int, rows: list[dict], epochs: int) -> dict:
     """One seed's rank correlation: rho and p at the grace period, its trials, and rho had the first rung come
     after each epoch."""
@@ -292,11 +296,11 @@ def print_summary(ranks: list[dict], searches: list[dict], reuse: float, fresh: 
     """The run's figures as the terminal shows them at the end."""
     print()
     for rank in ranks:
-        rho = "n/a" if rank["spearman_rho"] is None else f"{rank['spearman_rho']:.3f} (p {rank['p_value']:.2g})"
-        print(f"rank correlation, seed {rank['seed']}, {len(rank['rows'])} trials: Spearman rho {rho}")
-        print("  with the first rung after " + ", ".join(
-            f"{r['epochs']} ep: {'n/a' if r['spearman_rho'] is None else format(r['spearman_rho'], '.2f')}"
-            for r in rank["by_rung"]))
+        p = "" if rank["p_value"] is None else f" (p {rank['p_value']:.2g})"
+        print(f"rank correlation, seed {rank['seed']}, {len(rank['rows'])} trials: Spearman rho "
+              f"{rho_text(rank['spearman_rho'])}{p}")
+        print("  with the first rung after " + ", ".join(f"{r['epochs']} ep: {rho_text(r['spearman_rho'], 2)}"
+                                                         for r in rank["by_rung"]))
     print(f"{'seed':>6}{'ASHA ep':>9}{'FIFO ep':>9}{'ratio':>7}{'ASHA test':>11}{'FIFO test':>11}{'equal':>7}")
     for s in searches:
         asha, full = s["asha"], s["full_budget"]
@@ -353,9 +357,7 @@ def main() -> None:
                                         settings=settings)
             searches.append(compare(seed, asha, full, asha_grid, full_grid, test_of))
             ranks.append(rank_of(seed, rank_rows(full_grid, space, args.grace_period, test_of), args.epochs))
-            rho = ranks[-1]["spearman_rho"]
-            print(f"seed {seed} Spearman rho at the grace period: {'n/a' if rho is None else format(rho, '.3f')}",
-                  flush=True)
+            print(f"seed {seed} Spearman rho at the grace period: {rho_text(ranks[-1]['spearman_rho'])}", flush=True)
         reuse = overhead(args.noop_trials, True, storage)
         fresh = overhead(args.noop_trials_no_reuse, False, storage)
     ray.shutdown()

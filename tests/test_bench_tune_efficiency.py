@@ -36,3 +36,10 @@ def test_a_seed_with_a_rank_for_every_epoch():
     rank = bench.rank_of(43, rows, 2)
     assert rank["seed"] == 43 and rank["spearman_rho"] == pytest.approx(0.8)  # one pair out of order among four
     assert [r["epochs"] for r in rank["by_rung"]] == [1, 2] and rank["by_rung"][1]["spearman_rho"] == pytest.approx(0.8)
+
+
+def test_the_page_shows_each_seeds_trial_count_when_a_trial_failed():
+    from bench import report
+
+    assert report._counts([24, 24, 24]) == "24"
+    assert report._counts([24, 23, 24]) == "24 / 23 / 24"
