@@ -115,39 +115,55 @@ def tune_section(name: str, result: dict) -> list[str]:
     out += [f"{len(searches)} seed(s) x {result['trials']} random trials of {', '.join(result['families'])} on "
             f"{result['data']} ({result['train_items']:,} train / {result['val_items']:,} val / "
             f"{result['test_items']:,} test items), at most {result['max_epochs']} epochs, "
-            f"{result['max_concurrent']} at a time. Per seed, Ray Tune's ASHA (grace period "
-            f"{result['grace_period']}, reduction factor {result['reduction_factor']}) and FIFO (every trial at "
-            "full budget) run the same trials; each search's pick is its best trial by validation score, scored "
-            "on the test split no search sees.", ""]
-    worst = min((s["epochs_ratio"] for s in searches), default=None)
-    equal = sum(s["equal_best"] for s in searches)
-    out += table(["comparison", "measured", "target", "met"], [
-        [f"Spearman rho, trial score vs final test score ({_counts([len(r['rows']) for r in ranks])} trials a seed)",
-         "; ".join(f"{_rho(r)} (p {_p(r)}, seed {r['seed']})" for r in ranks),
-         f">= {targets['spearman_rho']}" + (", every seed" if len(ranks) > 1 else ""), met["spearman_rho"]],
-        ["trial-epochs, full budget over ASHA (lowest seed); equal best test score",
-         f"{_ratio(worst)}; {equal} of {len(searches)} seeds",
-         f">= {targets['asha_epochs_ratio']:g}x, test scores within {targets['best_test_gap']}, every seed",
-         met["asha_epochs_ratio"]],
-        ["Ray Tune overhead per no-op trial, actor reuse", f"{over['reuse_actors']:.3f} s",
-         f"<= {targets['reuse_overhead_s']} s", met["reuse_overhead_s"]]], "lrll")
+            f"{result['max_concurrent']} at a time. Per seed, ASHA (grace period {result['grace_period']}, "
+            f"reduction factor {result['reduction_factor']}) and FIFO (every trial at full budget) run the same "
+            "trials; ASHA twice when the run has both variants: with Ray Tune's ASHAScheduler (the stopping rule: "
+            "a trial goes on when its score clears the quantile of the scores its rung holds so far) and with "
+            "promotions as Li et al. 2020 have it (`search.scheduler: asha_promote`: a trial pauses at a rung "
+            "until it ranks in its top 1/reduction factor). Each search's pick is its best trial by validation "
+            "score, scored on the test split no search sees.", ""]
+    variants = _asha_variants(searches)
+    rows = [[f"Spearman rho, trial score vs final test score ({_counts([len(r['rows']) for r in ranks])} trials a "
+             "seed)", "; ".join(f"{_rho(r)} (p {_p(r)}, seed {r['seed']})" for r in ranks),
+             f">= {targets['spearman_rho']}" + (", every seed" if len(ranks) > 1 else ""), met["spearman_rho"]]]
+    for label, key, per_seed in variants:
+        worst = min(s["epochs_ratio"] for s in per_seed)
+        rows.append([f"trial-epochs, full budget over ASHA, {label}, lowest seed; equal best test score",
+                     f"{_ratio(worst)}; {sum(s['equal_best'] for s in per_seed)} of {len(per_seed)} seeds",
+                     f">= {targets['asha_epochs_ratio']:g}x, test scores within {targets['best_test_gap']}, "
+                     "every seed", met[key]])
+    rows.append(["Ray Tune overhead per no-op trial, actor reuse", f"{over['reuse_actors']:.3f} s",
+                 f"<= {targets['reuse_overhead_s']} s", met["reuse_overhead_s"]])
+    out += table(["comparison", "measured", "target", "met"], rows, "lrll")
     out += _rank_table(ranks[0], result["grace_period"])
     out += _rung_table(result)
     out += [f"**ASHA against every trial at full budget**, per seed (equal best: the picks' test "
             f"scores within {targets['best_test_gap']}):", ""]
-    out += table(["seed", "ASHA trial-epochs", "full-budget trial-epochs", "ratio", "ASHA pick test",
+    out += table(["seed", "ASHA", "ASHA trial-epochs", "full-budget trial-epochs", "ratio", "ASHA pick test",
                   "full-budget pick test", "gap", "equal best", "wall s ASHA / full", "errors"],
-                 [[s["seed"], s["asha"]["trial_epochs"], s["full_budget"]["trial_epochs"], _ratio(s["epochs_ratio"]),
-                   _score(s["asha"]["best_test"]), _score(s["full_budget"]["best_test"]),
-                   "n/a" if s["test_gap"] is None else f"{s['test_gap']:+.4f}", s["equal_best"],
-                   f"{s['asha']['wall_s']:,.0f} / {s['full_budget']['wall_s']:,.0f}",
-                   s["asha"]["errors"] + s["full_budget"]["errors"]] for s in searches], "rrrrrrrlrr")
+                 [[s["seed"], label, v["trial_epochs"], s["full_budget"]["trial_epochs"], _ratio(v["epochs_ratio"]),
+                   _score(v["best_test"]), _score(s["full_budget"]["best_test"]),
+                   "n/a" if v["test_gap"] is None else f"{v['test_gap']:+.4f}", v["equal_best"],
+                   f"{v['wall_s']:,.0f} / {s['full_budget']['wall_s']:,.0f}",
+                   v["errors"] + s["full_budget"]["errors"]]
+                  for s in searches for label, _, per_seed in variants for v in per_seed if v["seed"] == s["seed"]],
+                 "rlrrrrrrlrr")
     trials = over["trials"]
     out += table([f"Ray Tune overhead ({trials['reuse_actors']} / {trials['no_reuse']} trials)", "actor reuse",
                   "no reuse", "ratio"],
                  [["seconds per no-op trial", over["reuse_actors"], over["no_reuse"],
                    _ratio(over["reuse_actors"] / over["no_reuse"])]], "lrrr")
     return out
+
+
+def _asha_variants(searches: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(label, its targets_met key, each seed's figures against FIFO) of each ASHA variant the run has: the
+    stopping rule always, promotions when every seed ran them."""
+    variants = [("stopping (Ray)", "asha_epochs_ratio", [{**s["asha"], **s} for s in searches])]
+    if searches and all("asha_promote" in s for s in searches):
+        variants.append(("promotions", "asha_promote_epochs_ratio",
+                         [{**s["asha_promote"], "seed": s["seed"]} for s in searches]))
+    return variants
 
 
 def _score(value: float | None) -> str:
@@ -464,7 +480,7 @@ names the choice, this table the figure that led to it.
 | `pipelines/search.py` profiling | latency measured with 1 thread | two threads waiting on each other under load read 10-100x slower |
 | `pipelines/metrics.py` segment confusion | CPU `bincount` | torchmetrics' confusion matrix ~200x slower under deterministic algorithms |
 | `bench/serve.py` | whole benchmark | ~5-6 min |
-| `bench/tune_efficiency.py` | whole benchmark | ~55 min (3 seeds x 24 trials on 8,000 items, ASHA and full budget) on a quiet 2-core box; ~17 min with `--train 2000 --val 1000 --test 2000` |
+| `bench/tune_efficiency.py` | whole benchmark | ~64 min (3 seeds x 24 trials on 8,000 items: ASHA with the stopping rule, ASHA with promotions, full budget) on a 2-core box; ~17 min with `--train 2000 --val 1000 --test 2000` (measured before the promotions arm) |
 | `bench/families.py` | whole benchmark | ~21 min (12 families, 10k items x 2 epochs, 1 thread) on a loaded 2-core box |
 """
 

@@ -1,22 +1,24 @@
 """Tuning efficiency: do early trial scores predict, and what ASHA saves on a realistic search; Ray's overhead.
 
 Per seed, the same random trials (Ray's random search seeded alike, each family first at its defaults)
-run twice with the project's trainable: under Ray Tune's ASHAScheduler and under FIFO, every trial
-trained for `--epochs`. Each search's pick (its best trial by its last validation score) is scored on
-a held-out test split the search never saw. Reported:
+run three times with the project's trainable: under Ray Tune's ASHAScheduler (ASHA's stopping rule),
+under ASHA with promotions as Li et al. 2020 have it (`search.scheduler: asha_promote`,
+pipelines/tuner.py `PromotingHalving`) and under FIFO, every trial trained for `--epochs`. Each search's
+pick (its best trial by its last validation score) is scored on a held-out test split the search never
+saw. Reported:
 
 - rank correlation: per seed, for its FIFO trials, the "trial score" (validation score at the grace
   period, what ASHA decides on) against the "final test score" (the same trial at full budget, its
   best-validation epoch's weights on the test split), as Spearman's rho with its p-value;
-- per seed, the trial-epochs FIFO trains over those ASHA trains, and whether the two picks' test
-  scores are equal (within `TARGETS["best_test_gap"]`);
+- per seed and ASHA variant, the trial-epochs FIFO trains over those ASHA trains, and whether the two
+  picks' test scores are equal (within `TARGETS["best_test_gap"]`);
 - Ray Tune's overhead per trial of a no-op trainable, with and without actor reuse.
 
 `--precise-bn 0` runs the same trials validated with training's running BatchNorm averages (the baseline of
 BENCHMARKS.md's rank tables, bench/results/tune_efficiency_running_bn.json).
 
 Targets (`TARGETS`): rho >= 0.8 on every seed; ASHA at least 3x fewer trial-epochs with an equal best on every
-seed; at most 0.2 s of overhead per trial with actor reuse.
+seed (each variant judged on its own); at most 0.2 s of overhead per trial with actor reuse.
 
     .venv/bin/python bench/tune_efficiency.py
 
@@ -55,6 +57,9 @@ def targets_met(ranks: list[dict], searches: list[dict], reuse_s: float) -> dict
                                                 and r["spearman_rho"] >= TARGETS["spearman_rho"] for r in ranks),
             "asha_epochs_ratio": all(s["epochs_ratio"] >= TARGETS["asha_epochs_ratio"] and s["equal_best"]
                                      for s in searches),
+            "asha_promote_epochs_ratio": bool(searches) and all(
+                "asha_promote" in s and s["asha_promote"]["epochs_ratio"] >= TARGETS["asha_epochs_ratio"]
+                and s["asha_promote"]["equal_best"] for s in searches),
             "reuse_overhead_s": reuse_s <= TARGETS["reuse_overhead_s"]}
 
 
@@ -107,9 +112,10 @@ def write_prepared(folder: Path, train, val) -> Path:
     return folder
 
 
-def run_search(label: str, scheduler, trainable, space, points, args, storage: str, seed: int):
-    """One search over the random trials with `scheduler` (None = FIFO, every trial at full budget);
-    returns its figures and Ray's ResultGrid."""
+def run_search(label: str, scheduler, trainable, space, points, args, storage: str, seed: int, drawn: int):
+    """One search over the random trials with `scheduler` (None = FIFO, every trial at full budget), the
+    searcher holding `drawn` trials at a time (0: all; the trials' resources still run `--concurrent` at a
+    time); returns its figures and Ray's ResultGrid."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -117,11 +123,10 @@ def run_search(label: str, scheduler, trainable, space, points, args, storage: s
     from pipelines.tuner import MODE, trial_dirname
 
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}), param_space=space.ray_space(),
+        tune.with_resources(trainable, {"cpu": 2 / args.concurrent}), param_space=space.ray_space(),
         tune_config=tune.TuneConfig(
             metric=PRIMARY["classify"], mode=MODE, scheduler=scheduler, num_samples=args.samples,
-            search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=args.concurrent,
-                                             random_state=seed),
+            search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=drawn, random_state=seed),
             reuse_actors=True, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=label, storage_path=storage, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
@@ -198,18 +203,31 @@ def spearman(rows: list[dict]) -> tuple[float | None, float | None]:
     return (rho, p) if math.isfinite(rho) else (None, None)
 
 
-def compare(seed: int, asha: dict, full: dict, asha_grid, full_grid, test_of) -> dict:
-    """One seed's ASHA against FIFO: trial-epochs, their ratio, each pick's validation and test score."""
+def scored(figures: dict, grid, test_of) -> dict:
+    """A search's figures with its pick's validation and test score."""
     from pipelines.tasks import PRIMARY
 
-    for figures, grid in ((asha, asha_grid), (full, full_grid)):
-        best = pick(grid)
-        figures["best_val"] = best.metrics[PRIMARY["classify"]] if best else None
-        figures["best_test"] = test_of(best) if best else None
+    best = pick(grid)
+    return {**figures, "best_val": best.metrics[PRIMARY["classify"]] if best else None,
+            "best_test": test_of(best) if best else None}
+
+
+def against(asha: dict, full: dict) -> dict:
+    """An ASHA search against FIFO: the trial-epochs ratio, the picks' test gap and whether they are equal."""
     gap = None if None in (asha["best_test"], full["best_test"]) else full["best_test"] - asha["best_test"]
-    return {"seed": seed, "asha": asha, "full_budget": full,
-            "epochs_ratio": full["trial_epochs"] / max(1, asha["trial_epochs"]), "test_gap": gap,
+    return {"epochs_ratio": full["trial_epochs"] / max(1, asha["trial_epochs"]), "test_gap": gap,
             "equal_best": gap is not None and abs(gap) <= TARGETS["best_test_gap"]}
+
+
+def compare(seed: int, searches: dict[str, tuple[dict, object]], test_of) -> dict:
+    """One seed's searches ("asha", "asha_promote", "full_budget": figures and ResultGrid) scored; each ASHA
+    variant against FIFO (the stopping rule's at the top level, as the baseline results have it)."""
+    figures = {name: scored(found, grid, test_of) for name, (found, grid) in searches.items()}
+    full = figures["full_budget"]
+    out = {"seed": seed, "asha": figures["asha"], "full_budget": full, **against(figures["asha"], full)}
+    if "asha_promote" in figures:
+        out["asha_promote"] = {**figures["asha_promote"], **against(figures["asha_promote"], full)}
+    return out
 
 
 def noop(config: dict) -> None:
@@ -301,11 +319,16 @@ def print_summary(ranks: list[dict], searches: list[dict], reuse: float, fresh: 
               f"{rho_text(rank['spearman_rho'])}{p}")
         print("  with the first rung after " + ", ".join(f"{r['epochs']} ep: {rho_text(r['spearman_rho'], 2)}"
                                                          for r in rank["by_rung"]))
-    print(f"{'seed':>6}{'ASHA ep':>9}{'FIFO ep':>9}{'ratio':>7}{'ASHA test':>11}{'FIFO test':>11}{'equal':>7}")
+    print(f"{'seed':>6} {'ASHA variant':<18}{'ASHA ep':>9}{'FIFO ep':>9}{'ratio':>7}{'ASHA test':>11}"
+          f"{'FIFO test':>11}{'equal':>7}")
     for s in searches:
-        asha, full = s["asha"], s["full_budget"]
-        print(f"{s['seed']:>6}{asha['trial_epochs']:>9}{full['trial_epochs']:>9}{s['epochs_ratio']:>7.2f}"
-              f"{asha['best_test'] or 0:>11.4f}{full['best_test'] or 0:>11.4f}{'yes' if s['equal_best'] else 'no':>7}")
+        full = s["full_budget"]
+        for variant, versus in (("stopping (Ray)", {**s["asha"], **s}), ("promotions", s.get("asha_promote"))):
+            if versus is None:
+                continue
+            print(f"{s['seed']:>6} {variant:<18}{versus['trial_epochs']:>9}{full['trial_epochs']:>9}"
+                  f"{versus['epochs_ratio']:>7.2f}{versus['best_test'] or 0:>11.4f}{full['best_test'] or 0:>11.4f}"
+                  f"{'yes' if versus['equal_best'] else 'no':>7}")
     print(f"Ray Tune overhead, no-op trainable: {reuse:.3f} s/trial with actor reuse ({args.noop_trials} trials), "
           f"{fresh:.3f} s/trial without ({args.noop_trials_no_reuse} trials)")
 
@@ -347,16 +370,22 @@ def main() -> None:
             trainable = tune.with_parameters(train_trial, task="classify", space=space,
                                              data=TrialData(str(prepared), None, seed), base=base, settings=settings,
                                              policy=params.augment.policy)
-            scheduler = make_scheduler("asha", args.epochs, args.grace_period, args.reduction_factor, space)
-            asha, asha_grid = run_search(f"asha-{seed}", scheduler, trainable, space, points, args, storage, seed)
-            print(f"seed {seed} ASHA: {asha['trial_epochs']} trial-epochs, {asha['wall_s']:.0f} s", flush=True)
-            full, full_grid = run_search(f"full-{seed}", None, trainable, space, points, args, storage, seed)
-            print(f"seed {seed} FIFO: {full['trial_epochs']} trial-epochs, {full['wall_s']:.0f} s", flush=True)
+            found = {}
+            for name, label in (("asha", "ASHA"), ("asha_promote", "ASHA, promotions"), ("full_budget", "FIFO")):
+                scheduler = None if name == "full_budget" else make_scheduler(
+                    name, args.epochs, args.grace_period, args.reduction_factor, space, num_samples=args.samples)
+                # Paused trials count as running for the searcher: under promotions it draws them all up front.
+                drawn = 0 if name == "asha_promote" else args.concurrent
+                found[name] = run_search(f"{name}-{seed}", scheduler, trainable, space, points, args, storage, seed,
+                                         drawn)
+                print(f"seed {seed} {label}: {found[name][0]['trial_epochs']} trial-epochs, "
+                      f"{found[name][0]['wall_s']:.0f} s", flush=True)
 
             test_of = functools.partial(test_score, space=space, train=train_data, test=test_data, seed=seed,
                                         settings=settings)
-            searches.append(compare(seed, asha, full, asha_grid, full_grid, test_of))
-            ranks.append(rank_of(seed, rank_rows(full_grid, space, args.grace_period, test_of), args.epochs))
+            searches.append(compare(seed, found, test_of))
+            ranks.append(rank_of(seed, rank_rows(found["full_budget"][1], space, args.grace_period, test_of),
+                                 args.epochs))
             print(f"seed {seed} Spearman rho at the grace period: {rho_text(ranks[-1]['spearman_rho'])}", flush=True)
         reuse = overhead(args.noop_trials, True, storage)
         fresh = overhead(args.noop_trials_no_reuse, False, storage)

@@ -38,6 +38,18 @@ def quiet_sigterm_exit() -> None:
     sys.unraisablehook = _unraisable
 
 
+def quiet_worker() -> None:
+    """Ray's worker_process_setup_hook: Ray's INFO line "Restored on <ip> from checkpoint: Checkpoint(...)", logged
+    before the trial's own code runs, each time a paused, retried or resumed trial goes on, stays out of the
+    terminal (the search prints its own line per trial result)."""
+    import logging
+
+    logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.WARNING)
+
+
+WORKER_SETUP = f"{__name__}.quiet_worker"
+
+
 def _unraisable(unraisable: Any) -> None:
     if not issubclass(unraisable.exc_type, SystemExit):
         sys.__unraisablehook__(unraisable)
@@ -59,7 +71,8 @@ def join(address: str, log: Callable[[str], None] = print) -> None:
     log(f"connecting to the Ray cluster at {address}" + (f" (auth token from {token_source()})" if token else ""))
     try:
         ray.init(address=address, log_to_driver=True,
-                 runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES})
+                 runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES,
+                              "worker_process_setup_hook": WORKER_SETUP})
     except ConnectionError as exc:
         raise ConvForgeError(f"cannot join the Ray cluster at {address} ({exc}): check that `ray status --address "
                              f"{address}` answers there; if the head uses token authentication, {AUTH_HELP}") from None
@@ -78,7 +91,8 @@ def start_local(num_cpus: int | None = None, log: Callable[[str], None] = print)
     pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     log(f"starting a local Ray with {num_cpus} CPU(s)")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             object_store_memory=512 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+             object_store_memory=512 * 2**20,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": WORKER_SETUP})
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, log: Callable[[str], None] = print) -> bool:

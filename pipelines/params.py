@@ -170,7 +170,7 @@ class SearchParams(Section):
     # epochs: trial budgets in epochs and items, every decision independent of finishing order (time_budget_s
     # is a guard); time: time_budget_s is the budget, trials promoted and drawn as they finish (asynchronous)
     budget: Literal["epochs", "time"]
-    scheduler: Literal["asha", "hyperband", "pbt"]
+    scheduler: Literal["asha", "asha_promote", "hyperband", "pbt"]
     algorithm: Literal["optuna", "random"]
     reduction_factor: Annotated[int, Field(ge=2)]
     # auto: the machine shared by max_concurrent trials (pipelines/runtime.py `trial_resources`)

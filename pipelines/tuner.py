@@ -159,12 +159,79 @@ class OrderedHalving(FIFOScheduler):
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
 
+def promotable(histories: dict[str, list[float]], epoch: int, reduction_factor: int, waiting: set[str]) -> list[str]:
+    """ASHA's promotions at one rung (Li et al. 2020, Algorithm 2): the trials in the top
+    floor(n / reduction_factor) of the n scores the rung holds that are `waiting` there, best first.
+
+    `histories` maps each trial, in the order drawn (it breaks ties), to its score after every epoch; a trial
+    holds the rung's score once it has trained `epoch` epochs, and waits there while it has trained no more."""
+    rung = {trial: history[epoch - 1] for trial, history in histories.items() if len(history) >= epoch}
+    ranked = sorted(rung, key=lambda trial: -rung[trial] if math.isfinite(rung[trial]) else math.inf)
+    return [trial for trial in ranked[:len(rung) // reduction_factor]
+            if trial in waiting and len(histories[trial]) == epoch]
+
+
+class PromotingHalving(FIFOScheduler):
+    """ASHA as Li et al. 2020 define it (Algorithm 2): a trial pauses at each rung, and a paused trial resumes
+    (is promoted) once its score ranks in the top 1/reduction_factor of the scores its rung holds; a free slot
+    takes a promotion (the highest rung's first) before it starts a new trial, and once every trial is drawn
+    and none runs or can be promoted, the paused ones stop.
+
+    Ray's ASHAScheduler is the stopping variant: it lets a trial on when its score clears the quantile of the
+    scores recorded so far, so the first trials at a rung always go on. Here none goes on before the rung has
+    `reduction_factor` scores, and a trial left behind by early luck can still be promoted later: fewer
+    trial-epochs for the same best (bench/tune_efficiency.py). Trials need checkpoints (they keep one per
+    epoch) and decisions depend on which trial reaches a rung first, as with Ray's ASHA. Stateless: the rung
+    scores come from the trials' last reports.
+    """
+
+    def __init__(self, rung_epochs: list[int], reduction_factor: int, num_samples: int):
+        super().__init__()
+        self.rung_epochs, self.reduction_factor, self.num_samples = rung_epochs, reduction_factor, num_samples
+
+    @staticmethod
+    def histories(trials: list[Trial]) -> dict[str, list[float]]:
+        return {trial.trial_id: (trial.last_result or {}).get(SCORES, []) for trial in trials}
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        scores = result.get(SCORES, [])
+        if len(scores) not in self.rung_epochs:
+            return TrialScheduler.CONTINUE
+        trials = tune_controller.get_trials()
+        histories = {**self.histories(trials), trial.trial_id: scores}
+        waiting = {other.trial_id for other in trials if other.status == Trial.PAUSED} | {trial.trial_id}
+        due = promotable(histories, len(scores), self.reduction_factor, waiting)
+        return TrialScheduler.CONTINUE if trial.trial_id in due else TrialScheduler.PAUSE
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        trials = tune_controller.get_trials()
+        paused = {trial.trial_id: trial for trial in trials if trial.status == Trial.PAUSED}
+        histories = self.histories(trials)
+        for epoch in reversed(self.rung_epochs):
+            due = promotable(histories, epoch, self.reduction_factor, set(paused))
+            if due:
+                return paused[due[0]]
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        if len(trials) >= self.num_samples and all(t.status in (Trial.PAUSED, Trial.TERMINATED, Trial.ERROR)
+                                                   for t in trials):
+            for trial in paused.values():  # the search's end: no promotion is left to come
+                tune_controller.stop_trial(trial)
+        return None
+
+
 def make_scheduler(kind: str, max_epochs: int, grace_period: int, reduction_factor: int,
-                   space: SearchSpace, window: int | None = None) -> TrialScheduler:
-    """ASHA (Li et al. 2020; in trial order with a `window`, see `OrderedHalving`), HyperBand (Li et al. 2018)
-    or PBT (Jaderberg et al. 2017), stepping per epoch."""
+                   space: SearchSpace, window: int | None = None, num_samples: int | None = None) -> TrialScheduler:
+    """ASHA (Li et al. 2020; in trial order with a `window`, see `OrderedHalving`; with promotions as the paper
+    has it, `PromotingHalving`, which needs the search's `num_samples`), HyperBand (Li et al. 2018) or PBT
+    (Jaderberg et al. 2017), stepping per epoch."""
     if kind == "asha" and window:
         return OrderedHalving(rungs(max_epochs, grace_period, reduction_factor), reduction_factor, window)
+    if kind == "asha_promote":
+        if not num_samples:
+            raise ConvForgeError("scheduler asha_promote needs the search's num_samples")
+        return PromotingHalving(rungs(max_epochs, grace_period, reduction_factor), reduction_factor, num_samples)
     if kind == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
                              grace_period=min(grace_period, max_epochs), reduction_factor=reduction_factor)
@@ -174,7 +241,7 @@ def make_scheduler(kind: str, max_epochs: int, grace_period: int, reduction_fact
     if kind == "pbt":
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
                                        hyperparam_mutations=space.mutations())
-    raise ConvForgeError(f"search.scheduler: expected one of asha, hyperband, pbt, got {kind!r}")
+    raise ConvForgeError(f"search.scheduler: expected one of asha, asha_promote, hyperband, pbt, got {kind!r}")
 
 
 def tpe_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:
@@ -357,12 +424,14 @@ def make_tuner(trainable: Any, experiment: Experiment, search: SearchParams, see
         return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     space, budget, in_order = experiment.space, experiment.budget, experiment.window is not None
     points = space.points(experiment.base)[:budget.num_samples]
+    # A searcher counts paused trials as running: under asha_promote it draws every trial up front (TPE then
+    # models none of them), while the trials' resources still run max_concurrent at a time.
+    drawn = budget.num_samples if search.scheduler == "asha_promote" else search.max_concurrent
     tune_config = tune.TuneConfig(
         metric=experiment.metric, mode=MODE,
-        search_alg=make_search_alg(search.algorithm, space, experiment.metric, points, search.max_concurrent, seed,
-                                   in_order),
+        search_alg=make_search_alg(search.algorithm, space, experiment.metric, points, drawn, seed, in_order),
         scheduler=make_scheduler(search.scheduler, budget.max_epochs, budget.grace_period, search.reduction_factor,
-                                 space, experiment.window),
+                                 space, experiment.window, budget.num_samples),
         # budget time: the budget; budget epochs: a guard (the search says it is not reproducible when it fires)
         num_samples=budget.num_samples, time_budget_s=budget.time_budget_s,
         reuse_actors=True, trial_dirname_creator=trial_dirname,

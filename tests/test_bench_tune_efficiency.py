@@ -1,4 +1,5 @@
-"""bench/tune_efficiency.py's verdicts: the rank target, like the ASHA one, holds only when every seed meets it."""
+"""bench/tune_efficiency.py's verdicts: the rank target, like the ASHA ones, holds only when every seed meets it;
+each ASHA variant is judged against FIFO on its own."""
 
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ def test_the_asha_target_needs_the_ratio_and_an_equal_best_on_every_seed():
     assert not bench.targets_met(seeds(0.9), [search(3.2, True), search(2.9, True)], 0.1)["asha_epochs_ratio"]
     assert not bench.targets_met(seeds(0.9), [search(4.0, False)], 0.1)["asha_epochs_ratio"]
     assert not bench.targets_met(seeds(0.9), [], 0.3)["reuse_overhead_s"]
+
+
+def test_each_asha_variant_is_judged_on_its_own():
+    stopping, promoting = search(2.3, True), search(3.7, True)
+    met = bench.targets_met(seeds(0.9), [{**stopping, "asha_promote": promoting}], 0.1)
+    assert met["asha_promote_epochs_ratio"] and not met["asha_epochs_ratio"]
+    one_seed_short = [{**stopping, "asha_promote": promoting}, {**stopping, "asha_promote": search(3.5, False)}]
+    assert not bench.targets_met(seeds(0.9), one_seed_short, 0.1)["asha_promote_epochs_ratio"]
+    assert not bench.targets_met(seeds(0.9), [stopping], 0.1)["asha_promote_epochs_ratio"]  # a run without it
+
+
+def test_an_asha_search_against_fifo():
+    full = {"trial_epochs": 216, "best_test": 0.900}
+    assert bench.against({"trial_epochs": 54, "best_test": 0.8952}, full) == pytest.approx(
+        {"epochs_ratio": 4.0, "test_gap": 0.0048, "equal_best": True})
+    assert not bench.against({"trial_epochs": 54, "best_test": 0.8949}, full)["equal_best"]  # 0.0051 apart
+    assert bench.against({"trial_epochs": 54, "best_test": None}, full)["equal_best"] is False  # no pick
 
 
 def test_a_seed_with_a_rank_for_every_epoch():

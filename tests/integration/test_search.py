@@ -156,6 +156,35 @@ def test_failing_trial_is_retried_reported_and_the_search_goes_on(ray_cluster, p
     assert "no_such_hparam" in failed[0].data.tags["convforge.error"]
 
 
+def test_search_with_promotions_resumes_the_top_trials_and_tracks_each_epoch_once(ray_cluster, project_params,
+                                                                                 prepared_classify, tmp_path,
+                                                                                 mlflow_store):
+    """scheduler asha_promote (budget time): 6 trials pause after epoch 1, the top 2 resume from their checkpoints
+    for epochs 2-3 (on either node), the other 4 stop; each trial's MLflow run holds every epoch it trained once."""
+    from mlflow import MlflowClient
+
+    from pipelines.search import run_search
+
+    params = tiny_params(project_params, mlflow_store, num_samples=6, max_epochs=3)
+    raw = params.model_dump()
+    raw["search"].update(budget="time", scheduler="asha_promote", reduction_factor=3)
+    params = validate(Params, raw)
+    out = tmp_path / "out"
+    best = run_search(params, "classify", prepared_classify, out, storage=str(tmp_path / "ray"))
+
+    trials = json.loads((out / "families.json").read_text())["trials"]
+    assert sorted((t["status"], t["epochs"]) for t in trials) == [("completed", 3)] * 2 + [("stopped", 1)] * 4
+    firsts = sorted((t["score"] for t in trials if t["status"] == "stopped"), reverse=True)
+    client = MlflowClient(mlflow_store)
+    children = {c.data.tags["convforge.trial_id"]: c for c in children_of(client, best["mlflow_parent_run_id"])}
+    for trial in trials:
+        history = client.get_metric_history(children[trial["trial_id"]].info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(1, trial["epochs"] + 1))  # resumed: no epoch twice
+        if trial["status"] == "completed":  # promoted: its first epoch ranked above every stopped trial's
+            assert history[0].value >= firsts[0]
+    assert best["trial_id"] in {t["trial_id"] for t in trials if t["status"] == "completed"}
+
+
 def order_marker(data_root: str, family: str) -> Path:
     """A file that says a `family` trial of this test session has finished (driver and workers agree on it)."""
     session = hashlib.sha256(data_root.encode()).hexdigest()[:12]

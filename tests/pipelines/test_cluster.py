@@ -95,3 +95,21 @@ def test_a_worker_ended_by_sigterm_prints_no_traceback_and_other_errors_still_pr
     assert done.returncode == 0 and done.stdout == "went on\n"  # Python cannot raise out of the callback
     printed = "Exception ignored" in done.stderr and "Traceback" in done.stderr
     assert printed == (hook == "python" or event == "error"), done.stderr
+
+
+def test_the_worker_setup_hook_names_a_function_that_quiets_ray_restore_lines():
+    import importlib
+    import logging
+
+    from pipelines import cluster
+
+    module, _, name = cluster.WORKER_SETUP.rpartition(".")
+    hook = getattr(importlib.import_module(module), name)  # how Ray resolves worker_process_setup_hook
+    restore_logger = logging.getLogger("ray.tune.trainable.trainable")
+    before = restore_logger.level
+    try:
+        restore_logger.setLevel(logging.INFO)
+        hook()
+        assert not restore_logger.isEnabledFor(logging.INFO) and restore_logger.isEnabledFor(logging.WARNING)
+    finally:
+        restore_logger.setLevel(before)

@@ -19,7 +19,7 @@ from pipelines.search import (families_table, pareto_front, pick_winner, pretrai
                               trial_config)
 from pipelines.search_space import TRANSFER_KEYS, SearchSpace, ray_domain
 from pipelines.tracking import data_hash
-from pipelines.tuner import InOrder, OrderedHalving, make_scheduler, make_search_alg, trial_base
+from pipelines.tuner import InOrder, OrderedHalving, PromotingHalving, make_scheduler, make_search_alg, trial_base
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -187,6 +187,11 @@ def test_scheduler_factory(space):
     ordered = make_scheduler("asha", 9, 1, 3, space, window=2)  # budget epochs: halving in trial order
     assert isinstance(ordered, OrderedHalving) and ordered.rung_epochs == [1, 3] and ordered.window == 2
     assert isinstance(make_scheduler("hyperband", 9, 1, 3, space), HyperBandScheduler)
+    promoting = make_scheduler("asha_promote", 9, 1, 3, space, num_samples=24)  # ASHA with promotions
+    assert isinstance(promoting, PromotingHalving) and promoting.rung_epochs == [1, 3]
+    assert promoting.num_samples == 24
+    with pytest.raises(ConvForgeError, match="num_samples"):  # it stops the paused trials once all are drawn
+        make_scheduler("asha_promote", 9, 1, 3, space)
     pbt = make_scheduler("pbt", 4, 1, 2, space)
     assert isinstance(pbt, PopulationBasedTraining)
     assert set(pbt._hyperparam_mutations) == {"sgd.lr", "adamw.lr", "weight_decay", "aug_strength"}
@@ -219,7 +224,7 @@ def test_pbt_needs_random_search(project_params):
         validate(SearchParams, raw, prefix="search")
 
 
-@pytest.mark.parametrize("scheduler", ["hyperband", "pbt"])
+@pytest.mark.parametrize("scheduler", ["hyperband", "pbt", "asha_promote"])
 def test_budget_epochs_takes_the_order_independent_scheduler_only(project_params, scheduler):
     from pipelines.params import SearchParams
 
