@@ -112,16 +112,19 @@ def tune_section(name: str, result: dict) -> list[str]:
     ranks, searches, over = result["ranks"], result["searches"], result["overhead_s_per_trial"]
     targets, met = result["targets"], result["targets_met"]
     out = _intro(name, result, result["command"])
+    for added in result.get("added", []):  # a variant run later against this run's FIFO searches
+        out[-1:-1] = [f"Added by `{added['command']}`: {added['note']}. {machine_line(added)}"]
     out += [f"{len(searches)} seed(s) x {result['trials']} random trials of {', '.join(result['families'])} on "
             f"{result['data']} ({result['train_items']:,} train / {result['val_items']:,} val / "
             f"{result['test_items']:,} test items), at most {result['max_epochs']} epochs, "
             f"{result['max_concurrent']} at a time. Per seed, ASHA (grace period {result['grace_period']}, "
             f"reduction factor {result['reduction_factor']}) and FIFO (every trial at full budget) run the same "
-            "trials; ASHA twice when the run has both variants: with Ray Tune's ASHAScheduler (the stopping rule: "
-            "a trial goes on when its score clears the quantile of the scores its rung holds so far) and with "
+            "trials; ASHA once per variant the run has: with Ray Tune's ASHAScheduler (the stopping rule: "
+            "a trial goes on when its score clears the quantile of the scores its rung holds so far), with "
             "promotions as Li et al. 2020 have it (`search.scheduler: asha_promote`: a trial pauses at a rung "
-            "until it ranks in its top 1/reduction factor). Each search's pick is its best trial by validation "
-            "score, scored on the test split no search sees.", ""]
+            "until it ranks in its top 1/reduction factor) and synchronous (`sha`: successive halving, each rung "
+            "decided once every trial holds its score there). Each search's pick is its best trial by "
+            "validation score, scored on the test split no search sees.", ""]
     variants = _asha_variants(searches)
     rows = [[f"Spearman rho, trial score vs final test score ({_counts([len(r['rows']) for r in ranks])} trials a "
              "seed)", "; ".join(f"{_rho(r)} (p {_p(r)}, seed {r['seed']})" for r in ranks),
@@ -158,11 +161,11 @@ def tune_section(name: str, result: dict) -> list[str]:
 
 def _asha_variants(searches: list[dict]) -> list[tuple[str, str, list[dict]]]:
     """(label, its targets_met key, each seed's figures against FIFO) of each ASHA variant the run has: the
-    stopping rule always, promotions when every seed ran them."""
+    stopping rule always, the others when every seed ran them."""
     variants = [("stopping (Ray)", "asha_epochs_ratio", [{**s["asha"], **s} for s in searches])]
-    if searches and all("asha_promote" in s for s in searches):
-        variants.append(("promotions", "asha_promote_epochs_ratio",
-                         [{**s["asha_promote"], "seed": s["seed"]} for s in searches]))
+    for name, label in (("asha_promote", "promotions"), ("sha", "synchronous")):
+        if searches and all(name in s for s in searches):
+            variants.append((label, f"{name}_epochs_ratio", [{**s[name], "seed": s["seed"]} for s in searches]))
     return variants
 
 
@@ -480,7 +483,7 @@ names the choice, this table the figure that led to it.
 | `pipelines/search.py` profiling | latency measured with 1 thread | two threads waiting on each other under load read 10-100x slower |
 | `pipelines/metrics.py` segment confusion | CPU `bincount` | torchmetrics' confusion matrix ~200x slower under deterministic algorithms |
 | `bench/serve.py` | whole benchmark | ~5-6 min |
-| `bench/tune_efficiency.py` | whole benchmark | ~64 min (3 seeds x 24 trials on 8,000 items: ASHA with the stopping rule, ASHA with promotions, full budget) on a 2-core box; ~17 min with `--train 2000 --val 1000 --test 2000` (measured before the promotions arm) |
+| `bench/tune_efficiency.py` | whole benchmark | ~64 min (3 seeds x 24 trials on 8,000 items: ASHA with the stopping rule, ASHA with promotions, full budget) on a 2-core box, ~23 min more for synchronous halving (`--add-variant sha`, run on its own); ~17 min with `--train 2000 --val 1000 --test 2000` (measured before the promotions arm) |
 | `bench/families.py` | whole benchmark | ~21 min (12 families, 10k items x 2 epochs, 1 thread) on a loaded 2-core box |
 """
 

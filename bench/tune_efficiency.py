@@ -1,9 +1,10 @@
 """Tuning efficiency: do early trial scores predict, and what ASHA saves on a realistic search; Ray's overhead.
 
 Per seed, the same random trials (Ray's random search seeded alike, each family first at its defaults)
-run three times with the project's trainable: under Ray Tune's ASHAScheduler (ASHA's stopping rule),
+run four times with the project's trainable: under Ray Tune's ASHAScheduler (ASHA's stopping rule),
 under ASHA with promotions as Li et al. 2020 have it (`search.scheduler: asha_promote`,
-pipelines/tuner.py `PromotingHalving`) and under FIFO, every trial trained for `--epochs`. Each search's
+pipelines/tuner.py `PromotingHalving`), under synchronous successive halving (`sha`, the same class
+deciding each rung once all trials hold a score there) and under FIFO, every trial trained for `--epochs`. Each search's
 pick (its best trial by its last validation score) is scored on a held-out test split the search never
 saw. Reported:
 
@@ -49,7 +50,7 @@ from pipelines.errors import ConvForgeError  # noqa: E402
 
 TARGETS = {"spearman_rho": 0.8, "asha_epochs_ratio": 3.0, "best_test_gap": 0.005, "reuse_overhead_s": 0.2}
 # The ASHA variants a seed runs (search.scheduler names), as the summary labels them.
-VARIANTS = {"asha": "stopping (Ray)", "asha_promote": "promotions"}
+VARIANTS = {"asha": "stopping (Ray)", "asha_promote": "promotions", "sha": "synchronous"}
 CPUS = 2  # the local Ray's; the trials share them --concurrent at a time
 
 
@@ -57,9 +58,7 @@ def asha_variants(search: dict) -> dict[str, dict]:
     """Each ASHA variant one seed's search ran, by name: its figures with its ratio, gap and equal best against
     FIFO (the stopping rule's sit at the search's top level, as the baseline results have them)."""
     found = {"asha": {**search["asha"], **{key: search[key] for key in ("epochs_ratio", "test_gap", "equal_best")}}}
-    if "asha_promote" in search:
-        found["asha_promote"] = search["asha_promote"]
-    return found
+    return {**found, **{name: search[name] for name in VARIANTS if name != "asha" and name in search}}
 
 
 def targets_met(ranks: list[dict], searches: list[dict], reuse_s: float) -> dict[str, bool]:
@@ -231,14 +230,13 @@ def against(asha: dict, full: dict) -> dict:
 
 
 def compare(seed: int, searches: dict[str, tuple[dict, object]], test_of) -> dict:
-    """One seed's searches ("asha", "asha_promote", "full_budget": figures and ResultGrid) scored; each ASHA
+    """One seed's searches (each of `VARIANTS` and "full_budget": figures and ResultGrid) scored; each ASHA
     variant against FIFO (the stopping rule's at the top level, as the baseline results have it)."""
     figures = {name: scored(found, grid, test_of) for name, (found, grid) in searches.items()}
     full = figures["full_budget"]
     out = {"seed": seed, "asha": figures["asha"], "full_budget": full, **against(figures["asha"], full)}
-    if "asha_promote" in figures:
-        out["asha_promote"] = {**figures["asha_promote"], **against(figures["asha_promote"], full)}
-    return out
+    return {**out, **{name: {**figures[name], **against(figures[name], full)}
+                      for name in VARIANTS if name != "asha" and name in figures}}
 
 
 def noop(config: dict) -> None:
@@ -283,6 +281,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--noop-trials", type=int, default=100)
     parser.add_argument("--noop-trials-no-reuse", type=int, default=10)
+    parser.add_argument("--add-variant", choices=[name for name in VARIANTS if name != "asha"], default=None,
+                        help="run only this ASHA variant on each seed of --out (an earlier run with the same settings)"
+                             " and add it there beside that run's searches; FIFO's figures are that run's (training "
+                             "is deterministic on one CPU model; on another the scores may differ slightly, "
+                             "and the run says so)")
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tune_efficiency.json")
     args = parser.parse_args()
@@ -321,7 +324,7 @@ def rank_of(seed: int, rows: list[dict], epochs: int) -> dict:
     return {"seed": seed, "spearman_rho": rho, "p_value": p, "rows": rows, "by_rung": rank_by_rung(rows, epochs)}
 
 
-def print_summary(ranks: list[dict], searches: list[dict], reuse: float, fresh: float, args) -> None:
+def print_summary(ranks: list[dict], searches: list[dict], over: dict) -> None:
     """The run's figures as the terminal shows them at the end."""
     print()
     for rank in ranks:
@@ -338,8 +341,65 @@ def print_summary(ranks: list[dict], searches: list[dict], reuse: float, fresh: 
             print(f"{s['seed']:>6} {VARIANTS[name]:<18}{versus['trial_epochs']:>9}{full['trial_epochs']:>9}"
                   f"{versus['epochs_ratio']:>7.2f}{versus['best_test'] or 0:>11.4f}{full['best_test'] or 0:>11.4f}"
                   f"{'yes' if versus['equal_best'] else 'no':>7}")
-    print(f"Ray Tune overhead, no-op trainable: {reuse:.3f} s/trial with actor reuse ({args.noop_trials} trials), "
-          f"{fresh:.3f} s/trial without ({args.noop_trials_no_reuse} trials)")
+    trials = over["trials"]
+    print(f"Ray Tune overhead, no-op trainable: {over['reuse_actors']:.3f} s/trial with actor reuse "
+          f"({trials['reuse_actors']} trials), {over['no_reuse']:.3f} s/trial without ({trials['no_reuse']} trials)")
+
+
+def settings_of(args, base, families: list[str], train_data, val_data, test_data) -> dict:
+    """What a run's searches depend on, as its JSON records them (a variant is added only to a run alike)."""
+    return {"families": families, "trials": args.samples, "max_epochs": args.epochs,
+            "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+            "max_concurrent": args.concurrent, "precise_bn": base.precise_bn, "train_items": len(train_data),
+            "val_items": len(val_data), "test_items": len(test_data)}
+
+
+def add_variant(args, base, space, points, settings, policy, data: tuple, machine: dict) -> None:
+    """`--add-variant`: the variant's search on each seed of the run in `--out`, scored against that run's FIFO
+    search; the run's JSON gains it per seed, its verdicts recomputed, and a record of this addition."""
+    import json
+
+    from ray import tune
+
+    from pipelines.tuner import PAUSING, TrialData, make_scheduler, train_trial
+
+    name = args.add_variant
+    if not args.out.is_file():
+        raise ConvForgeError(f"--add-variant needs an earlier run's results in {args.out}")
+    result = json.loads(args.out.read_text())
+    data_name, train_data, val_data, test_data = data
+    mine = {"data": data_name, **settings_of(args, base, list(space.families), train_data, val_data, test_data)}
+    differ = [key for key, value in mine.items() if result.get(key) != value]
+    if differ:
+        raise ConvForgeError(f"{args.out} ran other settings ({', '.join(differ)}): rerun it whole")
+    same_cpu = result.get("machine", {}).get("cpu") == machine.get("cpu")
+    if not same_cpu:
+        print(f"warning: {args.out}'s searches ran on {result.get('machine', {}).get('cpu')}, this one on "
+              f"{machine.get('cpu')}: the same trial's scores may differ slightly", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
+        prepared = write_prepared(Path(storage) / "prepared", train_data, val_data)
+        for search in result["searches"]:
+            seed = search["seed"]
+            trainable = tune.with_parameters(train_trial, task="classify", space=space,
+                                             data=TrialData(str(prepared), None, seed), base=base, settings=settings,
+                                             policy=policy)
+            scheduler = make_scheduler(name, args.epochs, args.grace_period, args.reduction_factor, space,
+                                       num_samples=args.samples)
+            found, grid = run_search(f"{name}-{seed}", scheduler, trainable, space, points, args, storage, seed,
+                                     0 if name in PAUSING else args.concurrent)
+            test_of = functools.partial(test_score, space=space, train=train_data, test=test_data, seed=seed,
+                                        settings=settings)
+            figures = scored(found, grid, test_of)
+            search[name] = {**figures, **against(figures, search["full_budget"])}
+            print(f"seed {seed} ASHA, {VARIANTS[name]}: {found['trial_epochs']} trial-epochs, {found['wall_s']:.0f} s; "
+                  f"pick's test score {figures['best_test']}", flush=True)
+    over = result["overhead_s_per_trial"]
+    print_summary(result["ranks"], result["searches"], over)
+    result["targets_met"] = targets_met(result["ranks"], result["searches"], over["reuse_actors"])
+    result.setdefault("added", []).append({"variant": name, "command": command_line(sys.argv[1:]),
+                                           "note": args.note, "machine": machine, "same_cpu": same_cpu})
+    runtime.write_json(args.out, result)
+    print(f"added {name} to {args.out}")
 
 
 def main() -> None:
@@ -353,7 +413,7 @@ def main() -> None:
     from pipelines.engine import EngineSettings
     from pipelines.params import load_params
     from pipelines.search_space import SearchSpace
-    from pipelines.tuner import TrialData, init_ray, make_scheduler, train_trial, trial_base
+    from pipelines.tuner import PAUSING, TrialData, init_ray, make_scheduler, train_trial, trial_base
 
     torch.set_num_threads(1)  # the driver only scores picks; the trials have the cores
     params = load_params(ROOT / "params.yaml")
@@ -368,6 +428,11 @@ def main() -> None:
     settings = EngineSettings.from_params(params.model_copy(
         update={"train": params.train.model_copy(update={"num_threads": 1})}))
     init_ray(num_cpus=CPUS)
+    if args.add_variant:
+        add_variant(args, base, space, points, settings, params.augment.policy,
+                    (data_name, train_data, val_data, test_data), machine)
+        ray.shutdown()
+        return
     print(f"data: {data_name}, {len(train_data)} train / {len(val_data)} val / {len(test_data)} test; "
           f"{args.seeds} seeds x {args.samples} trials of {families}, <= {args.epochs} epochs, ASHA grace "
           f"{args.grace_period} and reduction factor {args.reduction_factor}, {args.concurrent} at a time, "
@@ -384,8 +449,8 @@ def main() -> None:
             for name, label in runs:
                 scheduler = None if name == "full_budget" else make_scheduler(
                     name, args.epochs, args.grace_period, args.reduction_factor, space, num_samples=args.samples)
-                # Paused trials count as running for the searcher: under promotions it draws them all up front.
-                drawn = 0 if name == "asha_promote" else args.concurrent
+                # Paused trials count as running for the searcher: under pausing schedulers it draws them all up front.
+                drawn = 0 if name in PAUSING else args.concurrent
                 found[name] = run_search(f"{name}-{seed}", scheduler, trainable, space, points, args, storage, seed,
                                          drawn)
                 print(f"seed {seed} {label}: {found[name][0]['trial_epochs']} trial-epochs, "
@@ -401,15 +466,13 @@ def main() -> None:
         fresh = overhead(args.noop_trials_no_reuse, False, storage)
     ray.shutdown()
 
-    print_summary(ranks, searches, reuse, fresh, args)
+    over = {"reuse_actors": reuse, "no_reuse": fresh,
+            "trials": {"reuse_actors": args.noop_trials, "no_reuse": args.noop_trials_no_reuse}}
+    print_summary(ranks, searches, over)
     runtime.write_json(args.out, {
-        "command": command_line(sys.argv[1:]),
-        "data": data_name, "train_items": len(train_data), "val_items": len(val_data), "test_items": len(test_data),
-        "families": families, "trials": args.samples, "max_epochs": args.epochs, "grace_period": args.grace_period,
-        "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent, "precise_bn": base.precise_bn,
-        "ranks": ranks, "searches": searches,
-        "overhead_s_per_trial": {"reuse_actors": reuse, "no_reuse": fresh,
-                                 "trials": {"reuse_actors": args.noop_trials, "no_reuse": args.noop_trials_no_reuse}},
+        "command": command_line(sys.argv[1:]), "data": data_name,
+        **settings_of(args, base, families, train_data, val_data, test_data),
+        "ranks": ranks, "searches": searches, "overhead_s_per_trial": over,
         "targets": TARGETS, "targets_met": targets_met(ranks, searches, reuse), "note": args.note,
         "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
     })

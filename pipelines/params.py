@@ -170,7 +170,7 @@ class SearchParams(Section):
     # epochs: trial budgets in epochs and items, every decision independent of finishing order (time_budget_s
     # is a guard); time: time_budget_s is the budget, trials promoted and drawn as they finish (asynchronous)
     budget: Literal["epochs", "time"]
-    scheduler: Literal["asha", "asha_promote", "hyperband", "pbt"]
+    scheduler: Literal["asha", "asha_promote", "sha", "hyperband", "pbt"]
     algorithm: Literal["optuna", "random"]
     reduction_factor: Annotated[int, Field(ge=2)]
     # auto: the machine shared by max_concurrent trials (pipelines/runtime.py `trial_resources`)
@@ -191,9 +191,10 @@ class SearchParams(Section):
     def _scheduler_fits(self) -> "SearchParams":
         if self.scheduler == "pbt" and self.algorithm != "random":
             raise ValueError("scheduler pbt mutates trials itself: set search.algorithm to random")
-        if self.budget == "epochs" and self.scheduler != "asha":
+        if self.budget == "epochs" and self.scheduler not in ("asha", "sha"):
             raise ValueError(f"scheduler {self.scheduler} decides by which trial finishes first: with budget epochs "
-                             "use asha (halving in trial order), or set search.budget to time")
+                             "use asha (halving in trial order) or sha (synchronous halving), or set search.budget "
+                             "to time")
         return self
 
     def task(self, task: str) -> TaskSearchParams:

@@ -95,10 +95,13 @@ def prepare_search(params: Params, task: str, data_root: Path, storage: str | No
     key = search_key(params, task, space, data_hash, pretrained)
     storage = storage or params.search.storage or str(Path("ray_results").resolve())
     data = TrialData(str(data_root.resolve()), budget.train_subset, params.seed, data_geometry(train), pretrained)
-    in_order = params.search.budget == "epochs"
+    search = params.search
+    # budget epochs: trials drawn in order, each from the trials `window` or more places before it; sha decides
+    # each rung on all of them, so it draws every trial up front
+    window = None if search.budget != "epochs" else budget.num_samples if search.scheduler == "sha" else (
+        search.max_concurrent)
     experiment = Experiment(task, PRIMARY[task], space, budget, trial_config(params, task), train, val, storage,
-                            f"search-{task}-{key}", data, params.search.max_concurrent if in_order else None,
-                            params.search.reduction_factor)
+                            f"search-{task}-{key}", data, window, search.reduction_factor, search.scheduler)
     return experiment, data_hash, key
 
 

@@ -8,11 +8,13 @@ With `search.budget: epochs` no decision depends on which trial finishes first: 
 once the trials `max_concurrent` or more places before it have finished (`InOrder`), it is drawn from
 their results alone by an Optuna sampler seeded by (seed, k) (`PerTrialSeed`; the trials in between
 count as running, Optuna's constant liar), and it is halved against them alone (`OrderedHalving`, ASHA's
-rule at ASHA's rungs). Ray's own pieces decide by timing here: ASHA compares a trial with whichever
-trials reached the rung before it; HyperBand halves a bracket when the trials it holds so far reach the
-milestone, which with fewer concurrent trials than a bracket holds is a matter of timing; a batching
-ConcurrencyLimiter is order-independent but stops all but one idle actor at each batch's end (Tune caches
-one), so every batch starts its trials in new worker processes.
+rule at ASHA's rungs). Or, with `scheduler: sha`, every trial is drawn up front by its own seeded sampler
+and each rung is decided once all of them hold their score there (`PromotingHalving`, synchronous).
+Ray's own pieces decide by timing here: ASHA compares a trial with whichever trials reached the rung
+before it; HyperBand halves a bracket when the trials it holds so far reach the milestone, which with
+fewer concurrent trials than a bracket holds is a matter of timing; a batching ConcurrencyLimiter is
+order-independent but stops all but one idle actor at each batch's end (Tune caches one), so every batch
+starts its trials in new worker processes.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from pipelines.recipe import run_config, run_model
 from pipelines.search_space import SearchSpace, TrialChoice
 
 MODE = "max"
+# Schedulers that pause trials at a rung and resume them from their checkpoints (PromotingHalving).
+PAUSING = ("asha_promote", "sha")
 
 # Read by the Tune driver. Every epoch's checkpoint forces an experiment snapshot (num_to_keep is set),
 # which is what resuming needs: Ray's warning that snapshots are frequent is noise for short epochs.
@@ -102,6 +106,7 @@ class Experiment:
     # before it have finished; None: as trials finish
     window: int | None = None
     reduction_factor: int = 2
+    scheduler: str = "asha"  # search.scheduler
 
     @property
     def path(self) -> str:
@@ -159,15 +164,20 @@ class OrderedHalving(FIFOScheduler):
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
 
-def promotable(histories: dict[str, list[float]], epoch: int, reduction_factor: int, waiting: set[str]) -> list[str]:
-    """ASHA's promotions at one rung (Li et al. 2020, Algorithm 2): the trials in the top
-    floor(n / reduction_factor) of the n scores the rung holds that are `waiting` there, best first.
-
-    `histories` maps each trial, in the order drawn (it breaks ties), to its score after every epoch; a trial
-    holds the rung's score once it has trained `epoch` epochs, and waits there while it has trained no more."""
+def rung_top(histories: dict[str, list[float]], epoch: int, reduction_factor: int, keep_one: bool = False) -> list[str]:
+    """The top floor(n / reduction_factor) of the n scores rung `epoch` holds (at least one with `keep_one`),
+    best first. `histories` maps each trial, in the order drawn (it breaks ties), to its score after every
+    epoch; a trial holds the rung's score once it has trained `epoch` epochs. A NaN score ranks last."""
     rung = {trial: history[epoch - 1] for trial, history in histories.items() if len(history) >= epoch}
     ranked = sorted(rung, key=lambda trial: -rung[trial] if math.isfinite(rung[trial]) else math.inf)
-    return [trial for trial in ranked[:len(rung) // reduction_factor]
+    return ranked[:max(len(rung) // reduction_factor, 1 if keep_one else 0)]
+
+
+def promotable(histories: dict[str, list[float]], epoch: int, reduction_factor: int, waiting: set[str],
+               keep_one: bool = False) -> list[str]:
+    """ASHA's promotions at one rung (Li et al. 2020, Algorithm 2): the trials of `rung_top` that are
+    `waiting` there (have trained no more than `epoch` epochs), best first."""
+    return [trial for trial in rung_top(histories, epoch, reduction_factor, keep_one)
             if trial in waiting and len(histories[trial]) == epoch]
 
 
@@ -183,15 +193,36 @@ class PromotingHalving(FIFOScheduler):
     trial-epochs for the same best (bench/tune_efficiency.py). Trials need checkpoints (they keep one per
     epoch) and decisions depend on which trial reaches a rung first, as with Ray's ASHA. Stateless: the rung
     scores come from the trials' last reports.
+
+    `synchronous`: successive halving (Li et al. 2020, Algorithm 1). A rung is decided once every trial is
+    drawn and each one still live has its score there (or was left out at a lower rung): its top
+    1/reduction_factor (at least one) go on and the rest stop. No promotion rests on a partial rung, and no
+    decision depends on which trial reaches a rung first.
     """
 
-    def __init__(self, rung_epochs: list[int], reduction_factor: int, num_samples: int):
+    def __init__(self, rung_epochs: list[int], reduction_factor: int, num_samples: int, synchronous: bool = False):
         super().__init__()
         self.rung_epochs, self.reduction_factor, self.num_samples = rung_epochs, reduction_factor, num_samples
+        self.synchronous = synchronous
 
     @staticmethod
     def histories(trials: list[Trial]) -> dict[str, list[float]]:
         return {trial.trial_id: (trial.last_result or {}).get(SCORES, []) for trial in trials}
+
+    def decided(self, histories: dict[str, list[float]], live: set[str], epoch: int) -> bool:
+        """Whether rung `epoch` takes its decisions now: asynchronous, always; synchronous, once every trial is
+        drawn and each `live` one holds its score there or was left out at a lower, decided rung."""
+        if not self.synchronous:
+            return True
+        if len(histories) < self.num_samples:
+            return False
+        return all(len(histories[trial]) >= epoch or self.left_out(histories, live, trial) for trial in live)
+
+    def left_out(self, histories: dict[str, list[float]], live: set[str], trial: str) -> bool:
+        """Whether `trial` waits at a decided rung below its top (synchronous)."""
+        epoch = len(histories[trial])
+        return (epoch in self.rung_epochs and self.decided(histories, live, epoch)
+                and trial not in rung_top(histories, epoch, self.reduction_factor, keep_one=True))
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
         scores = result.get(SCORES, [])
@@ -199,39 +230,59 @@ class PromotingHalving(FIFOScheduler):
             return TrialScheduler.CONTINUE
         trials = tune_controller.get_trials()
         histories = {**self.histories(trials), trial.trial_id: scores}
-        waiting = {other.trial_id for other in trials if other.status == Trial.PAUSED} | {trial.trial_id}
-        due = promotable(histories, len(scores), self.reduction_factor, waiting)
-        return TrialScheduler.CONTINUE if trial.trial_id in due else TrialScheduler.PAUSE
+        if not self.decided(histories, live_ids(trials) | {trial.trial_id}, len(scores)):
+            return TrialScheduler.PAUSE
+        waiting = set(self.waiting(trials, histories)) | {trial.trial_id}
+        due = promotable(histories, len(scores), self.reduction_factor, waiting, keep_one=self.synchronous)
+        if trial.trial_id in due:
+            return TrialScheduler.CONTINUE
+        return TrialScheduler.STOP if self.synchronous else TrialScheduler.PAUSE
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
-        paused = {trial.trial_id: trial for trial in trials if trial.status == Trial.PAUSED}
-        histories = self.histories(trials)
+        histories, live = self.histories(trials), live_ids(trials)
+        paused = self.waiting(trials, histories)
+        if self.synchronous:  # the left out of a decided rung stop
+            for trial_id in [t for t in paused if self.left_out(histories, live, t)]:
+                tune_controller.stop_trial(paused.pop(trial_id))
         for epoch in reversed(self.rung_epochs):
-            due = promotable(histories, epoch, self.reduction_factor, set(paused))
-            if due:
-                return paused[due[0]]
+            if self.decided(histories, live, epoch):
+                due = promotable(histories, epoch, self.reduction_factor, set(paused), keep_one=self.synchronous)
+                if due:
+                    return paused[due[0]]
         for trial in trials:
-            if trial.status == Trial.PENDING:
+            if trial.status == Trial.PENDING and trial.trial_id not in paused:
                 return trial
-        if len(trials) >= self.num_samples and all(t.status in (Trial.PAUSED, Trial.TERMINATED, Trial.ERROR)
+        if len(trials) >= self.num_samples and all(t.trial_id in paused or t.status in (Trial.TERMINATED, Trial.ERROR)
                                                    for t in trials):
             for trial in paused.values():  # the search's end: no promotion is left to come
                 tune_controller.stop_trial(trial)
         return None
 
+    def waiting(self, trials: list[Trial], histories: dict[str, list[float]]) -> dict[str, Trial]:
+        """The trials that wait at a rung: paused there, or pending with their last score there (a restored
+        search requeues its paused trials as pending, with their checkpoints)."""
+        return {trial.trial_id: trial for trial in trials if trial.status == Trial.PAUSED or (
+            trial.status == Trial.PENDING and len(histories[trial.trial_id]) in self.rung_epochs)}
+
+
+def live_ids(trials: list[Trial]) -> set[str]:
+    """The trials that may still train: pending, running or paused."""
+    return {trial.trial_id for trial in trials if trial.status in (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)}
+
 
 def make_scheduler(kind: str, max_epochs: int, grace_period: int, reduction_factor: int,
                    space: SearchSpace, window: int | None = None, num_samples: int | None = None) -> TrialScheduler:
     """ASHA (Li et al. 2020; in trial order with a `window`, see `OrderedHalving`; with promotions as the paper
-    has it, `PromotingHalving`, which needs the search's `num_samples`), HyperBand (Li et al. 2018) or PBT
-    (Jaderberg et al. 2017), stepping per epoch."""
+    has it, `PromotingHalving`), synchronous successive halving (sha, `PromotingHalving` too; both need the
+    search's `num_samples`), HyperBand (Li et al. 2018) or PBT (Jaderberg et al. 2017), stepping per epoch."""
     if kind == "asha" and window:
         return OrderedHalving(rungs(max_epochs, grace_period, reduction_factor), reduction_factor, window)
-    if kind == "asha_promote":
+    if kind in ("asha_promote", "sha"):
         if not num_samples:
-            raise ConvForgeError("scheduler asha_promote needs the search's num_samples")
-        return PromotingHalving(rungs(max_epochs, grace_period, reduction_factor), reduction_factor, num_samples)
+            raise ConvForgeError(f"scheduler {kind} needs the search's num_samples")
+        return PromotingHalving(rungs(max_epochs, grace_period, reduction_factor), reduction_factor, num_samples,
+                                synchronous=kind == "sha")
     if kind == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
                              grace_period=min(grace_period, max_epochs), reduction_factor=reduction_factor)
@@ -241,7 +292,7 @@ def make_scheduler(kind: str, max_epochs: int, grace_period: int, reduction_fact
     if kind == "pbt":
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
                                        hyperparam_mutations=space.mutations())
-    raise ConvForgeError(f"search.scheduler: expected one of asha, asha_promote, hyperband, pbt, got {kind!r}")
+    raise ConvForgeError(f"search.scheduler: expected one of asha, asha_promote, sha, hyperband, pbt, got {kind!r}")
 
 
 def tpe_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:
@@ -424,9 +475,9 @@ def make_tuner(trainable: Any, experiment: Experiment, search: SearchParams, see
         return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     space, budget, in_order = experiment.space, experiment.budget, experiment.window is not None
     points = space.points(experiment.base)[:budget.num_samples]
-    # A searcher counts paused trials as running: under asha_promote it draws every trial up front (TPE then
-    # models none of them), while the trials' resources still run max_concurrent at a time.
-    drawn = budget.num_samples if search.scheduler == "asha_promote" else search.max_concurrent
+    # A searcher counts paused trials as running: under asha_promote and sha it draws every trial up front (TPE
+    # then models none of them), while the trials' resources still run max_concurrent at a time.
+    drawn = budget.num_samples if search.scheduler in PAUSING else search.max_concurrent
     tune_config = tune.TuneConfig(
         metric=experiment.metric, mode=MODE,
         search_alg=make_search_alg(search.algorithm, space, experiment.metric, points, drawn, seed, in_order),
@@ -491,9 +542,9 @@ class TrialRecord:
     error: str | None
 
 
-def trial_status(trial: Trial, experiment: Experiment, earlier: list[list[float]]) -> str:
+def trial_status(trial: Trial, experiment: Experiment, trials: list[Trial]) -> str:
     """completed, error, stopped (halved; budget time: or out of time) or timed_out (budget epochs: the guard
-    stopped it where halving would not have)."""
+    stopped it where halving would not have). `trials`: the experiment's, in the order drawn."""
     last = trial.last_result or {}
     epochs, budget = int(last.get("epoch", 0) or 0), experiment.budget
     if trial.status == Trial.ERROR:
@@ -503,7 +554,13 @@ def trial_status(trial: Trial, experiment: Experiment, earlier: list[list[float]
     if experiment.window is None:
         return "stopped"
     rung_epochs = rungs(budget.max_epochs, budget.grace_period, experiment.reduction_factor)
-    halved = halving_stops(last.get(SCORES, []), earlier, rung_epochs, experiment.reduction_factor)
+    histories = PromotingHalving.histories(trials)
+    if experiment.scheduler == "sha":  # left out of its rung's top
+        halved = epochs in rung_epochs and trial.trial_id not in rung_top(histories, epochs,
+                                                                          experiment.reduction_factor, keep_one=True)
+    else:  # below the quantile of the trials `window` or more places before it
+        earlier = [histories[t.trial_id] for t in trials if trial_index(t) <= trial_index(trial) - experiment.window]
+        halved = halving_stops(last.get(SCORES, []), earlier, rung_epochs, experiment.reduction_factor)
     return "stopped" if halved else "timed_out"
 
 
@@ -516,9 +573,7 @@ def trial_records(experiment: Experiment) -> list[TrialRecord]:
     for trial in trials:
         chosen = experiment.space.choice(trial.config)
         last = trial.last_result or {}
-        earlier = [(t.last_result or {}).get(SCORES, []) for t in trials
-                   if trial_index(t) <= trial_index(trial) - (experiment.window or 0)]
-        status = trial_status(trial, experiment, earlier)
+        status = trial_status(trial, experiment, trials)
         score = last.get(metric)
         usable = isinstance(score, (int, float)) and math.isfinite(score)
         records.append(TrialRecord(trial.trial_id, trial_index(trial), chosen.family, chosen.hparams, chosen.train,

@@ -40,6 +40,9 @@ def test_each_asha_variant_is_judged_on_its_own():
     one_seed_short = [{**stopping, "asha_promote": promoting}, {**stopping, "asha_promote": search(3.5, False)}]
     assert not bench.targets_met(seeds(0.9), one_seed_short, 0.1)["asha_promote_epochs_ratio"]
     assert not bench.targets_met(seeds(0.9), [stopping], 0.1)["asha_promote_epochs_ratio"]  # a run without it
+    both = bench.targets_met(seeds(0.9), [{**stopping, "asha_promote": search(2.6, True), "sha": search(4.1, True)}],
+                             0.1)
+    assert both["sha_epochs_ratio"] and not both["asha_promote_epochs_ratio"]
 
 
 def test_an_asha_search_against_fifo():

@@ -156,33 +156,55 @@ def test_failing_trial_is_retried_reported_and_the_search_goes_on(ray_cluster, p
     assert "no_such_hparam" in failed[0].data.tags["convforge.error"]
 
 
+def halving_search(project_params: Params, mlflow_store: str, prepared: Path, tmp_path: Path,
+                   **search: object) -> tuple[dict, list[dict], dict[str, list]]:
+    """The stage's search of 6 trials of <= 3 epochs, reduction factor 3, with the `search` settings given:
+    best.json, its trials, and each trial's val_accuracy history in MLflow."""
+    from mlflow import MlflowClient
+
+    from pipelines.search import run_search
+
+    raw = tiny_params(project_params, mlflow_store, num_samples=6, max_epochs=3).model_dump()
+    raw["search"].update(reduction_factor=3, **search)
+    out = tmp_path / "out"
+    best = run_search(validate(Params, raw), "classify", prepared, out, storage=str(tmp_path / "ray"))
+    trials = json.loads((out / "families.json").read_text())["trials"]
+    client = MlflowClient(mlflow_store)
+    children = {c.data.tags["convforge.trial_id"]: c for c in children_of(client, best["mlflow_parent_run_id"])}
+    histories = {t["trial_id"]: client.get_metric_history(children[t["trial_id"]].info.run_id, "val_accuracy")
+                 for t in trials}
+    return best, trials, histories
+
+
 def test_search_with_promotions_resumes_the_top_trials_and_tracks_each_epoch_once(ray_cluster, project_params,
                                                                                  prepared_classify, tmp_path,
                                                                                  mlflow_store):
     """scheduler asha_promote (budget time): 6 trials pause after epoch 1, the top 2 resume from their checkpoints
     for epochs 2-3 (on either node), the other 4 stop; each trial's MLflow run holds every epoch it trained once."""
-    from mlflow import MlflowClient
-
-    from pipelines.search import run_search
-
-    params = tiny_params(project_params, mlflow_store, num_samples=6, max_epochs=3)
-    raw = params.model_dump()
-    raw["search"].update(budget="time", scheduler="asha_promote", reduction_factor=3)
-    params = validate(Params, raw)
-    out = tmp_path / "out"
-    best = run_search(params, "classify", prepared_classify, out, storage=str(tmp_path / "ray"))
-
-    trials = json.loads((out / "families.json").read_text())["trials"]
+    best, trials, histories = halving_search(project_params, mlflow_store, prepared_classify, tmp_path,
+                                             budget="time", scheduler="asha_promote")
     assert sorted((t["status"], t["epochs"]) for t in trials) == [("completed", 3)] * 2 + [("stopped", 1)] * 4
     firsts = sorted((t["score"] for t in trials if t["status"] == "stopped"), reverse=True)
-    client = MlflowClient(mlflow_store)
-    children = {c.data.tags["convforge.trial_id"]: c for c in children_of(client, best["mlflow_parent_run_id"])}
     for trial in trials:
-        history = client.get_metric_history(children[trial["trial_id"]].info.run_id, "val_accuracy")
+        history = histories[trial["trial_id"]]
         assert [m.step for m in history] == list(range(1, trial["epochs"] + 1))  # resumed: no epoch twice
         if trial["status"] == "completed":  # promoted: its first epoch ranked above every stopped trial's
             assert history[0].value >= firsts[0]
     assert best["trial_id"] in {t["trial_id"] for t in trials if t["status"] == "completed"}
+
+
+def test_synchronous_halving_under_budget_epochs_keeps_the_top_of_the_whole_rung(ray_cluster, project_params,
+                                                                                 prepared_classify, tmp_path,
+                                                                                 mlflow_store):
+    """scheduler sha (budget epochs): all 6 trials are drawn up front and pause after epoch 1; once all hold a
+    score, the top 2 resume for epochs 2-3 and the other 4 stop as halved, so the search is reproducible."""
+    best, trials, histories = halving_search(project_params, mlflow_store, prepared_classify, tmp_path,
+                                             budget="epochs", scheduler="sha")
+    assert sorted((t["status"], t["epochs"]) for t in trials) == [("completed", 3)] * 2 + [("stopped", 1)] * 4
+    assert best["reproducible"] and best["trial_id"] in {t["trial_id"] for t in trials if t["status"] == "completed"}
+    firsts = {trial_id: history[0].value for trial_id, history in histories.items()}  # in the order drawn
+    kept = sorted(firsts, key=lambda trial: -firsts[trial])[:2]  # the top third of all six first epochs
+    assert {t["trial_id"] for t in trials if t["status"] == "completed"} == set(kept)
 
 
 def order_marker(data_root: str, family: str) -> Path:

@@ -189,9 +189,12 @@ def test_scheduler_factory(space):
     assert isinstance(make_scheduler("hyperband", 9, 1, 3, space), HyperBandScheduler)
     promoting = make_scheduler("asha_promote", 9, 1, 3, space, num_samples=24)  # ASHA with promotions
     assert isinstance(promoting, PromotingHalving) and promoting.rung_epochs == [1, 3]
-    assert promoting.num_samples == 24
-    with pytest.raises(ConvForgeError, match="num_samples"):  # it stops the paused trials once all are drawn
-        make_scheduler("asha_promote", 9, 1, 3, space)
+    assert promoting.num_samples == 24 and not promoting.synchronous
+    synchronous = make_scheduler("sha", 9, 1, 3, space, num_samples=24)  # successive halving, rung by rung
+    assert isinstance(synchronous, PromotingHalving) and synchronous.synchronous and synchronous.rung_epochs == [1, 3]
+    for kind in ("asha_promote", "sha"):  # they stop the paused trials once all are drawn
+        with pytest.raises(ConvForgeError, match="num_samples"):
+            make_scheduler(kind, 9, 1, 3, space)
     pbt = make_scheduler("pbt", 4, 1, 2, space)
     assert isinstance(pbt, PopulationBasedTraining)
     assert set(pbt._hyperparam_mutations) == {"sgd.lr", "adamw.lr", "weight_decay", "aug_strength"}
@@ -233,6 +236,8 @@ def test_budget_epochs_takes_the_order_independent_scheduler_only(project_params
     with pytest.raises(ConvForgeError, match="decides by which trial finishes first"):
         validate(SearchParams, raw, prefix="search")
     assert validate(SearchParams, {**raw, "budget": "time"}).scheduler == scheduler
+    # synchronous halving decides each rung on all its trials: no finishing order to depend on
+    assert validate(SearchParams, {**raw, "scheduler": "sha"}).scheduler == "sha"
 
 
 def test_pareto_front_and_winner_under_latency():
