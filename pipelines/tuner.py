@@ -241,21 +241,21 @@ class PromotingHalving(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
         histories, live = self.histories(trials), live_ids(trials)
-        paused = self.waiting(trials, histories)
-        if self.synchronous:  # the left out of a decided rung stop
-            for trial_id in [t for t in paused if self.left_out(histories, live, t)]:
-                tune_controller.stop_trial(paused.pop(trial_id))
+        waiting = self.waiting(trials, histories)
+        if self.synchronous:  # trials left out at a decided rung stop
+            for trial_id in [t for t in waiting if self.left_out(histories, live, t)]:
+                tune_controller.stop_trial(waiting.pop(trial_id))
         for epoch in reversed(self.rung_epochs):
             if self.decided(histories, live, epoch):
-                due = promotable(histories, epoch, self.reduction_factor, set(paused), keep_one=self.synchronous)
+                due = promotable(histories, epoch, self.reduction_factor, set(waiting), keep_one=self.synchronous)
                 if due:
-                    return paused[due[0]]
+                    return waiting[due[0]]
         for trial in trials:
-            if trial.status == Trial.PENDING and trial.trial_id not in paused:
+            if trial.status == Trial.PENDING and trial.trial_id not in waiting:
                 return trial
-        if len(trials) >= self.num_samples and all(t.trial_id in paused or t.status in (Trial.TERMINATED, Trial.ERROR)
+        if len(trials) >= self.num_samples and all(t.trial_id in waiting or t.status in (Trial.TERMINATED, Trial.ERROR)
                                                    for t in trials):
-            for trial in paused.values():  # the search's end: no promotion is left to come
+            for trial in waiting.values():  # the search's end: no promotion is left to come
                 tune_controller.stop_trial(trial)
         return None
 
