@@ -261,7 +261,8 @@ class PromotingHalving(FIFOScheduler):
 
     def waiting(self, trials: list[Trial], histories: dict[str, list[float]]) -> dict[str, Trial]:
         """The trials that wait at a rung: paused there, or pending with their last score there (a restored
-        search requeues its paused trials as pending, with their checkpoints)."""
+        search requeues its paused trials as pending, with their checkpoints). Not watertight: Tune also starts
+        pending trials by itself when actors are free, so a restored waiting trial can still train on."""
         return {trial.trial_id: trial for trial in trials if trial.status == Trial.PAUSED or (
             trial.status == Trial.PENDING and len(histories[trial.trial_id]) in self.rung_epochs)}
 
