@@ -60,17 +60,22 @@ def epochs_trained(grid: Any, qualities: list[float]) -> dict[float, int]:
     return {round(r.config["quality"], 1): r.metrics["epoch"] for r in grid}
 
 
-def test_the_top_of_each_rung_is_promoted_and_the_rest_stop(tmp_path):
+def run_curves(kind: str, qualities: list[float], storage: Path) -> dict[float, int]:
+    """The curves' run under scheduler `kind` on a local Ray of 2 CPUs: each curve's epochs."""
     import ray
 
     from pipelines.tuner import init_ray
 
     init_ray(num_cpus=2)
     try:
-        grid = curves_tuner("asha_promote", QUALITIES, tmp_path).fit()
+        grid = curves_tuner(kind, qualities, storage).fit()
     finally:
         ray.shutdown()
-    epochs = epochs_trained(grid, QUALITIES)
+    return epochs_trained(grid, qualities)
+
+
+def test_the_top_of_each_rung_is_promoted_and_the_rest_stop(tmp_path):
+    epochs = run_curves("asha_promote", QUALITIES, tmp_path)
     # Rung 1 promotes its top 3 of 9 (0.9, 0.8, 0.7), rung 3 its top 1 of those 3; the rest stay where they paused.
     assert epochs == {0.9: 9, 0.8: 3, 0.7: 3, **{q: 1 for q in (0.2, 0.1, 0.4, 0.3, 0.6, 0.5)}}
     assert sum(epochs.values()) == 21  # every trial at full budget: 81
@@ -109,15 +114,6 @@ def test_promotions_are_the_top_of_the_rung_that_wait_there():
 def test_synchronous_halving_decides_each_rung_on_all_its_trials(tmp_path):
     """0.5 leads the first 3 curves at rung 1, where ASHA's promotions would let it on; synchronous halving waits
     for all 9 and keeps their top 3, then the top 1 of those."""
-    import ray
-
-    from pipelines.tuner import init_ray
-
     qualities = [0.5, 0.1, 0.2, 0.9, 0.8, 0.7, 0.4, 0.3, 0.6]  # started in this order, 2 at a time
-    init_ray(num_cpus=2)
-    try:
-        grid = curves_tuner("sha", qualities, tmp_path).fit()
-    finally:
-        ray.shutdown()
-    epochs = epochs_trained(grid, qualities)
+    epochs = run_curves("sha", qualities, tmp_path)
     assert epochs == {0.9: 9, 0.8: 3, 0.7: 3, **{q: 1 for q in (0.5, 0.1, 0.2, 0.4, 0.3, 0.6)}}
