@@ -4,8 +4,8 @@ Per seed, the same random trials (Ray's random search seeded alike, each family 
 run four times with the project's trainable: under Ray Tune's ASHAScheduler (ASHA's stopping rule),
 under ASHA with promotions as Li et al. 2020 have it (`search.scheduler: asha_promote`,
 pipelines/tuner.py `PromotingHalving`), under synchronous successive halving (`sha`, the same class
-deciding each rung once all trials hold a score there) and under FIFO, every trial trained for `--epochs`. Each search's
-pick (its best trial by its last validation score) is scored on a held-out test split the search never
+deciding each rung once all trials hold a score there) and under FIFO, every trial trained for `--epochs`.
+Each search's pick (its best trial by its last validation score) is scored on a held-out test split the search never
 saw. Reported:
 
 - rank correlation: per seed, for its FIFO trials, the "trial score" (validation score at the grace
@@ -346,6 +346,24 @@ def print_summary(ranks: list[dict], searches: list[dict], over: dict) -> None:
           f"({trials['reuse_actors']} trials), {over['no_reuse']:.3f} s/trial without ({trials['no_reuse']} trials)")
 
 
+def seed_search(name: str | None, seed: int, prepared: Path, storage: str, args, base, space, points, settings,
+                policy):
+    """One seed's search under scheduler `name` (None: FIFO, every trial at full budget): figures and ResultGrid."""
+    from ray import tune
+
+    from pipelines.tuner import PAUSING, TrialData, make_scheduler, train_trial
+
+    trainable = tune.with_parameters(train_trial, task="classify", space=space,
+                                     data=TrialData(str(prepared), None, seed), base=base, settings=settings,
+                                     policy=policy)
+    scheduler = name and make_scheduler(name, args.epochs, args.grace_period, args.reduction_factor, space,
+                                        num_samples=args.samples)
+    # Paused trials count as running for the searcher: under pausing schedulers it draws them all up front.
+    drawn = 0 if name in PAUSING else args.concurrent
+    return run_search(f"{name or 'full_budget'}-{seed}", scheduler, trainable, space, points, args, storage, seed,
+                      drawn)
+
+
 def settings_of(args, base, families: list[str], train_data, val_data, test_data) -> dict:
     """What a run's searches depend on, as its JSON records them (a variant is added only to a run alike)."""
     return {"families": families, "trials": args.samples, "max_epochs": args.epochs,
@@ -359,14 +377,13 @@ def add_variant(args, base, space, points, settings, policy, data: tuple, machin
     search; the run's JSON gains it per seed, its verdicts recomputed, and a record of this addition."""
     import json
 
-    from ray import tune
-
-    from pipelines.tuner import PAUSING, TrialData, make_scheduler, train_trial
-
     name = args.add_variant
     if not args.out.is_file():
         raise ConvForgeError(f"--add-variant needs an earlier run's results in {args.out}")
-    result = json.loads(args.out.read_text())
+    try:
+        result = json.loads(args.out.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConvForgeError(f"{args.out} is not a results file: {exc}") from exc
     data_name, train_data, val_data, test_data = data
     mine = {"data": data_name, **settings_of(args, base, list(space.families), train_data, val_data, test_data)}
     differ = [key for key, value in mine.items() if result.get(key) != value]
@@ -380,13 +397,7 @@ def add_variant(args, base, space, points, settings, policy, data: tuple, machin
         prepared = write_prepared(Path(storage) / "prepared", train_data, val_data)
         for search in result["searches"]:
             seed = search["seed"]
-            trainable = tune.with_parameters(train_trial, task="classify", space=space,
-                                             data=TrialData(str(prepared), None, seed), base=base, settings=settings,
-                                             policy=policy)
-            scheduler = make_scheduler(name, args.epochs, args.grace_period, args.reduction_factor, space,
-                                       num_samples=args.samples)
-            found, grid = run_search(f"{name}-{seed}", scheduler, trainable, space, points, args, storage, seed,
-                                     0 if name in PAUSING else args.concurrent)
+            found, grid = seed_search(name, seed, prepared, storage, args, base, space, points, settings, policy)
             test_of = functools.partial(test_score, space=space, train=train_data, test=test_data, seed=seed,
                                         settings=settings)
             figures = scored(found, grid, test_of)
@@ -408,12 +419,11 @@ def main() -> None:
 
     import ray
     import torch
-    from ray import tune
 
     from pipelines.engine import EngineSettings
     from pipelines.params import load_params
     from pipelines.search_space import SearchSpace
-    from pipelines.tuner import PAUSING, TrialData, init_ray, make_scheduler, train_trial, trial_base
+    from pipelines.tuner import init_ray, trial_base
 
     torch.set_num_threads(1)  # the driver only scores picks; the trials have the cores
     params = load_params(ROOT / "params.yaml")
@@ -441,18 +451,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
         prepared = write_prepared(Path(storage) / "prepared", train_data, val_data)
         for seed in range(params.seed, params.seed + args.seeds):
-            trainable = tune.with_parameters(train_trial, task="classify", space=space,
-                                             data=TrialData(str(prepared), None, seed), base=base, settings=settings,
-                                             policy=params.augment.policy)
             found = {}
             runs = [*((name, f"ASHA, {label}") for name, label in VARIANTS.items()), ("full_budget", "FIFO")]
             for name, label in runs:
-                scheduler = None if name == "full_budget" else make_scheduler(
-                    name, args.epochs, args.grace_period, args.reduction_factor, space, num_samples=args.samples)
-                # Paused trials count as running for the searcher: under pausing schedulers it draws them all up front.
-                drawn = 0 if name in PAUSING else args.concurrent
-                found[name] = run_search(f"{name}-{seed}", scheduler, trainable, space, points, args, storage, seed,
-                                         drawn)
+                found[name] = seed_search(None if name == "full_budget" else name, seed, prepared, storage, args,
+                                          base, space, points, settings, params.augment.policy)
                 print(f"seed {seed} {label}: {found[name][0]['trial_epochs']} trial-epochs, "
                       f"{found[name][0]['wall_s']:.0f} s", flush=True)
 
