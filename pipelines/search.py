@@ -38,8 +38,8 @@ from pipelines.tasks import PRIMARY, get_task
 from pipelines.tracking.search_runs import log_search_inputs
 from pipelines.tracking.trial_logger import TrialLogger
 from pipelines.transfer import TORCHVISION, pretrained_source
-from pipelines.tuner import (Experiment, TrialData, TrialRecord, is_saved, run_trials, train_trial, trial_base,
-                             trial_records)
+from pipelines.tuner import (PAUSING, Experiment, TrialData, TrialRecord, is_saved, rungs, run_trials, train_trial,
+                             trial_base, trial_records)
 
 # The search keys that shape the trials; ray_address, storage and max_latency_ms only say where trials
 # run and which finished trial wins, so changing them reuses a finished search.
@@ -155,8 +155,10 @@ def search_trials(params: Params, experiment: Experiment, data_hash: str, key: s
     log_search_inputs(parent_id, search_inputs(params, experiment, data_hash))
     logger = TrialLogger(uri, experiment_id, parent_id, experiment.space, experiment.metric,
                          experiment.budget.max_epochs)
-    progress = SearchProgress(task, experiment.metric, experiment.budget.max_epochs, experiment.budget.num_samples,
-                              log)
+    budget = experiment.budget
+    pausing = experiment.scheduler in PAUSING
+    pauses_at = rungs(budget.max_epochs, budget.grace_period, experiment.reduction_factor) if pausing else []
+    progress = SearchProgress(task, experiment.metric, budget.max_epochs, budget.num_samples, log, pauses_at)
     try:
         run_trials(experiment, params.search, params.seed, trial_settings(params), params.augment.policy,
                    [logger, progress], log, trial)

@@ -19,11 +19,14 @@ ENDED = ("TERMINATED", "ERROR")
 
 class SearchProgress(tune.Callback):
     """Prints `trial <id> <family> epoch e/E <metric> <score> <state>` for each result, and after each trial
-    ends `search <task>: n/N trials done, r running; best ...`. `log` prints a line."""
+    ends `search <task>: n/N trials done, r running; best ...`. `log` prints a line. `rungs`: the epochs where
+    the scheduler pauses a trial until its rung decides (asha_promote, sha); a result there is `at rung`, as the
+    trial may wait or go on."""
 
     def __init__(self, task: str, metric: str, max_epochs: int, num_samples: int,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, rungs: list[int] | None = None) -> None:
         self.task, self.metric, self.max_epochs, self.num_samples, self.log = task, metric, max_epochs, num_samples, log
+        self.rungs = rungs or []
         self.started = time.monotonic()
         self.ended: dict[str, str] = {}
 
@@ -35,7 +38,7 @@ class SearchProgress(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         epoch = int(result.get("epoch") or result.get("training_iteration") or 0)
-        state = "running" if epoch < self.max_epochs else "done"
+        state = "done" if epoch >= self.max_epochs else "at rung" if epoch in self.rungs else "running"
         self.log(f"trial {trial.trial_id} {trial.config.get('family', '?'):<12} epoch {epoch}/{self.max_epochs}  "
                  f"{self.metric} {score_text(result.get(self.metric))}  {state}")
 

@@ -232,7 +232,7 @@ class PromotingHalving(FIFOScheduler):
         histories = {**self.histories(trials), trial.trial_id: scores}
         if not self.decided(histories, live_ids(trials) | {trial.trial_id}, len(scores)):
             return TrialScheduler.PAUSE
-        waiting = set(self.waiting(trials, histories)) | {trial.trial_id}
+        waiting = set(self.waiting(trials)) | {trial.trial_id}
         due = promotable(histories, len(scores), self.reduction_factor, waiting, keep_one=self.synchronous)
         if trial.trial_id in due:
             return TrialScheduler.CONTINUE
@@ -241,7 +241,7 @@ class PromotingHalving(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
         histories, live = self.histories(trials), live_ids(trials)
-        waiting = self.waiting(trials, histories)
+        waiting = self.waiting(trials)
         if self.synchronous:  # trials left out at a decided rung stop
             for trial_id in [t for t in waiting if self.left_out(histories, live, t)]:
                 tune_controller.stop_trial(waiting.pop(trial_id))
@@ -259,12 +259,17 @@ class PromotingHalving(FIFOScheduler):
                 tune_controller.stop_trial(trial)
         return None
 
-    def waiting(self, trials: list[Trial], histories: dict[str, list[float]]) -> dict[str, Trial]:
-        """The trials that wait at a rung: paused there, or pending with their last score there (a restored
-        search requeues its paused trials as pending, with their checkpoints). Not watertight: Tune also starts
-        pending trials by itself when actors are free, so a restored waiting trial can still train on."""
-        return {trial.trial_id: trial for trial in trials if trial.status == Trial.PAUSED or (
-            trial.status == Trial.PENDING and len(histories[trial.trial_id]) in self.rung_epochs)}
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        """A restored search requeues its paused trials as pending, with their checkpoints, and Tune starts
+        pending trials by itself: one whose last score is at a rung goes back to waiting there instead, for
+        this scheduler to promote or stop. (Tune files a trial under its status after this call.)"""
+        if trial.status == Trial.PENDING and len(self.histories([trial])[trial.trial_id]) in self.rung_epochs:
+            trial.set_status(Trial.PAUSED)
+
+    @staticmethod
+    def waiting(trials: list[Trial]) -> dict[str, Trial]:
+        """The trials that wait at a rung (paused there)."""
+        return {trial.trial_id: trial for trial in trials if trial.status == Trial.PAUSED}
 
 
 def live_ids(trials: list[Trial]) -> set[str]:

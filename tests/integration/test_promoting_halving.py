@@ -111,9 +111,41 @@ def test_promotions_are_the_top_of_the_rung_that_wait_there():
     assert promotable({"x": [float("nan")], "y": [0.1], "z": [0.1]}, 1, 2, waiting={"x", "y", "z"}) == ["y"]
 
 
-def test_synchronous_halving_decides_each_rung_on_all_its_trials(tmp_path):
+def test_synchronous_halving_decides_each_rung_on_all_its_trials_across_a_restore(tmp_path):
     """0.5 leads the first 3 curves at rung 1, where ASHA's promotions would let it on; synchronous halving waits
-    for all 9 and keeps their top 3, then the top 1 of those."""
+    for all 9 and keeps their top 3, then the top 1 of those. The run is interrupted once 5 curves have reported
+    and restored: Tune requeues the paused trials as pending, with their checkpoints, and would start them
+    itself; none may train on before its rung is decided."""
+    import os
+    import signal
+
+    import ray
+    from ray import tune
+
+    from pipelines.tuner import init_ray
+
     qualities = [0.5, 0.1, 0.2, 0.9, 0.8, 0.7, 0.4, 0.3, 0.6]  # started in this order, 2 at a time
-    epochs = run_curves("sha", qualities, tmp_path)
-    assert epochs == {0.9: 9, 0.8: 3, 0.7: 3, **{q: 1 for q in (0.5, 0.1, 0.2, 0.4, 0.3, 0.6)}}
+    interrupted = tmp_path / "interrupted"
+
+    class InterruptOnce(tune.Callback):
+        """Stops the run as Ctrl-C would (Tune's SIGUSR1 handler saves the state), at the 5th result, once."""
+
+        def __init__(self):
+            self.results = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.results += 1
+            if self.results == 5 and not interrupted.exists():
+                interrupted.touch()
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    init_ray(num_cpus=2)
+    try:
+        first = curves_tuner("sha", qualities, tmp_path, callbacks=[InterruptOnce()]).fit()
+        assert interrupted.exists() and sum(r.metrics.get("epoch", 0) for r in first if r.metrics) < len(qualities)
+        assert tune.Tuner.can_restore(str(tmp_path / "sha"))
+        grid = tune.Tuner.restore(str(tmp_path / "sha"), trainable=tune.with_resources(curve, {"cpu": 1}),
+                                  resume_unfinished=True).fit()
+    finally:
+        ray.shutdown()
+    assert epochs_trained(grid, qualities) == {0.9: 9, 0.8: 3, 0.7: 3, **{q: 1 for q in (0.5, 0.1, 0.2, 0.4, 0.3, 0.6)}}

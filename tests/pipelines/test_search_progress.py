@@ -32,6 +32,15 @@ def test_one_line_per_result_and_a_progress_line_per_finished_trial():
     assert len(lines) == len(set(lines)) == 4
 
 
+def test_a_result_at_a_rung_of_a_pausing_scheduler_is_at_rung():
+    lines: list[str] = []
+    progress = SearchProgress("classify", "val_accuracy", max_epochs=9, num_samples=9, log=lines.append, rungs=[1, 3])
+    a = trial("a1", "resnet")
+    for epoch in (1, 2, 3, 9):
+        progress.on_trial_result(0, [a], a, {"epoch": epoch, "val_accuracy": 0.5})
+    assert [" ".join(line.split()[7:]) for line in lines] == ["at rung", "running", "at rung", "done"]
+
+
 def test_a_restored_search_keeps_printing():
     progress = SearchProgress("detect", "val_map", 2, 1, log=lambda line: None)
     restored = pickle.loads(pickle.dumps(progress))  # Tune pickles its callbacks with the experiment
