@@ -1,9 +1,9 @@
 """Overload over HTTP: a real server past its peak sheds with 503 + Retry-After, drops nothing, and recovers.
 
 One `python -m services.serve` on 127.0.0.1 (a free port, its own BENTOML_HOME) serves a tiny
-classifier (an untrained LeNet-5 on 16 px: weights do not change the load) with a small
-`serve.max_latency_ms` and a known `serve.max_concurrency` from a params file, so shedding shows
-within a second. The test measures
+classifier (an untrained LeNet-5 on 16 px: weights do not change the load) with a known
+`serve.max_latency_ms` and `serve.max_concurrency` from a params file, so shedding shows within a
+second. The test measures
 the server's own peak (closed loop), then sends requests open-loop (on a schedule, whatever the
 answers) below that rate and at four times it. Every overload answer must be 503 with
 Retry-After: the batching queue over its latency budget and the concurrency cap say the same.
@@ -32,9 +32,10 @@ from tests.fixtures import stop
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-# serve.* here: a small queue budget, so a queue past it sheds at once (yet over the few hundred ms a
-# garbage collection can stall a 2-core box), and a cap the overload passes but a stall below peak does not.
-SERVE = {"max_latency_ms": 400, "max_concurrency": 256}
+# serve.* here: the default queue budget (400 ms shed 2 of 233 requests at half the peak on a slow 2-core box,
+# where a garbage collection or a neighbour process stalls the server that long), which 4x the peak passes
+# within a second, and a cap the overload passes but a stall below peak does not.
+SERVE = {"max_latency_ms": 1000, "max_concurrency": 256}
 BELOW_PEAK = 0.5  # "at or below peak": an open loop at exactly the closed-loop peak never drains its queue
 OVERLOAD = 4.0
 MAX_CONNECTIONS = 512  # the open-loop client's connections (past the cap); requests past them wait client-side
