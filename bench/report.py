@@ -232,9 +232,11 @@ def _items(result: dict) -> str:
 
 
 def _setting(baseline: dict) -> str:
-    """How a baseline run of the tuning bench differs: its training items, and running BatchNorm averages."""
+    """How a baseline run of the tuning bench differs: its training items, running BatchNorm averages, and no
+    learning-rate warm-up (a run that did not record it warmed up for 1 epoch)."""
     setting = f"{baseline['train_items']:,} training items"
-    return setting + (", running averages" if not baseline.get("precise_bn") else "")
+    setting += ", running averages" if not baseline.get("precise_bn") else ""
+    return setting + (", no warm-up" if baseline.get("warmup_epochs") == 0 else "")
 
 
 def _pivot(rows: list[dict], task: str) -> list[str]:
@@ -489,7 +491,8 @@ names the choice, this table the figure that led to it.
 
 
 # A result that is another's baseline (the same bench with one setting changed) shows inside that one's section.
-BASELINES = {"tune_efficiency": ("tune_efficiency_2000_items", "tune_efficiency_running_bn")}
+BASELINES = {"tune_efficiency": ("tune_efficiency_2000_items", "tune_efficiency_running_bn",
+                                  "tune_efficiency_no_warmup")}
 
 
 def load_results(folder: Path = RESULTS) -> dict[str, dict]:

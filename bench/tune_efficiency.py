@@ -17,6 +17,9 @@ saw. Reported:
 
 `--precise-bn 0` runs the same trials validated with training's running BatchNorm averages (the baseline of
 BENCHMARKS.md's rank tables, bench/results/tune_efficiency_running_bn.json).
+`--warmup-epochs 0` runs the same trials without the learning rate's linear warm-up (params.yaml's
+train.classify.warmup_epochs is 1: the first epoch then averages about half the learning rate, and the first
+rung ranks how fast a trial starts at it; bench/results/tune_efficiency_no_warmup.json).
 
 Targets (`TARGETS`): rho >= 0.8 on every seed; ASHA at least 3x fewer trial-epochs with an equal best on every
 seed (each variant judged on its own); at most 0.2 s of overhead per trial with actor reuse.
@@ -52,6 +55,8 @@ TARGETS = {"spearman_rho": 0.8, "asha_epochs_ratio": 3.0, "best_test_gap": 0.005
 # The ASHA variants a seed runs (search.scheduler names), as the summary labels them.
 VARIANTS = {"asha": "stopping (Ray)", "asha_promote": "promotions", "sha": "synchronous"}
 CPUS = 2  # the local Ray's; the trials share them --concurrent at a time
+# Settings a results file written before they were recorded ran with.
+UNRECORDED = {"warmup_epochs": 1}
 
 
 def asha_variants(search: dict) -> dict[str, dict]:
@@ -278,6 +283,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precise-bn", type=int, default=None,
                         help="train.classify.precise_bn of the trials (default: params.yaml's); 0 validates with "
                              "training's running BatchNorm averages")
+    parser.add_argument("--warmup-epochs", type=int, default=None,
+                        help="train.classify.warmup_epochs of the trials (default: params.yaml's)")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--noop-trials", type=int, default=100)
     parser.add_argument("--noop-trials-no-reuse", type=int, default=10)
@@ -296,6 +303,8 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'reduction_factor' else 1}")
     if args.precise_bn is not None and args.precise_bn < 0:
         parser.error("--precise-bn must be at least 0")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        parser.error("--warmup-epochs must be at least 0")
     if args.grace_period > args.epochs:
         parser.error("--grace-period must not exceed --epochs")
     return args
@@ -368,8 +377,14 @@ def settings_of(args, base, families: list[str], train_data, val_data, test_data
     """What a run's searches depend on, as its JSON records them (a variant is added only to a run alike)."""
     return {"families": families, "trials": args.samples, "max_epochs": args.epochs,
             "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-            "max_concurrent": args.concurrent, "precise_bn": base.precise_bn, "train_items": len(train_data),
+            "max_concurrent": args.concurrent, "precise_bn": base.precise_bn,
+            "warmup_epochs": base.warmup_epochs, "train_items": len(train_data),
             "val_items": len(val_data), "test_items": len(test_data)}
+
+
+def differing(result: dict, mine: dict) -> list[str]:
+    """The settings of `mine` that an earlier run's `result` ran otherwise (one it did not record: `UNRECORDED`)."""
+    return [key for key, value in mine.items() if result.get(key, UNRECORDED.get(key)) != value]
 
 
 def add_variant(args, base, space, points, settings, policy, data: tuple, machine: dict) -> None:
@@ -386,7 +401,7 @@ def add_variant(args, base, space, points, settings, policy, data: tuple, machin
         raise ConvForgeError(f"{args.out} is not a results file: {exc}") from exc
     data_name, train_data, val_data, test_data = data
     mine = {"data": data_name, **settings_of(args, base, list(space.families), train_data, val_data, test_data)}
-    differ = [key for key, value in mine.items() if result.get(key) != value]
+    differ = differing(result, mine)
     if differ:
         raise ConvForgeError(f"{args.out} ran other settings ({', '.join(differ)}): rerun it whole")
     same_cpu = result.get("machine", {}).get("cpu") == machine.get("cpu")
@@ -433,6 +448,8 @@ def main() -> None:
     classify = params.train.classify
     if args.precise_bn is not None:
         classify = classify.updated(precise_bn=args.precise_bn)
+    if args.warmup_epochs is not None:
+        classify = classify.updated(warmup_epochs=args.warmup_epochs)
     base = trial_base(classify, args.epochs)
     points = space.points(base)[:args.samples]
     settings = EngineSettings.from_params(params.model_copy(
@@ -446,7 +463,7 @@ def main() -> None:
     print(f"data: {data_name}, {len(train_data)} train / {len(val_data)} val / {len(test_data)} test; "
           f"{args.seeds} seeds x {args.samples} trials of {families}, <= {args.epochs} epochs, ASHA grace "
           f"{args.grace_period} and reduction factor {args.reduction_factor}, {args.concurrent} at a time, "
-          f"precise_bn {base.precise_bn}")
+          f"precise_bn {base.precise_bn}, warmup_epochs {base.warmup_epochs}")
     searches, ranks = [], []
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
         prepared = write_prepared(Path(storage) / "prepared", train_data, val_data)

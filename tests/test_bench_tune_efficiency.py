@@ -66,3 +66,19 @@ def test_the_page_shows_each_seeds_trial_count_when_a_trial_failed():
 
     assert report._counts([24, 24, 24]) == "24"
     assert report._counts([24, 23, 24]) == "24 / 23 / 24"
+
+
+def test_a_run_that_did_not_record_its_warm_up_warmed_up_for_one_epoch():
+    earlier = {"trials": 24, "precise_bn": 1024}  # written before warmup_epochs was recorded
+    assert bench.differing(earlier, {"trials": 24, "precise_bn": 1024, "warmup_epochs": 1}) == []
+    assert bench.differing(earlier, {"trials": 24, "precise_bn": 1024, "warmup_epochs": 0}) == ["warmup_epochs"]
+    assert bench.differing({**earlier, "warmup_epochs": 0}, {"trials": 12, "warmup_epochs": 0}) == ["trials"]
+
+
+def test_a_baseline_names_the_setting_it_changed():
+    from bench import report
+
+    assert report._setting({"train_items": 8000, "precise_bn": 1024, "warmup_epochs": 0}) == \
+        "8,000 training items, no warm-up"
+    assert report._setting({"train_items": 2000, "precise_bn": 0}) == "2,000 training items, running averages"
+    assert report._setting({"train_items": 2000, "precise_bn": 1024}) == "2,000 training items"
