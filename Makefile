@@ -37,9 +37,15 @@ repro: setup
 	if [ -n "$$(dvc remote list)" ]; then dvc repro; else dvc repro 2>&1 | grep --line-buffered -v '^Use .dvc push. to send'; fi
 	$(PY) -m pipelines.stages.report
 
-## test: the whole suite (unit + integration with real MLflow, Ray, BentoML, DVC)
+## test: the whole suite (unit + integration with real MLflow, Ray, BentoML, DVC): a test process per core (at
+## most TEST_WORKERS_MAX), each module's tests in one process (they share its fixtures), then the tests that
+## measure the machine's throughput, alone. Both parts run; either failing fails the target.
+TEST_WORKERS_MAX ?= 4
 test: setup
-	$(PY) -m pytest -q
+	status=0; \
+	$(PY) -m pytest -q -n logical --maxprocesses $(TEST_WORKERS_MAX) --dist loadfile -m 'not slow and not serial' || status=$$?; \
+	$(PY) -m pytest -q -m serial || status=$$?; \
+	exit $$status
 
 ## test-slow: the tests too long for every run (each classify family trained for an epoch on 10k items)
 test-slow: setup

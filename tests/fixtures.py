@@ -27,24 +27,45 @@ FIXTURE_IMAGE_SIZE = 16
 MLFLOW_STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-@pytest.fixture(autouse=True)
-def mlflow_store_left_as_found():
-    """Each test leaves MLflow's store as it found it: pointing MLflow at a store sets process globals and the
-    environment variables subprocesses inherit, and `mlflow.set_registry_uri(None)` leaves its variable set, so a
-    later test would reach a server that is gone."""
-    saved = {name: os.environ.get(name) for name in MLFLOW_STORE_VARIABLES}
-    yield
+def process_state() -> dict:
+    """What a test can change for the tests after it in the same process: MLflow's store (pointing MLflow at a
+    store sets process globals and the environment variables subprocesses inherit, and
+    `mlflow.set_registry_uri(None)` leaves its variable set) and torch's threads and deterministic kernels."""
+    return {"env": {name: os.environ.get(name) for name in MLFLOW_STORE_VARIABLES},
+            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
+
+
+def restore(saved: dict) -> None:
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         while mlflow.active_run():
             mlflow.end_run()
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-    for name, value in saved.items():
+        mlflow.set_tracking_uri(saved["env"]["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["env"]["MLFLOW_REGISTRY_URI"])
+    for name, value in saved["env"].items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    torch.set_num_threads(saved["threads"])
+    torch.use_deterministic_algorithms(saved["deterministic"], warn_only=saved["warn_only"])
+
+
+# Each test, and each module with its module-scoped fixtures (set up after this one, torn down before it), leaves
+# the process as it found it: under `pytest -n`, a worker runs its share of the modules in an order of its own.
+@pytest.fixture(autouse=True, scope="module")
+def each_module_leaves_process_as_found():
+    saved = process_state()
+    yield
+    restore(saved)
+
+
+@pytest.fixture(autouse=True)
+def each_test_leaves_process_as_found():
+    saved = process_state()
+    yield
+    restore(saved)
 
 
 @pytest.fixture(scope="session")

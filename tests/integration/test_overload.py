@@ -29,7 +29,7 @@ import yaml
 
 from tests.fixtures import stop
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parents[2]
 # serve.* here: the default queue budget (400 ms shed 2 of 233 requests at half the peak on a slow 2-core box,
