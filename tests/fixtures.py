@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,48 +25,46 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_IMAGE_SIZE = 16
 
 
-MLFLOW_STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+# Variables a test can set for the tests after it in the same process: MLflow's store (pointing MLflow at a store
+# sets them for subprocesses, and `mlflow.set_registry_uri(None)` leaves its variable set) and Ray's auth mode
+# (`pipelines.runtime.enable_token_auth` sets it; a Ray started later would then want a token).
+PROCESS_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_AUTH_MODE")
 
 
-def process_state() -> dict:
-    """What a test can change for the tests after it in the same process: MLflow's store (pointing MLflow at a
-    store sets process globals and the environment variables subprocesses inherit, and
-    `mlflow.set_registry_uri(None)` leaves its variable set) and torch's threads and deterministic kernels."""
-    return {"env": {name: os.environ.get(name) for name in MLFLOW_STORE_VARIABLES},
-            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
-
-
-def restore(saved: dict) -> None:
+@contextmanager
+def process_left_as_found():
+    """Restores PROCESS_VARIABLES, MLflow's store and active runs, torch's threads and deterministic kernels."""
+    env = {name: os.environ.get(name) for name in PROCESS_VARIABLES}
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         while mlflow.active_run():
             mlflow.end_run()
-        mlflow.set_tracking_uri(saved["env"]["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved["env"]["MLFLOW_REGISTRY_URI"])
-    for name, value in saved["env"].items():
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(env["MLFLOW_REGISTRY_URI"])
+    for name, value in env.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    torch.set_num_threads(saved["threads"])
-    torch.use_deterministic_algorithms(saved["deterministic"], warn_only=saved["warn_only"])
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 # Each test, and each module with its module-scoped fixtures (set up after this one, torn down before it), leaves
 # the process as it found it: under `pytest -n`, a worker runs its share of the modules in an order of its own.
 @pytest.fixture(autouse=True, scope="module")
 def each_module_leaves_process_as_found():
-    saved = process_state()
-    yield
-    restore(saved)
+    with process_left_as_found():
+        yield
 
 
 @pytest.fixture(autouse=True)
 def each_test_leaves_process_as_found():
-    saved = process_state()
-    yield
-    restore(saved)
+    with process_left_as_found():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -45,9 +45,6 @@ def test_storage_folders() -> None:
 def test_token_auth_is_enabled_for_an_explicit_address_with_a_token_at_hand(tmp_path, monkeypatch) -> None:
     token = tmp_path / "token"
     token.write_text("secret")
-    # enable_token_auth writes RAY_AUTH_MODE itself, which monkeypatch would not undo: it writes to a copy here,
-    # or a Ray started later by this process would want a token
-    monkeypatch.setattr(runtime.os, "environ", dict(runtime.os.environ))
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
