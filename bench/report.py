@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("repro_times", "train_throughput", "tune_efficiency", "serve", "owndata", "upload", "pretrain", "transfer",
+ORDER = ("repro_times", "train_throughput", "roi_align", "tune_efficiency", "serve", "owndata", "upload", "pretrain", "transfer",
          "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
     "tune_efficiency": "Tuning efficiency: do trial scores predict final ones; ASHA against every trial at full "
                        "budget; Ray's per-trial overhead",
+    "roi_align": "RoIAlign while training on the CPU: matrix products against torchvision's sampling loop",
     "serve": "Serving: the ConvForge service against bare FastAPI handlers doing the same work",
     "owndata": "Own data at real resolution: memory and input speed",
     "upload": "A 12 MP phone photo on /classify",
@@ -104,6 +105,24 @@ def train_section(name: str, result: dict) -> list[str]:
     walls = ", ".join(f"{r['model']} {_ratio(r['engine_vs_plain_wall'])} vs plain, "
                       f"{_ratio(r['engine_vs_naive_wall'])} vs naive" for r in result["rows"])
     return out + [f"Per wall-clock second: {walls}.", "", f"![img/s per model](bench/results/{name}.png)", ""]
+
+
+def roi_align_section(name: str, result: dict) -> list[str]:
+    """The op per map size (and the path taken there), then a Faster R-CNN training step with each."""
+    detector = result["detector"]
+    out = _intro(name, result, result.get("command", "python bench/roi_align.py"))
+    out += [f"Faster R-CNN (registry defaults) training on {detector['canvas']} px scenes, batch {detector['batch']}, "
+            f"{detector['steps']} steps a pass, best pass; its RoI pools as they are against torchvision's "
+            "MultiScaleRoIAlign:", ""]
+    out += table(["RoIAlign", "img/s", "ratio", "target", "met"],
+                 [["torchvision's op", f"{detector['torchvision_img_per_s']:.1f}", "", "", ""],
+                  ["matrix products (models/_roi_align.py)", f"{detector['separable_img_per_s']:.1f}",
+                   _ratio(detector["speedup"]), f">= {detector['target']}x", detector["met"]]], "lrrll")
+    out += ["The op alone, forward + backward (the pools take torchvision's op where it is faster):", ""]
+    out += table(["map", "channels", "RoIs", "torchvision ms", "matrix products ms", "ratio", "used"],
+                 [[r["map"], r["channels"], r["rois"], f"{r['torchvision_ms']:.1f}", f"{r['separable_ms']:.1f}",
+                   _ratio(r["speedup"]), r["used"]] for r in result["ops"]], "lrrrrrl")
+    return out
 
 
 def tune_section(name: str, result: dict) -> list[str]:
@@ -411,7 +430,7 @@ def _flat(value: object) -> object:
 
 
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
-    "train_throughput": train_section, "tune_efficiency": tune_section, "serve": serve_section,
+    "train_throughput": train_section, "roi_align": roi_align_section, "tune_efficiency": tune_section, "serve": serve_section,
     "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}
 

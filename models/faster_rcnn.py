@@ -12,11 +12,11 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from models._pyramid import (BACKBONE_SPACE, LEVEL_STRIDES, level_strides, pyramid_backbone,
                              with_input_transform)
 from models._registry import Choice, register
+from models._roi_align import SeparableRoIAlign
 
 SPACE = {**BACKBONE_SPACE, "representation": Choice([64, 128, 256]), "proposals": Choice([50, 100, 200])}
 # Two anchor sizes per level (2 and 3 x stride) x three aspect ratios (h / w): 8-48 px boxes at strides 4-16.
@@ -39,7 +39,7 @@ def two_stage_parts(num_classes: int, in_channels: int, image_size: int, backbon
     anchors = AnchorGenerator(tuple(tuple(float(k) * s for k in scales) for s in strides),
                               (tuple(float(r) for r in ratios),) * len(strides))
     names = [str(i) for i in range(len(strides) - 1)]  # RoIs pool from the FPN maps, not the extra one
-    box_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
+    box_pool = SeparableRoIAlign(names, output_size=7, sampling_ratio=2)
     kwargs = dict(
         rpn_anchor_generator=anchors, box_roi_pool=box_pool,
         box_head=TwoMLPHead(fpn_channels * 49, representation),

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import MultiScaleRoIAlign
 
 from models._pyramid import LEVEL_STRIDES, with_input_transform
 from models.faster_rcnn import ANCHOR_SCALES, ASPECT_RATIOS, SPACE, two_stage_parts
 from models._registry import Choice, register
+from models._roi_align import SeparableRoIAlign
 
 
 @register("detect", "mask_rcnn", paper="He et al. 2017, arXiv:1703.06870",
@@ -27,7 +27,7 @@ def mask_rcnn(num_classes: int, in_channels: int, image_size: int, backbone: str
                                    representation, proposals, detections_per_img, geometry)
     names = kwargs["box_roi_pool"].featmap_names
     # The paper's head has four 3x3 convs at 256 channels; two narrower ones keep CPUs fast.
-    model = MaskRCNN(body, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+    model = MaskRCNN(body, mask_roi_pool=SeparableRoIAlign(names, output_size=14, sampling_ratio=2),
                      mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 2, 1),
                      mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1), **kwargs)
     return with_input_transform(model, in_channels, image_size)
