@@ -62,13 +62,14 @@ def machine_line(result: dict) -> str:
     """The machine and date a result records (older results may lack some fields)."""
     machine = result.get("machine") if isinstance(result.get("machine"), dict) else {}
     cpus = machine.get("cpus", result.get("cpus"))
-    parts = [f"{cpus} CPUs" + (f" ({machine['cpu']})" if machine.get("cpu") else "") if cpus else "CPUs not recorded"]
+    parts = [f"{cpus} CPUs" + (f" ({machine['cpu']})" if machine.get("cpu") else "") if cpus
+             else result["machine"] if isinstance(result.get("machine"), str) else "CPUs not recorded"]
     if machine.get("load_avg_at_start"):
         parts.append(f"load average {machine['load_avg_at_start'][0]} at start"
                      + (f", {machine['load_avg_at_end'][0]} at end" if machine.get("load_avg_at_end") else ""))
     parts += [f"torch {machine['torch']}"] if machine.get("torch") else []
     parts += [machine["note"]] if machine.get("note") else []
-    date = machine.get("time") or result.get("time") or "not recorded by this run"
+    date = machine.get("time") or result.get("time") or result.get("date") or "not recorded by this run"
     return f"Machine: {', '.join(parts)}. Date: {date}."
 
 

@@ -12,7 +12,6 @@ of the default run on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe  # noqa: E402
 from pipelines.reporting import replace_readme_table  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "repro_times.json"
@@ -35,13 +35,15 @@ STARTED = re.compile(r"^Running stage '([^']+)'")
 
 def timed_repro(args: list[str]) -> tuple[list[dict], float, int]:
     """Run `dvc repro args`, echoing its output; the seconds of each stage that ran, the total, the exit code."""
-    dvc = shutil.which("dvc", path=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ.get("PATH", ""))
+    # The stages' `python` must be the virtualenv's, as under `make repro`
+    path = str(ROOT / ".venv" / "bin") + os.pathsep + os.environ.get("PATH", "")
+    dvc = shutil.which("dvc", path=path)
     if dvc is None:
         sys.exit("repro_times: no `dvc` in .venv/bin or on PATH: run `make setup` first")
     start = time.perf_counter()
     marks: list[tuple[str, float]] = []
-    with subprocess.Popen([dvc, "repro", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    with subprocess.Popen([dvc, "repro", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1, env={**os.environ, "PATH": path}) as process:
         for line in process.stdout:
             sys.stdout.write(line)
             found = STARTED.match(line)
@@ -69,11 +71,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true", help="write the time table into README.md")
     known, rest = parser.parse_known_args()
+    machine = describe()
     stages, total, code = timed_repro(rest)
     if code != 0:
         sys.exit(code)  # dvc said why; a failed run's times are not a time table
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "python": platform.python_version(),
-              "date": dt.date.today().isoformat(), "command": "dvc repro " + " ".join(rest),
+    result = {"machine": machine, "python": platform.python_version(), "command": "dvc repro " + " ".join(rest),
               "budget_minutes": BUDGET_MIN, "total_seconds": total, "stages": stages}
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
