@@ -75,6 +75,8 @@ def main() -> None:
     stages, total, code = timed_repro(rest)
     if code != 0:
         sys.exit(code)  # dvc said why; a failed run's times are not a time table
+    if not stages:
+        sys.exit("repro_times: no stage ran (all up to date): add --force to time the whole run")
     result = {"machine": machine, "python": platform.python_version(), "command": "dvc repro " + " ".join(rest),
               "budget_minutes": BUDGET_MIN, "total_seconds": total, "stages": stages}
     RESULT.parent.mkdir(parents=True, exist_ok=True)
