@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("repro_times", "train_throughput", "roi_align", "tune_efficiency", "serve", "owndata", "upload", "pretrain", "transfer",
-         "families")
+ORDER = ("repro_times", "train_throughput", "roi_align", "tune_efficiency", "serve", "owndata", "upload", "pretrain",
+         "transfer", "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
     "tune_efficiency": "Tuning efficiency: do trial scores predict final ones; ASHA against every trial at full "
@@ -431,8 +431,8 @@ def _flat(value: object) -> object:
 
 
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
-    "train_throughput": train_section, "roi_align": roi_align_section, "tune_efficiency": tune_section, "serve": serve_section,
-    "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
+    "train_throughput": train_section, "roi_align": roi_align_section, "tune_efficiency": tune_section,
+    "serve": serve_section, "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}
 
 

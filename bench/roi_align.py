@@ -70,8 +70,9 @@ def op_rows(channels: int, repeats: int) -> list[dict]:
                      "torchvision_ms": round(torchvision_s * 1e3, 2), "separable_ms": round(separable_s * 1e3, 2),
                      "speedup": round(torchvision_s / separable_s, 2),
                      "used": "matrix products" if size * size <= MAX_MAP_PIXELS else "torchvision"})
-        print(f"op, {size}x{size} map, {channels} channels, {len(rois)} RoIs: torchvision {torchvision_s * 1e3:.1f} ms, "
-              f"separable {separable_s * 1e3:.1f} ms ({torchvision_s / separable_s:.2f}x)", flush=True)
+        print(f"op, {size}x{size} map, {channels} channels, {len(rois)} RoIs: torchvision "
+              f"{torchvision_s * 1e3:.1f} ms, separable {separable_s * 1e3:.1f} ms ({torchvision_s / separable_s:.2f}x)",
+              flush=True)
     return rows
 
 
