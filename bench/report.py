@@ -60,10 +60,13 @@ def _ratio(value: float | None) -> str:
 
 def machine_line(result: dict) -> str:
     """The machine and date a result records (older results may lack some fields)."""
-    machine = result.get("machine") if isinstance(result.get("machine"), dict) else {}
+    recorded = result.get("machine")
+    machine = recorded if isinstance(recorded, dict) else {}
     cpus = machine.get("cpus", result.get("cpus"))
-    parts = [f"{cpus} CPUs" + (f" ({machine['cpu']})" if machine.get("cpu") else "") if cpus
-             else result["machine"] if isinstance(result.get("machine"), str) else "CPUs not recorded"]
+    if cpus:
+        parts = [f"{cpus} CPUs" + (f" ({machine['cpu']})" if machine.get("cpu") else "")]
+    else:  # older results: a line of text, or nothing
+        parts = [recorded if isinstance(recorded, str) else "CPUs not recorded"]
     if machine.get("load_avg_at_start"):
         parts.append(f"load average {machine['load_avg_at_start'][0]} at start"
                      + (f", {machine['load_avg_at_end'][0]} at end" if machine.get("load_avg_at_end") else ""))

@@ -14,7 +14,6 @@ Writes bench/results/roi_align.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -70,9 +69,8 @@ def op_rows(channels: int, repeats: int) -> list[dict]:
                      "torchvision_ms": round(torchvision_s * 1e3, 2), "separable_ms": round(separable_s * 1e3, 2),
                      "speedup": round(torchvision_s / separable_s, 2),
                      "used": "matrix products" if size * size <= MAX_MAP_PIXELS else "torchvision"})
-        print(f"op, {size}x{size} map, {channels} channels, {len(rois)} RoIs: torchvision "
-              f"{torchvision_s * 1e3:.1f} ms, separable {separable_s * 1e3:.1f} ms ({torchvision_s / separable_s:.2f}x)",
-              flush=True)
+        print(f"op, {size}x{size} map, {channels} channels, {len(rois)} RoIs: torchvision {torchvision_s * 1e3:.1f} "
+              f"ms, separable {separable_s * 1e3:.1f} ms ({torchvision_s / separable_s:.2f}x)", flush=True)
     return rows
 
 
@@ -142,11 +140,8 @@ def main() -> None:
                            "torchvision_img_per_s": round(rates["torchvision"], 1),
                            "separable_img_per_s": round(rates["separable"], 1), "speedup": round(speedup, 2),
                            "target": TARGET, "met": speedup >= TARGET}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"Faster R-CNN training {speedup:.2f}x (target >= {TARGET}x); wrote {args.out.relative_to(ROOT)}")
+    runtime.write_json(args.out, result)
+    print(f"Faster R-CNN training {speedup:.2f}x (target >= {TARGET}x); wrote {args.out}")
 
 
 if __name__ == "__main__":

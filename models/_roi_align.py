@@ -31,12 +31,11 @@ def axis_weights(start: Tensor, length: Tensor, size: int, bins: int, ratio: int
     pos = (start[:, None] + torch.div(steps, ratio, rounding_mode="floor")[None] * bin_size[:, None]
            + (steps % ratio + 0.5)[None] * (bin_size / ratio)[:, None])
     inside = ((pos >= -1.0) & (pos <= size)).to(start.dtype) / ratio
-    pos = pos.clamp(min=0.0)
-    low = pos.floor().long()
-    at_edge = low >= size - 1
-    low = low.clamp(max=size - 1)
-    high = torch.where(at_edge, low, low + 1)
-    frac = torch.where(at_edge, torch.zeros_like(pos), pos - low.to(pos.dtype))
+    pos = pos.clamp(0.0, size - 1)  # at the last pixel both neighbours are that pixel
+    low = pos.floor()
+    frac = pos - low
+    low = low.long()
+    high = (low + 1).clamp(max=size - 1)
     weights = torch.zeros(start.shape[0], bins * ratio, size, dtype=start.dtype, device=start.device)
     weights.scatter_add_(2, low[..., None], ((1 - frac) * inside)[..., None])
     weights.scatter_add_(2, high[..., None], (frac * inside)[..., None])
@@ -59,19 +58,20 @@ def separable_roi_align(features: Tensor, rois: Tensor, output_size: tuple[int, 
         wy = axis_weights(y1, (rois[:, 4] * spatial_scale - y1).clamp(min=1.0), height, out_h, sampling_ratio)
         wx = axis_weights(x1, (rois[:, 3] * spatial_scale - x1).clamp(min=1.0), width, out_w, sampling_ratio)
         # Each image's RoIs side by side (padded to the most any image has): one batched product per axis.
+        # `slot`: a RoI's place among its image's RoIs.
         counts = torch.bincount(image, minlength=n)
         per_image = int(counts.max())
         order = torch.argsort(image, stable=True)
-        slot = torch.arange(k, device=rois.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        image = image[order]
+        first = torch.cumsum(counts, 0) - counts  # each image's first place in `order`
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(k, device=rois.device) - first.repeat_interleave(counts)
         rows = features.new_zeros(n, per_image, out_h, height)
-        rows[image, slot] = wy[order]
+        rows[image, slot] = wy
         cols = features.new_zeros(n, per_image, out_w, width)
-        cols[image, slot] = wx[order]
+        cols[image, slot] = wx
     pooled = torch.matmul(rows.view(n, 1, per_image * out_h, height), features.contiguous())
     pooled = torch.matmul(pooled.view(n, c, per_image, out_h, width), cols.transpose(-1, -2)[:, None])
-    pooled = pooled.permute(0, 2, 1, 3, 4)[image, slot]  # [K, C, out_h, out_w], RoIs in `order`
-    return pooled.new_empty(pooled.shape).index_copy(0, order, pooled)
+    return pooled.permute(0, 2, 1, 3, 4)[image, slot]  # [K, C, out_h, out_w]
 
 
 class SeparableRoIAlign(MultiScaleRoIAlign):
@@ -81,7 +81,7 @@ class SeparableRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         maps = [v for name, v in x.items() if name in self.featmap_names]
         if not (self.training and torch.is_grad_enabled() and self.sampling_ratio > 0 and maps[0].device.type == "cpu"
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting()):
+                and not torch.jit.is_tracing()):
             return super().forward(x, boxes, image_shapes)
         original = [max(shape[i] for shape in image_shapes) for i in (0, 1)]
         scales = [2.0 ** float(torch.tensor(m.shape[-2] / original[0]).log2().round()) for m in maps]
@@ -95,7 +95,7 @@ class SeparableRoIAlign(MultiScaleRoIAlign):
         result = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
         for level, (features, scale) in enumerate(zip(maps, scales)):
             chosen = torch.where(levels == level)[0]
-            result = result.index_copy(0, chosen, self._pool(features, rois[chosen], scale).to(result.dtype))
+            result[chosen] = self._pool(features, rois[chosen], scale).to(result.dtype)
         return result
 
     def _pool(self, features: Tensor, rois: Tensor, scale: float) -> Tensor:

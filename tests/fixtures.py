@@ -37,20 +37,22 @@ def process_left_as_found():
     env = {name: os.environ.get(name) for name in PROCESS_VARIABLES}
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is not None:
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(env["MLFLOW_REGISTRY_URI"])
-    for name, value in env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    try:
+        yield
+    finally:  # also when the body raises
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None:
+            while mlflow.active_run():
+                mlflow.end_run()
+            mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+            mlflow.set_registry_uri(env["MLFLOW_REGISTRY_URI"])
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 # Each test, and each module with its module-scoped fixtures (set up after this one, torn down before it), leaves
