@@ -62,6 +62,7 @@ ui:
 bench:
 	$(PY) bench/train_throughput.py
 	$(PY) bench/roi_align.py
+	$(PY) bench/determinism.py
 	$(PY) bench/tune_efficiency.py
 	$(PY) bench/serve.py
 	$(PY) bench/owndata.py

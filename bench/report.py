@@ -18,13 +18,14 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("repro_times", "train_throughput", "roi_align", "tune_efficiency", "serve", "owndata", "upload", "pretrain",
-         "transfer", "families")
+ORDER = ("repro_times", "train_throughput", "roi_align", "determinism", "tune_efficiency", "serve", "owndata",
+         "upload", "pretrain", "transfer", "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
     "tune_efficiency": "Tuning efficiency: do trial scores predict final ones; ASHA against every trial at full "
                        "budget; Ray's per-trial overhead",
     "roi_align": "RoIAlign while training on the CPU: matrix products against torchvision's sampling loop",
+    "determinism": "Deterministic training on the CPU: its cost, and torch's fill of new tensors left out",
     "serve": "Serving: the ConvForge service against bare FastAPI handlers doing the same work",
     "owndata": "Own data at real resolution: memory and input speed",
     "upload": "A 12 MP phone photo on /classify",
@@ -127,6 +128,21 @@ def roi_align_section(name: str, result: dict) -> list[str]:
                  [[r["map"], r["channels"], r["rois"], f"{r['torchvision_ms']:.1f}", f"{r['separable_ms']:.1f}",
                    _ratio(r["speedup"]), r["used"]] for r in result["ops"]], "lrrrrrl")
     return out
+
+
+def determinism_section(name: str, result: dict) -> list[str]:
+    """Per default model: images per second with nondeterministic kernels, deterministic ones with torch's fill of new
+    tensors, and without it (ConvForge's)."""
+    out = _intro(name, result, result.get("command", "python bench/determinism.py"))
+    out += [f"Training steps of the default run's models through their tasks' losses, best of {result['repeats']} "
+            "interleaved passes. Deterministic kernels with torch's NaN fill of new tensors (its default) and without "
+            "it give the same weights to the bit (tests/pipelines/test_engine.py); ConvForge runs without it:", ""]
+    rows = [[f"{r['task']}: {r['family']}, {r['image_size']} px, batch {r['batch']}", f"{r['off_img_per_s']:.1f}",
+             f"{r['kernels + fill_img_per_s']:.1f}", f"{r['kernels_img_per_s']:.1f}",
+             _ratio(r["kernels_img_per_s"] / r["kernels + fill_img_per_s"]), f"{r['determinism_cost']:.0%}"]
+            for r in result["rows"]]
+    return out + table(["model", "off img/s", "deterministic + fill img/s", "deterministic (ConvForge) img/s",
+                        "gain from no fill", "cost of determinism left"], rows, "lrrrrr")
 
 
 def tune_section(name: str, result: dict) -> list[str]:
@@ -434,7 +450,8 @@ def _flat(value: object) -> object:
 
 
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
-    "train_throughput": train_section, "roi_align": roi_align_section, "tune_efficiency": tune_section,
+    "train_throughput": train_section, "roi_align": roi_align_section, "determinism": determinism_section,
+    "tune_efficiency": tune_section,
     "serve": serve_section, "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}
 

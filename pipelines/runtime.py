@@ -162,11 +162,18 @@ def resolve(device: str, amp: str, channels_last: bool, deterministic: bool, hw:
                         channels_last and (not on_cuda or hw.capability >= (7, 0)), mode)
 
 
+# Deterministic kernels in torch also fill every new tensor with NaN by default, which only shows reads of uninitialized
+# memory: no op of a run makes one (tests/pipelines/test_engine.py trains the default families with the fill on and off
+# to the same bits), and it costs a CPU training step of the default models 9-15% (bench/determinism.py).
+FILL_UNINITIALIZED_MEMORY = False
+
+
 def apply_determinism(choice: DeviceChoice) -> None:
     """Deterministic kernels as `choice` says (process-wide settings of torch)."""
     import torch
 
     torch.use_deterministic_algorithms(choice.deterministic == "kernels", warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = FILL_UNINITIALIZED_MEMORY
     torch.backends.cudnn.deterministic = choice.deterministic == "cudnn"
     torch.backends.cudnn.benchmark = choice.deterministic == "off"  # autotuning picks kernels by timing
 

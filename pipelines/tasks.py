@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from pipelines.metrics import ClassifyMeter, DetectMeter, SegmentMeter
 from pipelines.params import PolicyParams, TrainConfig
 from pipelines.regression import RegressTask  # imports Batch from here only inside its methods
 from pipelines.reconstruction import ReconstructTask  # imports Batch from here only inside its methods
+
+if TYPE_CHECKING:
+    from pipelines.transforms import ScenePolicy
 
 AUX_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2015, Sec. 5)
 SAMPLES_PNG = "sample_predictions.png"
@@ -280,9 +283,8 @@ class SegmentTask(SceneTask):
     def gather(self, data: Any, idx: Tensor) -> Batch:
         return Batch(data.images[idx], data.masks[idx])
 
-    def item(self, data: Any, i: int, augment: Callable) -> tuple[Tensor, Any]:
-        image, target = augment(data.images[i], {**data.targets[i], "semantic": data.masks[i]})
-        return image, target["semantic"]
+    def item(self, data: Any, i: int, augment: ScenePolicy) -> tuple[Tensor, Any]:
+        return augment.semantic(data.images[i], data.masks[i])
 
     def collate(self, items: Sequence[tuple[Tensor, Any]]) -> Batch:
         return Batch(torch.stack([image for image, _ in items]), torch.stack([mask for _, mask in items]))

@@ -87,6 +87,12 @@ class ScenePolicy:
             result["semantic"] = out_semantic.as_subclass(torch.Tensor)
         return out_image.as_subclass(torch.Tensor), result
 
+    def semantic(self, image: torch.Tensor, semantic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image and its class-index mask [H, W] alone, as `__call__` would transform them from the same random
+        state (one draw per call), without the instance masks and boxes segmentation does not train on."""
+        out_image, out_semantic = self.transform(tv_tensors.Image(image), tv_tensors.Mask(semantic))
+        return out_image.as_subclass(torch.Tensor), out_semantic.as_subclass(torch.Tensor)
+
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight float32 xyxy boxes in pixel-edge coordinates (x2 = last column + 1) of masks [k, H, W]."""

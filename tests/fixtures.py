@@ -33,10 +33,12 @@ PROCESS_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_AUTH_MOD
 
 @contextmanager
 def process_left_as_found():
-    """Restores PROCESS_VARIABLES, MLflow's store and active runs, torch's threads and deterministic kernels."""
+    """Restores PROCESS_VARIABLES, MLflow's store and active runs, torch's threads and deterministic kernels (with
+    their fill of new tensors)."""
     env = {name: os.environ.get(name) for name in PROCESS_VARIABLES}
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
         yield
     finally:  # also when the body raises
@@ -53,6 +55,7 @@ def process_left_as_found():
                 os.environ[name] = value
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 # Each test, and each module with its module-scoped fixtures (set up after this one, torn down before it), leaves

@@ -197,6 +197,37 @@ def test_scene_tasks_train_with_joint_augmentation_and_predict(prepared_scenes, 
     assert all(isinstance(v, float) for v in flat.values())
 
 
+@pytest.mark.parametrize("task,family,hparams", [
+    ("classify", "resnet", {"width": 8}),
+    ("detect", "faster_rcnn", {"fpn_channels": 16, "backbone_hparams": {"width": 8}}),
+    ("segment", "unet", {"encoder": "resnet", "encoder_hparams": {"width": 8}, "width": 8}),
+])
+def test_training_reads_no_uninitialized_memory(prepared_classify, prepared_scenes, project_params, monkeypatch,
+                                                task, family, hparams):
+    """The default families train to the same bits with torch's NaN fill of new tensors (which a read of memory no op
+    wrote would carry into the weights) and without it, as deterministic runs train (runtime.apply_determinism)."""
+    from pipelines import runtime
+
+    if task == "classify":
+        train, val = load_classify(prepared_classify, "train").subset(96, 0), load_classify(prepared_classify, "val")
+    else:
+        train, val = load_scenes(prepared_scenes, "train").subset(16, 0), load_scenes(prepared_scenes, "val")
+    cfg = project_params.train.task(task).updated(epochs=1, batch_size=8, warmup_epochs=0, precise_bn=0,
+                                                  pretrained=None)
+    weights = []
+    for fill in (True, False):
+        monkeypatch.setattr(runtime, "FILL_UNINITIALIZED_MEMORY", fill)
+        torch.manual_seed(0)
+        model = build(task, family, len(train.classes), train.in_channels, train.image_size, **hparams)
+        filled = []
+        result = fit(model, task, train, val, cfg, CPU, policy=project_params.augment.policy, log=None,
+                     on_epoch=lambda _: filled.append(torch.utils.deterministic.fill_uninitialized_memory))
+        assert filled == [fill] and math.isfinite(result.history[0].metrics["train_loss"])
+        weights.append(result.model.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 @pytest.mark.parametrize("augmented", [False, True])
 def test_a_lazily_read_split_trains_exactly_like_the_same_split_in_memory(prepared_classify, cfg, project_params,
                                                                          augmented):

@@ -59,6 +59,21 @@ def test_zoom_keeps_the_canvas_and_moves_masks_boxes_and_semantic_together() -> 
     assert (out[0] > 100).sum().item() == pytest.approx(result["masks"][0].sum().item(), rel=0.1)
 
 
+def test_the_semantic_path_transforms_image_and_mask_as_the_whole_target_path_does() -> None:
+    image, target = square_scene()
+    scene_policy = build_scene_policy(policy(scale_jitter=[0.7, 1.4], hflip=0.5, rotation_deg=20.0, translate=0.1),
+                                      64, 1)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        whole_image, whole = scene_policy(image, target)
+        next_draw = torch.rand(1)
+        torch.manual_seed(seed)
+        out_image, semantic = scene_policy.semantic(image, target["semantic"])
+        assert not torch.equal(out_image, image)
+        assert torch.equal(out_image, whole_image) and torch.equal(semantic, whole["semantic"])
+        assert torch.equal(torch.rand(1), next_draw)  # as many draws: the items after it are augmented the same
+
+
 def test_zoom_out_shrinks_items_and_strength_scales_the_factor() -> None:
     torch.manual_seed(0)
     image, target = square_scene()
