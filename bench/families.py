@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, positive  # noqa: E402
 from models import families  # noqa: E402
 from models._errors import ConvForgeError  # noqa: E402
 from models.summary import profile  # noqa: E402
@@ -59,13 +59,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def positive(text: str) -> int:
-    """A flag value that must be a whole number >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

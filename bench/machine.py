@@ -1,7 +1,8 @@
-"""The machine and moment a bench script ran on, as its result JSON records them."""
+"""The machine and moment a bench script ran on, as its result JSON records them; the check of its count flags."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -18,3 +19,10 @@ def describe() -> dict:
                  platform.processor() or platform.machine())
     return {"cpus": len(os.sched_getaffinity(0)), "cpu": model, "torch": torch.__version__,
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M")}
+
+
+def positive(text: str) -> int:
+    """A flag value that must be a whole number >= 1 (argparse's `type`: one clear line otherwise)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, positive  # noqa: E402
 
 TARGET = 1.5
 MAP_SIZES = (8, 16, 32, 64, 96, 160)
@@ -118,9 +118,9 @@ def detector_rate(swap: bool, steps: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8, help="training steps per timed pass")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--channels", type=positive, default=32)
+    parser.add_argument("--steps", type=positive, default=8, help="training steps per timed pass")
+    parser.add_argument("--repeats", type=positive, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "roi_align.json")
     args = parser.parse_args()
     runtime.set_threads(args.threads)

@@ -164,7 +164,7 @@ def resolve(device: str, amp: str, channels_last: bool, deterministic: bool, hw:
 
 # Deterministic kernels in torch also fill every new tensor with NaN by default, which only shows reads of uninitialized
 # memory: no op of a run makes one (tests/pipelines/test_engine.py trains the default families with the fill on and off
-# to the same bits), and it costs a CPU training step of the default models 9-15% (bench/determinism.py).
+# to the same bits), and it cost a CPU training step of the default models 5-15% in three runs of bench/determinism.py.
 FILL_UNINITIALIZED_MEMORY = False
 
 

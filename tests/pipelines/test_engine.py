@@ -202,16 +202,14 @@ def test_scene_tasks_train_with_joint_augmentation_and_predict(prepared_scenes, 
     ("detect", "faster_rcnn", {"fpn_channels": 16, "backbone_hparams": {"width": 8}}),
     ("segment", "unet", {"encoder": "resnet", "encoder_hparams": {"width": 8}, "width": 8}),
 ])
-def test_training_reads_no_uninitialized_memory(prepared_classify, prepared_scenes, project_params, monkeypatch,
-                                                task, family, hparams):
+def test_training_reads_no_uninitialized_memory(digits, prepared_scenes, project_params, monkeypatch, task, family,
+                                                hparams):
     """The default families train to the same bits with torch's NaN fill of new tensors (which a read of memory no op
     wrote would carry into the weights) and without it, as deterministic runs train (runtime.apply_determinism)."""
     from pipelines import runtime
 
-    if task == "classify":
-        train, val = load_classify(prepared_classify, "train").subset(96, 0), load_classify(prepared_classify, "val")
-    else:
-        train, val = load_scenes(prepared_scenes, "train").subset(16, 0), load_scenes(prepared_scenes, "val")
+    train, val = digits if task == "classify" else (load_scenes(prepared_scenes, "train").subset(16, 0),
+                                                     load_scenes(prepared_scenes, "val"))
     cfg = project_params.train.task(task).updated(epochs=1, batch_size=8, warmup_epochs=0, precise_bn=0,
                                                   pretrained=None)
     weights = []
