@@ -7,9 +7,9 @@ best trial with its size and CPU latency) and `score_vs_latency.png` (all trials
 An interrupted search resumes where it stopped when it is run again with the same inputs.
 
 With `search.budget: epochs` the search is reproducible: the same params, seed, code and thread count give
-the same trials, scores and winner on any machine (pipelines/tuner.py says how), unless its time guard
-fires or `max_latency_ms` (latencies measured on this machine) picks the winner, which best.json and
-families.json then say (`reproducible: false`). The parent run's `search_inputs.json` and each child
+the same trials, scores and winner on any machine with the same kind of CPU (pipelines/tuner.py says how),
+unless its time guard fires or `max_latency_ms` (latencies measured on this machine) picks the winner, which
+best.json and families.json then say (`reproducible: false`). The parent run's `search_inputs.json` and each child
 run's `trial.json` are what `python -m pipelines.replay` rebuilds a trial from.
 """
 
