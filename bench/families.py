@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe, positive  # noqa: E402
+from bench.machine import describe, positive, thread_count  # noqa: E402
 from models import families  # noqa: E402
 from models._errors import ConvForgeError  # noqa: E402
 from models.summary import profile  # noqa: E402
@@ -70,16 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-items", type=positive, default=2_000, help="validation items picking the best epoch")
     parser.add_argument("--test-items", type=positive, default=None, help="test items (default: the whole split)")
     parser.add_argument("--epochs", type=positive, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = every core)")
+    parser.add_argument("--threads", type=thread_count, default=0, help="torch threads for training (0 = every core)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: params.yaml's mlflow.tracking_uri; MLFLOW_TRACKING_URI wins)")
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared classify data (data/prepared/classify)")
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads: expected 0 (every core) or more, got {args.threads}")
-    return args
+    return parser.parse_args(argv)
 
 
 def splits(args: argparse.Namespace, seed: int) -> tuple[ClassifyData, ClassifyData, ClassifyData]:

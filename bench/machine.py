@@ -1,4 +1,4 @@
-"""The machine and moment a bench script ran on, as its result JSON records them; the check of its count flags."""
+"""The machine and moment a bench script ran on, as its result JSON records them; the checks of its count flags."""
 
 from __future__ import annotations
 
@@ -21,8 +21,18 @@ def describe() -> dict:
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M")}
 
 
-def positive(text: str) -> int:
-    """A flag value that must be a whole number >= 1 (argparse's `type`: one clear line otherwise)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+def _whole(text: str, least: int) -> int:
+    """`text` as a whole number >= `least`, or argparse's one clear line (as its `type`)."""
+    if not text.isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
     return int(text)
+
+
+def positive(text: str) -> int:
+    """A count flag: a whole number >= 1."""
+    return _whole(text, 1)
+
+
+def thread_count(text: str) -> int:
+    """A `--threads` flag: a whole number >= 0 (0: every core, as pipelines.runtime.set_threads reads it)."""
+    return _whole(text, 0)

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, thread_count  # noqa: E402
 from models import _checkpoint as checkpoint  # noqa: E402
 from models._registry import BACKBONE_TASK, RECONSTRUCT_TASK, build  # noqa: E402
 from pipelines.datasets import load_classify  # noqa: E402
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ae-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=8, help="classifier epochs on the labelled items")
     parser.add_argument("--test-items", type=int, default=None, help="val/test items scored (default: all)")
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=thread_count, default=0)
     args = parser.parse_args(argv)
     machine = describe()
     params = load_params(ROOT / "params.yaml")

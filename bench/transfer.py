@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, thread_count  # noqa: E402
 from models import family as registry_family  # noqa: E402
 from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=None, help="training scenes used (default: all)")
     parser.add_argument("--freeze", type=int, default=0, help="trunk stages held when started from the classifier")
     parser.add_argument("--unfreeze-epoch", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=thread_count, default=0)
     args = parser.parse_args(argv)
     params = load_params(ROOT / "params.yaml")
     runtime.seed_everything(params.seed, params.deterministic)

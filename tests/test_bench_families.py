@@ -61,6 +61,7 @@ def test_the_benchmark_page_shows_measured_and_published_rows(run) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "--epochs"),
+    (["--threads", "-1"], "--threads"),
     (["--families", "nosuchnet"], "nosuchnet"),
     (["--data", "/nonexistent/classify", "--threads", "1"], "dvc repro augment"),
 ])
