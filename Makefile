@@ -61,6 +61,7 @@ ui:
 
 bench:
 	$(PY) bench/train_throughput.py
+	$(PY) bench/augment.py
 	$(PY) bench/roi_align.py
 	$(PY) bench/determinism.py
 	$(PY) bench/tune_efficiency.py

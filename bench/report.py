@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("repro_times", "train_throughput", "roi_align", "determinism", "tune_efficiency", "serve", "owndata",
-         "upload", "pretrain", "transfer", "families")
+ORDER = ("repro_times", "train_throughput", "augment", "roi_align", "determinism", "tune_efficiency", "serve",
+         "owndata", "upload", "pretrain", "transfer", "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
     "tune_efficiency": "Tuning efficiency: do trial scores predict final ones; ASHA against every trial at full "
                        "budget; Ray's per-trial overhead",
+    "augment": "Classify augmentation: torchvision's crop and flip item by item against whole batches",
     "roi_align": "RoIAlign while training on the CPU: matrix products against torchvision's sampling loop",
     "determinism": "Deterministic training on the CPU: its cost, and torch's fill of new tensors left out",
     "serve": "Serving: the ConvForge service against bare FastAPI handlers doing the same work",
@@ -128,6 +129,29 @@ def roi_align_section(name: str, result: dict) -> list[str]:
                  [[r["map"], r["channels"], r["rois"], f"{r['torchvision_ms']:.1f}", f"{r['separable_ms']:.1f}",
                    _ratio(r["speedup"]), r["used"]] for r in result["ops"]], "lrrrrrl")
     return out
+
+
+def augment_section(name: str, result: dict) -> list[str]:
+    """Augmentation alone per strength, then one training epoch, each arm against the other."""
+    out = _intro(name, result, result["command"])
+    out += [f"The default policy's crop and flip on {result['items']:,} Fashion-MNIST training items, batches of 64, "
+            f"1 torch thread, best of {result['repeats']} interleaved passes; both arms draw the same numbers in the "
+            "same order (identical: the same items to the bit, and the same next draw):", ""]
+    rows = [[f"{r['strength']:g}", f"{r['torchvision_items_per_s']:,.0f}", f"{r['batched_items_per_s']:,.0f}",
+             _ratio(r["speedup"]), f">= {result['target']:g}x", r["identical"], r["speedup"] >= result["target"]]
+            for r in result["rows"]]
+    out += table(["aug_strength", "torchvision item by item, items/s", "CropFlip batches, items/s", "ratio",
+                  "target", "identical", "met"], rows, "lrrrlll")
+    e = result["epoch"]
+    out += [f"One training epoch of the default run's classifier ({e['model']}, {e['items']:,} items, batch "
+            f"{e['batch']}, aug_strength 0.63) through `pipelines.engine.fit` on {result['epoch_threads']} torch "
+            "thread(s):", ""]
+    arms = (("torchvision", "torchvision item by item"), ("batched", "CropFlip batches (the default)"))
+    out += table(["path", "img/s", "epoch s"],
+                 [[label, f"{e[f'{arm}_images_per_s']:,.0f}", f"{e[f'{arm}_epoch_s']:.1f}"] for arm, label in arms],
+                 "lrr")
+    return out + [f"The epoch ran {_ratio(e['speedup'])} as fast with whole batches; the two arms' trained weights are "
+                  f"{'the same to the bit' if e['same_weights'] else 'NOT the same'}.", ""]
 
 
 def determinism_section(name: str, result: dict) -> list[str]:
@@ -450,7 +474,7 @@ def _flat(value: object) -> object:
 
 
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
-    "train_throughput": train_section, "roi_align": roi_align_section, "determinism": determinism_section,
+    "train_throughput": train_section, "augment": augment_section, "roi_align": roi_align_section, "determinism": determinism_section,
     "tune_efficiency": tune_section, "serve": serve_section, "owndata": owndata_section, "upload": upload_section,
     "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}

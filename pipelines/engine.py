@@ -192,6 +192,16 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Any]:
         return self.task.item(self.data, i, self.augment)
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Any]]:
+        """A batch's items (the DataLoader's batched fetch): gathered and augmented as one tensor where the
+        augmentation has a whole-batch form (`CropFlip.batch`: the same output as item by item) and the task's
+        items are augmented images beside untouched targets (`whole_batch_augment`); else one by one."""
+        whole = getattr(self.augment, "batch", None)
+        if whole is None or not self.task.whole_batch_augment:
+            return [self[i] for i in indices]
+        batch = self.task.gather(self.data, torch.as_tensor(indices))
+        return list(zip(whole(batch.images).unbind(0), batch.targets.unbind(0)))
+
 
 def batches_per_epoch(total: int, batch_size: int, world: int = 1) -> int:
     """Batches per epoch; a last batch that would leave one of `world` workers a single item is dropped (batch

@@ -188,6 +188,7 @@ class ReconstructTask(TensorPredictions):
     exports_onnx = True
     onnx_per_image = False
     confusion = False
+    whole_batch_augment = False  # each item is corrupted after its augmentation, drawing in between
     pr_title = "precision-recall (none: restoration scores no classes)"  # never drawn: the meter gives no curves
     headline = ("test_psnr_gain", "test_psnr", "test_ssim", "test_input_psnr")
 

@@ -182,6 +182,7 @@ class RegressTask(TensorPredictions):
     exports_onnx = True
     onnx_per_image = False
     confusion = False
+    whole_batch_augment = True
     pr_title = "no precision-recall curve (continuous targets)"
     headline = ("test_mae", "test_rmse", "test_r2")
 

@@ -78,6 +78,7 @@ class ClassifyTask:
     exports_onnx = True  # its models run on ONNX Runtime when serve.backend chooses onnx (services/backends.py)
     onnx_per_image = False  # its graph takes a batch of any size (a dynamic batch axis)
     confusion = True  # its evaluation has a confusion matrix
+    whole_batch_augment = True  # an item is its augmented image beside its label: a batch may be augmented at once
     pr_title = "precision-recall (one vs rest)"
     headline = ("test_accuracy", "test_top5", "test_f1_macro", "test_ece")  # what a person reads first
 
@@ -171,6 +172,7 @@ class SceneTask:
     targets jointly, and do not mix samples."""
 
     data = SCENES_DATA
+    whole_batch_augment = False  # image and targets are augmented jointly, item by item
 
     def load_split(self, root: Path, split: str) -> Any:
         """A prepared split of scenes (tensors, or lazy readers when large)."""

@@ -5,6 +5,9 @@ identity, 1 the policy as written, 2 twice as strong (probabilities capped at 1)
 The transforms draw from torch's global RNG (as torchvision's do): seed it, or use
 `apply_policy`, which forks the RNG and seeds it for reproducible batches.
 
+A policy of crop and flip alone (the default) is `CropFlip`: torchvision's two steps, done for a whole
+batch in one gather with the same random draws, in the same order, as the steps one item at a time.
+
 Scenes may also be zoomed in and out (`scale_jitter`, multi-scale training as in Ren et al. 2015,
 Sec. 4.1.1 and Redmon & Farhadi 2017, Sec. 2): the canvas keeps its size, the items change theirs,
 so a detector sees each item at more sizes than the scenes were composed with.
@@ -50,17 +53,68 @@ def _flip(policy: PolicyParams, strength: float) -> list[v2.Transform]:
     return [v2.RandomHorizontalFlip(p)] if p > 0 else []
 
 
+def _crop(image_size: int, padding: int) -> list[v2.Transform]:
+    return [v2.RandomCrop(image_size, padding=padding)] if padding > 0 else []
+
+
+class CropFlip:
+    """`v2.RandomCrop(size, padding)` then `v2.RandomHorizontalFlip(p)` (either may be off), for one item
+    [C, H, W] or, through `batch`, a whole uint8 batch [B, C, H, W] in one gather.
+
+    Item by item it draws what those steps draw from torch's global RNG, in their order (the crop's top and
+    left, then the flip's coin), so its output is theirs to the bit, at about a tenth of their time on 28 px
+    items, where each step's per-call overhead outweighs its pixel work. Items of another size than the
+    crop's go through the torchvision steps themselves.
+    """
+
+    def __init__(self, size: int, padding: int, p: float):
+        self.size, self.padding, self.p = size, padding, p
+        self._p32 = torch.tensor(p, dtype=torch.float32).item()  # what the flip compares its float32 draw with
+        self.steps = v2.Compose(_crop(size, padding) + ([v2.RandomHorizontalFlip(p)] if p > 0 else []))
+
+    def __repr__(self) -> str:
+        return f"CropFlip({self.steps})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.batch(image[None])[0]
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Each of `images` [B, C, H, W] augmented as one call per item would, in item order."""
+        n, channels, height, width = images.shape
+        if n == 0 or (height, width) != (self.size, self.size):
+            return torch.stack([self.steps(image) for image in images]) if n else images.clone()
+        pad, span = self.padding, 2 * self.padding + 1
+        tops, lefts, flips = [0] * n, [0] * n, [False] * n
+        for i in range(n):  # one item's draws after another's, as the per-item steps make them
+            if pad:
+                tops[i] = torch.randint(0, span, size=()).item()
+                lefts[i] = torch.randint(0, span, size=()).item()
+            if self.p > 0:
+                flips[i] = torch.rand(1).item() < self._p32  # RandomHorizontalFlip skips when rand >= p
+        device = images.device
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
+        columns = torch.arange(width, device=device)
+        rows = torch.tensor(tops, device=device)[:, None] + torch.arange(height, device=device)
+        cols = torch.tensor(lefts, device=device)[:, None] + torch.where(
+            torch.tensor(flips, device=device)[:, None], width - 1 - columns, columns)
+        index = (rows[:, :, None] * (width + 2 * pad) + cols[:, None, :]).flatten(1)
+        picked = padded.flatten(2).gather(2, index[:, None, :].expand(n, channels, height * width))
+        return picked.view(n, channels, height, width)
+
+
 def build_policy(policy: PolicyParams, image_size: int, in_channels: int,
                  strength: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-sample augmentation of a uint8 [C, H, W] tensor (classification), returning uint8 [C, H, W]."""
-    steps: list[v2.Transform] = []
+    """Per-sample augmentation of a uint8 [C, H, W] tensor (classification), returning uint8 [C, H, W];
+    crop and flip alone give `CropFlip`, which also augments whole batches."""
     padding = round(policy.crop_padding * strength)
-    if padding > 0:
-        steps.append(v2.RandomCrop(image_size, padding=padding))
-    steps += _flip(policy, strength) + _affine(policy, strength) + _color(policy, in_channels, strength)
+    rest = _affine(policy, strength) + _color(policy, in_channels, strength)
     erasing = min(1.0, policy.erasing * strength)
     if erasing > 0:
-        steps.append(v2.RandomErasing(p=erasing, value=0))
+        rest.append(v2.RandomErasing(p=erasing, value=0))
+    flip = _flip(policy, strength)
+    if not rest and (padding > 0 or flip):
+        return CropFlip(image_size, padding, flip[0].p if flip else 0.0)
+    steps = _crop(image_size, padding) + flip + rest
     return v2.Compose(steps) if steps else v2.Identity()
 
 
@@ -122,4 +176,6 @@ def apply_policy(transform: Callable[[torch.Tensor], torch.Tensor], images: torc
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if isinstance(transform, CropFlip):
+            return transform.batch(images)
         return torch.stack([transform(image) for image in images]) if len(images) else images.clone()

@@ -221,3 +221,38 @@ def test_large_splits_load_lazily_with_the_same_items(raw, tmp_path, project_par
     for mine, theirs in zip(lazy_scenes.subset(5, 1).targets[:], scenes.subset(5, 1).targets):
         assert all(torch.equal(mine[key], theirs[key]) for key in ("boxes", "labels", "masks"))
     assert [s.image_id for s in iter_scenes(root / "prepared/scenes/train")] == scenes.image_ids
+
+
+@pytest.mark.parametrize("padding,p", [(1, 0.315), (2, 0.5), (4, 1.0), (3, 0.0), (0, 0.7)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_crop_flip_batches_are_torchvision_item_by_item(padding, p, channels):
+    """CropFlip against torchvision's own steps: the same pixels and as many draws, on items of the crop's size
+    and (through the steps themselves) of another."""
+    from torchvision.transforms import v2
+
+    crop_flip = build_policy(policy_params(crop_padding=padding, hflip=p), 12, channels)
+    assert type(crop_flip).__name__ == "CropFlip"
+    steps = v2.Compose(([v2.RandomCrop(12, padding=padding)] if padding else [])
+                       + ([v2.RandomHorizontalFlip(p)] if p else []))
+    for size in (12, 15):
+        images = torch.randint(0, 256, (40, channels, size, size), generator=torch.Generator().manual_seed(size),
+                               dtype=torch.uint8)
+        for seed in range(5):
+            torch.manual_seed(seed)
+            expected = torch.stack([steps(image) for image in images])
+            next_draw = torch.rand(1)
+            torch.manual_seed(seed)
+            assert torch.equal(crop_flip.batch(images), expected)
+            assert torch.equal(torch.rand(1), next_draw)
+            torch.manual_seed(seed)
+            assert torch.equal(torch.stack([crop_flip(image) for image in images]), expected)
+
+
+def test_only_crop_and_flip_policies_batch():
+    assert type(build_policy(policy_params(crop_padding=2, hflip=0.5), 12, 1)).__name__ == "CropFlip"
+    for extra in ({"erasing": 0.5}, {"rotation_deg": 10.0}, {"translate": 0.1}):
+        policy = build_policy(policy_params(crop_padding=2, hflip=0.5, **extra), 12, 1)
+        assert not hasattr(policy, "batch")
+    policy = build_policy(policy_params(crop_padding=2, color_jitter=0.3), 12, 3)
+    assert not hasattr(policy, "batch")
+    assert type(build_policy(policy_params(crop_padding=2, color_jitter=0.3), 12, 1)).__name__ == "CropFlip"

@@ -246,3 +246,34 @@ def test_a_lazily_read_split_trains_exactly_like_the_same_split_in_memory(prepar
     assert loader_workers(EngineSettings(num_workers="auto"), load_classify(prepared_classify, "train")) == 0
     assert loader_workers(EngineSettings(num_workers="auto", concurrent_runs=64), lazy) == 0
     assert loader_workers(EngineSettings(num_workers=3), lazy) == 3
+
+
+@pytest.mark.parametrize("task_name", ["classify", "regress"])
+def test_crop_and_flip_batches_are_fetched_whole_and_match_item_by_item(prepared_classify, project_params, monkeypatch,
+                                                                        task_name):
+    """The default policy (crop and flip) reaches the DataLoader's batched fetch, `__getitems__`, which augments each
+    batch in one gather: the same batches as item by item (the path of every other policy), no item fetched alone."""
+    from pipelines.engine import _Samples, seed_epoch, train_batches
+    from pipelines.tasks import get_task
+
+    task = get_task(task_name)
+    train = task.load_split(prepared_classify, "train").subset(100, 0)
+    augment = task.augmenter(train, project_params.augment.policy, 0.63)
+    assert hasattr(augment, "batch")
+
+    def epoch() -> list:
+        return list(train_batches(task, train, 32, seed_epoch(3, 1), augment, CPU, pin=False))
+
+    with monkeypatch.context() as patch:
+        patch.delattr(_Samples, "__getitems__")
+        by_item = epoch()
+
+    def alone(self, i):
+        raise AssertionError("an item was fetched alone")
+
+    monkeypatch.setattr(_Samples, "__getitem__", alone)
+    whole = epoch()
+    assert [len(b) for b in whole] == [32, 32, 32, 4]
+    for a, b in zip(by_item, whole, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(whole[0].images, task.gather(train, torch.arange(32)).images)  # augmented and shuffled
