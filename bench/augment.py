@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch-items", type=positive, default=12800, help="training items of the timed epoch")
     parser.add_argument("--repeats", type=positive, default=3)
     parser.add_argument("--threads", type=thread_count, default=0, help="torch threads of the epoch (0: every core)")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="its augment.policy is timed")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "prepared" / "classify",
                         help="a prepared classify folder (the augment stage's)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "augment.json")
@@ -117,14 +118,23 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from pipelines.datasets import load_classify
+    from pipelines.errors import ConvForgeError
     from pipelines.params import load_params
+    from pipelines.transforms import CropFlip, build_policy
 
-    params = load_params(ROOT / "params.yaml")
+    try:
+        params = load_params(args.params)
+    except ConvForgeError as error:
+        sys.exit(f"error: {error}")
     prepared = args.data
     if not (prepared / "meta.json").is_file():
         sys.exit(f"error: no prepared classify data in {prepared}: run `dvc repro augment` first")
-    machine = describe()
     train = load_classify(prepared, "train")
+    if not all(isinstance(build_policy(params.augment.policy, train.image_size, train.in_channels, strength), CropFlip)
+               for strength in STRENGTHS):
+        sys.exit(f"error: augment.policy in {args.params} has steps besides crop and flip (or neither): only crop and "
+                 "flip augment whole batches, so there is nothing to compare")
+    machine = describe()
     torch.set_num_threads(1)
     rows = augmentation_rows(train.images[:args.items], params.augment.policy, args.repeats, batch=64)
     runtime.set_threads(args.threads)

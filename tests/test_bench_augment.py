@@ -40,3 +40,11 @@ def test_bad_flags_are_one_line(argv, message, capsys) -> None:
 def test_missing_data_says_what_to_run(tmp_path) -> None:
     with pytest.raises(SystemExit, match="run `dvc repro augment` first"):
         bench.main(["--data", str(tmp_path)])
+
+
+def test_a_policy_that_does_not_batch_is_one_line(prepared_classify, tmp_path) -> None:
+    params = (ROOT / "params.yaml").read_text().replace("    erasing: 0.0 ", "    erasing: 0.5 ", 1)
+    assert "    erasing: 0.5 " in params
+    (tmp_path / "params.yaml").write_text(params)
+    with pytest.raises(SystemExit, match="has steps besides crop and flip"):
+        bench.main(["--params", str(tmp_path / "params.yaml"), "--data", str(prepared_classify)])
