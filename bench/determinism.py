@@ -18,7 +18,6 @@ Writes bench/results/determinism.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
 from bench.roi_align import scenes  # noqa: E402
 
 SETTINGS = {"off": (False, False), "kernels + fill": (True, True), "kernels": (True, False)}
@@ -107,7 +106,7 @@ def rates(task: str, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=thread_count, default=0, help="torch threads (0: every core)")
     parser.add_argument("--repeats", type=positive, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "determinism.json")

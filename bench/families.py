@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
 from models import families  # noqa: E402
 from models._errors import ConvForgeError  # noqa: E402
 from models.summary import profile  # noqa: E402
@@ -51,14 +51,6 @@ PUBLISHED_SOURCE = "https://github.com/zalandoresearch/fashion-mnist#benchmark (
 # augmentation and size, none measured here.
 PUBLISHED = (("WRN-40-4", 0.967), ("DenseNet-BC", 0.954), ("MobileNet", 0.950), ("ResNet-18", 0.949),
              ("GoogLeNet", 0.937), ("VGG-16", 0.935), ("small 2-conv networks", "0.92-0.94"), ("AlexNet", 0.899))
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line on stderr (exit 2), without the usage block."""
-
-    def error(self, message: str) -> None:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,10 +1,11 @@
-"""The machine and moment a bench script ran on, as its result JSON records them; the checks of its count flags."""
+"""The machine and moment a bench script ran on, as its result JSON records them; its flags' parser and checks."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,14 @@ def describe() -> dict:
                  platform.processor() or platform.machine())
     return {"cpus": len(os.sched_getaffinity(0)), "cpu": model, "torch": torch.__version__,
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M")}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _whole(text: str, least: int) -> int:

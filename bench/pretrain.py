@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
-from bench.machine import describe, thread_count  # noqa: E402
+from bench.machine import Parser, describe, thread_count  # noqa: E402
 from models import _checkpoint as checkpoint  # noqa: E402
 from models._registry import BACKBONE_TASK, RECONSTRUCT_TASK, build  # noqa: E402
 from pipelines.datasets import load_classify  # noqa: E402
@@ -99,7 +99,7 @@ def summary(runs: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="resnet", help="the classifier family (its trunk is the encoder)")
     parser.add_argument("--label-fraction", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=3)

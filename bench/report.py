@@ -474,9 +474,9 @@ def _flat(value: object) -> object:
 
 
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
-    "train_throughput": train_section, "augment": augment_section, "roi_align": roi_align_section, "determinism": determinism_section,
-    "tune_efficiency": tune_section, "serve": serve_section, "owndata": owndata_section, "upload": upload_section,
-    "repro_times": repro_section,
+    "train_throughput": train_section, "augment": augment_section, "roi_align": roi_align_section,
+    "determinism": determinism_section, "tune_efficiency": tune_section, "serve": serve_section,
+    "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}
 
 

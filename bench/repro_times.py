@@ -11,7 +11,6 @@ of the default run on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe  # noqa: E402
+from bench.machine import Parser, describe  # noqa: E402
 from pipelines.reporting import replace_readme_table  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "repro_times.json"
@@ -68,7 +67,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true", help="write the time table into README.md")
     known, rest = parser.parse_known_args()
     machine = describe()

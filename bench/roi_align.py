@@ -13,7 +13,6 @@ Writes bench/results/roi_align.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
 
 TARGET = 1.5
 MAP_SIZES = (8, 16, 32, 64, 96, 160)
@@ -116,7 +115,7 @@ def detector_rate(swap: bool, steps: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=thread_count, default=0, help="torch threads (0: every core)")
     parser.add_argument("--channels", type=positive, default=32)
     parser.add_argument("--steps", type=positive, default=8, help="training steps per timed pass")

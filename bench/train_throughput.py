@@ -21,7 +21,6 @@ Writes bench/results/train_throughput.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe, thread_count  # noqa: E402
+from bench.machine import Parser, describe, thread_count  # noqa: E402
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 # hparams, and images per epoch (epochs of a few seconds at 1 thread: the per-epoch validation
@@ -169,7 +168,7 @@ def engine_run(name: str, train, val, batch: int, epochs: int, lr: float, thread
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=None, help="training images per epoch (default per model)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per variant (the first is warm-up)")
     parser.add_argument("--batch", type=int, default=128)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe, thread_count  # noqa: E402
+from bench.machine import Parser, describe, thread_count  # noqa: E402
 from models import family as registry_family  # noqa: E402
 from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
@@ -89,7 +89,7 @@ def gains(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--family", default=None, help="one family for every task (default: each search's choice)")
     parser.add_argument("--epochs", type=int, default=None, help="default: train.<task>.epochs")

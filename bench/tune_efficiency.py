@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe  # noqa: E402
+from bench.machine import Parser, describe  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 
 TARGETS = {"spearman_rho": 0.8, "asha_epochs_ratio": 3.0, "best_test_gap": 0.005, "reuse_overhead_s": 0.2}
@@ -270,7 +270,7 @@ def trial_overrides(args: argparse.Namespace) -> dict:
 
 def parse_args() -> argparse.Namespace:
     """The command line; out-of-range sizes are a one-line usage error."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=24, help="trials per search")
     parser.add_argument("--epochs", type=int, default=9, help="full budget (epochs) of a trial")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung (epochs)")

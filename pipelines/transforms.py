@@ -48,8 +48,11 @@ def _zoom(policy: PolicyParams, strength: float) -> list[v2.Transform]:
     return [v2.RandomAffine(degrees=0.0, scale=(low, high), interpolation=v2.InterpolationMode.BILINEAR)]
 
 
-def _flip(policy: PolicyParams, strength: float) -> list[v2.Transform]:
-    p = min(1.0, policy.hflip * strength)
+def _flip_probability(policy: PolicyParams, strength: float) -> float:
+    return min(1.0, policy.hflip * strength)
+
+
+def _flip(p: float) -> list[v2.Transform]:
     return [v2.RandomHorizontalFlip(p)] if p > 0 else []
 
 
@@ -70,7 +73,7 @@ class CropFlip:
     def __init__(self, size: int, padding: int, p: float):
         self.size, self.padding, self.p = size, padding, p
         self._p32 = torch.tensor(p, dtype=torch.float32).item()  # what the flip compares its float32 draw with
-        self.steps = v2.Compose(_crop(size, padding) + ([v2.RandomHorizontalFlip(p)] if p > 0 else []))
+        self.steps = v2.Compose(_crop(size, padding) + _flip(p))
 
     def __repr__(self) -> str:
         return f"CropFlip({self.steps})"
@@ -111,10 +114,10 @@ def build_policy(policy: PolicyParams, image_size: int, in_channels: int,
     erasing = min(1.0, policy.erasing * strength)
     if erasing > 0:
         rest.append(v2.RandomErasing(p=erasing, value=0))
-    flip = _flip(policy, strength)
-    if not rest and (padding > 0 or flip):
-        return CropFlip(image_size, padding, flip[0].p if flip else 0.0)
-    steps = _crop(image_size, padding) + flip + rest
+    flip = _flip_probability(policy, strength)
+    if not rest and (padding > 0 or flip > 0):
+        return CropFlip(image_size, padding, flip)
+    steps = _crop(image_size, padding) + _flip(flip) + rest
     return v2.Compose(steps) if steps else v2.Identity()
 
 
@@ -164,7 +167,7 @@ def build_scene_policy(policy: PolicyParams, image_size: int, in_channels: int,
     Crop padding and random erasing are left out for scenes: they would cut objects
     without telling the targets. `image_size` is the canvas size (a zoom keeps it).
     """
-    steps = _zoom(policy, strength) + _flip(policy, strength) + _affine(policy, strength)
+    steps = _zoom(policy, strength) + _flip(_flip_probability(policy, strength)) + _affine(policy, strength)
     steps += _color(policy, in_channels, strength)
     return ScenePolicy(v2.Compose(steps) if steps else v2.Identity())
 
