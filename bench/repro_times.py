@@ -7,6 +7,10 @@ per-stage time table into README.md (between the TIMES markers), next to the 25-
 of the default run on 2 CPU cores.
 
     .venv/bin/python bench/repro_times.py --force --readme
+
+A search stage that finds its finished search in ray_results (same inputs and code) restores it instead of
+training its trials again, so `--force` alone does not time a whole run: when a search resumed, nothing is
+written and the run says which; move `ray_results/search-*` aside first.
 """
 
 from __future__ import annotations
@@ -26,14 +30,28 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import Parser, describe  # noqa: E402
 from pipelines.reporting import replace_readme_table  # noqa: E402
+from pipelines.tuner import RESUMING  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "repro_times.json"
 BUDGET_MIN = 25.0  # the default run on 2 CPU cores, set-up excluded
 STARTED = re.compile(r"^Running stage '([^']+)'")
 
 
-def timed_repro(args: list[str]) -> tuple[list[dict], float, int]:
-    """Run `dvc repro args`, echoing its output; the seconds of each stage that ran, the total, the exit code."""
+def resumed_stages(lines: list[str]) -> list[str]:
+    """The stages of a `dvc repro` output that restored a stored search rather than running its trials."""
+    stage, resumed = None, []
+    for line in lines:
+        found = STARTED.match(line)
+        if found:
+            stage = found.group(1)
+        elif RESUMING in line and stage is not None and stage not in resumed:
+            resumed.append(stage)
+    return resumed
+
+
+def timed_repro(args: list[str]) -> tuple[list[dict], float, int, list[str]]:
+    """Run `dvc repro args`, echoing its output; the seconds of each stage that ran, the total, the exit code
+    and the stages that resumed a stored search."""
     # The stages' `python` must be the virtualenv's, as under `make repro`
     path = str(ROOT / ".venv" / "bin") + os.pathsep + os.environ.get("PATH", "")
     dvc = shutil.which("dvc", path=path)
@@ -41,10 +59,12 @@ def timed_repro(args: list[str]) -> tuple[list[dict], float, int]:
         sys.exit("repro_times: no `dvc` in .venv/bin or on PATH: run `make setup` first")
     start = time.perf_counter()
     marks: list[tuple[str, float]] = []
+    lines: list[str] = []
     with subprocess.Popen([dvc, "repro", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1, env={**os.environ, "PATH": path}) as process:
         for line in process.stdout:
             sys.stdout.write(line)
+            lines.append(line)
             found = STARTED.match(line)
             if found:
                 marks.append((found.group(1), time.perf_counter()))
@@ -52,7 +72,7 @@ def timed_repro(args: list[str]) -> tuple[list[dict], float, int]:
     end = time.perf_counter()
     stages = [{"stage": name, "seconds": round((marks[i + 1][1] if i + 1 < len(marks) else end) - at, 1)}
               for i, (name, at) in enumerate(marks)]
-    return stages, round(end - start, 1), code
+    return stages, round(end - start, 1), code, resumed_stages(lines)
 
 
 def table(result: dict) -> str:
@@ -71,11 +91,15 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="write the time table into README.md")
     known, rest = parser.parse_known_args()
     machine = describe()
-    stages, total, code = timed_repro(rest)
+    stages, total, code, resumed = timed_repro(rest)
     if code != 0:
         sys.exit(code)  # dvc said why; a failed run's times are not a time table
     if not stages:
         sys.exit("repro_times: no stage ran (all up to date): add --force to time the whole run")
+    if resumed:
+        sys.exit(f"repro_times: {', '.join(resumed)} restored a finished search from ray_results (its trials did "
+                 "not run again), so these are not a whole run's times and nothing was written: move "
+                 "ray_results/search-* aside and rerun")
     result = {"machine": machine, "python": platform.python_version(), "command": "dvc repro " + " ".join(rest),
               "budget_minutes": BUDGET_MIN, "total_seconds": total, "stages": stages}
     RESULT.parent.mkdir(parents=True, exist_ok=True)

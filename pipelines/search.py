@@ -4,7 +4,8 @@
 `max_epochs` epochs each, logs one MLflow parent run with every trial as a child run, and writes
 `best.json` (the winner, read by the train stage), `families.json`/`families.csv` (each family's
 best trial with its size and CPU latency) and `score_vs_latency.png` (all trials, Pareto front marked).
-An interrupted search resumes where it stopped when it is run again with the same inputs.
+An interrupted search resumes where it stopped when it is run again with the same inputs and code; changed code
+(`models/`, `pipelines/`) is a new search.
 
 With `search.budget: epochs` the search is reproducible: the same params, seed, code and thread count give
 the same trials, scores and winner on any machine with the same kind of CPU (pipelines/tuner.py says how),
@@ -70,10 +71,12 @@ def weights_of(sources: dict[str, str]) -> dict[str, str | None]:
 
 
 def search_key(params: Params, task: str, space: SearchSpace, data_hash: str,
-               pretrained: dict[str, str] | None = None) -> str:
+               pretrained: dict[str, str] | None = None, code: str | None = None) -> str:
     """A short hash of everything that shapes the trials: same key, same search (resumable). A retrained
-    pretrained model is another search."""
+    pretrained model is another search, and so is changed code (`code`: default, `tracking.code_hash()`):
+    finished trials are only reused by the code that ran them."""
     inputs = {"task": task, "seed": params.seed, "deterministic": params.deterministic,
+              "code": code or tracking.code_hash(),
               "search": {key: getattr(params.search, key) for key in SHAPING_KEYS},
               "budget": params.search.task(task).model_dump(), "train": trial_config(params, task).model_dump(),
               "policy": params.augment.policy.model_dump(), "space": repr(space), "data": data_hash,

@@ -6,7 +6,7 @@ the logged MLflow model holds too, and registration.json (the registered version
 the model is logged, so never part of it). The MLflow run holds params, per-epoch and system
 metrics, the datasets, plots and the model (registered as `<prefix>-<task>`; the promote stage moves
 the alias `champion` once the model's test metrics pass its gate). An interrupted run resumes at its
-last finished epoch when it is run again with the same inputs.
+last finished epoch when it is run again with the same inputs and code.
 
 Transfer learning: `train.<task>.pretrained` names the trunk's starting weights (another task's trained
 model, a saved model's folder or `torchvision:<Weights>` from the local torch cache), loaded by name
@@ -104,10 +104,11 @@ def prepare(params: Params, task: str, data_root: Path, best_path: Path, root: P
 
 
 def resume_key(job: TrainingJob, params: Params) -> str:
-    """Same key, same training: the checkpoint of an interrupted run is only resumed by an identical one."""
+    """Same key, same training: the checkpoint of an interrupted run is only resumed by an identical one, on the
+    same code."""
     inputs = {"task": job.task, "family": job.family, "hparams": job.hparams, "train": job.cfg.model_dump(),
               "data": job.data_hash, "seed": params.seed, "deterministic": params.deterministic,
-              "policy": job.policy.model_dump()}
+              "policy": job.policy.model_dump(), "code": tracking.code_hash()}
     if job.transfer is not None:  # new pretrained weights (e.g. a retrained classifier): a new run
         inputs["pretrained"] = job.transfer
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]

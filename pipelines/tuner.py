@@ -63,6 +63,7 @@ TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "
 # their last report), and the checkpoint keeps them in this file for a restored trial.
 SCORES = "scores"
 SCORES_FILE = "scores.json"
+RESUMING = "resuming the search at "  # the log's line when a stored search is restored (bench/repro_times.py)
 
 
 @dataclass(frozen=True)
@@ -461,7 +462,8 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
             scores_path.write_text(json.dumps(scores))
             metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
             tune.report({**metrics, "score": result.score, "epoch": result.epoch, "node_id": node_id,
-                         "device": device, SCORES: list(scores)}, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+                         "device": device, SCORES: list(scores)},
+                        checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
         # Silent: the driver prints each reported epoch once (pipelines/search_progress.py); a trial's own
         # prints would reach the terminal a second time through Ray's log forwarding.
@@ -478,7 +480,7 @@ def make_tuner(trainable: Any, experiment: Experiment, search: SearchParams, see
                callbacks: list[tune.Callback], log: Callable[[str], None] = print) -> tune.Tuner:
     """A new Tuner, or the interrupted one at the experiment's path restored (finished trials are kept, not rerun)."""
     if tune.Tuner.can_restore(experiment.path):
-        log(f"resuming the search at {experiment.path}")
+        log(f"{RESUMING}{experiment.path}")
         return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     space, budget, in_order = experiment.space, experiment.budget, experiment.window is not None
     points = space.points(experiment.base)[:budget.num_samples]

@@ -7,7 +7,7 @@ on its own: it needs Ray). No other module of the project imports MLflow.
 """
 
 from pipelines.tracking import tags
-from pipelines.tracking.lineage import data_hash
+from pipelines.tracking.lineage import code_hash, data_hash
 from pipelines.tracking.registry import (LoggedVersion, ModelCard, RegisteredVersion, Registration, champion,
                                          download_model_dir, log_model, model_version, pip_requirements,
                                          pyfunc_example, register_model, registered_name, set_champion, tag_version)
@@ -19,7 +19,7 @@ from pipelines.tracking.search_runs import (close_trial_runs, end_search, log_se
 from pipelines.tracking.store import configure, ensure_experiment, resolve_uri, run_exists, tracking_uri, use_store
 
 __all__ = ["LoggedVersion", "ModelCard", "RegisteredVersion", "Registration", "add_to_run", "champion",
-           "close_trial_runs", "configure", "data_hash", "download_model_dir", "end_run", "end_search",
+           "close_trial_runs", "code_hash", "configure", "data_hash", "download_model_dir", "end_run", "end_search",
            "ensure_experiment", "flatten", "git_commit", "log_artifacts", "log_dataset", "log_metrics", "log_model",
            "log_params", "log_search_result", "logged_models", "mark_complete", "model_version", "open_search",
            "pip_requirements", "pyfunc_example", "register_model", "registered_name", "resolve_uri", "run_exists",

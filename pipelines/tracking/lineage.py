@@ -1,5 +1,6 @@
-"""Where a run's inputs come from: the DVC hash of its data and the checked-out commit; and, for a replay,
-what a recorded run holds (params, metrics, JSON artifacts, its logged model's config.json)."""
+"""Where a run's inputs come from: the DVC hash of its data, the hash of the code that runs it and the
+checked-out commit; and, for a replay, what a recorded run holds (params, metrics, JSON artifacts, its logged
+model's config.json)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import mlflow
 import yaml
@@ -41,6 +42,19 @@ def data_hash(data_dir: Path, root: Path = PROJECT_ROOT) -> str:
     for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(data_dir).as_posix()}:{sha256_file(path)}\n".encode())
     return "sha256:" + digest.hexdigest()
+
+
+CODE_PACKAGES = ("models", "pipelines")  # what a trial or a training run executes
+
+
+def code_hash(root: Path = PROJECT_ROOT, packages: Iterable[str] = CODE_PACKAGES) -> str:
+    """A SHA-256 over the project's Python sources (each package's `*.py`, by path and content): a search or an
+    interrupted training run resumes only on the code that began it, so a changed engine or model reruns it."""
+    digest = hashlib.sha256()
+    for package in packages:
+        for path in sorted((Path(root) / package).rglob("*.py")):
+            digest.update(f"{path.relative_to(root).as_posix()}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def has_changes(root: Path = PROJECT_ROOT) -> bool:

@@ -18,7 +18,7 @@ from pipelines.params import TrainSpaceParams, validate
 from pipelines.search import (families_table, pareto_front, pick_winner, pretrained_sources, search_key,
                               trial_config)
 from pipelines.search_space import TRANSFER_KEYS, SearchSpace, ray_domain
-from pipelines.tracking import data_hash
+from pipelines.tracking import code_hash, data_hash
 from pipelines.tuner import InOrder, OrderedHalving, PromotingHalving, make_scheduler, make_search_alg, trial_base
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -292,6 +292,32 @@ def test_search_key_changes_with_what_shapes_the_trials_only(project_params, spa
     raw["search"]["classify"]["num_samples"] = 99
     assert search_key(validate(Params, raw), "classify", space, data) != key
     assert search_key(project_params, "classify", space, "other data") != key
+
+
+def test_changed_code_is_another_search(project_params, space, tmp_path):
+    """`dvc repro` after an upgrade or an edit of the engine or a model reruns the search stage; finished trials of
+    the old code must not stand in for new ones (Tune restores any experiment found under the same key)."""
+    models, pipelines, services = (tmp_path / name for name in ("models", "pipelines", "services"))
+    for folder, name, text in ((models, "net.py", "WIDTH = 16\n"), (pipelines, "engine.py", "LR = 0.1\n"),
+                               (services, "app.py", "PORT = 3000\n")):
+        folder.mkdir()
+        (folder / name).write_text(text)
+    before = code_hash(tmp_path)
+    (pipelines / "__pycache__").mkdir()
+    (pipelines / "__pycache__" / "engine.cpython-311.pyc").write_bytes(b"\0compiled")
+    (models / "notes.txt").write_text("not code")
+    (services / "app.py").write_text("PORT = 3001\n")  # no package the trials run
+    assert code_hash(tmp_path) == before
+    (pipelines / "engine.py").write_text("LR = 0.2\n")
+    edited = code_hash(tmp_path)
+    assert edited != before
+    (pipelines / "engine.py").rename(pipelines / "engine2.py")  # a move is a change too
+    assert code_hash(tmp_path) not in (before, edited)
+
+    key = search_key(project_params, "classify", space, "data")
+    assert key == search_key(project_params, "classify", space, "data", code=code_hash())  # the project's code
+    assert search_key(project_params, "classify", space, "data", code=before) != search_key(
+        project_params, "classify", space, "data", code=edited)
 
 
 def test_final_training_epochs_are_no_part_of_the_search(project_params, space):
