@@ -191,7 +191,8 @@ def training_rates(prepared: Path, batches: int, batch_size: int, workers: int) 
                 images, labels = unpack(batch)
                 consume(images, labels)
                 seen += len(images)
-            rates[f"{name}_{'train' if step else 'input'}_images_per_s"] = round(seen / (time.perf_counter() - started), 1)
+            rates[f"{name}_{'train' if step else 'input'}_images_per_s"] = round(
+                seen / (time.perf_counter() - started), 1)
     rates["ratio_input"] = round(rates["convforge_input_images_per_s"] / rates["imagefolder_input_images_per_s"], 2)
     rates["ratio_train"] = round(rates["convforge_train_images_per_s"] / rates["imagefolder_train_images_per_s"], 2)
     return {"workers": workers, "batch_size": batch_size, "batches": batches, **rates}

@@ -536,22 +536,32 @@ PLOTS = {"train_throughput": plot_train, "serve": plot_serve}
 # ---------------------------------------------------------------- the page
 
 
-DESIGN_FIGURES = """## Figures behind the code's defaults
+DESIGN_FIGURES = ("""## Figures behind the code's defaults
 
 Measured on the 2-core CPU machine the project is built and tested on (November 2026); the code
 names the choice, this table the figure that led to it.
 
 | where | choice | measured |
 | --- | --- | --- |
-| `services/service.py`, `serve.num_threads: 1` | one intra-op thread per server | a 28 px ResNet: 4.5 ms with 1 thread, 47 ms with 2 threads on a loaded 2-core box |
-| `services/service.py` `INLINE_BYTES` | small uploads decode on the event loop | a 64 KiB PNG decodes well under 1 ms, less than a thread hop on a busy box |
-| `services/observability.py` | latency histogram buckets | ~0.3 ms preprocessing of a 28 px image |
-| `pipelines/search.py` profiling | latency measured with 1 thread | two threads waiting on each other under load read 10-100x slower |
-| `pipelines/metrics.py` segment confusion | CPU `bincount` | torchmetrics' confusion matrix ~200x slower under deterministic algorithms |
-| `bench/serve.py` | whole benchmark | ~5-6 min |
-| `bench/tune_efficiency.py` | whole benchmark | ~64 min (3 seeds x 24 trials on 8,000 items: ASHA with the stopping rule, ASHA with promotions, full budget) on a 2-core box, ~23 min more for synchronous halving (`--add-variant sha`, run on its own); ~17 min with `--train 2000 --val 1000 --test 2000` (measured before the promotions arm) |
-| `bench/families.py` | whole benchmark | ~21 min (12 families, 10k items x 2 epochs, 1 thread) on a loaded 2-core box |
 """
+                  "| `services/service.py`, `serve.num_threads: 1` | one intra-op thread per server "
+                  "| a 28 px ResNet: 4.5 ms with 1 thread, 47 ms with 2 threads on a loaded 2-core box |\n"
+                  "| `services/service.py` `INLINE_BYTES` | small uploads decode on the event loop "
+                  "| a 64 KiB PNG decodes well under 1 ms, less than a thread hop on a busy box |\n"
+                  "| `services/observability.py` | latency histogram buckets "
+                  "| ~0.3 ms preprocessing of a 28 px image |\n"
+                  "| `pipelines/search.py` profiling | latency measured with 1 thread "
+                  "| two threads waiting on each other under load read 10-100x slower |\n"
+                  "| `pipelines/metrics.py` segment confusion | CPU `bincount` "
+                  "| torchmetrics' confusion matrix ~200x slower under deterministic algorithms |\n"
+                  "| `bench/serve.py` | whole benchmark | ~5-6 min |\n"
+                  "| `bench/tune_efficiency.py` | whole benchmark "
+                  "| ~64 min (3 seeds x 24 trials on 8,000 items: ASHA with the stopping rule, "
+                  "ASHA with promotions, full budget) "
+                  "on a 2-core box, ~23 min more for synchronous halving (`--add-variant sha`, run on its own); "
+                  "~17 min with `--train 2000 --val 1000 --test 2000` (measured before the promotions arm) |\n"
+                  "| `bench/families.py` | whole benchmark "
+                  "| ~21 min (12 families, 10k items x 2 epochs, 1 thread) on a loaded 2-core box |\n")
 
 
 # A result that is another's baseline (the same bench with one setting changed) shows inside that one's section.
@@ -582,7 +592,8 @@ def render(results: dict[str, dict]) -> str:
 
 
 def _names(results: dict) -> list[str]:
-    return [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER) - {b for names in BASELINES.values() for b in names})
+    return [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER)
+                                                       - {b for names in BASELINES.values() for b in names})
 
 
 def _anchor(title: str) -> str:

@@ -227,10 +227,12 @@ def main() -> None:
 
     print(f"\nTraining throughput, Fashion-MNIST 28x28, batch {args.batch}, {threads} thread(s), "
           f"{args.epochs} epochs per variant (first = warm-up), best of {args.repeats}")
-    print(f"{'model':<8}{'clock':<6}{'engine+MLflow':>15}{'plain':>10}{'naive PIL':>11}{'vs plain':>10}{'vs naive':>10}")
+    print(f"{'model':<8}{'clock':<6}{'engine+MLflow':>15}{'plain':>10}{'naive PIL':>11}"
+          f"{'vs plain':>10}{'vs naive':>10}")
     for r in rows:
         for clock in ("wall", "cpu"):
-            print(f"{r['model']:<8}{clock:<6}{r[f'engine_img_per_s_{clock}']:>15.0f}{r[f'plain_img_per_s_{clock}']:>10.0f}"
+            print(f"{r['model']:<8}{clock:<6}{r[f'engine_img_per_s_{clock}']:>15.0f}"
+                  f"{r[f'plain_img_per_s_{clock}']:>10.0f}"
                   f"{r[f'naive_img_per_s_{clock}']:>11.0f}{r[f'engine_vs_plain_{clock}']:>9.2f}x"
                   f"{r[f'engine_vs_naive_{clock}']:>9.2f}x")
     targets = {"engine_vs_plain": 0.95, "engine_vs_naive": 2.0}

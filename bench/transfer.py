@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = EngineSettings(device="cpu", num_threads=args.threads, seed=params.seed)
     machine = describe()
     try:
-        rows = [one_run(task, start, args, params, settings) for task in args.tasks for start in ("scratch", "classify")]
+        rows = [one_run(task, start, args, params, settings)
+                for task in args.tasks for start in ("scratch", "classify")]
     except (ConvForgeError, KeyError) as exc:  # KeyError: an unknown --family, as the registry words it
         sys.exit(f"bench/transfer.py: {exc.args[0] if isinstance(exc, KeyError) else exc}")
     table = gains(rows)

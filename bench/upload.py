@@ -66,10 +66,13 @@ def main() -> None:
                     reply = client.post("/classify", **kw)
                     times.append((time.perf_counter() - t) * 1000)
                     assert reply.status_code == 200, reply.text
-                print("result:", {k: reply.json()["results"][0].get(k) for k in ("width", "height", "in_domain", "reason")})
+                print("result:", {k: reply.json()["results"][0].get(k)
+                                  for k in ("width", "height", "in_domain", "reason")})
                 metrics = client.get("/metrics").text
-                pre = [l for l in metrics.splitlines() if l.startswith("convforge_preprocess_seconds_sum") and "classify" in l]
-                cnt = [l for l in metrics.splitlines() if l.startswith("convforge_preprocess_seconds_count") and "classify" in l]
+                pre = [l for l in metrics.splitlines()
+                       if l.startswith("convforge_preprocess_seconds_sum") and "classify" in l]
+                cnt = [l for l in metrics.splitlines()
+                       if l.startswith("convforge_preprocess_seconds_count") and "classify" in l]
         finally:
             stop(process)
     times.sort()

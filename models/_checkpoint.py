@@ -147,7 +147,8 @@ def load(directory: Path, expected_sha256: str | None = None,
 
 
 def _torchvision_state(spec: str) -> dict[str, Tensor]:
-    """ImageNet weights `torchvision:<Weights enum>` (e.g. ResNet18_Weights.IMAGENET1K_V1), from the local cache only."""
+    """ImageNet weights `torchvision:<Weights enum>` (e.g. ResNet18_Weights.IMAGENET1K_V1),
+    from the local cache only."""
     from torchvision.models import get_weight
 
     name = spec.split(":", 1)[1]

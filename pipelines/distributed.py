@@ -59,8 +59,9 @@ class Workers:
         gpu = bool(self.use_gpu) if self.use_gpu != "auto" else self.device != "cpu" and have.get("GPU", 0) >= 1
         for resource in ("CPU", "GPU") if gpu else ("CPU",):
             if have.get(resource, 0) < self.count:
-                raise ConvForgeError(f"train.workers is {self.count}, but the Ray cluster has {have.get(resource, 0):g} "
-                                     f"{resource}(s) for them (one each); lower train.workers or add nodes")
+                raise ConvForgeError(f"train.workers is {self.count}, but the Ray cluster has "
+                                     f"{have.get(resource, 0):g} {resource}(s) for them (one each); "
+                                     f"lower train.workers or add nodes")
         return gpu
 
 

@@ -30,7 +30,8 @@ from pipelines.transforms import apply_policy, build_policy
 SPLITS = ("train", "val", "test")
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, val_fraction: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, val) indices; each class gives round(val_fraction * its count) items to val."""
     val = []
     for c in np.unique(labels):
@@ -277,7 +278,8 @@ def prepare_from_scenes(raw: RawData, prepared: Path, reports: Path, augment: Au
     channels, canvas = int(raw.meta["in_channels"]), int(raw.meta["image_size"][0])
     histogram, previews = ChannelHistogram(), []
     instances = {split: 0 for split in SPLITS}
-    with runtime.atomic_dir(prepared / ITEMS_DATA) as items_out,             runtime.atomic_dir(prepared / SCENES_DATA) as scenes_out:
+    with runtime.atomic_dir(prepared / ITEMS_DATA) as items_out, \
+         runtime.atomic_dir(prepared / SCENES_DATA) as scenes_out:
         items = ItemsWriter(items_out, (augment.crop_size, augment.crop_size, channels))
         writers = {split: SceneWriter(scenes_out / split, raw.classes) for split in SPLITS}
         for split, scene in _own_scenes(raw, seed, augment.val_fraction):

@@ -146,7 +146,8 @@ class ReconstructMeter:
     def update(self, restored: Tensor, inputs: Tensor, targets: Tensor) -> None:
         """Add a batch: restored images float [N, C, H, W] in [0, 1], corrupted inputs and clean targets uint8."""
         target = targets.float().cpu() / 255
-        for prefix, image in (("", restored.detach().float().cpu().clamp(0, 1)), ("input_", inputs.float().cpu() / 255)):
+        for prefix, image in (("", restored.detach().float().cpu().clamp(0, 1)),
+                              ("input_", inputs.float().cpu() / 255)):
             psnr, ssim = image_quality(image, target)
             self.sums[f"{prefix}psnr"] += float(psnr.sum())
             self.sums[f"{prefix}ssim"] += float(ssim.sum())

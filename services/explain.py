@@ -75,7 +75,8 @@ def on_client(heat: torch.Tensor, placement: Placement) -> torch.Tensor:
 
 def heatmap(heat: torch.Tensor, placement: Placement, class_index: int, label: str, score: float,
             box: list[float] | None = None) -> Heatmap:
-    """A Heatmap of `heat` [H, W] (model-input pixels, in [0, 1]): 8-bit PNG at the client's size plus a low-res array."""
+    """A Heatmap of `heat` [H, W] (model-input pixels, in [0, 1]): 8-bit PNG at the client's size
+    plus a low-res array."""
     client = on_client(heat, placement).clamp(0, 1)
     scale = min(1.0, LOW_RES / max(client.shape))
     size = (max(1, round(client.shape[0] * scale)), max(1, round(client.shape[1] * scale)))

@@ -222,7 +222,8 @@ def draw_mask(canvas: torch.Tensor, prediction: Prediction, fx: float, fy: float
 
 def restored_line(result: ImageResult) -> str:
     """The restored image's size (and its PSNR when a target was scored)."""
-    return f"restored {result.width}x{result.height}" + (f", PSNR {result.psnr:.2f} dB" if result.psnr is not None else "")
+    return (f"restored {result.width}x{result.height}"
+            + (f", PSNR {result.psnr:.2f} dB" if result.psnr is not None else ""))
 
 
 def draw_restored(canvas: torch.Tensor, prediction: Prediction, fx: float, fy: float) -> torch.Tensor:

@@ -124,7 +124,8 @@ class ImageResult(BaseModel):
     detections: list[Detection] | None = None
     mask: Mask | None = None
     class_pixels: dict[str, int] | None = None
-    class_masks: dict[str, Mask] | None = Field(None, description="segment with rle/polygon: one mask per class present")
+    class_masks: dict[str, Mask] | None = Field(None, description="segment with rle/polygon: "
+                                                                  "one mask per class present")
     in_domain: bool | None = Field(None, description="whether the image looks like the model's training data "
                                                      "(channels, size, mean intensity); since schema 1.1")
     reason: str | None = Field(None, description="why the image is out of domain (rules joined by '; ')")

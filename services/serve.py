@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         device = serve_device(params.device)  # serve.device cuda without a GPU: one line here, not in a worker
         cmd = command(target, host, port)
         os.environ["BENTOML_HOME"] = str(instance_home(Path(os.environ["BENTOML_HOME"])))
-        print(f"serve: {target} on http://{host}:{port}, models on {device} (BENTOML_HOME {os.environ['BENTOML_HOME']})", flush=True)
+        print(f"serve: {target} on http://{host}:{port}, models on {device} "
+              f"(BENTOML_HOME {os.environ['BENTOML_HOME']})", flush=True)
         os.execv(cmd[0], cmd)
 
     run()

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "services", "models")
 MAX_FUNCTION_LINES = 60
 MAX_FIT_LINES = 50
+MAX_LINE = 120
 # Private APIs of the stack; a private one that stays lives in exactly one module, with its own test.
 PRIVATE = re.compile(r"_internal|_make_divisible|_DenseBlock|_Transition|AUTO_RESULT_KEYS|_compresslevel")
 GUARDED = {"services/batching.py"}
@@ -41,6 +42,13 @@ def test_no_function_in_pipelines_or_services_is_longer_than_60_lines() -> None:
 def test_fit_reads_in_at_most_50_lines() -> None:
     (fit,) = [f for f in functions(ROOT / "pipelines" / "engine.py") if f.name == "fit"]
     assert length(fit) <= MAX_FIT_LINES, f"fit is {length(fit)} lines"
+
+
+def test_no_line_in_a_python_file_is_longer_than_120_characters() -> None:
+    wide = [f"{p.relative_to(ROOT)}:{n} ({len(line)})" for p in modules(*PACKAGES, "bench", "tests", "examples")
+            if "__pycache__" not in p.parts
+            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > MAX_LINE]
+    assert not wide, f"lines over {MAX_LINE} characters:\n" + "\n".join(wide)
 
 
 def test_private_apis_of_the_stack_stay_in_one_guarded_module() -> None:

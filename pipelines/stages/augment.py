@@ -1,4 +1,5 @@
-"""Stage `augment`: data/raw -> data/prepared/{classify,scenes} + reports/augment previews (pipelines/preparation.py)."""
+"""Stage `augment`: data/raw -> data/prepared/{classify,scenes} + reports/augment previews
+(pipelines/preparation.py)."""
 
 from __future__ import annotations
 

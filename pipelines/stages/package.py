@@ -1,7 +1,8 @@
 """Stage `package`: trained models into the BentoML model store, ONNX exports, and the Bento.
 
 `python -m pipelines.stages.package` stores each task's champion, `artifacts/champion/<task>/` (what
-the promote stage chose, checked against reports/promotion/<task>.json), as BentoML model `convforge-<task>`, builds the Bento from services/bentofile.yaml, and writes
+the promote stage chose, checked against reports/promotion/<task>.json), as BentoML model `convforge-<task>`,
+builds the Bento from services/bentofile.yaml, and writes
 artifacts/bento/convforge.bento and artifacts/bento/bento.json (pipelines/packaging.py).
 The store is `<project>/.bentoml` unless BENTOML_HOME is set.
 """

@@ -104,8 +104,8 @@ def png(width: int, height: int, mode: str = "L") -> bytes:
 
 def classify(server: Server, times: int) -> None:
     for _ in range(times):
-        reply = httpx.post(f"{server.base}/{ClassifyTask.name}", files={"images": ("grey.png", png(16, 16), "image/png")},
-                           timeout=30)
+        reply = httpx.post(f"{server.base}/{ClassifyTask.name}",
+                           files={"images": ("grey.png", png(16, 16), "image/png")}, timeout=30)
         assert reply.status_code == 200, reply.text
 
 

@@ -1,8 +1,8 @@
 """train@task and evaluate@task on the tiny prepared fixtures, with a real MLflow SQLite store in tmp.
 
 One 1-epoch run per task: params, metrics, dataset input, plots (real PNGs), a registered model
-version (the promote stage, not training, moves the `champion` alias), a pyfunc that loads back through MLflow and predicts what the model predicts,
-then the test metrics JSON and DVC plot files.
+version (the promote stage, not training, moves the `champion` alias), a pyfunc that loads back through MLflow
+and predicts what the model predicts, then the test metrics JSON and DVC plot files.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def test_model_is_registered_and_loads_back_through_mlflow(trained, store, task)
     images = data.images[:3]
     got = pyfunc.predict(images.numpy())
     model, saved = checkpoint.load(trained[task]["out"])
-    direct = predict(model, task, images, saved["mean"], saved["std"], EngineSettings(device="cpu", channels_last=False))
+    direct = predict(model, task, images, saved["mean"], saved["std"],
+                     EngineSettings(device="cpu", channels_last=False))
     if task == "detect":
         expected = torch.cat([d["scores"] for d in direct]) if direct else torch.zeros(0)
         assert list(got["image"]) == [i for i, d in enumerate(direct) for _ in range(len(d["scores"]))]

@@ -1,4 +1,5 @@
-"""models/autoencoder.py and models/unet.py as reconstruct families; an encoder initialises a classifier whole or not at all."""
+"""models/autoencoder.py and models/unet.py as reconstruct families;
+an encoder initialises a classifier whole or not at all."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ CLASSIFY = families("classify")
 SCALE_UP = {
     "alexnet": {"width": 1.0}, "convnext": {"width": 96, "depth": 3}, "densenet": {"layers": 16, "growth_rate": 32},
     "efficientnet": {"phi": 0}, "googlenet": {"width": 1.0}, "highway": {"width": 64, "layers": 9},
-    "lenet5": {"width": 4}, "mobilenet_v2": {"width_mult": 1.0, "depth_mult": 1.0}, "resnet": {"depth": 50, "width": 64},
+    "lenet5": {"width": 4}, "mobilenet_v2": {"width_mult": 1.0, "depth_mult": 1.0},
+    "resnet": {"depth": 50, "width": 64},
     "squeezenet": {"width": 2.0}, "vgg": {"depth": 19, "width": 64}, "xception": {"width": 64, "middle_blocks": 8},
 }
 

@@ -9,7 +9,8 @@ from models._stages import stage_shapes, stride_plan
 
 
 @pytest.mark.parametrize("size,points,plan", [(8, 5, [1, 1, 1, 2, 2]), (28, 5, [1, 2, 2, 2, 2]),
-                                              (64, 5, [2, 2, 2, 2, 2]), (224, 3, [2, 2, 2]), (3, 2, [1, 2]), (2, 2, [1, 1])])
+                                              (64, 5, [2, 2, 2, 2, 2]), (224, 3, [2, 2, 2]), (3, 2, [1, 2]),
+                                              (2, 2, [1, 1])])
 def test_stride_plan_keeps_at_least_two_pixels(size: int, points: int, plan: list[int]) -> None:
     assert stride_plan(size, points) == plan
 

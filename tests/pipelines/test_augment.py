@@ -1,4 +1,5 @@
-"""The augment stage's library (pipelines/preparation.py): determinism, stratified split, train-only stats, copies, policies, own data."""
+"""The augment stage's library (pipelines/preparation.py): determinism, stratified split, train-only stats,
+copies, policies, own data."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """pipelines/decode.py: one decode for training and serving, on real encoded files.
 
 The parity test sends the same files through the fetch stage's path (`pipelines.sources.decode`, on
-`pipelines.decode`, with the dataset's in_channels and working size) and through the service's path from upload bytes to the
-model input (`services.imaging.prepare` with a loaded runner's fit), and wants identical arrays.
+`pipelines.decode`, with the dataset's in_channels and working size) and through the service's path
+from upload bytes to the model input (`services.imaging.prepare` with a loaded runner's fit),
+and wants identical arrays.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ def test_fetch_writes_meta_with_checksums(tmp_path, project_params):
     assert meta["in_channels"] == 1 and meta["image_size"] == [8, 8] and meta["skipped"] == []
     on_disk = json.loads((tmp_path / "raw" / "meta.json").read_text())
     assert on_disk == meta
-    assert set(meta["checksums"]) == {f"{split}/{name}.npy" for split in ("train", "test") for name in ("images", "labels")}
+    assert set(meta["checksums"]) == {f"{split}/{name}.npy" for split in ("train", "test")
+                                      for name in ("images", "labels")}
     for name, digest in meta["checksums"].items():
         assert sha256_file(tmp_path / "raw" / name) == digest
     assert np.load(tmp_path / "raw" / "train" / "images.npy").shape == (100, 8, 8, 1)

@@ -40,7 +40,8 @@ def error_of(path: Path) -> str:
 def test_repo_params_load():
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
-    assert params.data.kind in ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "imagefolder", "coco", "masks")
+    assert params.data.kind in ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "imagefolder", "coco",
+                                "masks")
     assert 0 < params.augment.val_fraction < 0.5
     assert params.scenes.min_items <= params.scenes.max_items
 

@@ -55,7 +55,8 @@ def test_training_batches_are_corrupted_afresh_from_the_global_seed(prepared_cla
     first = adapter.gather(train, idx)
     torch.manual_seed(3)
     assert torch.equal(first.images, adapter.gather(train, idx).images)  # resumable: same seed, same batch
-    assert torch.equal(first.targets, train.clean[:16]) and not torch.equal(first.images, adapter.gather(train, idx).images)
+    assert (torch.equal(first.targets, train.clean[:16])
+            and not torch.equal(first.images, adapter.gather(train, idx).images))
 
 
 def test_meter_reports_psnr_ssim_of_output_and_input_and_the_gain() -> None:

@@ -21,7 +21,8 @@ def test_summary_and_table_from_pipeline_outputs(tmp_path):
         "families": [{"family": "resnet", "score": 0.91, "params": 78000, "macs": 1.2e7, "latency_ms": 1.5},
                      {"family": "lenet5", "score": 0.88, "params": 61000, "macs": 4.2e5, "latency_ms": 0.3}]})
     _write(tmp_path / "artifacts/models/classify/config.json", {
-        "family": "resnet", "registered_model": "convforge-classify", "registered_version": "3", "mlflow_run_id": "abc"})
+        "family": "resnet", "registered_model": "convforge-classify", "registered_version": "3",
+        "mlflow_run_id": "abc"})
     _write(tmp_path / "reports/metrics/classify.json", {"test_accuracy": 0.925, "test_top5": 0.998, "other": 1})
     results = collect(tmp_path)
     assert results["detect"]["best"] is None
