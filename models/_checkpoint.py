@@ -69,7 +69,10 @@ def save(model: nn.Module, config: dict[str, Any], directory: Path) -> str:
     handle, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(_plain_state(model), tmp, metadata={"task": str(config["task"]), "family": str(config["family"])})
+        # One metadata entry: safetensors writes its metadata in hash-map order, which changes from save to save,
+        # so two entries would give the same weights other bytes, another weights_sha256 and DVC hash.
+        label = json.dumps({"task": str(config["task"]), "family": str(config["family"])}, sort_keys=True)
+        save_file(_plain_state(model), tmp, metadata={"convforge": label})
         os.chmod(tmp, 0o644)
         sha = sha256_file(Path(tmp))
         os.replace(tmp, directory / WEIGHTS)

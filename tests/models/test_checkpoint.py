@@ -55,6 +55,15 @@ def test_round_trip_with_non_default_hparams(tmp_path: Path) -> None:
     assert torch.equal(loaded.head[3].weight, model.head[3].weight)
 
 
+def test_the_same_weights_save_to_the_same_bytes(tmp_path: Path) -> None:
+    """weights_sha256 (and DVC's hash of the model folder) depends on the weights alone: safetensors orders its
+    metadata as a hash map does, differently from one save to the next, so it holds one entry only."""
+    model = build("classify", "resnet", 3, 1, 16)
+    hashes = {save(model, config_for("classify", "resnet"), tmp_path / str(n)) for n in range(24)}
+    assert len(hashes) == 1
+    assert len({(tmp_path / str(n) / "model.safetensors").read_bytes() for n in range(24)}) == 1
+
+
 def test_shared_tensors_are_saved_under_each_name(tmp_path: Path) -> None:
     model = build("classify", "lenet5", 3, 1, 16)
     model.extra = model.head[-1]  # one Linear under two names: aliased tensors, which safetensors refuses
