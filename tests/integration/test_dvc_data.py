@@ -62,3 +62,22 @@ def test_repro_then_noop(repo):
     assert "up to date" in second.stdout.lower()
     status = run(["dvc", "status"], root, env)
     assert "up to date" in status.stdout.lower()
+
+
+def test_bytecode_caches_leave_code_deps_unchanged(tmp_path):
+    """search@ and train@ stages list models/ and services/ whole: running the code with Python's default settings
+    writes __pycache__/ into them, and that must not make `dvc repro` run the stage again."""
+    shutil.copytree(ROOT / "models", tmp_path / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".dvcignore", tmp_path / ".dvcignore")
+    stage = {"cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('built')\"", "deps": ["models"],
+             "outs": ["out.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"build": stage}}))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):
+        run(cmd, tmp_path, env)
+
+    bytecode_env = {key: value for key, value in env.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    run([sys.executable, "-c", "import models; models.build('classify', 'lenet5', 10, 1, 28)"], tmp_path, bytecode_env)
+    assert list((tmp_path / "models" / "__pycache__").glob("*.pyc"))
+    status = run(["dvc", "status"], tmp_path, env)
+    assert "up to date" in status.stdout.lower(), status.stdout
