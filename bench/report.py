@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("repro_times", "train_throughput", "augment", "roi_align", "determinism", "tune_efficiency", "serve",
-         "owndata", "upload", "pretrain", "transfer", "families")
+ORDER = ("repro_times", "train_throughput", "augment", "roi_align", "determinism", "tune_efficiency",
+         "tune_efficiency_27_epochs", "serve", "owndata", "upload", "pretrain", "transfer", "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
     "tune_efficiency": "Tuning efficiency: do trial scores predict final ones; ASHA against every trial at full "
                        "budget; Ray's per-trial overhead",
+    "tune_efficiency_27_epochs": "Tuning efficiency at a 27-epoch budget: the first rung after 3 epochs",
     "augment": "Classify augmentation: torchvision's crop and flip item by item against whole batches",
     "roi_align": "RoIAlign while training on the CPU: matrix products against torchvision's sampling loop",
     "determinism": "Deterministic training on the CPU: its cost, and torch's fill of new tensors left out",
@@ -475,7 +476,8 @@ def _flat(value: object) -> object:
 
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
     "train_throughput": train_section, "augment": augment_section, "roi_align": roi_align_section,
-    "determinism": determinism_section, "tune_efficiency": tune_section, "serve": serve_section,
+    "determinism": determinism_section, "tune_efficiency": tune_section,
+    "tune_efficiency_27_epochs": tune_section, "serve": serve_section,
     "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}
 
