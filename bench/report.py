@@ -561,7 +561,8 @@ names the choice, this table the figure that led to it.
                   "| ~64 min (3 seeds x 24 trials on 8,000 items: ASHA with the stopping rule, "
                   "ASHA with promotions, full budget) "
                   "on a 2-core box, ~23 min more for synchronous halving (`--add-variant sha`, run on its own); "
-                  "~17 min with `--train 2000 --val 1000 --test 2000` (measured before the promotions arm) |\n"
+                  "~17 min with `--train 2000 --val 1000 --test 2000` (measured before the promotions arm); "
+                  "~69 min with `--seeds 1 --epochs 27 --grace-period 3` (all three ASHA variants) |\n"
                   "| `bench/families.py` | whole benchmark "
                   "| ~21 min (12 families, 10k items x 2 epochs, 1 thread) on a loaded 2-core box |\n")
 

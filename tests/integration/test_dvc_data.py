@@ -65,8 +65,8 @@ def test_repro_then_noop(repo):
 
 
 def test_bytecode_caches_leave_code_deps_unchanged(tmp_path):
-    """search@ and train@ stages list models/ and services/ whole: running the code with Python's default settings
-    writes __pycache__/ into them, and that must not make `dvc repro` run the stage again."""
+    """search@ and train@ list models/ whole (package lists services/): running the code with Python's default
+    settings writes __pycache__/ into them, and that must not make `dvc repro` run the stage again."""
     shutil.copytree(ROOT / "models", tmp_path / "models", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".dvcignore", tmp_path / ".dvcignore")
     stage = {"cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('built')\"", "deps": ["models"],
