@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("repro_times", "train_throughput", "augment", "roi_align", "determinism", "tune_efficiency",
+ORDER = ("repro_times", "train_throughput", "augment", "roi_align", "determinism", "cpu_amp", "tune_efficiency",
          "tune_efficiency_27_epochs", "serve", "owndata", "upload", "pretrain", "transfer", "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
@@ -28,6 +28,7 @@ TITLES = {
     "augment": "Classify augmentation: torchvision's crop and flip item by item against whole batches",
     "roi_align": "RoIAlign while training on the CPU: matrix products against torchvision's sampling loop",
     "determinism": "Deterministic training on the CPU: its cost, and torch's fill of new tensors left out",
+    "cpu_amp": "bf16 training steps on the CPU: autocast against float32",
     "serve": "Serving: the ConvForge service against bare FastAPI handlers doing the same work",
     "owndata": "Own data at real resolution: memory and input speed",
     "upload": "A 12 MP phone photo on /classify",
@@ -168,6 +169,19 @@ def determinism_section(name: str, result: dict) -> list[str]:
             for r in result["rows"]]
     return out + table(["model", "off img/s", "deterministic + fill img/s", "deterministic (ConvForge) img/s",
                         "gain from no fill", "cost of determinism left"], rows, "lrrrrr")
+
+
+def cpu_amp_section(name: str, result: dict) -> list[str]:
+    """Per default model: training images per second in float32 and under bf16 autocast."""
+    out = _intro(name, result, result.get("command", "python bench/cpu_amp.py"))
+    native = result["machine"].get("native_bf16")
+    out += [f"Training steps of the default run's models through their tasks' losses, deterministic kernels, best of "
+            f"{result['repeats']} interleaved passes. This CPU {'has' if native else 'has no'} bf16 instructions, so "
+            f"`train.amp: auto` trains here in {'bf16' if native else 'float32'}; validation, evaluate and serving "
+            "compute in float32 either way (target: bf16 >= 1.2x float32 where auto picks it):", ""]
+    rows = [[f"{r['task']}: {r['family']}, {r['image_size']} px, batch {r['batch']}", f"{r['float32_img_per_s']:.1f}",
+             f"{r['bf16_img_per_s']:.1f}", _ratio(r["speedup"])] for r in result["rows"]]
+    return out + table(["model", "float32 img/s", "bf16 img/s", "bf16 / float32"], rows, "lrrr")
 
 
 def tune_section(name: str, result: dict) -> list[str]:
@@ -476,7 +490,7 @@ def _flat(value: object) -> object:
 
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
     "train_throughput": train_section, "augment": augment_section, "roi_align": roi_align_section,
-    "determinism": determinism_section, "tune_efficiency": tune_section,
+    "determinism": determinism_section, "cpu_amp": cpu_amp_section, "tune_efficiency": tune_section,
     "tune_efficiency_27_epochs": tune_section, "serve": serve_section,
     "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}

@@ -93,8 +93,9 @@ class FitResult:
 
 
 def amp_dtype(settings: EngineSettings) -> torch.dtype | None:
-    """auto: bf16 on GPUs that have it, else fp16 (with loss scaling), off on CPU; bf16/fp16 force it; off turns
-    it off (`runtime.resolve` decides)."""
+    """The autocast dtype of training steps. auto: bf16 on GPUs and CPUs that have it, else fp16 (with loss
+    scaling) on a GPU and off on the CPU; bf16/fp16 force it; off turns it off (`runtime.resolve` decides).
+    Validation, evaluation and prediction run in float32, as the service does: a score is the served one."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.choice().amp)
 
 
@@ -536,8 +537,7 @@ def recalibrate_bn(setup: Setup, train: Any, cfg: TrainConfig, settings: EngineS
             if len(batch) < 2:  # BN in training mode needs two values per channel
                 continue
             images = normalize(batch.images, setup.mean, setup.std, setup.channels_last)
-            with _autocast(setup.device, setup.dtype):
-                setup.adapter.outputs(model, images)
+            setup.adapter.outputs(model, images)  # float32: the statistics of the served model's activations
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -602,13 +602,11 @@ def _evaluate(model: nn.Module, adapter: Any, data: Any, settings: EngineSetting
     """The adapter's metric report of `model` on a split (into `meter`, else the task's default one), in
     order and without gradients."""
     model.eval()
-    dtype = amp_dtype(settings)
     mean, std = _normalizer(data.mean, data.std, device)
     meter = adapter.meter(data.classes) if meter is None else meter
     for batch in prefetch(eval_batches(adapter, data, batch_size, settings), device):
         images = normalize(batch.images, mean, std, settings.choice().channels_last)
-        with _autocast(device, dtype):
-            outputs = adapter.outputs(model, images)
+        outputs = adapter.outputs(model, images)  # float32, as served (no autocast)
         adapter.update(meter, outputs, batch)
     return meter.compute()
 
@@ -637,13 +635,11 @@ def predict(model: nn.Module, task: str, images: Tensor, mean: Iterable[float], 
     """
     adapter = get_task(task)
     device = prepare(model, settings)
-    dtype = amp_dtype(settings)
     model.eval()
     mean_t, std_t = _normalizer(mean, std, device)
     chunks: list[Any] = []
     for start in range(0, len(images), batch_size):
         chunk = normalize(images[start:start + batch_size].to(device), mean_t, std_t, settings.choice().channels_last)
-        with _autocast(device, dtype):
-            outputs = adapter.outputs(model, chunk)
+        outputs = adapter.outputs(model, chunk)  # float32, as served
         chunks.append(adapter.cpu_predictions(outputs))
     return adapter.join(chunks)

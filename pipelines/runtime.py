@@ -1,8 +1,8 @@
 """Process set-up every stage shares: no telemetry, seeds, threads, device, atomic writes.
 
 Device resolution is a pure function of the settings and the machine's facts (`Hardware`, read once by
-`probe`): `resolve` picks the device, the AMP dtype (bf16 where the GPU has it, else fp16 with loss
-scaling), channels_last and what `deterministic` means there; `device_line` is the one line a run logs
+`probe`): `resolve` picks the device, the AMP dtype of training steps (bf16 where the GPU or the CPU has
+it natively, else fp16 with loss scaling on a GPU, none on other CPUs), channels_last and what `deterministic` means there; `device_line` is the one line a run logs
 and `device_record` what it records in MLflow. Determinism: on the CPU every op runs its deterministic
 kernel (two runs give identical metrics); on CUDA seeds and cuDNN's deterministic convolutions only,
 because ops such as bilinear upsampling's and RoIAlign's backward have no deterministic CUDA kernel and
@@ -97,6 +97,7 @@ class Hardware:
     gpu_memory_gib: float = 0.0
     capability: tuple[int, int] = (0, 0)  # CUDA compute capability of device 0
     bf16: bool = False  # native bf16 (Ampere, capability 8.0, and later)
+    cpu_bf16: bool = False  # the CPU's own bf16 instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16)
     cuda_version: str = ""  # of the torch build
     driver_version: str = ""
 
@@ -117,13 +118,30 @@ def probe() -> Hardware:
     """This machine's facts: cores and threads, and the first GPU's name, memory, capability and versions."""
     import torch
 
-    cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    cores, threads, cpu_bf16 = len(os.sched_getaffinity(0)), torch.get_num_threads(), _cpu_has_bf16()
     if not torch.cuda.is_available():
-        return Hardware(cores, threads)
+        return Hardware(cores, threads, cpu_bf16=cpu_bf16)
     props = torch.cuda.get_device_properties(0)
     return Hardware(cores, threads, torch.cuda.device_count(), props.name, round(props.total_memory / 2**30, 1),
                     (props.major, props.minor), torch.cuda.is_bf16_supported(including_emulation=False),
-                    torch.version.cuda or "", _driver_version())
+                    cpu_bf16, torch.version.cuda or "", _driver_version())
+
+
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86's two, Arm's (FEAT_BF16)
+
+
+def _cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU multiplies bf16 natively (its flags in Linux's /proc/cpuinfo; False elsewhere). Without
+    these instructions oneDNN emulates bf16 and autocast makes training slower, not faster."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return bool(CPU_BF16_FLAGS & set(value.split()))
+    return False
 
 
 def _driver_version() -> str:
@@ -142,8 +160,9 @@ def resolve(device: str, amp: str, channels_last: bool, deterministic: bool, hw:
             section: str = "train") -> DeviceChoice:
     """The device, AMP dtype, memory format and determinism that settings (`section`'s) get on `hw`.
 
-    auto: CUDA when a GPU is usable; AMP bf16 where the GPU has it natively, else fp16 with a GradScaler, off on
-    the CPU. channels_last only where it pays: the CPU and GPUs with tensor cores (capability 7.0 and later).
+    auto: CUDA when a GPU is usable; AMP bf16 where the GPU has it natively, else fp16 with a GradScaler; on the
+    CPU bf16 where it has bf16 instructions (training steps 1.3x faster on AVX512-BF16: bench/cpu_amp.py), else
+    off. channels_last only where it pays: the CPU and GPUs with tensor cores (capability 7.0 and later).
     """
     from pipelines.errors import ConvForgeError
 
@@ -151,7 +170,7 @@ def resolve(device: str, amp: str, channels_last: bool, deterministic: bool, hw:
         raise ConvForgeError(f"{section}.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     on_cuda = device == "cuda" or (device == "auto" and hw.gpus > 0)
     if amp == "auto":
-        amp = ("bf16" if hw.bf16 else "fp16") if on_cuda else "off"
+        amp = ("bf16" if hw.bf16 else "fp16") if on_cuda else ("bf16" if hw.cpu_bf16 else "off")
     if amp == "fp16" and not on_cuda:
         raise ConvForgeError(f"{section}.amp fp16 needs CUDA; use bf16 or off on the CPU")
     if amp == "bf16" and on_cuda and not hw.bf16:

@@ -46,6 +46,28 @@ def test_two_cpu_runs_give_identical_metrics_with_augmentation(digits, cfg, proj
                                                  runs[1].model.state_dict().values()))
 
 
+def test_bf16_training_on_the_cpu_is_deterministic_and_scored_in_float32(digits, cfg, project_params):
+    """AMP bf16 (auto's choice on CPUs with bf16 instructions; emulated, still deterministic, elsewhere) changes the
+    training steps only: two runs give the same bits, and validation, evaluate and predict compute in float32,
+    what the service computes, so a model's score under bf16 settings is its score with AMP off."""
+    train, val = digits
+    bf16 = EngineSettings(device="cpu", amp="bf16", num_threads=1, seed=3)
+    fp32 = EngineSettings(device="cpu", amp="off", num_threads=1, seed=3)
+    runs = [fit(lenet(train), "classify", train, val, cfg, bf16, policy=project_params.augment.policy, log=None)
+            for _ in range(2)]
+    assert learned(runs[0].history) == learned(runs[1].history)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(),
+                                                 runs[1].model.state_dict().values()))
+    model = runs[0].model
+    assert evaluate(model, "classify", val, bf16) == evaluate(model, "classify", val, fp32)
+    assert evaluate(model, "classify", val, fp32)["accuracy"] == pytest.approx(runs[0].best_score)  # val: float32 too
+    probs = predict(model, "classify", val.images[:16], val.mean, val.std, bf16)
+    assert probs.dtype == torch.float32 and torch.equal(probs, predict(model, "classify", val.images[:16], val.mean,
+                                                                       val.std, fp32))
+    plain = fit(lenet(train), "classify", train, val, cfg, fp32, policy=project_params.augment.policy, log=None)
+    assert not torch.equal(next(plain.model.parameters()), next(model.parameters()))  # the steps did run in bf16
+
+
 def test_an_interrupted_run_resumes_at_the_next_epoch_with_the_same_result(digits, cfg, project_params, tmp_path):
     train, val = digits
     options = cfg.updated(ema_decay=0.9, label_smoothing=0.1, mixup_alpha=0.2, grad_clip=1.0)
@@ -77,7 +99,7 @@ def test_progress_lines_and_best_epoch_selection(digits, cfg):
     lines = []
     result = fit(lenet(train), "classify", train, val, cfg.updated(optimizer="adamw", lr=0.003,
                                                                      schedule="onecycle"), CPU, log=lines.append)
-    assert lines[0].startswith("device: cpu (") and "amp off" in lines[0]  # the resolved device, once per run
+    assert lines[0].startswith("device: cpu (") and f"amp {CPU.choice().amp}," in lines[0]  # resolved, once a run
     epochs = lines[1:]
     assert len(epochs) == 2 and all("loss" in l and "val_accuracy" in l and "img/s" in l and "ETA" in l for l in epochs)
     scores = [r.score for r in result.history]

@@ -64,6 +64,7 @@ from pipelines.runtime import (DeviceChoice, Hardware, device_line, device_recor
                                trial_resources)
 
 CPU = Hardware(cores=16, threads=16)
+ZEN4 = Hardware(cores=2, threads=2, cpu_bf16=True)  # AVX512-BF16
 H200 = Hardware(16, 16, gpus=1, gpu_name="NVIDIA H200", gpu_memory_gib=139.8, capability=(9, 0), bf16=True,
                 cuda_version="13.0", driver_version="580.65")
 T4 = Hardware(8, 8, gpus=4, gpu_name="Tesla T4", gpu_memory_gib=15.6, capability=(7, 5), bf16=False)
@@ -78,6 +79,26 @@ def test_auto_on_each_kind_of_hardware():
     assert resolve("auto", "auto", True, False, P100) == DeviceChoice("cuda", "fp16", True, False, "off")
     assert resolve("cpu", "auto", False, True, H200) == DeviceChoice("cpu", "off", False, False, "kernels")
     assert resolve("auto", "bf16", True, True, CPU).amp == "bf16"  # CPU autocast takes bf16
+    # training steps in bf16 where the CPU multiplies bf16 natively; off where oneDNN would emulate it
+    assert resolve("auto", "auto", True, True, ZEN4) == DeviceChoice("cpu", "bf16", False, True, "kernels")
+    assert resolve("cpu", "auto", True, True, Hardware(8, 8, gpus=1, bf16=True, cpu_bf16=True)).amp == "bf16"
+    assert resolve("auto", "off", True, True, ZEN4).amp == "off"
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n", True),  # AMD Zen 4
+    ("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n", True),  # Intel Sapphire Rapids
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm Neoverse V1
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n", False),  # Cascade Lake: emulated
+    ("", False),
+])
+def test_native_cpu_bf16_comes_from_the_cpu_flags(tmp_path, cpuinfo, native):
+    from pipelines.runtime import _cpu_has_bf16
+
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    assert _cpu_has_bf16(path) is native
+    assert _cpu_has_bf16(tmp_path / "missing") is False
 
 
 @pytest.mark.parametrize("device, amp, hardware, message", [
