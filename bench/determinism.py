@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,15 +69,20 @@ def batches(task: str, size: int, batch: int, steps: int):
     return out
 
 
-def rates(task: str, repeats: int) -> dict[str, float]:
-    """Training images per second of `task`'s default model under each of SETTINGS."""
+def step_rates(task: str, settings: dict[str, tuple[Callable[[], None], Any]], repeats: int, family: str | None = None,
+               hparams: dict | None = None, batch: int | None = None, steps: int | None = None) -> dict[str, float]:
+    """Training images per second of `task`'s default model (or `family` with `hparams`) under each setting: a label
+    -> (what it sets before its passes, the autocast dtype of the forward pass or None). Best of `repeats` passes,
+    the settings interleaved so that a slow spell of a shared machine hits every one alike."""
     import torch
 
     from models import build
     from pipelines.params import load_params
     from pipelines.tasks import get_task
 
-    family, hparams, size, batch, steps = MODELS[task]
+    default_family, default_hparams, size, default_batch, default_steps = MODELS[task]
+    family, hparams = family or default_family, default_hparams if hparams is None else hparams
+    batch, steps = batch or default_batch, steps or default_steps
     adapter, cfg = get_task(task), load_params(ROOT / "params.yaml").train.task(task)
     torch.manual_seed(0)
     model = build(task, family, 10, 1, size, **hparams).train().to(memory_format=torch.channels_last)
@@ -84,25 +90,40 @@ def rates(task: str, repeats: int) -> dict[str, float]:
     data = [(images.contiguous(memory_format=torch.channels_last), targets)
             for images, targets in batches(task, size, batch, steps)]
 
-    def passes():
+    def passes(dtype) -> None:
         for images, targets in data:
-            loss = adapter.loss(model, images, targets, cfg)
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = adapter.loss(model, images, targets, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-    passes()  # warm-up: first-call allocations and kernel choices
-    best = dict.fromkeys(SETTINGS, 0.0)
-    for _ in range(repeats):  # interleaved: a slow spell of a shared machine hits every setting alike
-        for label, (deterministic, fill) in SETTINGS.items():
-            torch.use_deterministic_algorithms(deterministic, warn_only=True)
-            torch.utils.deterministic.fill_uninitialized_memory = fill
+    for apply, dtype in settings.values():  # warm-up: first-call allocations and kernel choices of each
+        apply()
+        passes(dtype)
+    best = dict.fromkeys(settings, 0.0)
+    for _ in range(repeats):
+        for label, (apply, dtype) in settings.items():
+            apply()
             started = time.perf_counter()
-            passes()
+            passes(dtype)
             best[label] = max(best[label], steps * batch / (time.perf_counter() - started))
     for label, rate in best.items():
         print(f"{task} ({family}, {size} px, batch {batch}), {label}: {rate:.1f} img/s", flush=True)
     return best
+
+
+def rates(task: str, repeats: int) -> dict[str, float]:
+    """Training images per second of `task`'s default model under each of SETTINGS."""
+    import torch
+
+    def determinism(deterministic: bool, fill: bool) -> Callable[[], None]:
+        def apply() -> None:
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+        return apply
+
+    return step_rates(task, {label: (determinism(*flags), None) for label, flags in SETTINGS.items()}, repeats)
 
 
 def main() -> None:

@@ -93,8 +93,8 @@ class FitResult:
 
 
 def amp_dtype(settings: EngineSettings) -> torch.dtype | None:
-    """The autocast dtype of training steps. auto: bf16 on GPUs and CPUs that have it, else fp16 (with loss
-    scaling) on a GPU and off on the CPU; bf16/fp16 force it; off turns it off (`runtime.resolve` decides).
+    """The autocast dtype of training steps. auto: bf16 on GPUs that have it, else fp16 (with loss scaling), off
+    on the CPU; bf16/fp16 force it; off turns it off (`runtime.resolve` decides).
     Validation, evaluation and prediction run in float32, as the service does: a score is the served one."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.choice().amp)
 

@@ -1,12 +1,13 @@
 """Process set-up every stage shares: no telemetry, seeds, threads, device, atomic writes.
 
 Device resolution is a pure function of the settings and the machine's facts (`Hardware`, read once by
-`probe`): `resolve` picks the device, the AMP dtype of training steps (bf16 where the GPU or the CPU has
-it natively, else fp16 with loss scaling on a GPU, none on other CPUs), channels_last and what `deterministic` means there; `device_line` is the one line a run logs
-and `device_record` what it records in MLflow. Determinism: on the CPU every op runs its deterministic
-kernel (two runs give identical metrics); on CUDA seeds and cuDNN's deterministic convolutions only,
-because ops such as bilinear upsampling's and RoIAlign's backward have no deterministic CUDA kernel and
-forcing deterministic algorithms there only warns and slows every other kernel down.
+`probe`): `resolve` picks the device, the AMP dtype of training steps (bf16 where the GPU has it, else
+fp16 with loss scaling; float32 on the CPU), channels_last and what `deterministic` means there;
+`device_line` is the one line a run logs and `device_record` what it records in MLflow. Determinism:
+on the CPU every op runs its deterministic kernel (two runs give identical metrics); on CUDA seeds and
+cuDNN's deterministic convolutions only, because ops such as bilinear upsampling's and RoIAlign's
+backward have no deterministic CUDA kernel and forcing deterministic algorithms there only warns and
+slows every other kernel down.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86's two
 
 def _cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU multiplies bf16 natively (its flags in Linux's /proc/cpuinfo; False elsewhere). Without
-    these instructions oneDNN emulates bf16 and autocast makes training slower, not faster."""
+    these instructions oneDNN emulates bf16: `amp: bf16` then trains slower, not faster."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
@@ -160,9 +161,10 @@ def resolve(device: str, amp: str, channels_last: bool, deterministic: bool, hw:
             section: str = "train") -> DeviceChoice:
     """The device, AMP dtype, memory format and determinism that settings (`section`'s) get on `hw`.
 
-    auto: CUDA when a GPU is usable; AMP bf16 where the GPU has it natively, else fp16 with a GradScaler; on the
-    CPU bf16 where it has bf16 instructions (training steps 1.3x faster on AVX512-BF16: bench/cpu_amp.py), else
-    off. channels_last only where it pays: the CPU and GPUs with tensor cores (capability 7.0 and later).
+    auto: CUDA when a GPU is usable; AMP bf16 where the GPU has it natively, else fp16 with a GradScaler, off on
+    the CPU: there bf16 (`amp: bf16`) trains dense convolutions 1.2-1.7x faster on a CPU with bf16 instructions
+    but depthwise ones (MobileNetV2, EfficientNet) 2x slower, and without those instructions it is emulated
+    (bench/cpu_amp.py). channels_last only where it pays: the CPU and GPUs with tensor cores (capability 7.0 and later).
     """
     from pipelines.errors import ConvForgeError
 
@@ -170,7 +172,7 @@ def resolve(device: str, amp: str, channels_last: bool, deterministic: bool, hw:
         raise ConvForgeError(f"{section}.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     on_cuda = device == "cuda" or (device == "auto" and hw.gpus > 0)
     if amp == "auto":
-        amp = ("bf16" if hw.bf16 else "fp16") if on_cuda else ("bf16" if hw.cpu_bf16 else "off")
+        amp = ("bf16" if hw.bf16 else "fp16") if on_cuda else "off"
     if amp == "fp16" and not on_cuda:
         raise ConvForgeError(f"{section}.amp fp16 needs CUDA; use bf16 or off on the CPU")
     if amp == "bf16" and on_cuda and not hw.bf16:
@@ -199,7 +201,9 @@ def apply_determinism(choice: DeviceChoice) -> None:
 
 def device_line(choice: DeviceChoice, hw: Hardware) -> str:
     """One line: the hardware a run uses and how."""
-    how = f"amp {choice.amp}{' + loss scaling' if choice.grad_scaler else ''}, " \
+    emulated = " (emulated: this CPU has no bf16 instructions)" if choice.device == "cpu" and choice.amp == "bf16" \
+        and not hw.cpu_bf16 else ""
+    how = f"amp {choice.amp}{' + loss scaling' if choice.grad_scaler else ''}{emulated}, " \
           f"{'channels_last' if choice.channels_last else 'contiguous'}, deterministic {choice.deterministic}"
     if choice.device == "cpu":
         return f"device: cpu ({hw.cores} cores, {hw.threads} threads); {how}"

@@ -28,7 +28,9 @@ def worker_params(params: Params, workers: int, storage: str) -> Params:
     raw = params.model_dump()
     raw["train"]["classify"].update(epochs=EPOCHS, warmup_epochs=0, ema_decay=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
                                     label_smoothing=0.0, early_stop_patience=0)
-    raw["train"].update(num_threads=1, workers=workers, use_gpu=False, device="cpu")
+    # float32: the test compares DDP's averaged gradients with one process's; bf16 rounds each worker's half
+    # batch on its own, noise that would need a tolerance too wide to catch a wrong average
+    raw["train"].update(num_threads=1, workers=workers, use_gpu=False, device="cpu", amp="off")
     raw["search"].update(ray_address=None, storage=storage)
     return validate(Params, raw)
 

@@ -84,6 +84,14 @@ def test_bad_choice(tmp_path):
     assert message.startswith("data.on_corrupt: expected one of") and "'skip'" in message and "'fail'" in message
 
 
+def test_amp_off_written_bare_is_off(tmp_path):
+    """YAML reads `amp: off` (and `dvc exp run -S train.amp=off`) as false: it means "off", not a type error."""
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("  amp: auto ", "  amp: off  ", 1))
+    assert "  amp: off  " in path.read_text() and load_params(path).train.amp == "off"
+    assert error_of(write_params(tmp_path, "train", "amp", True)).startswith("train.amp: expected one of")
+
+
 def test_scene_ranges_must_be_ordered(tmp_path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["scenes"]["min_items"], raw["scenes"]["max_items"] = 4, 2
