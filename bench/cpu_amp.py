@@ -35,17 +35,24 @@ FAMILIES = {"lenet5": {}, "resnet": {"depth": 10, "width": 16}, "vgg": {"depth":
             "squeezenet": {}}
 
 
-def rates(task: str, repeats: int, family: str | None = None, hparams: dict | None = None,
-          batch: int | None = None, steps: int | None = None) -> dict[str, float]:
-    """Training images per second of `task`'s default model (or `family`) in float32 and under bf16 autocast."""
+def deterministic() -> None:
+    """Deterministic kernels without torch's fill of new tensors, as a ConvForge run on the CPU trains."""
     import torch
 
-    def deterministic() -> None:  # as a ConvForge run on the CPU trains
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = runtime.FILL_UNINITIALIZED_MEMORY
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = runtime.FILL_UNINITIALIZED_MEMORY
 
-    return step_rates(task, {"float32": (deterministic, None), "bf16": (deterministic, torch.bfloat16)}, repeats,
-                      family, hparams, batch or BATCH.get(task), steps)
+
+def row(task: str, family: str, size: int, batch: int, repeats: int, hparams: dict | None = None,
+        steps: int | None = None) -> dict:
+    """One model's training images per second in float32 and under bf16 autocast, at torch's current threads."""
+    import torch
+
+    rate = step_rates(task, {"float32": (deterministic, None), "bf16": (deterministic, torch.bfloat16)}, repeats,
+                      family, hparams, batch, steps)
+    return {"task": task, "family": family, "image_size": size, "batch": batch, "threads": torch.get_num_threads(),
+            "float32_img_per_s": round(rate["float32"], 1), "bf16_img_per_s": round(rate["bf16"], 1),
+            "speedup": round(rate["bf16"] / rate["float32"], 2)}
 
 
 def main() -> None:
@@ -54,23 +61,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive, default=6)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_amp.json")
     args = parser.parse_args()
-    runtime.set_threads(args.threads)
-    import torch
-
+    threads = runtime.set_threads(args.threads)
     machine = describe()
     native = runtime.probe().cpu_bf16
-    def row(task: str, family: str, size: int, batch: int, threads: int, rate: dict[str, float]) -> dict:
-        return {"task": task, "family": family, "image_size": size, "batch": batch, "threads": threads,
-                "float32_img_per_s": round(rate["float32"], 1), "bf16_img_per_s": round(rate["bf16"], 1),
-                "speedup": round(rate["bf16"] / rate["float32"], 2)}
-
-    threads = torch.get_num_threads()
-    rows = [row(task, family, size, BATCH.get(task, batch), threads, rates(task, args.repeats))
+    rows = [row(task, family, size, BATCH.get(task, batch), args.repeats)
             for task, (family, _, size, batch, _) in MODELS.items()]
     runtime.set_threads(1)  # a search trial's share of 2 cores
-    families = [row("classify", family, 28, 64, 1, rates("classify", args.repeats, family, hparams, 64, 12))
-                for family, hparams in FAMILIES.items()]
-    runtime.set_threads(args.threads)
+    families = [row("classify", family, 28, 64, args.repeats, hparams, 12) for family, hparams in FAMILIES.items()]
     machine.update(threads=threads, native_bf16=native, load_avg_at_end=[round(x, 2) for x in os.getloadavg()])
     result = {"command": "python bench/cpu_amp.py" + (f" --threads {args.threads}" if args.threads else ""),
               "machine": machine, "repeats": args.repeats, "rows": rows, "families": families}

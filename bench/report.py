@@ -176,11 +176,12 @@ def cpu_amp_section(name: str, result: dict) -> list[str]:
     at a search trial's one thread."""
     out = _intro(name, result, result.get("command", "python bench/cpu_amp.py"))
     native = result["machine"].get("native_bf16")
+    slower = [r["family"] for r in result["rows"] + result.get("families", []) if r["speedup"] < 1]
     out += [f"Training steps through the tasks' losses, deterministic kernels, best of {result['repeats']} interleaved "
             f"passes. This CPU {'has' if native else 'has no'} bf16 instructions. `train.amp: auto` trains in float32 "
-            "on the CPU: bf16 speeds dense convolutions up but halves depthwise ones (MobileNetV2, EfficientNet), "
-            "and the default search trains MobileNetV2 trials. `amp: bf16` is there for runs of dense families; "
-            "validation, evaluate and serving compute in float32 either way.", ""]
+            "on the CPU; `amp: bf16` trains slower here for "
+            + (", ".join(slower) if slower else "none of these models")
+            + ". Validation, evaluate and serving compute in float32 either way.", ""]
 
     def rows(items: list[dict]) -> list[list[object]]:
         return [[f"{r['task']}: {r['family']}, {r['image_size']} px, batch {r['batch']}, {r['threads']} thread(s)",

@@ -387,13 +387,11 @@ def backends(rows: list[dict], served: dict[str, dict[str, str]]) -> dict:
 def machine() -> dict:
     import bentoml
     import onnxruntime
-    import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpus": len(os.sched_getaffinity(0)), "cpu": model, "python": platform.python_version(),
-            "torch": torch.__version__, "bentoml": bentoml.__version__, "onnxruntime": onnxruntime.__version__,
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    from bench.machine import describe
+
+    return {**describe(), "python": platform.python_version(), "bentoml": bentoml.__version__,
+            "onnxruntime": onnxruntime.__version__}
 
 
 def served_backends(port: int) -> dict[str, str]:

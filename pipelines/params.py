@@ -238,12 +238,6 @@ class TrainConfig(Section):
 class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda"]
     amp: Literal["auto", "bf16", "fp16", "off"]
-
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _unquoted_off(cls, value: Any) -> Any:
-        """YAML 1.1 (params.yaml, `dvc exp run -S train.amp=off`) reads a bare `off` as false."""
-        return "off" if value is False else value
     channels_last: bool
     compile: bool
     num_threads: NonNegInt
@@ -255,6 +249,12 @@ class TrainParams(Section):
     segment: TrainConfig
     regress: TrainConfig
     reconstruct: TrainConfig
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: Any) -> Any:
+        """YAML 1.1 (params.yaml, `dvc exp run -S train.amp=off`) reads a bare `off` as false."""
+        return "off" if value is False else value
 
     def task(self, task: str) -> TrainConfig:
         return getattr(self, task)

@@ -129,20 +129,27 @@ def probe() -> Hardware:
 
 
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86's two, Arm's (FEAT_BF16)
+CPUINFO = Path("/proc/cpuinfo")
 
 
-def _cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU multiplies bf16 natively (its flags in Linux's /proc/cpuinfo; False elsewhere). Without
-    these instructions oneDNN emulates bf16: `amp: bf16` then trains slower, not faster."""
+def cpu_info(key: str, cpuinfo: Path = CPUINFO) -> str | None:
+    """The first CPU's `key` field in Linux's /proc/cpuinfo ("model name", "flags", ...); None where there is none."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
-        return False
+        return None
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return bool(CPU_BF16_FLAGS & set(value.split()))
-    return False
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return None
+
+
+def _cpu_has_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU multiplies bf16 natively (its flags: x86's `flags`, Arm's `Features`). Without these
+    instructions oneDNN emulates bf16: `amp: bf16` then trains slower, not faster."""
+    flags = cpu_info("flags", cpuinfo) or cpu_info("Features", cpuinfo) or ""
+    return bool(CPU_BF16_FLAGS & set(flags.split()))
 
 
 def _driver_version() -> str:

@@ -47,7 +47,7 @@ def test_two_cpu_runs_give_identical_metrics_with_augmentation(digits, cfg, proj
 
 
 def test_bf16_training_on_the_cpu_is_deterministic_and_scored_in_float32(digits, cfg, project_params):
-    """AMP bf16 (auto's choice on CPUs with bf16 instructions; emulated, still deterministic, elsewhere) changes the
+    """AMP bf16 on the CPU (`amp: bf16`; emulated, still deterministic, without bf16 instructions) changes the
     training steps only: two runs give the same bits, and validation, evaluate and predict compute in float32,
     what the service computes, so a model's score under bf16 settings is its score with AMP off."""
     train, val = digits
