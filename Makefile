@@ -64,7 +64,9 @@ bench:
 	$(PY) bench/augment.py
 	$(PY) bench/roi_align.py
 	$(PY) bench/determinism.py
+	$(PY) bench/cpu_amp.py
 	$(PY) bench/tune_efficiency.py
+	$(PY) bench/trial_vs_final.py
 	$(PY) bench/serve.py
 	$(PY) bench/owndata.py
 	$(PY) bench/upload.py

@@ -19,12 +19,14 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ORDER = ("repro_times", "train_throughput", "augment", "roi_align", "determinism", "cpu_amp", "tune_efficiency",
-         "tune_efficiency_27_epochs", "serve", "owndata", "upload", "pretrain", "transfer", "families")
+         "tune_efficiency_27_epochs", "trial_vs_final", "serve", "owndata", "upload", "pretrain", "transfer",
+         "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
     "tune_efficiency": "Tuning efficiency: do trial scores predict final ones; ASHA against every trial at full "
                        "budget; Ray's per-trial overhead",
     "tune_efficiency_27_epochs": "Tuning efficiency at a 27-epoch budget: the first rung after 3 epochs",
+    "trial_vs_final": "The default run's search: its trial scores against the same trials trained as the final model",
     "augment": "Classify augmentation: torchvision's crop and flip item by item against whole batches",
     "roi_align": "RoIAlign while training on the CPU: matrix products against torchvision's sampling loop",
     "determinism": "Deterministic training on the CPU: its cost, and torch's fill of new tensors left out",
@@ -246,6 +248,37 @@ def tune_section(name: str, result: dict) -> list[str]:
                  [["seconds per no-op trial", over["reuse_actors"], over["no_reuse"],
                    _ratio(over["reuse_actors"] / over["no_reuse"])]], "lrrr")
     return out
+
+
+def trial_vs_final_section(name: str, result: dict) -> list[str]:
+    """The pipeline's own classify search: each trial's search score against its final training's test score."""
+    out = _intro(name, result, result["command"])
+    search, ranks = result["search"], result.get("ranks")
+    out += [f"The classify search of the default run ({result['search_trials']} trials of "
+            f"{search['train_subset']:,} items, {search['scheduler']} with grace period {search['grace_period']} "
+            f"and reduction factor {search['reduction_factor']}, at most {search['max_epochs']} epochs): each trial "
+            f"trained as `train@classify` trains the winner ({result['final_epochs']} epochs on the whole training "
+            f"split), its best-validation epoch tested on {result['test_items']:,} items. Trial score: the "
+            "validation accuracy the search recorded for it, after the epochs it reached.", ""]
+    if not result.get("complete") or not ranks:
+        return out + [f"Incomplete: {len(result['rows'])} trial(s) so far; rerun the command to finish.", ""]
+    rho = ranks["spearman_rho"]
+    out += table(["comparison", "measured", "target", "met"],
+                 [[f"Spearman rho, trial score vs final test score ({ranks['trials']} trials)",
+                   f"{_score(rho)} (p {_cell(ranks['p_value'])})", f">= {ranks['target_rho']}",
+                   rho is not None and rho >= ranks["target_rho"]],
+                  ["Kendall tau", _score(ranks["kendall_tau"]), "", ""],
+                  ["the search's winner among the finals", f"#{ranks['winner_final_rank']} of {ranks['trials']}, "
+                   f"{ranks['winner_gap_to_best']:.4f} below the best", "", ""]], "lrll")
+    best = max(row["final_test_score"] for row in result["rows"])
+    error = (best * (1 - best) / result["test_items"]) ** 0.5
+    out += [f"One standard error of a test accuracy near {best:.3f} on {result['test_items']:,} items: "
+            f"{error:.4f}; final test scores closer than that rank by chance.", ""]
+    rows = [[row["family"], row["trial_id"], row["trial_epochs"], f"{row['trial_score']:.4f}",
+             f"{row['final_val_score']:.4f}", f"{row['final_test_score']:.4f}", f"{row['seconds']:.0f}"]
+            for row in sorted(result["rows"], key=lambda row: -row["trial_score"])]
+    return out + table(["family", "trial", "search epochs", "trial score", "final val", "final test", "train s"],
+                       rows, "llrrrrr")
 
 
 def _asha_variants(searches: list[dict]) -> list[tuple[str, str, list[dict]]]:
@@ -502,7 +535,8 @@ def _flat(value: object) -> object:
 SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
     "train_throughput": train_section, "augment": augment_section, "roi_align": roi_align_section,
     "determinism": determinism_section, "cpu_amp": cpu_amp_section, "tune_efficiency": tune_section,
-    "tune_efficiency_27_epochs": tune_section, "serve": serve_section,
+    "tune_efficiency_27_epochs": tune_section, "trial_vs_final": trial_vs_final_section,
+    "serve": serve_section,
     "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}
 

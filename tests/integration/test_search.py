@@ -303,6 +303,36 @@ def test_a_recorded_trial_replays_to_its_recorded_scores(two_orders, prepared_cl
         assert run.info.experiment_id == MlflowClient(uri).get_run(outcome.original).info.experiment_id
 
 
+def test_trial_vs_final_bench_trains_each_trial_as_the_train_stage_would(two_orders, prepared_classify, tmp_path,
+                                                                       capsys):
+    """bench/trial_vs_final.py on a recorded search: at the search's epochs on its items, every trial's final run
+    passes through the trial's score after the epochs the trial reached; a rerun trains nothing."""
+    from bench import trial_vs_final as bench
+
+    best, table, _ = two_orders["lenet5_first"]
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "best.json").write_text(json.dumps(best))
+    (search / "families.json").write_text(json.dumps(table))
+    argv = ["--search", str(search), "--data", str(prepared_classify), "--out", str(tmp_path / "out.json"),
+            "--epochs", "2", "--threads", "1"]  # tiny_params: 2 epochs on every training item
+    bench.main(argv)
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["complete"] and len(result["rows"]) == len(table["trials"]) == 4
+    for row in result["rows"]:
+        assert len(row["final_val_scores"]) == 2 and row["final_val_score"] == max(row["final_val_scores"])
+        assert row["final_val_scores"][row["trial_epochs"] - 1] == pytest.approx(row["trial_score"], abs=1e-6)
+        assert 0 <= row["final_test_score"] <= 1
+    assert [row["trial_score"] for row in result["rows"]] == sorted((t["score"] for t in table["trials"]),
+                                                                     reverse=True)
+    ranks = result["ranks"]
+    assert ranks["trials"] == 4 and -1 <= ranks["spearman_rho"] <= 1 and 1 <= ranks["winner_final_rank"] <= 4
+    capsys.readouterr()
+    bench.main(argv)  # the same search and settings: every row read back, none retrained
+    assert "training 2 epochs" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == result["rows"]
+
+
 def test_killed_search_resumes_without_rerunning_finished_trials(project_params, prepared_classify, tmp_path):
     """Run the stage, SIGKILL it once a trial has finished, rerun it: the search completes from where it was."""
     from mlflow import MlflowClient

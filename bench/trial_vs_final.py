@@ -1,0 +1,189 @@
+"""Does the pipeline's own search rank its trials as their final training would? Each trial of the classify search
+that `dvc repro` ran, trained as `train@classify` trains the winner, against its score in the search.
+
+The trials come from `artifacts/search/classify/families.json` (the search's record: family, hyperparameters,
+training keys, score and the epochs each trial reached before the scheduler stopped it). Each one is handed to the
+train stage's own set-up (pipelines/training.py `prepare`, as if it had won: the whole training split,
+`train.classify.epochs`, the same seed, engine settings and augmentation) and fitted; its best-validation epoch's
+weights are scored on the test split, as `evaluate@classify` scores the champion. The validation score after each
+epoch is kept: given the search's items and epochs, each trial's score is the final run's after as many epochs.
+Reported: Spearman's rho (and Kendall's tau) between the search's trial scores and the final test scores, the rank
+the search's winner reaches among the finals, and the gap between its final test score and the best one.
+
+    python bench/trial_vs_final.py              # every trial of the last search (8 on the default run: ~40 min)
+    python bench/trial_vs_final.py --trials 4   # 4 of them, spread over the search's score range
+
+Needs the default run's outputs first (`dvc repro search@classify`). Each finished trial is written to
+bench/results/trial_vs_final.json at once; a rerun on the same search trains only the trials it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
+
+import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
+from pipelines.engine import evaluate, fit  # noqa: E402
+from pipelines.errors import ConvForgeError  # noqa: E402
+from pipelines.params import Params, load_params, validate  # noqa: E402
+from pipelines.tasks import get_task  # noqa: E402
+from pipelines.training import prepare  # noqa: E402
+
+TASK = "classify"
+SEARCH = ROOT / "artifacts" / "search" / TASK
+DATA = ROOT / "data" / "prepared" / TASK
+RESULTS = ROOT / "bench" / "results" / "trial_vs_final.json"
+TARGET_RHO = 0.8
+
+
+def search_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A classify search's best.json and families.json."""
+    try:
+        best, record = (json.loads((folder / name).read_text()) for name in ("best.json", "families.json"))
+    except FileNotFoundError as exc:
+        raise ConvForgeError(f"{exc.filename} not found: run `dvc repro search@classify` first") from None
+    except json.JSONDecodeError as exc:
+        raise ConvForgeError(f"{folder}: not valid JSON ({exc}); rerun `dvc repro search@classify`") from None
+    if record.get("task") != TASK or not record.get("trials"):
+        raise ConvForgeError(f"{folder / 'families.json'} holds no classify trials; rerun `dvc repro search@classify`")
+    return best, record
+
+
+def spread(trials: list[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
+    """`count` scored trials spread evenly over the score range (best and worst included), best first; all of
+    them when `count` is None or at least their number."""
+    scored = sorted((t for t in trials if t.get("score") is not None), key=lambda t: -t["score"])
+    if count is None or count >= len(scored):
+        return scored
+    if count == 1:
+        return scored[:1]
+    picks = sorted({round(i * (len(scored) - 1) / (count - 1)) for i in range(count)})
+    return [scored[i] for i in picks]
+
+
+def final_run(trial: dict[str, Any], params: Params, data: Path, test: Any) -> dict[str, Any]:
+    """The trial trained as train@classify would train it had it won; its best epoch scored on `test`."""
+    choice = {"task": TASK, "family": trial["family"], "model": trial["hparams"], "train": trial["train"],
+              "trial_id": trial["trial_id"]}
+    with tempfile.TemporaryDirectory(prefix="convforge-trial-") as folder:
+        best_path = Path(folder) / "best.json"
+        best_path.write_text(json.dumps(choice))
+        job = prepare(params, TASK, data, best_path, ROOT, log=lambda line: None)
+    label = f"{trial['family']} {trial['trial_id']}"
+    print(f"{label}: trial score {trial['score']:.4f} after {trial['epochs']} epoch(s); training "
+          f"{job.cfg.epochs} epochs on {len(job.train):,} items", flush=True)
+    started = time.perf_counter()
+    result = fit(job.model, TASK, job.train, job.val, job.cfg, job.settings, policy=job.policy,
+                 log=lambda line: print(f"  {label}: {line}", flush=True))
+    seconds = time.perf_counter() - started
+    test_score = evaluate(result.model, TASK, test, job.settings)["accuracy"]
+    print(f"{label}: final test accuracy {test_score:.4f} (val {result.best_score:.4f}) in {seconds:.0f} s",
+          flush=True)
+    return {"trial_id": trial["trial_id"], "family": trial["family"], "hparams": trial["hparams"],
+            "train": trial["train"], "trial_epochs": trial["epochs"], "trial_status": trial["status"],
+            "trial_score": trial["score"], "final_epochs": job.cfg.epochs, "final_val_score": result.best_score,
+            "final_val_scores": [epoch.score for epoch in result.history],
+            "final_test_score": test_score, "seconds": round(seconds, 1)}
+
+
+def rank_figures(rows: list[dict[str, Any]], winner: str) -> dict[str, Any]:
+    """Spearman's rho and Kendall's tau of trial score against final test score; where the winner ends."""
+    from scipy.stats import kendalltau, spearmanr
+
+    trial = [row["trial_score"] for row in rows]
+    final = [row["final_test_score"] for row in rows]
+    rho, tau = (spearmanr(trial, final), kendalltau(trial, final)) if len(rows) >= 3 else (None, None)
+
+    def finite(value: float | None) -> float | None:
+        return float(value) if value is not None and math.isfinite(value) else None
+
+    by_final = sorted(rows, key=lambda row: -row["final_test_score"])
+    won = next((row for row in rows if row["trial_id"] == winner), None)
+    return {"trials": len(rows),
+            "spearman_rho": finite(rho.statistic) if rho else None, "p_value": finite(rho.pvalue) if rho else None,
+            "kendall_tau": finite(tau.statistic) if tau else None,
+            "winner_final_rank": by_final.index(won) + 1 if won else None,
+            "winner_gap_to_best": round(by_final[0]["final_test_score"] - won["final_test_score"], 4) if won else None,
+            "target_rho": TARGET_RHO}
+
+
+def bench_params(epochs: int | None, threads: int | None) -> Params:
+    """params.yaml, with the final training's epochs and the engine's threads overridden when asked."""
+    raw = load_params(ROOT / "params.yaml").model_dump()
+    if epochs is not None:
+        raw["train"][TASK]["epochs"] = epochs
+    if threads is not None:
+        raw["train"]["num_threads"] = threads
+    return validate(Params, raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=positive, default=None, help="trials trained, spread over the score "
+                        "range (default: every trial of the search)")
+    parser.add_argument("--epochs", type=positive, default=None, help="final training epochs (default: "
+                        "train.classify.epochs)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: "
+                        "train.num_threads)")
+    parser.add_argument("--search", type=Path, default=SEARCH, help="the search's folder (best.json, families.json)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the prepared classify data the search ran on")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", default=None, help="what the reader should know about this run (kept in the JSON)")
+    args = parser.parse_args(argv)
+    params = bench_params(args.epochs, args.threads)
+    try:
+        best, record = search_record(args.search)
+        chosen = spread(record["trials"], args.trials)
+        test = get_task(TASK).load_split(args.data, "test")
+    except ConvForgeError as exc:
+        sys.exit(f"bench/trial_vs_final.py: {exc}")
+    search_id = best.get("mlflow_parent_run_id")
+    flags = [f"--{key} {value}" for key, value in (("trials", args.trials), ("epochs", args.epochs),
+                                                    ("threads", args.threads)) if value is not None]
+    out = {"command": " ".join(["python bench/trial_vs_final.py", *flags]),
+           "search_run_id": search_id, "winner": best["trial_id"], "search_trials": len(record["trials"]),
+           "search": {key: getattr(params.search.classify, key)
+                      for key in ("num_samples", "max_epochs", "grace_period", "train_subset")}
+           | {"scheduler": params.search.scheduler, "reduction_factor": params.search.reduction_factor},
+           "final_epochs": params.train.classify.epochs, "threads": params.train.num_threads,
+           "test_items": len(test), "machine": describe()}
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    # A rerun on the same search and settings picks up where an interrupted one stopped.
+    same = all(earlier.get(key) == out[key] for key in ("search_run_id", "final_epochs", "threads", "test_items"))
+    done = {row["trial_id"]: row for row in earlier.get("rows", [])} if same else {}
+    if done and all(trial["trial_id"] in done for trial in chosen):
+        out["machine"] = earlier.get("machine", out["machine"])  # nothing retrained: where the rows were measured
+    if args.note or earlier.get("note"):
+        out["note"] = args.note or earlier["note"]
+    rows = []
+    for trial in chosen:
+        if trial["trial_id"] in done:
+            rows.append(done[trial["trial_id"]])
+            continue
+        try:
+            rows.append(final_run(trial, params, args.data, test))
+        except ConvForgeError as exc:
+            sys.exit(f"bench/trial_vs_final.py: trial {trial['trial_id']}: {exc}")
+        runtime.write_json(args.out, {**out, "complete": False, "rows": rows})
+    figures = rank_figures(rows, best["trial_id"])
+    runtime.write_json(args.out, {**out, "complete": True, "rows": rows, "ranks": figures})
+    print(f"\n{'family':<13} {'trial':>8} {'epochs':>6} {'final test':>10}")
+    for row in sorted(rows, key=lambda row: -row["trial_score"]):
+        print(f"{row['family']:<13} {row['trial_score']:>8.4f} {row['trial_epochs']:>6} "
+              f"{row['final_test_score']:>10.4f}")
+    print(f"Spearman rho {figures['spearman_rho']} (target >= {TARGET_RHO}), Kendall tau {figures['kendall_tau']}; "
+          f"the winner ends #{figures['winner_final_rank']} of {len(rows)}, {figures['winner_gap_to_best']} below "
+          f"the best; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
