@@ -17,6 +17,7 @@ Writes bench/results/cpu_amp.json.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -35,20 +36,14 @@ FAMILIES = {"lenet5": {}, "resnet": {"depth": 10, "width": 16}, "vgg": {"depth":
             "squeezenet": {}}
 
 
-def deterministic() -> None:
-    """Deterministic kernels without torch's fill of new tensors, as a ConvForge run on the CPU trains."""
-    import torch
-
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = runtime.FILL_UNINITIALIZED_MEMORY
-
-
 def row(task: str, family: str, size: int, batch: int, repeats: int, hparams: dict | None = None,
         steps: int | None = None) -> dict:
     """One model's training images per second in float32 and under bf16 autocast, at torch's current threads."""
     import torch
 
-    rate = step_rates(task, {"float32": (deterministic, None), "bf16": (deterministic, torch.bfloat16)}, repeats,
+    # as a deterministic ConvForge run on the CPU trains
+    as_a_run = functools.partial(runtime.apply_determinism, runtime.resolve("cpu", "off", True, True, runtime.probe()))
+    rate = step_rates(task, {"float32": (as_a_run, None), "bf16": (as_a_run, torch.bfloat16)}, repeats,
                       family, hparams, batch, steps)
     return {"task": task, "family": family, "image_size": size, "batch": batch, "threads": torch.get_num_threads(),
             "float32_img_per_s": round(rate["float32"], 1), "bf16_img_per_s": round(rate["bf16"], 1),
@@ -64,8 +59,8 @@ def main() -> None:
     threads = runtime.set_threads(args.threads)
     machine = describe()
     native = runtime.probe().cpu_bf16
-    rows = [row(task, family, size, BATCH.get(task, batch), args.repeats)
-            for task, (family, _, size, batch, _) in MODELS.items()]
+    rows = [row(task, family, size, BATCH.get(task, batch), args.repeats, hparams)
+            for task, (family, hparams, size, batch, _) in MODELS.items()]
     runtime.set_threads(1)  # a search trial's share of 2 cores
     families = [row("classify", family, 28, 64, args.repeats, hparams, 12) for family, hparams in FAMILIES.items()]
     machine.update(threads=threads, native_bf16=native, load_avg_at_end=[round(x, 2) for x in os.getloadavg()])

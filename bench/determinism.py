@@ -71,9 +71,9 @@ def batches(task: str, size: int, batch: int, steps: int):
 
 def step_rates(task: str, settings: dict[str, tuple[Callable[[], None], Any]], repeats: int, family: str | None = None,
                hparams: dict | None = None, batch: int | None = None, steps: int | None = None) -> dict[str, float]:
-    """Training images per second of `task`'s default model (or `family` with `hparams`) under each setting: a label
-    -> (what it sets before its passes, the autocast dtype of the forward pass or None). Best of `repeats` passes,
-    the settings interleaved so that a slow spell of a shared machine hits every one alike."""
+    """Training images per second of `task`'s default model (or `family` with `hparams`, default {}) under each
+    setting: a label -> (what it sets before its passes, the autocast dtype of the forward pass or None). Best of
+    `repeats` passes, the settings interleaved so that a slow spell of a shared machine hits every one alike."""
     import torch
 
     from models import build
@@ -81,8 +81,9 @@ def step_rates(task: str, settings: dict[str, tuple[Callable[[], None], Any]], r
     from pipelines.tasks import get_task
 
     default_family, default_hparams, size, default_batch, default_steps = MODELS[task]
-    family, hparams = family or default_family, default_hparams if hparams is None else hparams
-    batch, steps = batch or default_batch, steps or default_steps
+    if family is None:  # the default model's hyperparameters go with its family only
+        family, hparams = default_family, default_hparams
+    hparams, batch, steps = hparams or {}, batch or default_batch, steps or default_steps
     adapter, cfg = get_task(task), load_params(ROOT / "params.yaml").train.task(task)
     torch.manual_seed(0)
     model = build(task, family, 10, 1, size, **hparams).train().to(memory_format=torch.channels_last)

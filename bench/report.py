@@ -268,8 +268,9 @@ def trial_vs_final_section(name: str, result: dict) -> list[str]:
                    f"{_score(rho)} (p {_cell(ranks['p_value'])})", f">= {ranks['target_rho']}",
                    rho is not None and rho >= ranks["target_rho"]],
                   ["Kendall tau", _score(ranks["kendall_tau"]), "", ""],
-                  ["the search's winner among the finals", f"#{ranks['winner_final_rank']} of {ranks['trials']}, "
-                   f"{ranks['winner_gap_to_best']:.4f} below the best", "", ""]], "lrll")
+                  ["the search's winner among the finals", "not among the trials trained"
+                   if ranks["winner_final_rank"] is None else f"#{ranks['winner_final_rank']} of {ranks['trials']}, "
+                   f"{_score(ranks['winner_gap_to_best'])} below the best", "", ""]], "lrll")
     best = max(row["final_test_score"] for row in result["rows"])
     error = (best * (1 - best) / result["test_items"]) ** 0.5
     out += [f"One standard error of a test accuracy near {best:.3f} on {result['test_items']:,} items: "

@@ -3,7 +3,7 @@ that `dvc repro` ran, trained as `train@classify` trains the winner, against its
 
 The trials come from `artifacts/search/classify/families.json` (the search's record: family, hyperparameters,
 training keys, score and the epochs each trial reached before the scheduler stopped it). Each one is handed to the
-train stage's own set-up (pipelines/training.py `prepare`, as if it had won: the whole training split,
+train stage's own set-up (pipelines/training.py `prepare_choice`, as if it had won: the whole training split,
 `train.classify.epochs`, the same seed, engine settings and augmentation) and fitted; its best-validation epoch's
 weights are scored on the test split, as `evaluate@classify` scores the champion. The validation score after each
 epoch is kept: given the search's items and epochs, each trial's score is the final run's after as many epochs.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,14 @@ from pipelines.engine import evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 from pipelines.params import Params, load_params, validate  # noqa: E402
 from pipelines.tasks import get_task  # noqa: E402
-from pipelines.training import prepare  # noqa: E402
+from pipelines.training import prepare_choice  # noqa: E402
 
 TASK = "classify"
 SEARCH = ROOT / "artifacts" / "search" / TASK
 DATA = ROOT / "data" / "prepared" / TASK
 RESULTS = ROOT / "bench" / "results" / "trial_vs_final.json"
 TARGET_RHO = 0.8
+TRIAL_KEYS = ("trial_id", "family", "hparams", "train", "score", "epochs", "status")  # what each row reads
 
 
 def search_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -55,6 +55,10 @@ def search_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConvForgeError(f"{folder}: not valid JSON ({exc}); rerun `dvc repro search@classify`") from None
     if record.get("task") != TASK or not record.get("trials"):
         raise ConvForgeError(f"{folder / 'families.json'} holds no classify trials; rerun `dvc repro search@classify`")
+    lacking = sorted({key for trial in record["trials"] for key in TRIAL_KEYS if key not in trial})
+    if lacking or "trial_id" not in best:
+        raise ConvForgeError(f"{folder}: trials without {lacking or ['trial_id']}, written by another version; "
+                             "rerun `dvc repro search@classify`")
     return best, record
 
 
@@ -72,12 +76,9 @@ def spread(trials: list[dict[str, Any]], count: int | None) -> list[dict[str, An
 
 def final_run(trial: dict[str, Any], params: Params, data: Path, test: Any) -> dict[str, Any]:
     """The trial trained as train@classify would train it had it won; its best epoch scored on `test`."""
-    choice = {"task": TASK, "family": trial["family"], "model": trial["hparams"], "train": trial["train"],
-              "trial_id": trial["trial_id"]}
-    with tempfile.TemporaryDirectory(prefix="convforge-trial-") as folder:
-        best_path = Path(folder) / "best.json"
-        best_path.write_text(json.dumps(choice))
-        job = prepare(params, TASK, data, best_path, ROOT, log=lambda line: None)
+    choice = {"family": trial["family"], "model": trial["hparams"], "train": trial["train"]}
+    job = prepare_choice(params, TASK, data, choice, ROOT, log=lambda line: None,
+                         source_name=f"trial {trial['trial_id']}")
     label = f"{trial['family']} {trial['trial_id']}"
     print(f"{label}: trial score {trial['score']:.4f} after {trial['epochs']} epoch(s); training "
           f"{job.cfg.epochs} epochs on {len(job.train):,} items", flush=True)
@@ -101,19 +102,32 @@ def rank_figures(rows: list[dict[str, Any]], winner: str) -> dict[str, Any]:
 
     trial = [row["trial_score"] for row in rows]
     final = [row["final_test_score"] for row in rows]
-    rho, tau = (spearmanr(trial, final), kendalltau(trial, final)) if len(rows) >= 3 else (None, None)
-
-    def finite(value: float | None) -> float | None:
-        return float(value) if value is not None and math.isfinite(value) else None
-
+    rho = tau = p_value = None
+    if len(rows) >= 3:
+        result = spearmanr(trial, final)
+        rho, p_value, tau = result.statistic, result.pvalue, kendalltau(trial, final).statistic
     by_final = sorted(rows, key=lambda row: -row["final_test_score"])
     won = next((row for row in rows if row["trial_id"] == winner), None)
-    return {"trials": len(rows),
-            "spearman_rho": finite(rho.statistic) if rho else None, "p_value": finite(rho.pvalue) if rho else None,
-            "kendall_tau": finite(tau.statistic) if tau else None,
+    return {"trials": len(rows), "spearman_rho": finite(rho), "p_value": finite(p_value), "kendall_tau": finite(tau),
             "winner_final_rank": by_final.index(won) + 1 if won else None,
             "winner_gap_to_best": round(by_final[0]["final_test_score"] - won["final_test_score"], 4) if won else None,
             "target_rho": TARGET_RHO}
+
+
+def finite(value: float | None) -> float | None:
+    """A statistic as JSON keeps it: None when undefined (no value, or NaN for tied scores)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def read_earlier(path: Path) -> dict[str, Any]:
+    """The results an earlier run wrote to `path` ({} when there are none or they do not parse)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"{path}: not valid JSON; every trial is trained again", flush=True)
+        return {}
 
 
 def bench_params(epochs: int | None, threads: int | None) -> Params:
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
            | {"scheduler": params.search.scheduler, "reduction_factor": params.search.reduction_factor},
            "final_epochs": params.train.classify.epochs, "threads": params.train.num_threads,
            "test_items": len(test), "machine": describe()}
-    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    earlier = read_earlier(args.out)
     # A rerun on the same search and settings picks up where an interrupted one stopped.
     same = all(earlier.get(key) == out[key] for key in ("search_run_id", "final_epochs", "threads", "test_items"))
     done = {row["trial_id"]: row for row in earlier.get("rows", [])} if same else {}
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             rows.append(final_run(trial, params, args.data, test))
         except ConvForgeError as exc:
-            sys.exit(f"bench/trial_vs_final.py: trial {trial['trial_id']}: {exc}")
+            sys.exit(f"bench/trial_vs_final.py: {exc}")  # names the trial
         runtime.write_json(args.out, {**out, "complete": False, "rows": rows})
     figures = rank_figures(rows, best["trial_id"])
     runtime.write_json(args.out, {**out, "complete": True, "rows": rows, "ranks": figures})

@@ -84,9 +84,15 @@ def read_best(path: Path, task: str) -> dict[str, Any]:
 
 def prepare(params: Params, task: str, data_root: Path, best_path: Path, root: Path,
             log: Callable[[str], None] = print) -> TrainingJob:
-    """Step 1: the search's choice built as a model (seeded, its trunk from `pretrained`), the data loaded,
-    the config merged."""
-    best = read_best(best_path, task)
+    """Step 1: the search's choice (best.json) built as a model (seeded, its trunk from `pretrained`), the data
+    loaded, the config merged."""
+    return prepare_choice(params, task, data_root, read_best(best_path, task), root, log, str(best_path))
+
+
+def prepare_choice(params: Params, task: str, data_root: Path, best: dict[str, Any], root: Path,
+                   log: Callable[[str], None] = print, source_name: str = "best.json") -> TrainingJob:
+    """`prepare` of a choice in hand (best.json's keys: family, model, train), e.g. any trial of a search;
+    `source_name` names it in errors."""
     adapter = get_task(task)
     train, val = adapter.load_split(data_root, "train"), adapter.load_split(data_root, "val")
     # As a trial sets up its run (pipelines/recipe.py): a trial of E epochs is this training for E epochs.
@@ -97,8 +103,8 @@ def prepare(params: Params, task: str, data_root: Path, best_path: Path, root: P
         hparams, model, transfer = run_model(task, best["family"], best["model"], train, params.seed,
                                              pretrained=source, log=log)
     except (KeyError, TypeError, ValueError) as exc:  # a family or hyperparameter value its builder refuses
-        raise ConvForgeError(f"{best_path}: {best['family']} {best['model']}: {exc.args[0] if exc.args else exc}"
-                             ) from None
+        raise ConvForgeError(f"{source_name}: {best['family']} {best['model']}: "
+                             f"{exc.args[0] if exc.args else exc}") from None
     return TrainingJob(task, best["family"], hparams, cfg, model, train, val, EngineSettings.from_params(params),
                        params.augment.policy, data_root, tracking.data_hash(data_root, root), best, transfer)
 
