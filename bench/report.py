@@ -262,24 +262,48 @@ def trial_vs_final_section(name: str, result: dict) -> list[str]:
             "validation accuracy the search recorded for it, after the epochs it reached.", ""]
     if not result.get("complete") or not ranks:
         return out + [f"Incomplete: {len(result['rows'])} trial(s) so far; rerun the command to finish.", ""]
-    rho = ranks["spearman_rho"]
-    out += table(["comparison", "measured", "target", "met"],
-                 [[f"Spearman rho, trial score vs final test score ({ranks['trials']} trials)",
-                   f"{_score(rho)} (p {_cell(ranks['p_value'])})", f">= {ranks['target_rho']}",
-                   rho is not None and rho >= ranks["target_rho"]],
-                  ["Kendall tau", _score(ranks["kendall_tau"]), "", ""],
-                  ["the search's winner among the finals", "not among the trials trained"
-                   if ranks["winner_final_rank"] is None else f"#{ranks['winner_final_rank']} of {ranks['trials']}, "
-                   f"{_score(ranks['winner_gap_to_best'])} below the best", "", ""]], "lrll")
+    mean = result.get("seed_mean")
+    seed = result.get("seed", 42)
+    rank_rows = []
+    for label, figures in ((f"final test score at seed {seed} (the default run's)", ranks),
+                           (f"mean final test score over seeds {seed}-{seed + mean['seeds'] - 1}" if mean else "",
+                            mean)):
+        if figures:
+            rho = figures["spearman_rho"]
+            rank_rows += [[f"Spearman rho over {figures['trials']} trials, trial score vs {label}",
+                           f"{_score(rho)} (p {_cell(figures['p_value'])})", f">= {figures['target_rho']}",
+                           rho is not None and rho >= figures["target_rho"]],
+                          ["Kendall tau", _score(figures["kendall_tau"]), "", ""],
+                          ["the search's winner among the finals", "not among the trials trained"
+                           if figures["winner_final_rank"] is None else f"#{figures['winner_final_rank']} of "
+                           f"{figures['trials']}, {_score(figures['winner_gap_to_best'])} below the best", "", ""]]
+    out += table(["comparison", "measured", "target", "met"], rank_rows, "lrll")
     best = max(row["final_test_score"] for row in result["rows"])
     error = (best * (1 - best) / result["test_items"]) ** 0.5
     out += [f"One standard error of a test accuracy near {best:.3f} on {result['test_items']:,} items: "
-            f"{error:.4f}; final test scores closer than that rank by chance.", ""]
+            f"{error:.4f}; final test scores closer than that rank by chance."
+            + (f" Between seeds, one trial's final test score moves by {mean['pooled_sd']:.4f} (standard "
+               f"deviation, pooled over the trials); the mean of {mean['seeds']} seeds moves by "
+               f"{mean['pooled_sd'] / mean['seeds'] ** 0.5:.4f}." + _best_on_mean(result["rows"]) if mean else ""),
+            ""]
+    header = ["family", "trial", "search epochs", "trial score", "final val", "final test", "train s"]
+    if mean:
+        header[6:6] = [f"mean of {mean['seeds']} seeds", "sd"]
     rows = [[row["family"], row["trial_id"], row["trial_epochs"], f"{row['trial_score']:.4f}",
-             f"{row['final_val_score']:.4f}", f"{row['final_test_score']:.4f}", f"{row['seconds']:.0f}"]
+             f"{row['final_val_score']:.4f}", f"{row['final_test_score']:.4f}",
+             *([f"{row['final_test_mean']:.4f}", f"{row['final_test_sd']:.4f}"] if mean else []),
+             f"{row['seconds']:.0f}"]
             for row in sorted(result["rows"], key=lambda row: -row["trial_score"])]
-    return out + table(["family", "trial", "search epochs", "trial score", "final val", "final test", "train s"],
-                       rows, "llrrrrr")
+    return out + table(header, rows, "llrrrrrrr" if mean else "llrrrrr")
+
+
+def _best_on_mean(rows: list[dict]) -> str:
+    """Which trial ends best on the seeds' mean, and where the search ranked it."""
+    best = max(rows, key=lambda row: row["final_test_mean"])
+    place = sorted(rows, key=lambda row: -row["trial_score"]).index(best) + 1
+    return (f" On that mean the best final model is {best['family']} {best['trial_id']} "
+            f"({best['final_test_mean']:.4f}), which the search ranked #{place} of {len(rows)} "
+            f"(trial score {best['trial_score']:.4f}).")
 
 
 def _asha_variants(searches: list[dict]) -> list[tuple[str, str, list[dict]]]:

@@ -10,8 +10,14 @@ epoch is kept: given the search's items and epochs, each trial's score is the fi
 Reported: Spearman's rho (and Kendall's tau) between the search's trial scores and the final test scores, the rank
 the search's winner reaches among the finals, and the gap between its final test score and the best one.
 
+A final test score is one draw: another seed (initial weights, batch order, augmentation) moves it, by a fair part
+of the gaps between the better trials' finals. `--seeds N` trains each trial again under seeds seed+1 .. seed+N-1
+and ranks the trials' mean final test score as well, with each trial's spread over the seeds; a later run without
+`--seeds` keeps as many.
+
     python bench/trial_vs_final.py              # every trial of the last search (8 on the default run: ~40 min)
     python bench/trial_vs_final.py --trials 4   # 4 of them, spread over the search's score range
+    python bench/trial_vs_final.py --seeds 3    # each trial also under 2 more seeds (~80 min more)
 
 Needs the default run's outputs first (`dvc repro search@classify`). Each finished trial is written to
 bench/results/trial_vs_final.json at once; a rerun on the same search trains only the trials it lacks.
@@ -21,10 +27,11 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
@@ -75,11 +82,12 @@ def spread(trials: list[dict[str, Any]], count: int | None) -> list[dict[str, An
 
 
 def final_run(trial: dict[str, Any], params: Params, data: Path, test: Any) -> dict[str, Any]:
-    """The trial trained as train@classify would train it had it won; its best epoch scored on `test`."""
+    """The trial trained as train@classify would train it had it won (under `params.seed`); its best epoch scored
+    on `test`: the fit's figures under `final_*` keys, and `seed` and `seconds`."""
     choice = {"family": trial["family"], "model": trial["hparams"], "train": trial["train"]}
     job = prepare_choice(params, TASK, data, choice, ROOT, log=lambda line: None,
                          source_name=f"trial {trial['trial_id']}")
-    label = f"{trial['family']} {trial['trial_id']}"
+    label = f"{trial['family']} {trial['trial_id']} seed {params.seed}"
     print(f"{label}: trial score {trial['score']:.4f} after {trial['epochs']} epoch(s); training "
           f"{job.cfg.epochs} epochs on {len(job.train):,} items", flush=True)
     started = time.perf_counter()
@@ -89,28 +97,55 @@ def final_run(trial: dict[str, Any], params: Params, data: Path, test: Any) -> d
     test_score = evaluate(result.model, TASK, test, job.settings)["accuracy"]
     print(f"{label}: final test accuracy {test_score:.4f} (val {result.best_score:.4f}) in {seconds:.0f} s",
           flush=True)
+    return {"seed": params.seed, "final_val_score": result.best_score,
+            "final_val_scores": [epoch.score for epoch in result.history], "final_test_score": test_score,
+            "seconds": round(seconds, 1)}
+
+
+def trial_row(trial: dict[str, Any], run: dict[str, Any], final_epochs: int) -> dict[str, Any]:
+    """A trial's row: its search record and its final run under the pipeline's seed (`replicates` under others)."""
     return {"trial_id": trial["trial_id"], "family": trial["family"], "hparams": trial["hparams"],
             "train": trial["train"], "trial_epochs": trial["epochs"], "trial_status": trial["status"],
-            "trial_score": trial["score"], "final_epochs": job.cfg.epochs, "final_val_score": result.best_score,
-            "final_val_scores": [epoch.score for epoch in result.history],
-            "final_test_score": test_score, "seconds": round(seconds, 1)}
+            "trial_score": trial["score"], "final_epochs": final_epochs,
+            **{key: value for key, value in run.items() if key != "seed"}, "replicates": []}
 
 
-def rank_figures(rows: list[dict[str, Any]], winner: str) -> dict[str, Any]:
-    """Spearman's rho and Kendall's tau of trial score against final test score; where the winner ends."""
+def test_scores(row: dict[str, Any]) -> list[float]:
+    """A row's final test scores: the pipeline's seed first, then each replicate's."""
+    return [row["final_test_score"], *(run["final_test_score"] for run in row.get("replicates", []))]
+
+
+def seed_spread(rows: list[dict[str, Any]], seeds: int) -> dict[str, Any] | None:
+    """Each row's mean final test score over `seeds` seeds (into the row) and the pooled seed-to-seed standard
+    deviation; None unless every row has that many."""
+    for row in rows:  # figures an earlier run with another --seeds left
+        for key in ("final_test_mean", "final_test_sd"):
+            row.pop(key, None)
+    if seeds < 2 or any(len(test_scores(row)) < seeds for row in rows):
+        return None
+    for row in rows:
+        scores = test_scores(row)[:seeds]
+        row["final_test_mean"], row["final_test_sd"] = statistics.fmean(scores), statistics.stdev(scores)
+    pooled = statistics.fmean(row["final_test_sd"] ** 2 for row in rows) ** 0.5
+    return {"seeds": seeds, "pooled_sd": pooled}
+
+
+def rank_figures(rows: list[dict[str, Any]], winner: str, final_key: str = "final_test_score") -> dict[str, Any]:
+    """Spearman's rho and Kendall's tau of trial score against final test score (`final_key`: one seed's or the
+    seeds' mean); where the winner ends."""
     from scipy.stats import kendalltau, spearmanr
 
     trial = [row["trial_score"] for row in rows]
-    final = [row["final_test_score"] for row in rows]
+    final = [row[final_key] for row in rows]
     rho = tau = p_value = None
     if len(rows) >= 3:
         result = spearmanr(trial, final)
         rho, p_value, tau = result.statistic, result.pvalue, kendalltau(trial, final).statistic
-    by_final = sorted(rows, key=lambda row: -row["final_test_score"])
+    by_final = sorted(rows, key=lambda row: -row[final_key])
     won = next((row for row in rows if row["trial_id"] == winner), None)
     return {"trials": len(rows), "spearman_rho": finite(rho), "p_value": finite(p_value), "kendall_tau": finite(tau),
             "winner_final_rank": by_final.index(won) + 1 if won else None,
-            "winner_gap_to_best": round(by_final[0]["final_test_score"] - won["final_test_score"], 4) if won else None,
+            "winner_gap_to_best": round(by_final[0][final_key] - won[final_key], 4) if won else None,
             "target_rho": TARGET_RHO}
 
 
@@ -130,14 +165,40 @@ def read_earlier(path: Path) -> dict[str, Any]:
         return {}
 
 
-def bench_params(epochs: int | None, threads: int | None) -> Params:
-    """params.yaml, with the final training's epochs and the engine's threads overridden when asked."""
+def bench_params(epochs: int | None, threads: int | None, seed_offset: int = 0) -> Params:
+    """params.yaml, with the final training's epochs and the engine's threads overridden when asked, and its seed
+    moved on by `seed_offset`."""
     raw = load_params(ROOT / "params.yaml").model_dump()
+    raw["seed"] += seed_offset
     if epochs is not None:
         raw["train"][TASK]["epochs"] = epochs
     if threads is not None:
         raw["train"]["num_threads"] = threads
     return validate(Params, raw)
+
+
+def train_missing(chosen: list[dict[str, Any]], done: dict[str, dict[str, Any]], args: Any, test: Any,
+                  save: Callable[[list[dict[str, Any]]], None]) -> tuple[list[dict[str, Any]], bool]:
+    """The chosen trials' rows, `done`'s read back and the others trained: every trial under the pipeline's seed
+    first (the figures a default run gives), then under each further seed; `save` after each training. Returns the
+    rows and whether anything was trained."""
+    params, rows, trained = bench_params(args.epochs, args.threads), [], False
+    for trial in chosen:
+        if trial["trial_id"] in done:
+            rows.append(done[trial["trial_id"]])
+            continue
+        rows.append(trial_row(trial, final_run(trial, params, args.data, test), params.train.classify.epochs))
+        trained = True
+        save(rows)
+    for offset in range(1, args.seeds):
+        seeded = bench_params(args.epochs, args.threads, offset)
+        for trial, row in zip(chosen, rows):
+            replicates = row.setdefault("replicates", [])
+            if all(run["seed"] != seeded.seed for run in replicates):
+                replicates.append(final_run(trial, seeded, args.data, test))
+                trained = True
+                save(rows)
+    return rows, trained
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
                         "range (default: every trial of the search)")
     parser.add_argument("--epochs", type=positive, default=None, help="final training epochs (default: "
                         "train.classify.epochs)")
+    parser.add_argument("--seeds", type=positive, default=None, help="train each trial under this many seeds: "
+                        "params.yaml's seed, then the next ones; ranks their mean final test score too (default: "
+                        "as many as the results of the same search already hold, else 1)")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: "
                         "train.num_threads)")
     parser.add_argument("--search", type=Path, default=SEARCH, help="the search's folder (best.json, families.json)")
@@ -160,43 +224,53 @@ def main(argv: list[str] | None = None) -> None:
         test = get_task(TASK).load_split(args.data, "test")
     except ConvForgeError as exc:
         sys.exit(f"bench/trial_vs_final.py: {exc}")
-    search_id = best.get("mlflow_parent_run_id")
-    flags = [f"--{key} {value}" for key, value in (("trials", args.trials), ("epochs", args.epochs),
-                                                    ("threads", args.threads)) if value is not None]
-    out = {"command": " ".join(["python bench/trial_vs_final.py", *flags]),
-           "search_run_id": search_id, "winner": best["trial_id"], "search_trials": len(record["trials"]),
+    out = {"search_run_id": best.get("mlflow_parent_run_id"), "winner": best["trial_id"],
+           "search_trials": len(record["trials"]),
            "search": {key: getattr(params.search.classify, key)
                       for key in ("num_samples", "max_epochs", "grace_period", "train_subset")}
            | {"scheduler": params.search.scheduler, "reduction_factor": params.search.reduction_factor},
-           "final_epochs": params.train.classify.epochs, "threads": params.train.num_threads,
-           "test_items": len(test), "machine": describe()}
+           "final_epochs": params.train.classify.epochs, "seed": params.seed,
+           "threads": params.train.num_threads, "test_items": len(test), "machine": describe()}
     earlier = read_earlier(args.out)
-    # A rerun on the same search and settings picks up where an interrupted one stopped.
-    same = all(earlier.get(key) == out[key] for key in ("search_run_id", "final_epochs", "threads", "test_items"))
+    # A rerun on the same search and settings picks up where an interrupted one stopped (more seeds: adds them).
+    same = all(earlier.get(key) == out[key] for key in ("search_run_id", "final_epochs", "seed", "threads",
+                                                          "test_items"))
     done = {row["trial_id"]: row for row in earlier.get("rows", [])} if same else {}
-    if done and all(trial["trial_id"] in done for trial in chosen):
-        out["machine"] = earlier.get("machine", out["machine"])  # nothing retrained: where the rows were measured
+    args.seeds = args.seeds or (earlier.get("seeds", 1) if same else 1)
+    flags = [f"--{key} {value}" for key, value in (("trials", args.trials), ("epochs", args.epochs),
+                                                    ("seeds", args.seeds if args.seeds > 1 else None),
+                                                    ("threads", args.threads)) if value is not None]
+    out |= {"command": " ".join(["python bench/trial_vs_final.py", *flags]), "seeds": args.seeds}
     if args.note or earlier.get("note"):
         out["note"] = args.note or earlier["note"]
-    rows = []
-    for trial in chosen:
-        if trial["trial_id"] in done:
-            rows.append(done[trial["trial_id"]])
-            continue
-        try:
-            rows.append(final_run(trial, params, args.data, test))
-        except ConvForgeError as exc:
-            sys.exit(f"bench/trial_vs_final.py: {exc}")  # names the trial
+
+    def save(rows: list[dict[str, Any]]) -> None:
         runtime.write_json(args.out, {**out, "complete": False, "rows": rows})
-    figures = rank_figures(rows, best["trial_id"])
-    runtime.write_json(args.out, {**out, "complete": True, "rows": rows, "ranks": figures})
-    print(f"\n{'family':<13} {'trial':>8} {'epochs':>6} {'final test':>10}")
+
+    try:
+        rows, trained = train_missing(chosen, done, args, test, save)
+    except ConvForgeError as exc:
+        sys.exit(f"bench/trial_vs_final.py: {exc}")  # names the trial
+    if not trained:
+        out["machine"] = earlier.get("machine", out["machine"])  # where the rows were measured
+    figures = {"ranks": rank_figures(rows, best["trial_id"])}
+    spread_figures = seed_spread(rows, args.seeds)
+    if spread_figures:
+        figures["seed_mean"] = spread_figures | rank_figures(rows, best["trial_id"], "final_test_mean")
+    runtime.write_json(args.out, {**out, "complete": True, "rows": rows, **figures})
+    ranks, mean = figures["ranks"], figures.get("seed_mean")
+    print(f"\n{'family':<13} {'trial':>8} {'epochs':>6} {'final test':>10}"
+          + (f" {f'mean of {args.seeds}':>10} {'sd':>7}" if mean else ""))
     for row in sorted(rows, key=lambda row: -row["trial_score"]):
         print(f"{row['family']:<13} {row['trial_score']:>8.4f} {row['trial_epochs']:>6} "
-              f"{row['final_test_score']:>10.4f}")
-    print(f"Spearman rho {figures['spearman_rho']} (target >= {TARGET_RHO}), Kendall tau {figures['kendall_tau']}; "
-          f"the winner ends #{figures['winner_final_rank']} of {len(rows)}, {figures['winner_gap_to_best']} below "
-          f"the best; wrote {args.out}")
+              f"{row['final_test_score']:>10.4f}"
+              + (f" {row['final_test_mean']:>10.4f} {row['final_test_sd']:>7.4f}" if mean else ""))
+    for label, figure in ((f"seed {params.seed}", ranks), (f"mean of {args.seeds} seeds", mean)):
+        if figure:
+            print(f"{label}: Spearman rho {figure['spearman_rho']} (target >= {TARGET_RHO}), Kendall tau "
+                  f"{figure['kendall_tau']}; the winner ends #{figure['winner_final_rank']} of {len(rows)}, "
+                  f"{figure['winner_gap_to_best']} below the best")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

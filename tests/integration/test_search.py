@@ -306,7 +306,8 @@ def test_a_recorded_trial_replays_to_its_recorded_scores(two_orders, prepared_cl
 def test_trial_vs_final_bench_trains_each_trial_as_the_train_stage_would(two_orders, prepared_classify, tmp_path,
                                                                        capsys):
     """bench/trial_vs_final.py on a recorded search: at the search's epochs on its items, every trial's final run
-    passes through the trial's score after the epochs the trial reached; a rerun trains nothing."""
+    passes through the trial's score after the epochs the trial reached; a rerun trains nothing; a second seed
+    trains each trial once more, differently, and ranks the two seeds' mean."""
     from bench import trial_vs_final as bench
 
     best, table, _ = two_orders["lenet5_first"]
@@ -331,6 +332,23 @@ def test_trial_vs_final_bench_trains_each_trial_as_the_train_stage_would(two_ord
     bench.main(argv)  # the same search and settings: every row read back, none retrained
     assert "training 2 epochs" not in capsys.readouterr().out
     assert json.loads((tmp_path / "out.json").read_text())["rows"] == result["rows"]
+
+    bench.main([*argv, "--seeds", "2"])  # one more seed: only it is trained, each trial once
+    assert capsys.readouterr().out.count("training 2 epochs") == 4
+    seeded = json.loads((tmp_path / "out.json").read_text())
+    assert seeded["complete"] and seeded["seeds"] == 2
+    for before, row in zip(result["rows"], seeded["rows"]):
+        assert {key: row[key] for key in before if key != "replicates"} == {  # the default seed's run, read back
+            key: value for key, value in before.items() if key != "replicates"}
+        (again,) = row["replicates"]
+        assert again["seed"] == result["seed"] + 1 and len(again["final_val_scores"]) == 2
+        assert row["final_test_mean"] == pytest.approx((row["final_test_score"] + again["final_test_score"]) / 2)
+    assert any(row["replicates"][0]["final_val_scores"] != row["final_val_scores"] for row in seeded["rows"])
+    assert seeded["ranks"] == ranks and seeded["seed_mean"]["seeds"] == 2
+    assert -1 <= seeded["seed_mean"]["spearman_rho"] <= 1 and seeded["seed_mean"]["pooled_sd"] >= 0
+    bench.main(argv)  # without --seeds: the two seeds the results hold, read back
+    assert "training 2 epochs" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text()) == seeded
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(project_params, prepared_classify, tmp_path):
