@@ -286,6 +286,8 @@ def trial_vs_final_section(name: str, result: dict) -> list[str]:
                f"deviation, pooled over the trials); the mean of {mean['seeds']} seeds moves by "
                f"{mean['pooled_sd'] / mean['seeds'] ** 0.5:.4f}." + _best_on_mean(result["rows"]) if mean else ""),
             ""]
+    if mean and mean.get("val_epoch_rhos") and result.get("train_items"):
+        out += _epoch_rho_table(mean["val_epoch_rhos"], result["train_items"], search)
     header = ["family", "trial", "search epochs", "trial score", "final val", "final test", "train s"]
     if mean:
         header[6:6] = [f"mean of {mean['seeds']} seeds", "sd"]
@@ -295,6 +297,22 @@ def trial_vs_final_section(name: str, result: dict) -> list[str]:
              f"{row['seconds']:.0f}"]
             for row in sorted(result["rows"], key=lambda row: -row["trial_score"])]
     return out + table(header, rows, "llrrrrrrr" if mean else "llrrrrr")
+
+
+def _epoch_rho_table(rhos: list[float | None], train_items: int, search: dict) -> list[str]:
+    """How a longer trial would have ranked: each final run's validation score after epoch k against the seeds'
+    mean final test score, with its training items against the search's longest trial."""
+    trial_items = search["train_subset"] * search["max_epochs"]
+    return ([f"Had the search trained each trial for k epochs on all {train_items:,} items (on the final run's "
+             f"schedule, the default run's seed): Spearman rho of the validation accuracy after epoch k against "
+             f"the mean final test score. The search's longest trial sees {trial_items:,} items "
+             f"({search['train_subset']:,} for {search['max_epochs']} epochs: {trial_items / train_items:.2f} of an "
+             "epoch on all).", ""]
+            + table(["epoch k", *map(str, range(1, len(rhos) + 1))],
+                    [["rho", *("n/a" if rho is None else f"{rho:.3f}" for rho in rhos)],
+                     ["items / the search's longest trial",
+                      *(f"{k * train_items / trial_items:.1f}x" for k in range(1, len(rhos) + 1))]],
+                    "l" + "r" * len(rhos)))
 
 
 def _best_on_mean(rows: list[dict]) -> str:

@@ -12,8 +12,9 @@ the search's winner reaches among the finals, and the gap between its final test
 
 A final test score is one draw: another seed (initial weights, batch order, augmentation) moves it, by a fair part
 of the gaps between the better trials' finals. `--seeds N` trains each trial again under seeds seed+1 .. seed+N-1
-and ranks the trials' mean final test score as well, with each trial's spread over the seeds; a later run without
-`--seeds` keeps as many.
+and ranks the trials' mean final test score as well, with each trial's spread over the seeds, and says how a
+longer trial would have ranked (each final run's validation score after epoch k against that mean); a later run
+without `--seeds` keeps as many.
 
     python bench/trial_vs_final.py              # every trial of the last search (8 on the default run: ~40 min)
     python bench/trial_vs_final.py --trials 4   # 4 of them, spread over the search's score range
@@ -130,6 +131,17 @@ def seed_spread(rows: list[dict[str, Any]], seeds: int) -> dict[str, Any] | None
     return {"seeds": seeds, "pooled_sd": pooled}
 
 
+def epoch_rhos(rows: list[dict[str, Any]]) -> list[float | None]:
+    """Spearman's rho of each final run's validation score after epoch k (k = 1 .. the final epochs; the pipeline's
+    seed) against the seeds' mean final test score: how well a trial of k epochs on every item, on the final
+    run's schedule, would have ranked."""
+    from scipy.stats import spearmanr
+
+    epochs = min(len(row["final_val_scores"]) for row in rows)
+    mean = [row["final_test_mean"] for row in rows]
+    return [finite(spearmanr([row["final_val_scores"][k] for row in rows], mean).statistic) for k in range(epochs)]
+
+
 def rank_figures(rows: list[dict[str, Any]], winner: str, final_key: str = "final_test_score") -> dict[str, Any]:
     """Spearman's rho and Kendall's tau of trial score against final test score (`final_key`: one seed's or the
     seeds' mean); where the winner ends."""
@@ -222,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         best, record = search_record(args.search)
         chosen = spread(record["trials"], args.trials)
         test = get_task(TASK).load_split(args.data, "test")
+        train_items = len(get_task(TASK).load_split(args.data, "train"))
     except ConvForgeError as exc:
         sys.exit(f"bench/trial_vs_final.py: {exc}")
     out = {"search_run_id": best.get("mlflow_parent_run_id"), "winner": best["trial_id"],
@@ -230,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                       for key in ("num_samples", "max_epochs", "grace_period", "train_subset")}
            | {"scheduler": params.search.scheduler, "reduction_factor": params.search.reduction_factor},
            "final_epochs": params.train.classify.epochs, "seed": params.seed,
-           "threads": params.train.num_threads, "test_items": len(test), "machine": describe()}
+           "threads": params.train.num_threads, "train_items": train_items, "test_items": len(test),
+           "machine": describe()}
     earlier = read_earlier(args.out)
     # A rerun on the same search and settings picks up where an interrupted one stopped (more seeds: adds them).
     same = all(earlier.get(key) == out[key] for key in ("search_run_id", "final_epochs", "seed", "threads",
@@ -256,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     figures = {"ranks": rank_figures(rows, best["trial_id"])}
     spread_figures = seed_spread(rows, args.seeds)
     if spread_figures:
-        figures["seed_mean"] = spread_figures | rank_figures(rows, best["trial_id"], "final_test_mean")
+        figures["seed_mean"] = (spread_figures | rank_figures(rows, best["trial_id"], "final_test_mean")
+                                | {"val_epoch_rhos": epoch_rhos(rows)})
     runtime.write_json(args.out, {**out, "complete": True, "rows": rows, **figures})
     ranks, mean = figures["ranks"], figures.get("seed_mean")
     print(f"\n{'family':<13} {'trial':>8} {'epochs':>6} {'final test':>10}"

@@ -346,6 +346,8 @@ def test_trial_vs_final_bench_trains_each_trial_as_the_train_stage_would(two_ord
     assert any(row["replicates"][0]["final_val_scores"] != row["final_val_scores"] for row in seeded["rows"])
     assert seeded["ranks"] == ranks and seeded["seed_mean"]["seeds"] == 2
     assert -1 <= seeded["seed_mean"]["spearman_rho"] <= 1 and seeded["seed_mean"]["pooled_sd"] >= 0
+    rhos = seeded["seed_mean"]["val_epoch_rhos"]  # one per final epoch: val after it against the mean test score
+    assert len(rhos) == 2 and all(rho is None or -1 <= rho <= 1 for rho in rhos)
     bench.main(argv)  # without --seeds: the two seeds the results hold, read back
     assert "training 2 epochs" not in capsys.readouterr().out
     assert json.loads((tmp_path / "out.json").read_text()) == seeded
