@@ -50,6 +50,7 @@ SEARCH = ROOT / "artifacts" / "search" / TASK
 DATA = ROOT / "data" / "prepared" / TASK
 RESULTS = ROOT / "bench" / "results" / "trial_vs_final.json"
 TARGET_RHO = 0.8
+MIN_RANKED = 3  # fewer trials have no rank correlation worth the name (two give +-1)
 TRIAL_KEYS = ("trial_id", "family", "hparams", "train", "score", "epochs", "status")  # what each row reads
 
 
@@ -137,6 +138,8 @@ def epoch_rhos(rows: list[dict[str, Any]]) -> list[float | None]:
     run's schedule, would have ranked."""
     from scipy.stats import spearmanr
 
+    if len(rows) < MIN_RANKED:
+        return []
     epochs = min(len(row["final_val_scores"]) for row in rows)
     mean = [row["final_test_mean"] for row in rows]
     return [finite(spearmanr([row["final_val_scores"][k] for row in rows], mean).statistic) for k in range(epochs)]
@@ -150,7 +153,7 @@ def rank_figures(rows: list[dict[str, Any]], winner: str, final_key: str = "fina
     trial = [row["trial_score"] for row in rows]
     final = [row[final_key] for row in rows]
     rho = tau = p_value = None
-    if len(rows) >= 3:
+    if len(rows) >= MIN_RANKED:
         result = spearmanr(trial, final)
         rho, p_value, tau = result.statistic, result.pvalue, kendalltau(trial, final).statistic
     by_final = sorted(rows, key=lambda row: -row[final_key])
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default=None, help="what the reader should know about this run (kept in the JSON)")
     args = parser.parse_args(argv)
+    if args.out.is_dir():
+        sys.exit(f"bench/trial_vs_final.py: --out {args.out} is a folder; give the JSON file to write")
     params = bench_params(args.epochs, args.threads)
     try:
         best, record = search_record(args.search)
