@@ -8,6 +8,7 @@ searches; the resume test runs the stage as a subprocess on its own local Ray.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +78,19 @@ def mlflow_store(tmp_path, monkeypatch):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def once_two_started(started: Path, config: dict, **kwargs) -> None:
+    """The real trial, held until two trials have started (each leaves a file in `started`): the first two then hold
+    a CPU each at once, so one runs on each 1-CPU node, however fast they train and however late the second starts."""
+    from pipelines.tuner import train_trial
+
+    started.mkdir(exist_ok=True)
+    (started / uuid.uuid4().hex).touch()
+    deadline = time.monotonic() + 120
+    while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    train_trial(config, **kwargs)
+
+
 def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, prepared_classify, tmp_path,
                                                   mlflow_store):
     import ray
@@ -85,7 +100,8 @@ def test_search_on_two_nodes_is_tracked_in_mlflow(ray_cluster, project_params, p
 
     params = tiny_params(project_params, mlflow_store)
     out = tmp_path / "artifacts/search/classify"
-    best = run_search(params, "classify", prepared_classify, out, storage=str(tmp_path / "ray"))
+    trial = functools.partial(once_two_started, tmp_path / "started")  # trials of 2 s could all run on one node
+    best = run_search(params, "classify", prepared_classify, out, storage=str(tmp_path / "ray"), trial=trial)
 
     written = json.loads((out / "best.json").read_text())
     assert written == json.loads(json.dumps(best))
