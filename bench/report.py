@@ -288,6 +288,8 @@ def trial_vs_final_section(name: str, result: dict) -> list[str]:
             ""]
     if mean and mean.get("val_epoch_rhos") and result.get("train_items"):
         out += _epoch_rho_table(mean["val_epoch_rhos"], result["train_items"], search)
+    if result.get("budgets"):
+        out += _budget_table(result["budgets"], result["rows"], search, mean)
     header = ["family", "trial", "search epochs", "trial score", "final val", "final test", "train s"]
     if mean:
         header[6:6] = [f"mean of {mean['seeds']} seeds", "sd"]
@@ -313,6 +315,41 @@ def _epoch_rho_table(rhos: list[float | None], train_items: int, search: dict) -
                      ["items / the search's longest trial",
                       *(f"{k * train_items / trial_items:.1f}x" for k in range(1, len(rhos) + 1))]],
                     "l" + "r" * len(rhos)))
+
+
+def _budget_table(budgets: list[dict], rows: list[dict], search: dict, mean: dict | None) -> list[str]:
+    """Other trial budgets, measured: the same trials trained again as search trials on ITEMS for EPOCHS, each to
+    the end of its schedule, their last validation accuracy ranked against the same finals."""
+    longest = search["train_subset"] * search["max_epochs"]
+    key, figures = ("final_test_mean", "seed_mean") if mean else ("final_test_score", "ranks")
+    body = []
+    for entry in sorted(budgets, key=lambda entry: entry["trial_items"]):
+        top = next(row for row in rows if row["trial_id"] == entry["top_trial"])
+        body.append([_budget_label(entry["budget"]), f"{entry['trial_items']:,}",
+                     f"{entry['trial_items'] / longest:.1f}x", f"{entry['trial_seconds']:.0f}",
+                     _rho(entry["ranks"]), *([_rho(entry["seed_mean"])] if mean else []),
+                     f"#{entry[figures]['winner_final_rank']} ({top['family']} {top['trial_id']}, {top[key]:.4f})"])
+    best = max(budgets, key=lambda entry: entry[figures]["spearman_rho"] or -1.0)
+    target = best[figures]["target_rho"]
+    reached = (best[figures]["spearman_rho"] or -1.0) >= target
+    header = ["trial budget (items x epochs)", "items a trial sees", "x the search's longest trial", "trial-seconds",
+              "rho, the default seed", *(["rho, mean of the seeds"] if mean else []),
+              "its top trial's final rank" + (" (on the mean)" if mean else "")]
+    return ([f"Other trial budgets, measured (`--budgets`): the same {len(rows)} trials trained again as search "
+             "trials (the search's trial code, seed and threads) on ITEMS items for EPOCHS epochs, every trial to "
+             "the end of its schedule (none halved), their last validation accuracy ranked against the same finals. "
+             f"The search's own budget is {search['train_subset']:,} x {search['max_epochs']}, with halving. "
+             "Trial-seconds: the trials' seconds added up (two ran at once on 2 cores).", ""]
+            + table(header, body, "lrrrr" + "r" * bool(mean) + "l")
+            + [f"Highest rho{' on the mean' if mean else ''}: {_rho(best[figures])} at "
+               f"{_budget_label(best['budget'])}; "
+               + (f"the {target} target is reached." if reached else f"no budget measured reaches {target}."), ""])
+
+
+def _budget_label(label: str) -> str:
+    """A `--budgets` label as the table reads it: 16000x3 -> 16,000 x 3, allx1 -> all x 1."""
+    items, _, epochs = label.partition("x")
+    return f"{int(items):,} x {epochs}" if items.isdigit() else f"{items} x {epochs}"
 
 
 def _best_on_mean(rows: list[dict]) -> str:

@@ -16,9 +16,15 @@ and ranks the trials' mean final test score as well, with each trial's spread ov
 longer trial would have ranked (each final run's validation score after epoch k against that mean); a later run
 without `--seeds` keeps as many.
 
+`--budgets 16000x3,allx1` trains each trial again as a search trial (the search's own trial code, seed and engine
+settings), on that many items (`all`: the whole training split) for that many epochs, to the end of its schedule,
+and ranks those trial scores against the same finals: what another trial budget would have bought, without a new
+search and its finals (the search's other draws would differ; these are the same trials). A later run keeps them.
+
     python bench/trial_vs_final.py              # every trial of the last search (8 on the default run: ~40 min)
     python bench/trial_vs_final.py --trials 4   # 4 of them, spread over the search's score range
     python bench/trial_vs_final.py --seeds 3    # each trial also under 2 more seeds (~80 min more)
+    python bench/trial_vs_final.py --budgets 8000x3,16000x3,allx1   # 3-9 min a budget, 2 trials at once
 
 Needs the default run's outputs first (`dvc repro search@classify`). Each finished trial is written to
 bench/results/trial_vs_final.json at once; a rerun on the same search trains only the trials it lacks.
@@ -26,11 +32,16 @@ bench/results/trial_vs_final.json at once; a rerun on the same search trains onl
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,11 +50,14 @@ sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed cop
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
-from pipelines.engine import evaluate, fit  # noqa: E402
+from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 from pipelines.params import Params, load_params, validate  # noqa: E402
+from pipelines.replay import trial_scores  # noqa: E402
+from pipelines.search import trial_settings  # noqa: E402
 from pipelines.tasks import get_task  # noqa: E402
 from pipelines.training import prepare_choice  # noqa: E402
+from pipelines.tuner import trial_base  # noqa: E402
 
 TASK = "classify"
 SEARCH = ROOT / "artifacts" / "search" / TASK
@@ -216,6 +230,96 @@ def train_missing(chosen: list[dict[str, Any]], done: dict[str, dict[str, Any]],
     return rows, trained
 
 
+def budget_list(text: str) -> list[str]:
+    """A `--budgets` flag: comma-separated ITEMSxEPOCHS budgets (ITEMS a count or `all`), as labels."""
+    labels = [part.strip().lower() for part in text.split(",") if part.strip()]
+    for label in labels:
+        items, _, epochs = label.partition("x")
+        if not (items == "all" or items.isdigit() and int(items) > 0) or not epochs.isdigit() or int(epochs) < 1:
+            raise argparse.ArgumentTypeError(f"expected ITEMSxEPOCHS budgets such as 16000x3 or allx1 (ITEMS a "
+                                             f"count or all, EPOCHS >= 1), comma-separated; got {label!r}")
+    if not labels:
+        raise argparse.ArgumentTypeError("expected at least one ITEMSxEPOCHS budget, e.g. 16000x3")
+    return list(dict.fromkeys(labels))
+
+
+def budget_of(label: str) -> tuple[int | None, int]:
+    """A budget label's (items, None for all; epochs)."""
+    items, _, epochs = label.partition("x")
+    return (None if items == "all" else int(items)), int(epochs)
+
+
+def budget_trial(trial: dict[str, Any], inputs: dict[str, Any], data: Path, epochs: int,
+                 settings: EngineSettings) -> tuple[list[float], float]:
+    """One trial trained as the search trains it (in its own process, seeded as a trial), on `inputs`' items for
+    `epochs` epochs: its validation score after each epoch, and the seconds it took."""
+    runtime.seed_everything(inputs["seed"], settings.deterministic)
+    started = time.perf_counter()
+    history = trial_scores(TASK, trial, inputs, data, epochs, settings, log=None, track=False)
+    return [epoch.score for epoch in history], round(time.perf_counter() - started, 1)
+
+
+def budget_settings(params: Params, threads: int | None) -> EngineSettings:
+    """How the search runs each trial (its threads a trial), with `threads` when given (0: every core)."""
+    settings = trial_settings(params)
+    if threads is not None:
+        settings = replace(settings, num_threads=threads or len(os.sched_getaffinity(0)))
+    return settings
+
+
+def train_budgets(labels: list[str], chosen: list[dict[str, Any]], earlier: list[dict[str, Any]], params: Params,
+                  args: Any, save: Callable[[list[dict[str, Any]]], None]) -> tuple[list[dict[str, Any]], bool]:
+    """Each budget's trial scores of the chosen trials: `earlier`'s read back (same budget and threads), the others
+    trained, search.max_concurrent trials at a time; `save` after each. Returns the budgets and whether any trained."""
+    settings = budget_settings(params, args.threads)
+    done = {entry["budget"]: entry for entry in earlier if entry.get("threads") == settings.num_threads}
+    budgets = [done.get(label) or {"budget": label, "threads": settings.num_threads, "scores": {}, "seconds": {}}
+               for label in labels]
+    jobs = [(entry, trial) for entry in budgets for trial in chosen if trial["trial_id"] not in entry["scores"]]
+    if jobs:
+        train_budget_jobs(jobs, params, settings, args, lambda: save(budgets))
+    return budgets, bool(jobs)
+
+
+def train_budget_jobs(jobs: list[tuple[dict[str, Any], dict[str, Any]]], params: Params, settings: EngineSettings,
+                      args: Any, save: Callable[[], None]) -> None:
+    """Train each (budget, trial) job, search.max_concurrent at a time, into its budget's entry; `save` after each."""
+    labels = list(dict.fromkeys(entry["budget"] for entry, _ in jobs))
+    workers = max(1, min(params.search.max_concurrent, len(jobs),
+                         len(os.sched_getaffinity(0)) // settings.num_threads))
+    print(f"training {len(jobs)} trial(s) at budgets {', '.join(labels)}, {workers} at a time, "
+          f"{settings.num_threads} thread(s) each", flush=True)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {}
+        for entry, trial in jobs:
+            items, epochs = budget_of(entry["budget"])
+            inputs = {"seed": params.seed, "train_subset": items, "policy": params.augment.policy.model_dump(),
+                      "base": trial_base(params.train.classify, epochs).model_dump()}
+            pending[pool.submit(budget_trial, trial, inputs, args.data, epochs, settings)] = (entry, trial)
+        for future in as_completed(pending):
+            entry, trial = pending[future]
+            scores, seconds = future.result()
+            entry["scores"][trial["trial_id"]], entry["seconds"][trial["trial_id"]] = scores, seconds
+            print(f"budget {entry['budget']}: {trial['family']} {trial['trial_id']}: validation accuracy "
+                  f"{' '.join(f'{score:.4f}' for score in scores)} ({seconds:.0f} s)", flush=True)
+            save()
+
+
+def budget_figures(entry: dict[str, Any], rows: list[dict[str, Any]], train_items: int,
+                   mean: bool) -> dict[str, Any]:
+    """A budget's rank figures: its trial scores (the last epoch's) against the finals, where the trial it ranks
+    first ends; the items a trial sees (a subset as large as the split is all of it) and the trial-seconds taken."""
+    items, epochs = budget_of(entry["budget"])
+    scored = [{**row, "trial_score": entry["scores"][row["trial_id"]][-1]} for row in rows]
+    top = max(scored, key=lambda row: row["trial_score"])["trial_id"]
+    figures = {"trial_items": min(items or train_items, train_items) * epochs, "top_trial": top,
+               "ranks": rank_figures(scored, top),
+               "trial_seconds": round(sum(entry["seconds"][row["trial_id"]] for row in rows), 1)}
+    if mean:
+        figures["seed_mean"] = rank_figures(scored, top, "final_test_mean")
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=positive, default=None, help="trials trained, spread over the score "
@@ -225,8 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=positive, default=None, help="train each trial under this many seeds: "
                         "params.yaml's seed, then the next ones; ranks their mean final test score too (default: "
                         "as many as the results of the same search already hold, else 1)")
+    parser.add_argument("--budgets", type=budget_list, default=None, help="trial budgets ITEMSxEPOCHS (ITEMS a "
+                        "count or all), comma-separated: each trial trained again as a search trial at each, ranked "
+                        "against the same finals (default: those the results of the same search already hold)")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: "
-                        "train.num_threads)")
+                        "train.num_threads; a --budgets trial: the search's threads a trial)")
     parser.add_argument("--search", type=Path, default=SEARCH, help="the search's folder (best.json, families.json)")
     parser.add_argument("--data", type=Path, default=DATA, help="the prepared classify data the search ran on")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -256,20 +363,29 @@ def main(argv: list[str] | None = None) -> None:
                                                           "test_items"))
     done = {row["trial_id"]: row for row in earlier.get("rows", [])} if same else {}
     args.seeds = args.seeds or (earlier.get("seeds", 1) if same else 1)
+    earlier_budgets = earlier.get("budgets", []) if same else []
+    labels = list(dict.fromkeys([*(entry["budget"] for entry in earlier_budgets), *(args.budgets or [])]))
     flags = [f"--{key} {value}" for key, value in (("trials", args.trials), ("epochs", args.epochs),
                                                     ("seeds", args.seeds if args.seeds > 1 else None),
+                                                    ("budgets", ",".join(labels) or None),
                                                     ("threads", args.threads)) if value is not None]
     out |= {"command": " ".join(["python bench/trial_vs_final.py", *flags]), "seeds": args.seeds}
     if args.note or earlier.get("note"):
         out["note"] = args.note or earlier["note"]
+    rows: list[dict[str, Any]] = []
 
-    def save(rows: list[dict[str, Any]]) -> None:
-        runtime.write_json(args.out, {**out, "complete": False, "rows": rows})
+    def save(rows_so_far: list[dict[str, Any]]) -> None:
+        runtime.write_json(args.out, {**out, "complete": False, "rows": rows_so_far})
+
+    def save_budgets(budgets: list[dict[str, Any]]) -> None:
+        runtime.write_json(args.out, {**out, "complete": False, "rows": rows, "budgets": budgets})
 
     try:
         rows, trained = train_missing(chosen, done, args, test, save)
+        budgets, budgets_trained = train_budgets(labels, chosen, earlier_budgets, params, args, save_budgets)
     except ConvForgeError as exc:
         sys.exit(f"bench/trial_vs_final.py: {exc}")  # names the trial
+    trained = trained or budgets_trained
     if not trained:
         out["machine"] = earlier.get("machine", out["machine"])  # where the rows were measured
     figures = {"ranks": rank_figures(rows, best["trial_id"])}
@@ -277,6 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     if spread_figures:
         figures["seed_mean"] = (spread_figures | rank_figures(rows, best["trial_id"], "final_test_mean")
                                 | {"val_epoch_rhos": epoch_rhos(rows)})
+    if budgets and len(rows) >= MIN_RANKED:
+        for entry in budgets:
+            entry.update(budget_figures(entry, rows, train_items, spread_figures is not None))
+        figures["budgets"] = budgets
     runtime.write_json(args.out, {**out, "complete": True, "rows": rows, **figures})
     ranks, mean = figures["ranks"], figures.get("seed_mean")
     print(f"\n{'family':<13} {'trial':>8} {'epochs':>6} {'final test':>10}"
@@ -290,6 +410,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label}: Spearman rho {figure['spearman_rho']} (target >= {TARGET_RHO}), Kendall tau "
                   f"{figure['kendall_tau']}; the winner ends #{figure['winner_final_rank']} of {len(rows)}, "
                   f"{figure['winner_gap_to_best']} below the best")
+    for entry in figures.get("budgets", []):
+        print(f"trial budget {entry['budget']} ({entry['trial_items']:,} items a trial, {entry['trial_seconds']:.0f} "
+              f"trial-seconds): Spearman rho {entry['ranks']['spearman_rho']} at seed {params.seed}"
+              + (f", {entry['seed_mean']['spearman_rho']} on the mean" if "seed_mean" in entry else ""))
     print(f"wrote {args.out}")
 
 

@@ -154,8 +154,9 @@ class _Enough(Exception):
 
 
 def trial_scores(task: str, choice: dict[str, Any], inputs: dict[str, Any], data_root: Path, epochs: int,
-                 settings: EngineSettings, log: Callable[[str], None]) -> list[EpochResult]:
-    """Train a search trial as its trial ran (`pipelines.tuner.train_trial`) for `epochs` epochs."""
+                 settings: EngineSettings, log: Callable[[str], None] | None, track: bool = True) -> list[EpochResult]:
+    """Train a search trial as its trial ran (`pipelines.tuner.train_trial`) for `epochs` epochs; `track`: log each
+    epoch's metrics to the active MLflow run."""
     hparams = with_tuples(choice["hparams"], registry_family(task, choice["family"]).space)
     chosen = TrialChoice(choice["family"], hparams, choice["train"])
     cfg = recorded_config(inputs["base"], "base").updated(**chosen.train)
@@ -169,7 +170,8 @@ def trial_scores(task: str, choice: dict[str, Any], inputs: dict[str, Any], data
 
     def on_epoch(result: EpochResult) -> None:
         history.append(result)
-        tracking.log_metrics(result.metrics, step=result.epoch)
+        if track:
+            tracking.log_metrics(result.metrics, step=result.epoch)
         if result.epoch >= epochs:
             raise _Enough
 

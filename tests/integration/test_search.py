@@ -323,7 +323,8 @@ def test_trial_vs_final_bench_trains_each_trial_as_the_train_stage_would(two_ord
                                                                        capsys):
     """bench/trial_vs_final.py on a recorded search: at the search's epochs on its items, every trial's final run
     passes through the trial's score after the epochs the trial reached; a rerun trains nothing; a second seed
-    trains each trial once more, differently, and ranks the two seeds' mean."""
+    trains each trial once more, differently, and ranks the two seeds' mean; `--budgets` trains each trial again
+    as a search trial (at the search's own budget: to the search's scores) and ranks those scores too."""
     from bench import trial_vs_final as bench
 
     best, table, _ = two_orders["lenet5_first"]
@@ -367,6 +368,24 @@ def test_trial_vs_final_bench_trains_each_trial_as_the_train_stage_would(two_ord
     bench.main(argv)  # without --seeds: the two seeds the results hold, read back
     assert "training 2 epochs" not in capsys.readouterr().out
     assert json.loads((tmp_path / "out.json").read_text()) == seeded
+
+    bench.main([*argv, "--budgets", "allx2,ALLx1"])  # every trial again as a search trial, at two budgets
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("budget all")]
+    assert len(trained) == 2 * 4  # a line per trial trained
+    budgets = json.loads((tmp_path / "out.json").read_text())
+    assert budgets["rows"] == seeded["rows"] and budgets["command"].endswith("--budgets allx2,allx1 --threads 1")
+    again, one_epoch = budgets["budgets"]
+    for row in budgets["rows"]:  # the search's own budget: each trial's score after the epochs it reached
+        assert again["scores"][row["trial_id"]][row["trial_epochs"] - 1] == pytest.approx(row["trial_score"], abs=1e-6)
+        assert len(one_epoch["scores"][row["trial_id"]]) == 1 and one_epoch["seconds"][row["trial_id"]] >= 0
+    assert [entry["trial_items"] for entry in (again, one_epoch)] == [2 * budgets["train_items"],
+                                                                      budgets["train_items"]]
+    for entry in (again, one_epoch):
+        assert entry["scores"][entry["top_trial"]][-1] == max(scores[-1] for scores in entry["scores"].values())
+        assert -1 <= entry["ranks"]["spearman_rho"] <= 1 and -1 <= entry["seed_mean"]["spearman_rho"] <= 1
+    bench.main(argv)  # without --budgets: the budgets the results hold, read back, none trained
+    assert "trial(s) at budgets" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text()) == budgets
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(project_params, prepared_classify, tmp_path):
