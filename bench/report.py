@@ -330,8 +330,10 @@ def _budget_table(budgets: list[dict], rows: list[dict], search: dict, mean: dic
                      _rho(entry["ranks"]), *([_rho(entry["seed_mean"])] if mean else []),
                      f"#{entry[figures]['winner_final_rank']} ({top['family']} {top['trial_id']}, {top[key]:.4f})"])
     best = max(budgets, key=lambda entry: entry[figures]["spearman_rho"] or -1.0)
-    target = best[figures]["target_rho"]
-    reached = (best[figures]["spearman_rho"] or -1.0) >= target
+    target, rho = best[figures]["target_rho"], best[figures]["spearman_rho"]
+    verdict = ("No rank correlation: too few trials." if rho is None else
+               f"Highest rho{' on the mean' if mean else ''}: {rho:.3f} at {_budget_label(best['budget'])}; "
+               + (f"the {target} target is reached." if rho >= target else f"no budget measured reaches {target}."))
     header = ["trial budget (items x epochs)", "items a trial sees", "x the search's longest trial", "trial-seconds",
               "rho, the default seed", *(["rho, mean of the seeds"] if mean else []),
               "its top trial's final rank" + (" (on the mean)" if mean else "")]
@@ -341,9 +343,7 @@ def _budget_table(budgets: list[dict], rows: list[dict], search: dict, mean: dic
              f"The search's own budget is {search['train_subset']:,} x {search['max_epochs']}, with halving. "
              "Trial-seconds: the trials' seconds added up (two ran at once on 2 cores).", ""]
             + table(header, body, "lrrrr" + "r" * bool(mean) + "l")
-            + [f"Highest rho{' on the mean' if mean else ''}: {_rho(best[figures])} at "
-               f"{_budget_label(best['budget'])}; "
-               + (f"the {target} target is reached." if reached else f"no budget measured reaches {target}."), ""])
+            + [verdict, ""])
 
 
 def _budget_label(label: str) -> str:

@@ -393,9 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     if spread_figures:
         figures["seed_mean"] = (spread_figures | rank_figures(rows, best["trial_id"], "final_test_mean")
                                 | {"val_epoch_rhos": epoch_rhos(rows)})
-    if budgets and len(rows) >= MIN_RANKED:
-        for entry in budgets:
-            entry.update(budget_figures(entry, rows, train_items, spread_figures is not None))
+    for entry in budgets:  # kept whatever the trials' number (rank figures need MIN_RANKED: None below)
+        entry.update(budget_figures(entry, rows, train_items, spread_figures is not None))
+    if budgets:
         figures["budgets"] = budgets
     runtime.write_json(args.out, {**out, "complete": True, "rows": rows, **figures})
     ranks, mean = figures["ranks"], figures.get("seed_mean")
