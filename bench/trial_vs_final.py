@@ -24,7 +24,7 @@ search and its finals (the search's other draws would differ; these are the same
     python bench/trial_vs_final.py              # every trial of the last search (8 on the default run: ~40 min)
     python bench/trial_vs_final.py --trials 4   # 4 of them, spread over the search's score range
     python bench/trial_vs_final.py --seeds 3    # each trial also under 2 more seeds (~80 min more)
-    python bench/trial_vs_final.py --budgets 8000x3,16000x3,allx1   # 3-9 min a budget, 2 trials at once
+    python bench/trial_vs_final.py --budgets 8000x3,16000x3,allx1   # 1-5 min a budget here, 2 trials at once
 
 Needs the default run's outputs first (`dvc repro search@classify`). Each finished trial is written to
 bench/results/trial_vs_final.json at once; a rerun on the same search trains only the trials it lacks.
