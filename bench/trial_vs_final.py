@@ -54,10 +54,9 @@ from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 from pipelines.params import Params, load_params, validate  # noqa: E402
 from pipelines.replay import trial_scores  # noqa: E402
-from pipelines.search import trial_settings  # noqa: E402
+from pipelines.search import trial_inputs, trial_settings  # noqa: E402
 from pipelines.tasks import get_task  # noqa: E402
 from pipelines.training import prepare_choice  # noqa: E402
-from pipelines.tuner import trial_base  # noqa: E402
 
 TASK = "classify"
 SEARCH = ROOT / "artifacts" / "search" / TASK
@@ -230,33 +229,35 @@ def train_missing(chosen: list[dict[str, Any]], done: dict[str, dict[str, Any]],
     return rows, trained
 
 
-def budget_list(text: str) -> list[str]:
-    """A `--budgets` flag: comma-separated ITEMSxEPOCHS budgets (ITEMS a count or `all`), as labels."""
-    labels = [part.strip().lower() for part in text.split(",") if part.strip()]
-    for label in labels:
-        items, _, epochs = label.partition("x")
-        if not (items == "all" or items.isdigit() and int(items) > 0) or not epochs.isdigit() or int(epochs) < 1:
-            raise argparse.ArgumentTypeError(f"expected ITEMSxEPOCHS budgets such as 16000x3 or allx1 (ITEMS a "
-                                             f"count or all, EPOCHS >= 1), comma-separated; got {label!r}")
-    if not labels:
-        raise argparse.ArgumentTypeError("expected at least one ITEMSxEPOCHS budget, e.g. 16000x3")
-    return list(dict.fromkeys(labels))
-
-
 def budget_of(label: str) -> tuple[int | None, int]:
-    """A budget label's (items, None for all; epochs)."""
+    """A budget ITEMSxEPOCHS as (items, None for all; epochs); ValueError when it is not one."""
     items, _, epochs = label.partition("x")
+    if not (items == "all" or items.isdigit() and int(items) > 0) or not epochs.isdigit() or int(epochs) < 1:
+        raise ValueError(label)
     return (None if items == "all" else int(items)), int(epochs)
 
 
-def budget_trial(trial: dict[str, Any], inputs: dict[str, Any], data: Path, epochs: int,
-                 settings: EngineSettings) -> tuple[list[float], float]:
-    """One trial trained as the search trains it (in its own process, seeded as a trial), on `inputs`' items for
-    `epochs` epochs: its validation score after each epoch, and the seconds it took."""
-    runtime.seed_everything(inputs["seed"], settings.deterministic)
-    started = time.perf_counter()
-    history = trial_scores(TASK, trial, inputs, data, epochs, settings, log=None, track=False)
-    return [epoch.score for epoch in history], round(time.perf_counter() - started, 1)
+def budget_list(text: str) -> list[str]:
+    """A `--budgets` flag: comma-separated ITEMSxEPOCHS budgets (ITEMS a count or `all`), as labels."""
+    labels = list(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    try:
+        for label in labels:
+            budget_of(label)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected ITEMSxEPOCHS budgets such as 16000x3 or allx1 (ITEMS a count or "
+                                         f"all, EPOCHS >= 1), comma-separated; got {exc.args[0]!r}") from None
+    if not labels:
+        raise argparse.ArgumentTypeError("expected at least one ITEMSxEPOCHS budget, e.g. 16000x3")
+    return labels
+
+
+def budget_params(params: Params, label: str) -> Params:
+    """`params` with the classify search's trials at budget `label` (its train subset and epochs)."""
+    items, epochs = budget_of(label)
+    raw = params.model_dump()
+    raw["search"][TASK].update(train_subset=items, max_epochs=epochs,
+                               grace_period=min(epochs, raw["search"][TASK]["grace_period"]))
+    return validate(Params, raw)
 
 
 def budget_settings(params: Params, threads: int | None) -> EngineSettings:
@@ -265,6 +266,15 @@ def budget_settings(params: Params, threads: int | None) -> EngineSettings:
     if threads is not None:
         settings = replace(settings, num_threads=threads or len(os.sched_getaffinity(0)))
     return settings
+
+
+def budget_trial(trial: dict[str, Any], inputs: dict[str, Any], data: Path,
+                 settings: EngineSettings) -> tuple[list[float], float]:
+    """One trial trained as the search trains it, from `inputs` (`pipelines.search.trial_inputs`), in its own
+    process: its validation score after each epoch, and the seconds it took."""
+    started = time.perf_counter()
+    history = trial_scores(TASK, trial, inputs, data, inputs["max_epochs"], settings, log=None)
+    return [epoch.score for epoch in history], round(time.perf_counter() - started, 1)
 
 
 def train_budgets(labels: list[str], chosen: list[dict[str, Any]], earlier: list[dict[str, Any]], params: Params,
@@ -276,33 +286,25 @@ def train_budgets(labels: list[str], chosen: list[dict[str, Any]], earlier: list
     budgets = [done.get(label) or {"budget": label, "threads": settings.num_threads, "scores": {}, "seconds": {}}
                for label in labels]
     jobs = [(entry, trial) for entry in budgets for trial in chosen if trial["trial_id"] not in entry["scores"]]
-    if jobs:
-        train_budget_jobs(jobs, params, settings, args, lambda: save(budgets))
-    return budgets, bool(jobs)
-
-
-def train_budget_jobs(jobs: list[tuple[dict[str, Any], dict[str, Any]]], params: Params, settings: EngineSettings,
-                      args: Any, save: Callable[[], None]) -> None:
-    """Train each (budget, trial) job, search.max_concurrent at a time, into its budget's entry; `save` after each."""
-    labels = list(dict.fromkeys(entry["budget"] for entry, _ in jobs))
+    if not jobs:
+        return budgets, False
+    inputs = {label: trial_inputs(budget_params(params, label), TASK) for label in labels}
     workers = max(1, min(params.search.max_concurrent, len(jobs),
                          len(os.sched_getaffinity(0)) // settings.num_threads))
-    print(f"training {len(jobs)} trial(s) at budgets {', '.join(labels)}, {workers} at a time, "
-          f"{settings.num_threads} thread(s) each", flush=True)
+    trained = ", ".join(dict.fromkeys(entry["budget"] for entry, _ in jobs))
+    print(f"training {len(jobs)} trial(s) at budgets {trained}, {workers} at a time, {settings.num_threads} "
+          "thread(s) each", flush=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {}
-        for entry, trial in jobs:
-            items, epochs = budget_of(entry["budget"])
-            inputs = {"seed": params.seed, "train_subset": items, "policy": params.augment.policy.model_dump(),
-                      "base": trial_base(params.train.classify, epochs).model_dump()}
-            pending[pool.submit(budget_trial, trial, inputs, args.data, epochs, settings)] = (entry, trial)
+        pending = {pool.submit(budget_trial, trial, inputs[entry["budget"]], args.data, settings): (entry, trial)
+                   for entry, trial in jobs}
         for future in as_completed(pending):
             entry, trial = pending[future]
             scores, seconds = future.result()
             entry["scores"][trial["trial_id"]], entry["seconds"][trial["trial_id"]] = scores, seconds
             print(f"budget {entry['budget']}: {trial['family']} {trial['trial_id']}: validation accuracy "
                   f"{' '.join(f'{score:.4f}' for score in scores)} ({seconds:.0f} s)", flush=True)
-            save()
+            save(budgets)
+    return budgets, True
 
 
 def budget_figures(entry: dict[str, Any], rows: list[dict[str, Any]], train_items: int,
@@ -372,17 +374,14 @@ def main(argv: list[str] | None = None) -> None:
     out |= {"command": " ".join(["python bench/trial_vs_final.py", *flags]), "seeds": args.seeds}
     if args.note or earlier.get("note"):
         out["note"] = args.note or earlier["note"]
-    rows: list[dict[str, Any]] = []
 
-    def save(rows_so_far: list[dict[str, Any]]) -> None:
-        runtime.write_json(args.out, {**out, "complete": False, "rows": rows_so_far})
-
-    def save_budgets(budgets: list[dict[str, Any]]) -> None:
-        runtime.write_json(args.out, {**out, "complete": False, "rows": rows, "budgets": budgets})
+    def save(rows_so_far: list[dict[str, Any]], budgets_so_far: list[dict[str, Any]] = earlier_budgets) -> None:
+        runtime.write_json(args.out, {**out, "complete": False, "rows": rows_so_far, "budgets": budgets_so_far})
 
     try:
         rows, trained = train_missing(chosen, done, args, test, save)
-        budgets, budgets_trained = train_budgets(labels, chosen, earlier_budgets, params, args, save_budgets)
+        budgets, budgets_trained = train_budgets(labels, chosen, earlier_budgets, params, args,
+                                                 lambda budgets_so_far: save(rows, budgets_so_far))
     except ConvForgeError as exc:
         sys.exit(f"bench/trial_vs_final.py: {exc}")  # names the trial
     trained = trained or budgets_trained

@@ -154,9 +154,10 @@ class _Enough(Exception):
 
 
 def trial_scores(task: str, choice: dict[str, Any], inputs: dict[str, Any], data_root: Path, epochs: int,
-                 settings: EngineSettings, log: Callable[[str], None] | None, track: bool = True) -> list[EpochResult]:
-    """Train a search trial as its trial ran (`pipelines.tuner.train_trial`) for `epochs` epochs; `track`: log each
-    epoch's metrics to the active MLflow run."""
+                 settings: EngineSettings, log: Callable[[str], None] | None,
+                 on_epoch: Callable[[EpochResult], None] | None = None) -> list[EpochResult]:
+    """Train a search trial as its trial ran (`pipelines.tuner.train_trial`) for `epochs` epochs; `on_epoch` sees
+    each epoch's result as it ends."""
     hparams = with_tuples(choice["hparams"], registry_family(task, choice["family"]).space)
     chosen = TrialChoice(choice["family"], hparams, choice["train"])
     cfg = recorded_config(inputs["base"], "base").updated(**chosen.train)
@@ -168,16 +169,16 @@ def trial_scores(task: str, choice: dict[str, Any], inputs: dict[str, Any], data
     model = trial_model(task, chosen, cfg, data, train)
     history: list[EpochResult] = []
 
-    def on_epoch(result: EpochResult) -> None:
+    def record(result: EpochResult) -> None:
         history.append(result)
-        if track:
-            tracking.log_metrics(result.metrics, step=result.epoch)
+        if on_epoch is not None:
+            on_epoch(result)
         if result.epoch >= epochs:
             raise _Enough
 
     try:
         fit(model, task, train, val, cfg, settings, policy=validate(PolicyParams, inputs["policy"], prefix="policy"),
-            on_epoch=on_epoch, log=log)
+            on_epoch=record, log=log)
     except _Enough:
         pass
     return history
@@ -211,7 +212,8 @@ def replay_trial(run: lineage.RecordedRun, data_root: Path | None, tolerance: fl
     with lineage.replay_run(run, task, choice["family"]) as replay_id:
         tracking.log_params({"kind": "trial", "exact": exact, "tolerance": tolerance, "epochs": epochs,
                              "threads": settings.num_threads, "data_root": str(data_root)})
-        history = trial_scores(task, choice, inputs, data_root, epochs, settings, log)
+        history = trial_scores(task, choice, inputs, data_root, epochs, settings, log,
+                               on_epoch=lambda result: tracking.log_metrics(result.metrics, step=result.epoch))
         replayed = {f"{metric}/epoch_{r.epoch}": r.metrics[metric] for r in history}
         replayed["trial_score"] = history[-1].metrics[metric]
         history_recorded = lineage.metric_history(run.run_id, metric)

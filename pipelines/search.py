@@ -128,13 +128,20 @@ def trial_settings(params: Params) -> EngineSettings:
                                       concurrent_runs=params.search.max_concurrent)
 
 
+def trial_inputs(params: Params, task: str) -> dict[str, Any]:
+    """What each trial of `task`'s search trains from, as `pipelines.replay.trial_scores` reads it: the seed, the
+    train subset, the epochs, the training config its choice is applied to and the augmentation policy."""
+    budget = params.search.task(task)
+    return {"seed": params.seed, "train_subset": budget.train_subset, "max_epochs": budget.max_epochs,
+            "base": trial_config(params, task).model_dump(), "policy": params.augment.policy.model_dump()}
+
+
 def search_inputs(params: Params, experiment: Experiment, data_hash: str) -> dict[str, Any]:
     """What every trial of the search shares, as a replay of one of them needs it."""
-    return {"task": experiment.task, "metric": experiment.metric, "seed": params.seed, "budget": params.search.budget,
-            "data_hash": data_hash, "git_commit": tracking.git_commit(), "train_subset": experiment.budget.train_subset,
-            "max_epochs": experiment.budget.max_epochs, "base": experiment.base.model_dump(),
-            "policy": params.augment.policy.model_dump(), "engine": trial_settings(params).recorded(),
-            "cpus_per_trial": trial_resources(params)[0], "gpus_per_trial": trial_resources(params)[1]}
+    return {"task": experiment.task, "metric": experiment.metric, "budget": params.search.budget,
+            "data_hash": data_hash, "git_commit": tracking.git_commit(), **trial_inputs(params, experiment.task),
+            "engine": trial_settings(params).recorded(), "cpus_per_trial": trial_resources(params)[0],
+            "gpus_per_trial": trial_resources(params)[1]}
 
 
 def search_trials(params: Params, experiment: Experiment, data_hash: str, key: str, log: Callable[[str], None],
