@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
 
 STRENGTHS = (0.63, 1.0, 1.5)
 TARGET = 5.0
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="its augment.policy is timed")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "prepared" / "classify",
                         help="a prepared classify folder (the augment stage's)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "augment.json")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "augment.json")
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.determinism import MODELS, step_rates  # noqa: E402
-from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
 
 BATCH = {"classify": 128}  # the default run's batch where it differs from bench/determinism.py's
 # family: hparams (the default search's model_space picks for its four; registry defaults for the others)
@@ -54,7 +54,7 @@ def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=thread_count, default=0, help="torch threads (0: every core)")
     parser.add_argument("--repeats", type=positive, default=6)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_amp.json")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "cpu_amp.json")
     args = parser.parse_args()
     threads = runtime.set_threads(args.threads)
     machine = describe()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
 from bench.roi_align import scenes  # noqa: E402
 
 SETTINGS = {"off": (False, False), "kernels + fill": (True, True), "kernels": (True, False)}
@@ -131,7 +131,7 @@ def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=thread_count, default=0, help="torch threads (0: every core)")
     parser.add_argument("--repeats", type=positive, default=8)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "determinism.json")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "determinism.json")
     args = parser.parse_args()
     runtime.set_threads(args.threads)
     machine = describe()

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
 from models import families  # noqa: E402
 from models._errors import ConvForgeError  # noqa: E402
 from models.summary import profile  # noqa: E402
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MLflow store (default: params.yaml's mlflow.tracking_uri; MLFLOW_TRACKING_URI wins)")
     parser.add_argument("--data", type=Path, default=PREPARED, help="prepared classify data (data/prepared/classify)")
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=result_file, default=RESULTS)
     return parser.parse_args(argv)
 
 

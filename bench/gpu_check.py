@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+from bench.machine import result_file  # noqa: E402
 
 TARGETS = {"engine_vs_plain": 0.95, "utilisation_pct": 85.0, "served_gpu_vs_cpu_at_64": 5.0}
 PROFILE = ROOT / "bench" / "gpu_profile.yaml"
@@ -315,7 +316,8 @@ def main() -> None:
     parser.add_argument("--cpu-dry-run", action="store_true", help="every step on the CPU at toy size")
     parser.add_argument("--data", default=str(ROOT / "data" / "prepared" / "classify"),
                         help="the prepared Fashion-MNIST (the augment stage's data/prepared/classify)")
-    parser.add_argument("--out", help="result file (default bench/results/gpu.json; the dry run prints it)")
+    parser.add_argument("--out", type=result_file,
+                        help="result file (default bench/results/gpu.json; the dry run prints it)")
     args = parser.parse_args()
     import torch
 

@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 
 def describe() -> dict:
@@ -43,3 +44,17 @@ def positive(text: str) -> int:
 def thread_count(text: str) -> int:
     """A `--threads` flag: a whole number >= 0 (0: every core, as pipelines.runtime.set_threads reads it)."""
     return _whole(text, 0)
+
+
+def result_file(text: str) -> Path:
+    """An `--out` flag: the JSON file a bench writes, checked before any work (written at the end, a folder or a
+    path below a file would fail only then, after the measuring)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the JSON file to write")
+    folder = next(parent for parent in path.absolute().parents if parent.exists())  # the nearest that exists
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{folder} is a file, so {text} cannot be written")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{folder} is not writable, so {text} cannot be written")
+    return path

@@ -30,6 +30,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
+
+from bench.machine import result_file  # noqa: E402
+
 EXIF_ORIENTATION = 0x0112
 
 
@@ -206,7 +209,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "owndata.json")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "owndata.json")
     args = parser.parse_args()
     from pipelines.engine import EngineSettings, loader_workers
 

@@ -329,11 +329,13 @@ def _budget_table(budgets: list[dict], rows: list[dict], search: dict, mean: dic
                      f"{entry['trial_items'] / longest:.1f}x", f"{entry['trial_seconds']:.0f}",
                      _rho(entry["ranks"]), *([_rho(entry["seed_mean"])] if mean else []),
                      f"#{entry[figures]['winner_final_rank']} ({top['family']} {top['trial_id']}, {top[key]:.4f})"])
-    best = max(budgets, key=lambda entry: entry[figures]["spearman_rho"] or -1.0)
-    target, rho = best[figures]["target_rho"], best[figures]["spearman_rho"]
-    verdict = ("No rank correlation: too few trials." if rho is None else
-               f"Highest rho{' on the mean' if mean else ''}: {rho:.3f} at {_budget_label(best['budget'])}; "
-               + (f"the {target} target is reached." if rho >= target else f"no budget measured reaches {target}."))
+    ranked = [entry for entry in budgets if entry[figures]["spearman_rho"] is not None]  # None: too few trials
+    best = max(ranked, key=lambda entry: entry[figures]["spearman_rho"], default=None)
+    verdict = "No rank correlation: too few trials."
+    if best is not None:
+        rho, target = best[figures]["spearman_rho"], best[figures]["target_rho"]
+        verdict = (f"Highest rho{' on the mean' if mean else ''}: {rho:.3f} at {_budget_label(best['budget'])}; "
+                   + (f"the {target} target is reached." if rho >= target else f"no budget measured reaches {target}."))
     header = ["trial budget (items x epochs)", "items a trial sees", "x the search's longest trial", "trial-seconds",
               "rho, the default seed", *(["rho, mean of the seeds"] if mean else []),
               "its top trial's final rank" + (" (on the mean)" if mean else "")]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
 
 TARGET = 1.5
 MAP_SIZES = (8, 16, 32, 64, 96, 160)
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--channels", type=positive, default=32)
     parser.add_argument("--steps", type=positive, default=8, help="training steps per timed pass")
     parser.add_argument("--repeats", type=positive, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "roi_align.json")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "roi_align.json")
     args = parser.parse_args()
     runtime.set_threads(args.threads)
     machine = describe()

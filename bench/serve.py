@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+from bench.machine import describe, result_file  # noqa: E402
 from pipelines.tasks import TASKS, ClassifyTask  # noqa: E402
 from starlette.requests import Request  # noqa: E402  (FastAPI resolves the bare handler's annotation here)
 
@@ -388,8 +389,6 @@ def machine() -> dict:
     import bentoml
     import onnxruntime
 
-    from bench.machine import describe
-
     return {**describe(), "python": platform.python_version(), "bentoml": bentoml.__version__,
             "onnxruntime": onnxruntime.__version__}
 
@@ -453,7 +452,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="endpoints to measure")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="serve.* overrides for every configuration, e.g. max_latency_ms=200")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    parser.add_argument("--out", type=result_file, default=str(ROOT / "bench" / "results" / "serve.json"))
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: serve a bare handler on --port
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

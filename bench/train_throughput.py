@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, thread_count  # noqa: E402
+from bench.machine import Parser, describe, result_file, thread_count  # noqa: E402
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 # hparams, and images per epoch (epochs of a few seconds at 1 thread: the per-epoch validation
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N (the box may be shared)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/train_throughput.json")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench/results/train_throughput.json")
     args = parser.parse_args()
 
     import torch

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
 from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 from pipelines.params import Params, load_params, validate  # noqa: E402
@@ -69,6 +69,8 @@ TRIAL_KEYS = ("trial_id", "family", "hparams", "train", "score", "epochs", "stat
 
 def search_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A classify search's best.json and families.json."""
+    if folder.is_file():
+        raise ConvForgeError(f"{folder} is a file; give the search's folder (best.json, families.json)")
     try:
         best, record = (json.loads((folder / name).read_text()) for name in ("best.json", "families.json"))
     except FileNotFoundError as exc:
@@ -338,11 +340,9 @@ def main(argv: list[str] | None = None) -> None:
                         "train.num_threads; a --budgets trial: the search's threads a trial)")
     parser.add_argument("--search", type=Path, default=SEARCH, help="the search's folder (best.json, families.json)")
     parser.add_argument("--data", type=Path, default=DATA, help="the prepared classify data the search ran on")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=result_file, default=RESULTS)
     parser.add_argument("--note", default=None, help="what the reader should know about this run (kept in the JSON)")
     args = parser.parse_args(argv)
-    if args.out.is_dir():
-        sys.exit(f"bench/trial_vs_final.py: --out {args.out} is a folder; give the JSON file to write")
     params = bench_params(args.epochs, args.threads)
     try:
         best, record = search_record(args.search)

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe  # noqa: E402
+from bench.machine import Parser, describe, result_file  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 
 TARGETS = {"spearman_rho": 0.8, "asha_epochs_ratio": 3.0, "best_test_gap": 0.005, "reuse_overhead_s": 0.2}
@@ -300,7 +300,7 @@ def parse_args() -> argparse.Namespace:
                              "is deterministic on one CPU model; on another the scores may differ slightly, "
                              "and the run says so)")
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tune_efficiency.json")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench/results/tune_efficiency.json")
     args = parser.parse_args()
     counts = ("samples", "epochs", "grace_period", "reduction_factor", "seeds", "train", "val", "test", "concurrent",
               "noop_trials", "noop_trials_no_reuse")

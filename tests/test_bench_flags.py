@@ -1,0 +1,41 @@
+"""The bench scripts' `--out`: a path the JSON cannot be written to is refused in one line before any measuring,
+in every script (each writes its results only at the end)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+
+import pytest
+
+from bench.machine import result_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_results_file_is_checked_before_any_work(tmp_path):
+    assert result_file(str(tmp_path / "out.json")) == tmp_path / "out.json"
+    assert result_file(str(tmp_path / "new" / "deeper" / "out.json")) == tmp_path / "new/deeper/out.json"
+    (tmp_path / "earlier.json").write_text("{}")
+    assert result_file(str(tmp_path / "earlier.json")) == tmp_path / "earlier.json"  # rewritten
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder; give the JSON file to write"):
+        result_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match=r"earlier\.json is a file, so .* cannot be written"):
+        result_file(str(tmp_path / "earlier.json" / "new" / "out.json"))
+
+
+def out_flags(path: Path) -> list[ast.Call]:
+    """The `add_argument("--out", ...)` calls of a script."""
+    return [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+            and getattr(node.func, "attr", "") == "add_argument" and node.args
+            and isinstance(node.args[0], ast.Constant) and node.args[0].value == "--out"]
+
+
+def test_every_bench_script_checks_its_out_flag():
+    flags = {path.name: out_flags(path) for path in sorted((ROOT / "bench").glob("*.py"))}
+    flags = {name: calls for name, calls in flags.items() if calls}
+    assert len(flags) >= 10  # the scripts that write bench/results/*.json
+    unchecked = [name for name, calls in flags.items() for call in calls
+                 if not any(k.arg == "type" and getattr(k.value, "id", "") == "result_file" for k in call.keywords)]
+    assert not unchecked, f"--out without type=result_file: {unchecked}"
