@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from pipelines import cluster, tracking
+from pipelines import cluster, scratch, tracking
 from pipelines.engine import CHECKPOINT, EpochResult, FitResult, RunState, fit
 from pipelines.errors import ConvForgeError
 from pipelines.params import Params
@@ -93,8 +92,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     settings = replace(job.settings, device=device.type)
     if rank == 0:
         tracking.use_store(config["tracking_uri"])
-    with tempfile.TemporaryDirectory(prefix="convforge-worker-") as folder:
-        work = Path(folder)
+    with scratch.folder("convforge-worker-") as work:
         restore(ray.train.get_checkpoint(), work)
 
         def on_epoch(result: EpochResult) -> None:

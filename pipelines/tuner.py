@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandSchedule
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pipelines import cluster, runtime, tracking
+from pipelines import cluster, runtime, scratch, tracking
 from pipelines.engine import EngineSettings, EpochResult, fit
 from pipelines.errors import ConvForgeError
 from pipelines.params import PolicyParams, SearchParams, TaskSearchParams, TrainConfig
@@ -63,6 +62,7 @@ TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "
 # their last report), and the checkpoint keeps them in this file for a restored trial.
 SCORES = "scores"
 SCORES_FILE = "scores.json"
+TRIAL_SCRATCH = "convforge-trial-"  # a trial's checkpoint folder in the temp folder (pipelines/scratch.py)
 RESUMING = "resuming the search at "  # the log's line when a stored search is restored (bench/repro_times.py)
 
 
@@ -448,8 +448,8 @@ def train_trial(config: dict[str, Any], *, task: str, space: SearchSpace, data: 
     # Ray logs "Checkpoint successfully created" at INFO for every epoch of every trial.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     cluster.quiet_sigterm_exit()
-    with tempfile.TemporaryDirectory(prefix="convforge-trial-") as work:
-        checkpoint_dir = Path(work) / "engine"
+    with scratch.folder(TRIAL_SCRATCH) as work:
+        checkpoint_dir = work / "engine"
         checkpoint_dir.mkdir()
         restored = tune.get_checkpoint()
         if restored is not None:  # a retried, resumed or PBT-exploited trial goes on from its last epoch

@@ -8,7 +8,7 @@ params.yaml's `serve` section (127.0.0.1:3000), overridden by --host/--port or
 CONVFORGE_HOST/CONVFORGE_PORT. The store is `<project>/.bentoml` unless BENTOML_HOME is set
 (`BENTOML_HOME=.bentoml bentoml list` shows it).
 
-Each server runs with a BENTOML_HOME of its own, `<tmp>/convforge-serve-<pid>-*`, whose `bentos`
+Each server runs with a BENTOML_HOME of its own, `<tmp>/convforge-serve-<host>-<pid>-*`, whose `bentos`
 and `models` link to the store: BentoML keeps the Prometheus multiprocess files at
 `<BENTOML_HOME>/prometheus_multiproc_dir` and empties that folder when a server starts, so servers
 sharing one home would wipe and mix each other's /metrics (BentoML 1.4 offers no setting for that
@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,26 +71,13 @@ def resolve_bento(bento: str | None) -> str:
     return bento
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def instance_home(store: Path) -> Path:
     """A new BENTOML_HOME for the server this process becomes (`bentoml serve` keeps its pid): its own
-    Prometheus folder, with the store's `bentos` and `models` linked in. First removes the homes of
-    servers no longer running (removing a home removes the links, never the store)."""
-    temp = Path(tempfile.gettempdir())
-    for old in temp.glob(f"{INSTANCE_PREFIX}*-*"):
-        pid = old.name[len(INSTANCE_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    home = Path(tempfile.mkdtemp(prefix=f"{INSTANCE_PREFIX}{os.getpid()}-", dir=temp))
+    Prometheus folder, with the store's `bentos` and `models` linked in. Making it removes the homes of this
+    machine's servers no longer running (removing a home removes the links, never the store)."""
+    from pipelines import scratch
+
+    home = scratch.make(INSTANCE_PREFIX)
     for part in ("bentos", "models"):
         (store / part).mkdir(parents=True, exist_ok=True)
         (home / part).symlink_to(store.resolve() / part, target_is_directory=True)

@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipelines import scratch
 from pipelines.tasks import ClassifyTask
+from services.serve import INSTANCE_PREFIX
 from tests.fixtures import stop as stop_process, wait_ready as until_ready
 
 pytestmark = pytest.mark.integration
@@ -165,4 +167,5 @@ def test_each_server_keeps_its_own_metrics(tmp_path):
     finally:
         for server in servers:
             stop(server)
+        scratch.sweep(INSTANCE_PREFIX)  # their homes, which the next server to start would remove
 

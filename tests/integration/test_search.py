@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -392,6 +393,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(project_params,
     """Run the stage, SIGKILL it once a trial has finished, rerun it: the search completes from where it was."""
     from mlflow import MlflowClient
 
+    from pipelines import scratch
+    from pipelines.tuner import TRIAL_SCRATCH
+
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = tiny_params(project_params, tracking_uri, num_samples=4)
     raw = params.model_dump()
@@ -417,6 +421,14 @@ def test_killed_search_resumes_without_rerunning_finished_trials(project_params,
         return {r.data.tags["convforge.trial_id"]: len(client.get_metric_history(r.info.run_id, "val_accuracy"))
                 for r in runs}
 
+    host, temp = socket.gethostname(), Path(tempfile.gettempdir())
+
+    def trial_folders(known: set[Path]) -> dict[Path, int]:
+        """This machine's trial checkpoint folders in the temp folder, other than `known` -> their process."""
+        return {path: pid for path in temp.glob(f"{TRIAL_SCRATCH}{host}-*")
+                if path not in known and (pid := scratch.owner(path.name, TRIAL_SCRATCH, host))}
+
+    before = set(trial_folders(set()))
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
@@ -431,12 +443,19 @@ def test_killed_search_resumes_without_rerunning_finished_trials(project_params,
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait()
     log.close()
+    # The trial killed mid-way leaves its checkpoint folder (its clean-up never ran) once its Ray worker has ended
+    # too; the resumed search's trials sweep it. Other tests' trials, still running, keep theirs.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(scratch.running(pid) for pid in trial_folders(before).values()):
+        time.sleep(0.5)
+    left = [path for path, pid in trial_folders(before).items() if not scratch.running(pid)]
     done = finished_children()
     assert len(done) < 4 and not (tmp_path / "artifacts/search/classify/best.json").exists()
 
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search" in second.stdout
+    assert not [path for path in left if path.exists()]
     best = json.loads((tmp_path / "artifacts/search/classify/best.json").read_text())
     trials = json.loads((tmp_path / "artifacts/search/classify/families.json").read_text())["trials"]
     assert len(trials) == 4 and best["trial_id"] in {t["trial_id"] for t in trials}

@@ -106,7 +106,7 @@ def test_pyfunc_from_code_round_trip_and_champion_alias(store, tmp_path, prepare
     assert [int(v) for v in versions] == [1, 2, 3]
     # No pickled module: the logged model is the code file plus the safetensors/JSON folder.
     source = client.get_model_version("p-classify", versions[0]).source
-    local = mlflow.artifacts.download_artifacts(source)
+    local = mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / "logged"))
     files = {p.name for p in Path(local).rglob("*") if p.is_file()}
     assert {"model.safetensors", "config.json", "mlflow_model.py", "MLmodel"} <= files
     assert not any(name.endswith((".pkl", ".pickle", ".pt")) for name in files)

@@ -78,7 +78,7 @@ def trained(store, project_params, prepared_classify, prepared_scenes):
 
 
 @pytest.mark.parametrize("task", ["classify", "detect", "segment"])
-def test_run_logs_params_metrics_dataset_and_real_images(trained, store, task):
+def test_run_logs_params_metrics_dataset_and_real_images(trained, store, task, tmp_path):
     from mlflow import MlflowClient
 
     _, uri = store
@@ -98,7 +98,7 @@ def test_run_logs_params_metrics_dataset_and_real_images(trained, store, task):
                  "segment": "per_class/test_iou/"}[task]
     assert any(key.startswith(per_class) for key in run.data.metrics)
     assert [d.dataset.digest for d in run.inputs.dataset_inputs]
-    local = Path(client.download_artifacts(run.info.run_id, "plots"))
+    local = Path(client.download_artifacts(run.info.run_id, "plots", str(tmp_path)))
     pngs = sorted(local.glob("*.png"))
     names = {p.name for p in pngs}
     assert {"learning_curves.png", "sample_predictions.png"} <= names
@@ -112,7 +112,7 @@ def test_run_logs_params_metrics_dataset_and_real_images(trained, store, task):
 
 
 @pytest.mark.parametrize("task", ["classify", "detect", "segment"])
-def test_model_is_registered_and_loads_back_through_mlflow(trained, store, task):
+def test_model_is_registered_and_loads_back_through_mlflow(trained, store, task, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
@@ -127,7 +127,7 @@ def test_model_is_registered_and_loads_back_through_mlflow(trained, store, task)
     registered = MlflowClient(uri).get_model_version(name, str(config["registered_version"]))
     assert registered.run_id == config["mlflow_run_id"]
     # MLflow's copy of the model folder and DVC's are the same files; the registration is DVC's alone.
-    logged = Path(mlflow.artifacts.download_artifacts(registered.source))
+    logged = Path(mlflow.artifacts.download_artifacts(registered.source, dst_path=str(tmp_path)))
     for name_on_disk in ("config.json", "model.safetensors", "history.json"):
         (copy,) = logged.rglob(name_on_disk)
         assert copy.read_bytes() == (trained[task]["out"] / name_on_disk).read_bytes(), name_on_disk
