@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sys
 import time
@@ -142,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"machine": machine, "command": command,
               "items": len(images), "epoch_threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows,
               "epoch": epoch, "target": TARGET}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    runtime.write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -353,7 +353,7 @@ def main() -> None:
     if args.cpu_dry_run and not args.out:  # its figures mean nothing: shown, not kept
         print(json.dumps(result, indent=2), flush=True)
         return
-    out = Path(args.out or ROOT / "bench" / "results" / "gpu.json")
+    out = args.out or ROOT / "bench" / "results" / "gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["verdict"]), f"({result['seconds']} s); wrote {out}", flush=True)

@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "owndata.json")
     args = parser.parse_args()
     from pipelines.engine import EngineSettings, loader_workers
+    from pipelines.runtime import write_json
 
     rng = np.random.default_rng(0)
     rows, training = [], None
@@ -239,9 +240,7 @@ def main() -> None:
           f"{training['imagefolder_input_images_per_s']} img/s ({training['ratio_input']}x); with a ResNet-10 step "
           f"{training['convforge_train_images_per_s']} vs {training['imagefolder_train_images_per_s']} img/s "
           f"({training['ratio_train']}x)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpus": len(os.sched_getaffinity(0)), "data": rows, "training": training},
-                                   indent=2) + "\n")
+    write_json(args.out, {"cpus": len(os.sched_getaffinity(0)), "data": rows, "training": training})
     print(f"wrote {args.out}")
 
 

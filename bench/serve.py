@@ -452,7 +452,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="endpoints to measure")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="serve.* overrides for every configuration, e.g. max_latency_ms=200")
-    parser.add_argument("--out", type=result_file, default=str(ROOT / "bench" / "results" / "serve.json"))
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "serve.json")
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: serve a bare handler on --port
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -494,7 +494,7 @@ def main() -> None:
               "serve": {**{k: serve[k] for k in ("max_batch_size", "max_latency_ms", "max_concurrency", "timeout_s",
                                                  "num_threads", "workers")}, **common},
               "wall_s": round(time.monotonic() - started, 1)}
-    runtime.write_json(Path(args.out), result)
+    runtime.write_json(args.out, result)
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
 
 

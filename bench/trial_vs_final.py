@@ -69,10 +69,10 @@ TRIAL_KEYS = ("trial_id", "family", "hparams", "train", "score", "epochs", "stat
 
 def search_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A classify search's best.json and families.json."""
-    if folder.is_file():
-        raise ConvForgeError(f"{folder} is a file; give the search's folder (best.json, families.json)")
     try:
         best, record = (json.loads((folder / name).read_text()) for name in ("best.json", "families.json"))
+    except NotADirectoryError:
+        raise ConvForgeError(f"{folder} is a file; give the search's folder (best.json, families.json)") from None
     except FileNotFoundError as exc:
         raise ConvForgeError(f"{exc.filename} not found: run `dvc repro search@classify` first") from None
     except json.JSONDecodeError as exc:

@@ -39,22 +39,17 @@ def owner(name: str, prefix: str, host: str) -> int | None:
     return int(found[1]) if found else None
 
 
-def sweep(prefix: str, root: Path | None = None) -> list[Path]:
-    """Remove the `prefix` folders under `root` (the temp folder) of this machine's ended processes; returns them."""
-    root = Path(root or tempfile.gettempdir())
+def sweep(prefix: str, root: Path | None = None) -> None:
+    """Remove the `prefix` folders under `root` (the temp folder) of this machine's ended processes."""
     host = socket.gethostname()
-    gone = []
-    for folder in root.glob(f"{prefix}{host}-*"):
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{prefix}{host}-*"):
         pid = owner(folder.name, prefix, host)
         if pid is not None and not running(pid):
             shutil.rmtree(folder, ignore_errors=True)
-            gone.append(folder)
-    return gone
 
 
 def make(prefix: str, root: Path | None = None) -> Path:
     """A new folder of this process, `<root>/<prefix><host>-<pid>-XXXXXXXX`, made after a `sweep`."""
-    root = Path(root or tempfile.gettempdir())
     sweep(prefix, root)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=root))
 

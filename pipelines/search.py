@@ -138,10 +138,10 @@ def trial_inputs(params: Params, task: str) -> dict[str, Any]:
 
 def search_inputs(params: Params, experiment: Experiment, data_hash: str) -> dict[str, Any]:
     """What every trial of the search shares, as a replay of one of them needs it."""
+    cpus, gpus = trial_resources(params)
     return {"task": experiment.task, "metric": experiment.metric, "budget": params.search.budget,
             "data_hash": data_hash, "git_commit": tracking.git_commit(), **trial_inputs(params, experiment.task),
-            "engine": trial_settings(params).recorded(), "cpus_per_trial": trial_resources(params)[0],
-            "gpus_per_trial": trial_resources(params)[1]}
+            "engine": trial_settings(params).recorded(), "cpus_per_trial": cpus, "gpus_per_trial": gpus}
 
 
 def search_trials(params: Params, experiment: Experiment, data_hash: str, key: str, log: Callable[[str], None],
