@@ -354,8 +354,7 @@ def main() -> None:
         print(json.dumps(result, indent=2), flush=True)
         return
     out = args.out or ROOT / "bench" / "results" / "gpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    runtime.write_json(out, result)
     print(json.dumps(result["verdict"]), f"({result['seconds']} s); wrote {out}", flush=True)
 
 

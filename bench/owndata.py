@@ -31,6 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
+import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.machine import result_file  # noqa: E402
 
 EXIF_ORIENTATION = 0x0112
@@ -212,7 +213,6 @@ def main() -> None:
     parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "owndata.json")
     args = parser.parse_args()
     from pipelines.engine import EngineSettings, loader_workers
-    from pipelines.runtime import write_json
 
     rng = np.random.default_rng(0)
     rows, training = [], None
@@ -240,7 +240,7 @@ def main() -> None:
           f"{training['imagefolder_input_images_per_s']} img/s ({training['ratio_input']}x); with a ResNet-10 step "
           f"{training['convforge_train_images_per_s']} vs {training['imagefolder_train_images_per_s']} img/s "
           f"({training['ratio_train']}x)")
-    write_json(args.out, {"cpus": len(os.sched_getaffinity(0)), "data": rows, "training": training})
+    runtime.write_json(args.out, {"cpus": len(os.sched_getaffinity(0)), "data": rows, "training": training})
     print(f"wrote {args.out}")
 
 

@@ -14,7 +14,6 @@ config, and tested on the test split. Prints a table and writes bench/results/pr
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
+import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.machine import Parser, describe, thread_count  # noqa: E402
 from models import _checkpoint as checkpoint  # noqa: E402
 from models._registry import BACKBONE_TASK, RECONSTRUCT_TASK, build  # noqa: E402
@@ -125,13 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'start':<9} {'mean':>7} {'sd':>7}")
     for start, row in table.items():
         print(f"{start:<9} {row['mean']:>7.4f} {row['sd']:>7.4f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python bench/pretrain.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                     else argv),
-                                   "family": args.family, "label_fraction": args.label_fraction,
-                                   "autoencoder": encoder, "runs": runs, "summary": table,
-                                   "corruption": params.corruption.model_dump(), "machine": machine}, indent=1)
-                       + "\n")
+    command = "python bench/pretrain.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    runtime.write_json(RESULTS, {"command": command, "family": args.family, "label_fraction": args.label_fraction,
+                                 "autoencoder": encoder, "runs": runs, "summary": table,
+                                 "corruption": params.corruption.model_dump(), "machine": machine})
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -15,7 +15,6 @@ written and the run says which; move `ray_results/search-*` aside first.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.machine import Parser, describe  # noqa: E402
 from pipelines.reporting import replace_readme_table  # noqa: E402
 from pipelines.tuner import RESUMING  # noqa: E402
@@ -102,8 +102,7 @@ def main() -> None:
                  "ray_results/search-* aside and rerun")
     result = {"machine": machine, "python": platform.python_version(), "command": "dvc repro " + " ".join(rest),
               "budget_minutes": BUDGET_MIN, "total_seconds": total, "stages": stages}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    runtime.write_json(RESULT, result)
     print(table(result), end="")
     if known.readme:
         replace_readme_table(ROOT / "README.md", table(result), marker="TIMES")

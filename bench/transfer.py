@@ -14,7 +14,6 @@ bench/results/transfer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -112,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     for task, row in sorted(table.items()):
         print(f"{task:<8} {METRIC[task]:<6} {row['scratch']:>8.4f} {row['classify']:>9.4f} {row['gain']:>+7.4f}")
     command = "python bench/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": command.strip(), "runs": rows, "gains": table, "machine": machine},
-                                  indent=1) + "\n")
+    runtime.write_json(RESULTS, {"command": command.strip(), "runs": rows, "gains": table, "machine": machine})
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -114,8 +114,6 @@ def load_data(args, seed: int, train_subset: int | None):
 def write_prepared(folder: Path, train, val) -> Path:
     """The search's splits in the prepared-data layout on disk: trials read their data from paths, like the
     pipeline's. The test split stays out of it."""
-    import json
-
     from pipelines.datasets import save_array
 
     for split, data in (("train", train), ("val", val)):
@@ -123,7 +121,7 @@ def write_prepared(folder: Path, train, val) -> Path:
         save_array(folder / split / "labels.npy", data.labels.numpy())
     meta = {"classes": train.classes, "in_channels": train.in_channels, "image_size": train.image_size,
             "mean": train.mean, "std": train.std}
-    (folder / "meta.json").write_text(json.dumps(meta))
+    runtime.write_json(folder / "meta.json", meta)
     return folder
 
 

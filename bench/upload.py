@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+
 
 def photo_12mp() -> bytes:
     """4000x3000 photo-like JPEG (multi-scale texture + sensor noise, quality 90): ~3-5 MB like a phone's."""
@@ -84,9 +86,7 @@ def main() -> None:
         result["server_preprocess_ms"] = round(float(pre[0].split()[-1]) / float(cnt[0].split()[-1]) * 1000, 1)
     result["met"] = result["median_ms"] <= result["target_median_ms"]
     print(f"/classify 12 MP JPEG, 1 client: {json.dumps(result)}")
-    out = ROOT / "bench" / "results" / "upload.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    runtime.write_json(ROOT / "bench" / "results" / "upload.json", result)
 
 
 if __name__ == "__main__":
