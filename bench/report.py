@@ -513,9 +513,10 @@ def owndata_section(name: str, result: dict) -> list[str]:
 def upload_section(name: str, result: dict) -> list[str]:
     """Latency of one large JPEG upload against its target."""
     out = _intro(name, result, f"python bench/upload.py --requests {result['requests']}")
-    out += [f"Against a real `python -m services.serve`: {result['clients']} client, {result['body']} upload of a "
-            f"{result['payload']} ({result['payload_mb']} MB). The server decodes the JPEG drafted near the "
-            "model's input size (`pipelines/decode.py`); before, it decoded at full size and took 127 ms.", ""]
+    out += [f"Against a real `python -m services.serve` of {result['model']}: {result['clients']} client, "
+            f"{result['body']} upload of a {result['payload']} ({result['payload_mb']} MB). The server decodes "
+            "the JPEG drafted near the model's input size (`pipelines/decode.py`); before, it decoded at full size "
+            "and took 127 ms.", ""]
     return out + table(["median", "p90", "min", "server-side decode + resize", "target (median)", "met"],
                        [[f"{result['median_ms']} ms", f"{result['p90_ms']} ms", f"{result['min_ms']} ms",
                          f"{result['server_preprocess_ms']} ms", f"<= {result['target_median_ms']:g} ms",

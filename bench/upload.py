@@ -5,21 +5,27 @@
 The server decodes the JPEG drafted near the model's input size (pipelines/decode.py) instead of at
 full size. Target: median <= 30 ms. Writes bench/results/upload.json.
 """
-import argparse
+from __future__ import annotations
+
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
+from bench.machine import Parser, describe, positive, result_file  # noqa: E402
+
+TARGET_MEDIAN_MS = 30.0
 
 
 def photo_12mp() -> bytes:
@@ -37,56 +43,71 @@ def photo_12mp() -> bytes:
     return buffer.getvalue()
 
 
-def main() -> None:
+def upload_times(port: int, data: bytes, as_json: bool, requests: int) -> tuple[list[float], dict, list[str]]:
+    """`requests` timed /classify calls (after 5 untimed ones) in ms, the last answer and the server's /metrics."""
     import base64
 
     import httpx
 
-    from bench.serve import bench_models, free_port, start, stop, write_params
+    body = ({"json": {"images": [base64.b64encode(data).decode()]}} if as_json
+            else {"files": {"images": ("photo.jpg", data, "image/jpeg")}})
+    times = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        for timed in [False] * 5 + [True] * requests:
+            started = time.perf_counter()
+            reply = client.post("/classify", **body)
+            if reply.status_code != 200:
+                sys.exit(f"bench/upload.py: /classify answered {reply.status_code}: {reply.text[:300]}")
+            if timed:
+                times.append((time.perf_counter() - started) * 1000)
+        return sorted(times), reply.json()["results"][0], client.get("/metrics").text.splitlines()
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=30)
+
+def preprocess_ms(metrics: list[str]) -> float | None:
+    """The server's mean classify decode + resize time from its Prometheus histogram."""
+    def total(name: str) -> float | None:
+        found = [line for line in metrics if line.startswith(name) and "classify" in line]
+        return float(found[0].split()[-1]) if found else None
+
+    seconds, count = total("convforge_preprocess_seconds_sum"), total("convforge_preprocess_seconds_count")
+    return round(seconds / count * 1000, 1) if seconds is not None and count else None
+
+
+def main() -> None:
+    from bench.serve import Config, bench_models, free_port, launch, stop, wait_ready, write_params
+
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=positive, default=30)
     parser.add_argument("--json", action="store_true", help="base64 JSON instead of a multipart upload")
+    parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "upload.json")
     args = parser.parse_args()
+    machine = describe()
     data = photo_12mp()
     print(f"payload: 4000x3000 JPEG, {len(data) / 1e6:.2f} MB", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="convforge-bench-upload-") as tmp:
         work = Path(tmp)
         models, source = bench_models(work)
         print("models:", source, flush=True)
-        port = free_port()
-        process = start("bento", models, write_params(work, "b12"), port, work / "server.log")
+        config, port = Config("bento", "bento"), free_port()
+        process = launch(config, models, write_params(work, config.name, {}), port, work)
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-                kw = ({"json": {"images": [base64.b64encode(data).decode()]}} if args.json
-                      else {"files": {"images": ("photo.jpg", data, "image/jpeg")}})
-                for _ in range(5):
-                    assert client.post("/classify", **kw).status_code == 200
-                times = []
-                for _ in range(args.requests):
-                    t = time.perf_counter()
-                    reply = client.post("/classify", **kw)
-                    times.append((time.perf_counter() - t) * 1000)
-                    assert reply.status_code == 200, reply.text
-                print("result:", {k: reply.json()["results"][0].get(k)
-                                  for k in ("width", "height", "in_domain", "reason")})
-                metrics = client.get("/metrics").text
-                pre = [l for l in metrics.splitlines()
-                       if l.startswith("convforge_preprocess_seconds_sum") and "classify" in l]
-                cnt = [l for l in metrics.splitlines()
-                       if l.startswith("convforge_preprocess_seconds_count") and "classify" in l]
+            wait_ready(port, process, work / f"{config.name}.log")
+            times, answer, metrics = upload_times(port, data, args.json, args.requests)
+        except RuntimeError as exc:  # the server did not come up: wait_ready's reason and the log's tail
+            sys.exit(f"bench/upload.py: {exc}")
         finally:
             stop(process)
-    times.sort()
+    print("answer:", {key: answer.get(key) for key in ("width", "height", "in_domain", "reason")})
     result = {"payload": "4000x3000 JPEG", "payload_mb": round(len(data) / 1e6, 2), "clients": 1,
               "body": "json" if args.json else "multipart", "requests": len(times),
               "median_ms": round(statistics.median(times), 1), "p90_ms": round(times[int(0.9 * len(times)) - 1], 1),
-              "min_ms": round(times[0], 1), "target_median_ms": 30.0}
-    if pre and cnt:
-        result["server_preprocess_ms"] = round(float(pre[0].split()[-1]) / float(cnt[0].split()[-1]) * 1000, 1)
-    result["met"] = result["median_ms"] <= result["target_median_ms"]
+              "min_ms": round(times[0], 1), "target_median_ms": TARGET_MEDIAN_MS,
+              "server_preprocess_ms": preprocess_ms(metrics), "model": source["classify"],
+              "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}}
+    result["met"] = result["median_ms"] <= TARGET_MEDIAN_MS
     print(f"/classify 12 MP JPEG, 1 client: {json.dumps(result)}")
-    runtime.write_json(ROOT / "bench" / "results" / "upload.json", result)
+    runtime.write_json(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,27 @@ def test_files_named_in_code_and_docs_exist(folder: str) -> None:
     assert not missing, "names of files the project does not have:\n" + "\n".join(missing)
 
 
+def project_imports(path: Path) -> list[tuple[int, str, str]]:
+    """(line, module, name) of each `from <project module> import name` in a file, function-level ones included."""
+    return [(node.lineno, node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+            and node.module.split(".")[0] in (*PACKAGES, "bench", "tests") for alias in node.names]
+
+
+def test_every_name_imported_from_the_project_exists() -> None:
+    """Imports inside functions run only when the function does: a bench script's could name a function another
+    module no longer has and fail only when someone runs it (bench/upload.py did, after bench/serve.py changed)."""
+    import importlib.util
+
+    missing = []
+    for path in modules(*PACKAGES, "bench", "tests"):
+        for line, module, name in project_imports(path):
+            found = importlib.import_module(module)
+            if not hasattr(found, name) and importlib.util.find_spec(f"{module}.{name}") is None:
+                missing.append(f"{path.relative_to(ROOT)}:{line}: from {module} import {name}")
+    assert not missing, "names the project does not have:\n" + "\n".join(missing)
+
+
 def test_architecture_doc_lists_every_module() -> None:
     doc = (ROOT / "docs" / "architecture.md").read_text()
     absent = [p.relative_to(ROOT).as_posix() for p in modules(*PACKAGES)
