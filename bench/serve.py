@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import describe, result_file  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file  # noqa: E402
 from pipelines.tasks import TASKS, ClassifyTask  # noqa: E402
 from starlette.requests import Request  # noqa: E402  (FastAPI resolves the bare handler's annotation here)
 
@@ -443,14 +443,37 @@ def serve_bare(models: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def serve_override(text: str) -> tuple[str, object]:
+    """A `--set` item: KEY=VALUE of params.yaml's serve section, the value read as YAML."""
+    import yaml
+
+    key, equals, value = text.partition("=")
+    keys = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
+    if not equals or key not in keys:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of serve's {', '.join(keys)}; got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def seconds(text: str) -> float:
+    """A `--duration`: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return value
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds per config and client level")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds each level is split into")
-    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
-    parser.add_argument("--configs", nargs="+", help="only these configurations (names as in the table)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="endpoints to measure")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=seconds, default=4.0, help="seconds per config and client level")
+    parser.add_argument("--rounds", type=positive, default=2, help="alternating rounds each level is split into")
+    parser.add_argument("--levels", type=positive, nargs="+", default=list(LEVELS))
+    parser.add_argument("--configs", nargs="+", choices=[c.name for c in CONFIGS],
+                        help="only these configurations (names as in the table)")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="endpoints to measure")
+    parser.add_argument("--set", type=serve_override, nargs="+", default=[], metavar="KEY=VALUE",
                         help="serve.* overrides for every configuration, e.g. max_latency_ms=200")
     parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "serve.json")
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: serve a bare handler on --port
@@ -464,26 +487,29 @@ def main() -> None:
 
     started = time.monotonic()
     info = machine()
-    work = Path(tempfile.mkdtemp(prefix="convforge-bench-serve-"))
-    models, sources = bench_models(work)
-    sizes = {task: json.loads((models / task / "config.json").read_text())["image_size"] for task in TASKS}
-    bodies = {task: png_payload(task, 28 if task == CLASSIFY else int(sizes[task])) for task in TASKS}
-    common = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    common = dict(args.set)
     chosen = [c for c in CONFIGS if not args.configs or c.name in args.configs]
-    processes: dict[str, subprocess.Popen] = {}
-    ports = {c.name: free_port() for c in chosen}
-    try:
-        for config in chosen:
-            params = write_params(work, config.name, {**config.serve, **common})
-            processes[config.name] = launch(config, models, params, ports[config.name], work)
-        for config in chosen:
-            wait_ready(ports[config.name], processes[config.name], work / f"{config.name}.log")
-        served = {c.name: served_backends(ports[c.name]) for c in chosen if c.kind == "bento"}
-        print(f"[{time.monotonic() - started:4.0f}s] {len(chosen)} servers ready ({work}); served {served}", flush=True)
-        rows = run_levels(chosen, ports, bodies, args)
-    finally:
-        for process in processes.values():
-            stop(process)
+    with tempfile.TemporaryDirectory(prefix="convforge-bench-serve-") as tmp:
+        work = Path(tmp)
+        models, sources = bench_models(work)
+        sizes = {task: json.loads((models / task / "config.json").read_text())["image_size"] for task in TASKS}
+        bodies = {task: png_payload(task, 28 if task == CLASSIFY else int(sizes[task])) for task in TASKS}
+        processes: dict[str, subprocess.Popen] = {}
+        ports = {c.name: free_port() for c in chosen}
+        try:
+            for config in chosen:
+                params = write_params(work, config.name, {**config.serve, **common})
+                processes[config.name] = launch(config, models, params, ports[config.name], work)
+            for config in chosen:
+                wait_ready(ports[config.name], processes[config.name], work / f"{config.name}.log")
+            served = {c.name: served_backends(ports[c.name]) for c in chosen if c.kind == "bento"}
+            print(f"[{time.monotonic() - started:4.0f}s] {len(chosen)} servers ready; served {served}", flush=True)
+            rows = run_levels(chosen, ports, bodies, args)
+        except RuntimeError as exc:  # a server did not come up: wait_ready's reason and its log's tail
+            sys.exit(f"bench/serve.py: {exc}")
+        finally:
+            for process in processes.values():
+                stop(process)
     targets, figures = verdict(rows), comparisons(rows)
     print_table(rows, targets, figures)
     serve = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]

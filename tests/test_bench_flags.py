@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,20 @@ def test_every_bench_script_checks_its_out_flag():
     unchecked = [name for name, calls in flags.items() for call in calls
                  if not any(k.arg == "type" and getattr(k.value, "id", "") == "result_file" for k in call.keywords)]
     assert not unchecked, f"--out without type=result_file: {unchecked}"
+
+
+@pytest.mark.parametrize(("script", "flags", "says"), [
+    ("serve.py", ["--set", "max_batch_size"], "expected KEY=VALUE with KEY one of serve's"),
+    ("serve.py", ["--set", "batch=8"], "expected KEY=VALUE with KEY one of serve's"),
+    ("serve.py", ["--configs", "bento"], "argument --configs: invalid choice: 'bento'"),
+    ("serve.py", ["--tasks", "classification"], "argument --tasks: invalid choice: 'classification'"),
+    ("serve.py", ["--levels", "0"], "argument --levels: expected a whole number >= 1"),
+    ("serve.py", ["--duration", "0"], "argument --duration: expected seconds above 0"),
+    ("upload.py", ["--requests", "0"], "argument --requests: expected a whole number >= 1"),
+])
+def test_a_bad_flag_is_one_line_before_any_server_starts(tmp_path, script, flags, says):
+    out = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / script), *flags, "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2 and says in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not run.stdout and not out.exists()
