@@ -20,7 +20,6 @@ prints its result instead of writing it (unless --out).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import result_file  # noqa: E402
+from bench.machine import Parser, result_file  # noqa: E402
 
 TARGETS = {"engine_vs_plain": 0.95, "utilisation_pct": 85.0, "served_gpu_vs_cpu_at_64": 5.0}
 PROFILE = ROOT / "bench" / "gpu_profile.yaml"
@@ -312,9 +311,9 @@ def verdict(result: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-dry-run", action="store_true", help="every step on the CPU at toy size")
-    parser.add_argument("--data", default=str(ROOT / "data" / "prepared" / "classify"),
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "prepared" / "classify",
                         help="the prepared Fashion-MNIST (the augment stage's data/prepared/classify)")
     parser.add_argument("--out", type=result_file,
                         help="result file (default bench/results/gpu.json; the dry run prints it)")
@@ -325,7 +324,7 @@ def main() -> None:
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine, "
               "or with --cpu-dry-run to check every step on the CPU", file=sys.stderr)
         raise SystemExit(1)
-    if not (Path(args.data) / "meta.json").is_file():
+    if not (args.data / "meta.json").is_file():
         print(f"gpu_check: {args.data} has no prepared data (run `dvc repro augment` first)", file=sys.stderr)
         raise SystemExit(1)
     from pipelines.engine import EngineSettings
@@ -343,7 +342,7 @@ def main() -> None:
             result["engine_vs_plain"] = [engine_vs_plain(name, params, settings, utilisation, args.cpu_dry_run)
                                          for name in WORKLOADS]
             print(f"engine vs plain loop: {result['engine_vs_plain']}", flush=True)
-            result["search"] = search_and_train(Path(args.data), work, args.cpu_dry_run)
+            result["search"] = search_and_train(args.data, work, args.cpu_dry_run)
             print(f"search + train: {result['search']}", flush=True)
             result["serving"] = served(work, args.cpu_dry_run)
             print(f"serving: {result['serving']}", flush=True)

@@ -12,7 +12,6 @@ loop over the same 224 px images written as JPEGs, same workers, batch and model
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import result_file  # noqa: E402
+from bench.machine import Parser, positive, result_file  # noqa: E402
 
 EXIF_ORIENTATION = 0x0112
 
@@ -203,13 +202,13 @@ def training_rates(prepared: Path, batches: int, batch_size: int, workers: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--distinct", type=int, default=200, help="distinct generated photos (reused to reach N)")
-    parser.add_argument("--coco", type=int, default=1000, help="COCO images (512 px)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batches", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=positive, nargs="+", default=[1000, 10000])
+    parser.add_argument("--distinct", type=positive, default=200, help="distinct generated photos (reused to reach N)")
+    parser.add_argument("--coco", type=positive, default=1000, help="COCO images (512 px)")
+    parser.add_argument("--image-size", type=positive, default=224)
+    parser.add_argument("--batches", type=positive, default=15)
+    parser.add_argument("--batch-size", type=positive, default=64)
     parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "owndata.json")
     args = parser.parse_args()
     from pipelines.engine import EngineSettings, loader_workers

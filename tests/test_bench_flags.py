@@ -51,8 +51,10 @@ def test_every_bench_script_checks_its_out_flag():
     ("serve.py", ["--levels", "0"], "argument --levels: expected a whole number >= 1"),
     ("serve.py", ["--duration", "0"], "argument --duration: expected seconds above 0"),
     ("upload.py", ["--requests", "0"], "argument --requests: expected a whole number >= 1"),
+    ("owndata.py", ["--sizes", "1000", "0"], "argument --sizes: expected a whole number >= 1"),
+    ("gpu_check.py", ["--cpu-dry-run", "--data"], "argument --data: expected one argument"),
 ])
-def test_a_bad_flag_is_one_line_before_any_server_starts(tmp_path, script, flags, says):
+def test_a_bad_flag_is_one_line_before_any_work(tmp_path, script, flags, says):
     out = tmp_path / "out.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), *flags, "--out", str(out)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
