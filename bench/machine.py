@@ -41,6 +41,22 @@ def positive(text: str) -> int:
     return _whole(text, 1)
 
 
+def whole(text: str) -> int:
+    """A flag counted from 0 (stages frozen, an epoch where 0 means never)."""
+    return _whole(text, 0)
+
+
+def fraction(text: str) -> float:
+    """A share of the items: a number above 0 and at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction above 0 and at most 1, got {text!r}")
+    return value
+
+
 def thread_count(text: str) -> int:
     """A `--threads` flag: a whole number >= 0 (0: every core, as pipelines.runtime.set_threads reads it)."""
     return _whole(text, 0)

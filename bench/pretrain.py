@@ -5,7 +5,7 @@ On the default data (data/prepared/classify, made by `dvc repro augment`): a den
 labels, corrupted as params.yaml's `corruption` says; then, for each seed, a classifier of that family is trained
 on `--label-fraction` of the training items (a seeded, class-stratified draw) once from scratch and once with
 `pretrained:` the saved autoencoder (its whole trunk loaded, models/_checkpoint.py), with the same training
-config, and tested on the test split. Prints a table and writes bench/results/pretrain.json.
+config, and tested on the test split. Prints a table and writes bench/results/pretrain.json (`--out`).
 
     python bench/pretrain.py                                     # 10% of the labels, 3 seeds
     python bench/pretrain.py --items 20000 --ae-epochs 2 --epochs 4 --test-items 5000   # a reduced run
@@ -26,11 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, thread_count  # noqa: E402
+from bench.machine import Parser, describe, fraction, positive, result_file, thread_count  # noqa: E402
 from models import _checkpoint as checkpoint  # noqa: E402
 from models._registry import BACKBONE_TASK, RECONSTRUCT_TASK, build  # noqa: E402
 from pipelines.datasets import load_classify  # noqa: E402
 from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
+from pipelines.errors import ConvForgeError  # noqa: E402
 from pipelines.params import load_params  # noqa: E402
 from pipelines.reconstruction import load_corrupted  # noqa: E402
 
@@ -101,35 +102,40 @@ def summary(runs: list[dict]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="resnet", help="the classifier family (its trunk is the encoder)")
-    parser.add_argument("--label-fraction", type=float, default=0.1)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--items", type=int, default=None, help="training items used (default: all)")
-    parser.add_argument("--ae-epochs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8, help="classifier epochs on the labelled items")
-    parser.add_argument("--test-items", type=int, default=None, help="val/test items scored (default: all)")
+    parser.add_argument("--label-fraction", type=fraction, default=0.1,
+                        help="share of the training items with their labels (each class's share, at least one item)")
+    parser.add_argument("--seeds", type=positive, default=3)
+    parser.add_argument("--items", type=positive, default=None, help="training items used (default: all)")
+    parser.add_argument("--ae-epochs", type=positive, default=3)
+    parser.add_argument("--epochs", type=positive, default=8, help="classifier epochs on the labelled items")
+    parser.add_argument("--test-items", type=positive, default=None, help="val/test items scored (default: all)")
     parser.add_argument("--threads", type=thread_count, default=0)
+    parser.add_argument("--out", type=result_file, default=RESULTS)
     args = parser.parse_args(argv)
     machine = describe()
     params = load_params(ROOT / "params.yaml")
     settings = EngineSettings(device="cpu", num_threads=args.threads, seed=params.seed)
-    with tempfile.TemporaryDirectory() as work:
-        encoder = train_autoencoder(args, params, settings, Path(work) / "autoencoder")
-        print(f"autoencoder: {encoder}")
-        runs = []
-        for seed in range(args.seeds):
-            for pretrained in (None, str(Path(work) / "autoencoder")):
-                runs.append(classify_run(args, params, settings, seed, pretrained))
-                print(runs[-1])
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            encoder = train_autoencoder(args, params, settings, Path(work) / "autoencoder")
+            print(f"autoencoder: {encoder}")
+            runs = []
+            for seed in range(args.seeds):
+                for pretrained in (None, str(Path(work) / "autoencoder")):
+                    runs.append(classify_run(args, params, settings, seed, pretrained))
+                    print(runs[-1])
+    except (ConvForgeError, KeyError) as exc:  # KeyError: an unknown --family, as the registry words it
+        sys.exit(f"bench/pretrain.py: {exc.args[0] if isinstance(exc, KeyError) else exc}")
     table = summary(runs)
     print(f"\n{args.family}, {args.label_fraction:.0%} of the labels, {args.seeds} seeds: test accuracy")
     print(f"{'start':<9} {'mean':>7} {'sd':>7}")
     for start, row in table.items():
         print(f"{start:<9} {row['mean']:>7.4f} {row['sd']:>7.4f}")
     command = "python bench/pretrain.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    runtime.write_json(RESULTS, {"command": command, "family": args.family, "label_fraction": args.label_fraction,
+    runtime.write_json(args.out, {"command": command, "family": args.family, "label_fraction": args.label_fraction,
                                  "autoencoder": encoder, "runs": runs, "summary": table,
                                  "corruption": params.corruption.model_dump(), "machine": machine})
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, result_file, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 # hparams, and images per epoch (epochs of a few seconds at 1 thread: the per-epoch validation
@@ -169,12 +169,12 @@ def engine_run(name: str, train, val, batch: int, epochs: int, lr: float, thread
 
 def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=None, help="training images per epoch (default per model)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per variant (the first is warm-up)")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--images", type=positive, default=None, help="training images per epoch (default per model)")
+    parser.add_argument("--epochs", type=positive, default=3, help="epochs per variant (the first is warm-up)")
+    parser.add_argument("--batch", type=positive, default=128)
     parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch threads (0 = every core; on a shared box more threads than free cores collapse)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N (the box may be shared)")
+    parser.add_argument("--repeats", type=positive, default=2, help="best of N (the box may be shared)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
     parser.add_argument("--out", type=result_file, default=ROOT / "bench/results/train_throughput.json")

@@ -5,7 +5,7 @@ On the default data (data/prepared/scenes and the classifier at artifacts/models
 with the same training config, the same seed and the same epochs: once with `pretrained: classify` (the trunk is
 the classifier's family, hyperparameters and stride plan, pipelines/transfer.py) and once from scratch (the same
 backbone family and hyperparameters, random weights). Both are tested on the test scenes. Prints a table and writes
-bench/results/transfer.json.
+bench/results/transfer.json (`--out`).
 
     python bench/transfer.py                                     # detect and segment, the default run's budget
     python bench/transfer.py --epochs 2 --scenes 1000            # a reduced run
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, thread_count  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, thread_count, whole  # noqa: E402
 from models import family as registry_family  # noqa: E402
 from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--family", default=None, help="one family for every task (default: each search's choice)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: train.<task>.epochs")
-    parser.add_argument("--scenes", type=int, default=None, help="training scenes used (default: all)")
-    parser.add_argument("--freeze", type=int, default=0, help="trunk stages held when started from the classifier")
-    parser.add_argument("--unfreeze-epoch", type=int, default=0)
+    parser.add_argument("--epochs", type=positive, default=None, help="default: train.<task>.epochs")
+    parser.add_argument("--scenes", type=positive, default=None, help="training scenes used (default: all)")
+    parser.add_argument("--freeze", type=whole, default=0, help="trunk stages held when started from the classifier")
+    parser.add_argument("--unfreeze-epoch", type=whole, default=0, help="from this epoch they fine-tune (0: never)")
     parser.add_argument("--threads", type=thread_count, default=0)
+    parser.add_argument("--out", type=result_file, default=RESULTS)
     args = parser.parse_args(argv)
     params = load_params(ROOT / "params.yaml")
     runtime.seed_everything(params.seed, params.deterministic)
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     for task, row in sorted(table.items()):
         print(f"{task:<8} {METRIC[task]:<6} {row['scratch']:>8.4f} {row['classify']:>9.4f} {row['gain']:>+7.4f}")
     command = "python bench/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    runtime.write_json(RESULTS, {"command": command.strip(), "runs": rows, "gains": table, "machine": machine})
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    runtime.write_json(args.out, {"command": command.strip(), "runs": rows, "gains": table, "machine": machine})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

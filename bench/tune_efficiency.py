@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, result_file  # noqa: E402
+from bench.machine import Parser, describe, positive, result_file, whole  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 
 TARGETS = {"spearman_rho": 0.8, "asha_epochs_ratio": 3.0, "best_test_gap": 0.005, "reuse_overhead_s": 0.2}
@@ -269,29 +269,30 @@ def trial_overrides(args: argparse.Namespace) -> dict:
 def parse_args() -> argparse.Namespace:
     """The command line; out-of-range sizes are a one-line usage error."""
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=24, help="trials per search")
-    parser.add_argument("--epochs", type=int, default=9, help="full budget (epochs) of a trial")
-    parser.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung (epochs)")
-    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this of the trials per rung")
-    parser.add_argument("--seeds", type=int, default=3, help="searches per scheduler, seeded params.seed + 0, 1, ...")
+    parser.add_argument("--samples", type=positive, default=24, help="trials per search")
+    parser.add_argument("--epochs", type=positive, default=9, help="full budget (epochs) of a trial")
+    parser.add_argument("--grace-period", type=positive, default=1, help="ASHA's first rung (epochs)")
+    parser.add_argument("--reduction-factor", type=positive, default=3, help="ASHA keeps 1/this of the trials per rung")
+    parser.add_argument("--seeds", type=positive, default=3,
+                        help="searches per scheduler, seeded params.seed + 0, 1, ...")
     parser.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist",
                         help="data/prepared/classify (run `dvc repro augment` first) or digits (bundled)")
-    parser.add_argument("--train", type=int, default=None,
+    parser.add_argument("--train", type=positive, default=None,
                         help="training items of a trial (default: search.classify.train_subset of params.yaml, what "
                              "the pipeline's trials train on)")
-    parser.add_argument("--val", type=int, default=None,
+    parser.add_argument("--val", type=positive, default=None,
                         help="validation items (default: the whole val split, what the pipeline's trials score on)")
-    parser.add_argument("--test", type=int, default=None, help="test items (default: the whole test split)")
+    parser.add_argument("--test", type=positive, default=None, help="test items (default: the whole test split)")
     parser.add_argument("--families", nargs="+", default=None,
                         help="families searched (default: search.classify.families of params.yaml)")
-    parser.add_argument("--precise-bn", type=int, default=None,
+    parser.add_argument("--precise-bn", type=whole, default=None,
                         help="train.classify.precise_bn of the trials (default: params.yaml's); 0 validates with "
                              "training's running BatchNorm averages")
-    parser.add_argument("--warmup-epochs", type=int, default=None,
+    parser.add_argument("--warmup-epochs", type=whole, default=None,
                         help="train.classify.warmup_epochs of the trials (default: params.yaml's)")
-    parser.add_argument("--concurrent", type=int, default=2)
-    parser.add_argument("--noop-trials", type=int, default=100)
-    parser.add_argument("--noop-trials-no-reuse", type=int, default=10)
+    parser.add_argument("--concurrent", type=positive, default=2)
+    parser.add_argument("--noop-trials", type=positive, default=100)
+    parser.add_argument("--noop-trials-no-reuse", type=positive, default=10)
     parser.add_argument("--add-variant", choices=[name for name in VARIANTS if name != "asha"], default=None,
                         help="run only this ASHA variant on each seed of --out (an earlier run with the same settings)"
                              " and add it there beside that run's searches; FIFO's figures are that run's (training "
@@ -300,14 +301,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--note", default="", help="how this run differs from the default (recorded in the JSON)")
     parser.add_argument("--out", type=result_file, default=ROOT / "bench/results/tune_efficiency.json")
     args = parser.parse_args()
-    counts = ("samples", "epochs", "grace_period", "reduction_factor", "seeds", "train", "val", "test", "concurrent",
-              "noop_trials", "noop_trials_no_reuse")
-    for name in counts:
-        if getattr(args, name) is not None and getattr(args, name) < (2 if name == "reduction_factor" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'reduction_factor' else 1}")
-    for name, value in trial_overrides(args).items():
-        if value < 0:
-            parser.error(f"--{name.replace('_', '-')} must be at least 0")
+    if args.reduction_factor < 2:
+        parser.error("--reduction-factor must be at least 2")
     if args.grace_period > args.epochs:
         parser.error("--grace-period must not exceed --epochs")
     return args

@@ -53,6 +53,15 @@ def test_every_bench_script_checks_its_out_flag():
     ("upload.py", ["--requests", "0"], "argument --requests: expected a whole number >= 1"),
     ("owndata.py", ["--sizes", "1000", "0"], "argument --sizes: expected a whole number >= 1"),
     ("gpu_check.py", ["--cpu-dry-run", "--data"], "argument --data: expected one argument"),
+    ("pretrain.py", ["--seeds", "0"], "argument --seeds: expected a whole number >= 1"),
+    ("pretrain.py", ["--label-fraction", "0"], "argument --label-fraction: expected a fraction above 0 and at most 1"),
+    ("pretrain.py", ["--label-fraction", "nan"], "argument --label-fraction: expected a fraction above 0"),
+    ("transfer.py", ["--freeze", "-1"], "argument --freeze: expected a whole number >= 0"),
+    ("transfer.py", ["--scenes", "0"], "argument --scenes: expected a whole number >= 1"),
+    ("train_throughput.py", ["--batch", "0"], "argument --batch: expected a whole number >= 1"),
+    ("tune_efficiency.py", ["--samples", "0"], "argument --samples: expected a whole number >= 1"),
+    ("tune_efficiency.py", ["--reduction-factor", "1"], "--reduction-factor must be at least 2"),
+    ("tune_efficiency.py", ["--precise-bn", "-1"], "argument --precise-bn: expected a whole number >= 0"),
 ])
 def test_a_bad_flag_is_one_line_before_any_work(tmp_path, script, flags, says):
     out = tmp_path / "out.json"
@@ -60,3 +69,19 @@ def test_a_bad_flag_is_one_line_before_any_work(tmp_path, script, flags, says):
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2 and says in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and not run.stdout and not out.exists()
+
+
+def test_no_bench_flag_takes_a_bare_number():
+    """A count, size or fraction flag has a checking type (bench.machine's positive, whole, fraction, ...): a bare
+    int or float took 0, negatives and NaN, which failed deep in the run or measured nothing. Hidden internal flags
+    (help=argparse.SUPPRESS, passed by the scripts themselves) are exempt."""
+    bare = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "add_argument"):
+                continue
+            keywords = {k.arg: k.value for k in call.keywords}
+            hidden = getattr(keywords.get("help"), "attr", "") == "SUPPRESS"
+            if getattr(keywords.get("type"), "id", "") in ("int", "float") and not hidden:
+                bare.append(f"{path.name} {call.args[0].value}")
+    assert not bare, f"flags parsed with a bare int/float: {bare}"
