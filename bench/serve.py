@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,22 @@ def write_params(work: Path, name: str, serve: dict) -> Path:
     return path
 
 
+def end_on_sigterm() -> None:
+    """SIGTERM to this process (`timeout`, `kill`, a cancelled job) raises SystemExit, so the `finally` that stops
+    its servers and the `with` that removes their work folder run. By default Python ends at once on SIGTERM, and
+    the servers, in their own session, went on serving with no parent (Ctrl-C raises KeyboardInterrupt: no change)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def launch(config: Config, models: Path, params: Path, port: int, work: Path) -> subprocess.Popen:
-    """Start one server (its own process group and BENTOML_HOME); `wait_ready` before using it."""
+    """Start one server (its own process group and BENTOML_HOME); `wait_ready` before using it. From here on a
+    SIGTERM to this process stops the servers it started (`end_on_sigterm`)."""
+    end_on_sigterm()
     home = work / f"home-{config.name}"
     env = {**os.environ, "CONVFORGE_PORT": str(port), "CONVFORGE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
            "CONVFORGE_MODELS_DIR": str(models), "CONVFORGE_PARAMS": str(params), "BENTOML_HOME": str(home)}
