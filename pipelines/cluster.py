@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from pipelines.errors import ConvForgeError
+from pipelines.errors import ConvForgeError, end_on_sigterm
 from pipelines.runtime import token_source
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +106,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, log: Callab
         join(address, log)
     else:
         start_local(num_cpus, log)
+    end_on_sigterm()  # ray.init's core worker replaced the stage's SIGTERM handler with an abort
     return True
 
 

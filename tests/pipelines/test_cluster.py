@@ -113,3 +113,66 @@ def test_the_worker_setup_hook_names_a_function_that_quiets_ray_restore_lines():
         assert not restore_logger.isEnabledFor(logging.INFO) and restore_logger.isEnabledFor(logging.WARNING)
     finally:
         restore_logger.setLevel(before)
+
+
+A_RAY_STAGE = """
+import sys
+import ray
+from pipelines import cluster
+from pipelines.errors import stage_entry
+
+@ray.remote
+def wait():
+    import time
+    time.sleep(120)
+
+@stage_entry
+def main():
+    cluster.connect(num_cpus=1, log=lambda line: None)
+    print("ready", flush=True)
+    ray.get(wait.remote())
+main()
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below `pid` (from /proc's parent links)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_a_sigterm_to_a_stage_on_ray_ends_it_like_ctrl_c() -> None:
+    """Once Ray is joined, its core worker's SIGTERM handler printed a stack dump and aborted the stage (exit -6),
+    leaving the search's MLflow run RUNNING; the stage's own handler is put back: one line, exit 143, Ray's
+    processes gone."""
+    import os
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    stage = subprocess.Popen([sys.executable, "-c", A_RAY_STAGE], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert stage.stdout.readline() == "ready\n", stage.stderr.read()
+        started = descendants(stage.pid)
+        assert started  # the local Ray's processes
+        stage.send_signal(signal.SIGTERM)
+        _, err = stage.communicate(timeout=60)
+        assert stage.returncode == 143, err
+        assert err.strip().splitlines()[-1] == "terminated (SIGTERM)"
+        assert "SIGTERM received" not in err and "Traceback" not in err, err
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in started):
+            time.sleep(0.5)
+        assert not [pid for pid in started if Path(f"/proc/{pid}").exists()], "Ray outlived the stage"
+    finally:
+        stage.kill()

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines.errors import ConvForgeError, stage_entry
 from pipelines.runtime import TELEMETRY_OFF, atomic_dir, sha256_file, write_json
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stage_entry_prints_one_line_and_exits_2(capsys):
@@ -30,6 +36,29 @@ def test_stage_entry_keeps_programming_errors_as_tracebacks():
 
     with pytest.raises(ZeroDivisionError):
         main()
+
+
+A_STAGE = """
+import sys, time
+from pipelines.errors import stage_entry
+@stage_entry
+def main():
+    print("ready", flush=True)
+    time.sleep(60)
+main()
+"""
+
+
+@pytest.mark.parametrize(("sent", "code", "says"), [(signal.SIGTERM, 143, "terminated (SIGTERM)\n"),
+                                                    (signal.SIGINT, 130, "interrupted\n")])
+def test_a_stopped_stage_says_so_in_one_line(sent, code, says):
+    """SIGTERM (`kill`, `timeout`, a cancelled job) ends a stage as Ctrl-C does, through its clean-up, not at once."""
+    stage = subprocess.Popen([sys.executable, "-c", A_STAGE], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert stage.stdout.readline() == "ready\n"
+    stage.send_signal(sent)
+    out, err = stage.communicate(timeout=30)
+    assert stage.returncode == code and err == says, err
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
