@@ -39,8 +39,11 @@ def test_stage_entry_keeps_programming_errors_as_tracebacks():
 
 
 A_STAGE = """
-import sys, time
+import signal, sys, time
 from pipelines.errors import stage_entry
+# Ctrl-C's KeyboardInterrupt, as in a terminal: a background job of a non-interactive shell (CI's, maybe)
+# starts its children with SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 @stage_entry
 def main():
     print("ready", flush=True)
