@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, thread_count  # noqa: E402
 
 STRENGTHS = (0.63, 1.0, 1.5)
 TARGET = 5.0
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime.set_threads(args.threads)
     epoch = epoch_row(train.subset(args.epoch_items, params.seed), val.subset(1000, 0), params, args.repeats,
                       args.threads)
-    machine["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_avg_at_end"] = load_average()
     if args.note:
         machine["note"] = args.note
     command = " ".join(["python bench/augment.py", *(sys.argv[1:] if argv is None else argv)])

@@ -18,7 +18,6 @@ Writes bench/results/cpu_amp.json.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.determinism import MODELS, step_rates  # noqa: E402
-from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, thread_count  # noqa: E402
 
 BATCH = {"classify": 128}  # the default run's batch where it differs from bench/determinism.py's
 # family: hparams (the default search's model_space picks for its four; registry defaults for the others)
@@ -63,7 +62,7 @@ def main() -> None:
             for task, (family, hparams, size, batch, _) in MODELS.items()]
     runtime.set_threads(1)  # a search trial's share of 2 cores
     families = [row("classify", family, 28, 64, args.repeats, hparams, 12) for family, hparams in FAMILIES.items()]
-    machine.update(threads=threads, native_bf16=native, load_avg_at_end=[round(x, 2) for x in os.getloadavg()])
+    machine.update(threads=threads, native_bf16=native, load_avg_at_end=load_average())
     result = {"command": "python bench/cpu_amp.py" + (f" --threads {args.threads}" if args.threads else ""),
               "machine": machine, "repeats": args.repeats, "rows": rows, "families": families}
     runtime.write_json(args.out, result)

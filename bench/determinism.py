@@ -18,7 +18,6 @@ Writes bench/results/determinism.json.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, thread_count  # noqa: E402
 from bench.roi_align import scenes  # noqa: E402
 
 SETTINGS = {"off": (False, False), "kernels + fill": (True, True), "kernels": (True, False)}
@@ -144,7 +143,7 @@ def main() -> None:
                      "determinism_cost": round(1 - rate["kernels"] / rate["off"], 3)})
     import torch
 
-    machine.update(threads=torch.get_num_threads(), load_avg_at_end=[round(x, 2) for x in os.getloadavg()])
+    machine.update(threads=torch.get_num_threads(), load_avg_at_end=load_average())
     result = {"command": "python bench/determinism.py" + (f" --threads {args.threads}" if args.threads else ""),
               "machine": machine, "repeats": args.repeats, "rows": rows}
     runtime.write_json(args.out, result)

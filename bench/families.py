@@ -19,7 +19,6 @@ Prints one line per family per epoch and writes bench/results/families.json.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed copy
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, thread_count  # noqa: E402
 from models import families  # noqa: E402
 from models._errors import ConvForgeError  # noqa: E402
 from models.summary import profile  # noqa: E402
@@ -149,7 +148,7 @@ def run(args: argparse.Namespace, params: Params, command: str) -> dict[str, Any
             "note": args.note, "data": f"{params.data.dataset} ({args.data.name} prepared splits)",
             "budget": budget, "train": run_config(params.train.classify, epochs=args.epochs).model_dump(),
             "experiment": EXPERIMENT, "rows": rows, "published": published(), "published_source": PUBLISHED_SOURCE,
-            "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}}
+            "machine": {**machine, "load_avg_at_end": load_average()}}
 
 
 def print_table(result: dict[str, Any]) -> None:

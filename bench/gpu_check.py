@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.machine import Parser, result_file  # noqa: E402
+from pipelines.errors import stage_entry  # noqa: E402
 
 TARGETS = {"engine_vs_plain": 0.95, "utilisation_pct": 85.0, "served_gpu_vs_cpu_at_64": 5.0}
 PROFILE = ROOT / "bench" / "gpu_profile.yaml"
@@ -358,4 +359,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_entry(main)()

@@ -10,6 +10,11 @@ import time
 from pathlib import Path
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, as the result JSONs record them (at start and at end)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def describe() -> dict:
     """CPU model and count, load average, torch version and the local date and time."""
     import torch
@@ -18,7 +23,7 @@ def describe() -> dict:
 
     model = cpu_info("model name") or platform.processor() or platform.machine()
     return {"cpus": len(os.sched_getaffinity(0)), "cpu": model, "torch": torch.__version__,
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M")}
+            "load_avg_at_start": load_average(), "time": time.strftime("%Y-%m-%dT%H:%M")}
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,15 +51,25 @@ def whole(text: str) -> int:
     return _whole(text, 0)
 
 
-def fraction(text: str) -> float:
-    """A share of the items: a number above 0 and at most 1."""
+def _real(text: str, ok, expected: str) -> float:
+    """`text` as a number for which `ok` holds, or argparse's one clear line (NaN and words fail too)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a fraction above 0 and at most 1, got {text!r}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def fraction(text: str) -> float:
+    """A share of the items: a number above 0 and at most 1."""
+    return _real(text, lambda value: 0 < value <= 1, "a fraction above 0 and at most 1")
+
+
+def seconds(text: str) -> float:
+    """A duration: a number of seconds above 0."""
+    return _real(text, lambda value: 0 < value < float("inf"), "seconds above 0")
 
 
 def thread_count(text: str) -> int:

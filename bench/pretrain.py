@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's pipelines, not an installed cop
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
 from bench.machine import Parser, describe, fraction, positive, result_file, thread_count  # noqa: E402
 from models import _checkpoint as checkpoint  # noqa: E402
-from models._registry import BACKBONE_TASK, RECONSTRUCT_TASK, build  # noqa: E402
+from models._registry import BACKBONE_TASK, RECONSTRUCT_TASK, build, families  # noqa: E402
 from pipelines.datasets import load_classify  # noqa: E402
 from pipelines.engine import EngineSettings, evaluate, fit  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
@@ -101,7 +101,8 @@ def summary(runs: list[dict]) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="resnet", help="the classifier family (its trunk is the encoder)")
+    parser.add_argument("--family", default="resnet", choices=families(BACKBONE_TASK),
+                        help="the classifier family (its trunk is the encoder)")
     parser.add_argument("--label-fraction", type=fraction, default=0.1,
                         help="share of the training items with their labels (each class's share, at least one item)")
     parser.add_argument("--seeds", type=positive, default=3)
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                 for pretrained in (None, str(Path(work) / "autoencoder")):
                     runs.append(classify_run(args, params, settings, seed, pretrained))
                     print(runs[-1])
-    except (ConvForgeError, KeyError) as exc:  # KeyError: an unknown --family, as the registry words it
-        sys.exit(f"bench/pretrain.py: {exc.args[0] if isinstance(exc, KeyError) else exc}")
+    except ConvForgeError as exc:
+        sys.exit(f"bench/pretrain.py: {exc}")
     table = summary(runs)
     print(f"\n{args.family}, {args.label_fraction:.0%} of the labels, {args.seeds} seeds: test accuracy")
     print(f"{'start':<9} {'mean':>7} {'sd':>7}")

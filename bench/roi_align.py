@@ -13,7 +13,6 @@ Writes bench/results/roi_align.json.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, thread_count  # noqa: E402
 
 TARGET = 1.5
 MAP_SIZES = (8, 16, 32, 64, 96, 160)
@@ -132,7 +131,7 @@ def main() -> None:
     speedup = rates["separable"] / rates["torchvision"]
     import torch
 
-    machine.update(threads=torch.get_num_threads(), load_avg_at_end=[round(x, 2) for x in os.getloadavg()])
+    machine.update(threads=torch.get_num_threads(), load_avg_at_end=load_average())
     result = {"command": "python bench/roi_align.py" + (f" --threads {args.threads}" if args.threads else ""),
               "machine": machine, "ops": ops,
               "detector": {"family": "faster_rcnn", "canvas": CANVAS, "batch": BATCH, "steps": args.steps,

@@ -35,7 +35,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, seconds  # noqa: E402
+from pipelines.errors import end_on_sigterm, stage_entry  # noqa: E402
 from pipelines.tasks import TASKS, ClassifyTask  # noqa: E402
 from starlette.requests import Request  # noqa: E402  (FastAPI resolves the bare handler's annotation here)
 
@@ -149,21 +149,10 @@ def write_params(work: Path, name: str, serve: dict) -> Path:
     return path
 
 
-def end_on_sigterm() -> None:
-    """SIGTERM to this process (`timeout`, `kill`, a cancelled job) raises SystemExit, so the `finally` that stops
-    its servers and the `with` that removes their work folder run. By default Python ends at once on SIGTERM, and
-    the servers, in their own session, went on serving with no parent (Ctrl-C raises KeyboardInterrupt: no change)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _exit_on_signal)
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def launch(config: Config, models: Path, params: Path, port: int, work: Path) -> subprocess.Popen:
-    """Start one server (its own process group and BENTOML_HOME); `wait_ready` before using it. From here on a
-    SIGTERM to this process stops the servers it started (`end_on_sigterm`)."""
+    """Start one server (its own process group and BENTOML_HOME); `wait_ready` before using it. The servers are out
+    of reach of a signal to this process: from here on its SIGTERM raises as Ctrl-C does (`end_on_sigterm`), so the
+    caller's `finally` stops them (the scripts run under `stage_entry`: one line, exit 143)."""
     end_on_sigterm()
     home = work / f"home-{config.name}"
     env = {**os.environ, "CONVFORGE_PORT": str(port), "CONVFORGE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
@@ -469,17 +458,6 @@ def serve_override(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
-def seconds(text: str) -> float:
-    """A `--duration`: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
-    return value
-
-
 def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=seconds, default=4.0, help="seconds per config and client level")
@@ -530,7 +508,7 @@ def main() -> None:
     serve = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
     result = {"targets_met": all(item["met"] for item in targets.values()), "targets": targets,
               "figures": figures, "backends": backends(rows, served), "rows": rows,
-              "machine": {**info, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+              "machine": {**info, "load_avg_at_end": load_average()},
               "models": sources, "served_backends": served, "duration_s": args.duration, "rounds": args.rounds,
               "serve": {**{k: serve[k] for k in ("max_batch_size", "max_latency_ms", "max_concurrency", "timeout_s",
                                                  "num_threads", "workers")}, **common},
@@ -540,4 +518,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_entry(main)()

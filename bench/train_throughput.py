@@ -21,7 +21,6 @@ Writes bench/results/train_throughput.json.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file, thread_count  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, thread_count  # noqa: E402
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 # hparams, and images per epoch (epochs of a few seconds at 1 thread: the per-epoch validation
@@ -245,7 +244,7 @@ def main() -> None:
         "settings": {"batch_size": args.batch, "threads": threads, "channels_last": channels_last,
                      "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                      "epochs": args.epochs, "repeats": args.repeats},
-        "note": args.note, "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}})
+        "note": args.note, "machine": {**machine, "load_avg_at_end": load_average()}})
     print(f"wrote {args.out}")
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import shlex
 import sys
 import tempfile
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file, whole  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file, whole  # noqa: E402
 from pipelines.errors import ConvForgeError  # noqa: E402
 
 TARGETS = {"spearman_rho": 0.8, "asha_epochs_ratio": 3.0, "best_test_gap": 0.005, "reuse_overhead_s": 0.2}
@@ -487,7 +486,7 @@ def main() -> None:
         **settings_of(args, base, families, train_data, val_data, test_data),
         "ranks": ranks, "searches": searches, "overhead_s_per_trial": over,
         "targets": TARGETS, "targets_met": targets_met(ranks, searches, reuse), "note": args.note,
-        "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**machine, "load_avg_at_end": load_average()},
     })
     print(f"wrote {args.out}")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipelines.runtime as runtime  # noqa: E402  (telemetry off first)
-from bench.machine import Parser, describe, positive, result_file  # noqa: E402
+from bench.machine import Parser, describe, load_average, positive, result_file  # noqa: E402
+from pipelines.errors import stage_entry  # noqa: E402
 
 TARGET_MEDIAN_MS = 30.0
 
@@ -43,7 +43,7 @@ def photo_12mp() -> bytes:
     return buffer.getvalue()
 
 
-def upload_times(port: int, data: bytes, as_json: bool, requests: int) -> tuple[list[float], dict, list[str]]:
+def upload_times(port: int, data: bytes, as_json: bool, requests: int) -> tuple[list[float], dict, str]:
     """`requests` timed /classify calls (after 5 untimed ones) in ms, the last answer and the server's /metrics."""
     import base64
 
@@ -60,16 +60,17 @@ def upload_times(port: int, data: bytes, as_json: bool, requests: int) -> tuple[
                 sys.exit(f"bench/upload.py: /classify answered {reply.status_code}: {reply.text[:300]}")
             if timed:
                 times.append((time.perf_counter() - started) * 1000)
-        return sorted(times), reply.json()["results"][0], client.get("/metrics").text.splitlines()
+        return sorted(times), reply.json()["results"][0], client.get("/metrics").text
 
 
-def preprocess_ms(metrics: list[str]) -> float | None:
-    """The server's mean classify decode + resize time from its Prometheus histogram."""
-    def total(name: str) -> float | None:
-        found = [line for line in metrics if line.startswith(name) and "classify" in line]
-        return float(found[0].split()[-1]) if found else None
+def preprocess_ms(metrics: str) -> float | None:
+    """The server's mean classify parse + decode + resize time, from its Prometheus histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    seconds, count = total("convforge_preprocess_seconds_sum"), total("convforge_preprocess_seconds_count")
+    totals = {sample.name: sample.value for family in text_string_to_metric_families(metrics)
+              if family.name == "convforge_preprocess_seconds" for sample in family.samples
+              if sample.labels.get("task") == "classify" and sample.name.endswith(("_sum", "_count"))}
+    seconds, count = totals.get("convforge_preprocess_seconds_sum"), totals.get("convforge_preprocess_seconds_count")
     return round(seconds / count * 1000, 1) if seconds is not None and count else None
 
 
@@ -103,7 +104,7 @@ def main() -> None:
               "median_ms": round(statistics.median(times), 1), "p90_ms": round(times[int(0.9 * len(times)) - 1], 1),
               "min_ms": round(times[0], 1), "target_median_ms": TARGET_MEDIAN_MS,
               "server_preprocess_ms": preprocess_ms(metrics), "model": source["classify"],
-              "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}}
+              "machine": {**machine, "load_avg_at_end": load_average()}}
     result["met"] = result["median_ms"] <= TARGET_MEDIAN_MS
     print(f"/classify 12 MP JPEG, 1 client: {json.dumps(result)}")
     runtime.write_json(args.out, result)
@@ -111,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_entry(main)()

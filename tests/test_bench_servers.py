@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines import scratch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,11 +25,11 @@ def processes_in(folder: Path) -> list[int]:
             continue
         try:
             environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:  # ended meanwhile, or not ours
             continue
-        if str(folder).encode() in environ and state != "Z" and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
+        pid = int(entry.name)
+        if str(folder).encode() in environ and pid != os.getpid() and scratch.running(pid):
+            found.append(pid)
     return found
 
 

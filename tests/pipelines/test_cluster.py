@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cluster, runtime
+from pipelines import cluster, runtime, scratch
 from pipelines.errors import ConvForgeError
 
 HERE = "10.0.0.1"
@@ -171,8 +171,8 @@ def test_a_sigterm_to_a_stage_on_ray_ends_it_like_ctrl_c() -> None:
         assert err.strip().splitlines()[-1] == "terminated (SIGTERM)"
         assert "SIGTERM received" not in err and "Traceback" not in err, err
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in started):
+        while time.monotonic() < deadline and any(scratch.running(pid) for pid in started):
             time.sleep(0.5)
-        assert not [pid for pid in started if Path(f"/proc/{pid}").exists()], "Ray outlived the stage"
+        assert not [pid for pid in started if scratch.running(pid)], "Ray outlived the stage"
     finally:
         stage.kill()
