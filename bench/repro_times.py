@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -47,6 +49,12 @@ def resumed_stages(lines: list[str]) -> list[str]:
         elif RESUMING in line and stage is not None and stage not in resumed:
             resumed.append(stage)
     return resumed
+
+
+def always_run(dvc_yaml: Path = ROOT / "dvc.yaml") -> set[str]:
+    """dvc.yaml's `always_changed` stages: every repro runs them, so they alone are no run to time."""
+    return {name for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items()
+            if stage.get("always_changed")}
 
 
 def timed_repro(args: list[str]) -> tuple[list[dict], float, int, list[str]]:
@@ -94,7 +102,7 @@ def main() -> None:
     stages, total, code, resumed = timed_repro(rest)
     if code != 0:
         sys.exit(code)  # dvc said why; a failed run's times are not a time table
-    if not stages:
+    if not {row["stage"] for row in stages} - always_run():
         sys.exit("repro_times: no stage ran (all up to date): add --force to time the whole run")
     if resumed:
         sys.exit(f"repro_times: {', '.join(resumed)} restored a finished search from ray_results (its trials did "

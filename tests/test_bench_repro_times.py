@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.repro_times import resumed_stages
+from bench.repro_times import always_run, resumed_stages
 from pipelines.tuner import RESUMING
 
 
@@ -21,3 +21,7 @@ def test_a_restored_search_is_named_and_a_fresh_one_is_not():
            "Running stage 'train@classify':\n"]
     assert resumed_stages(log) == ["search@classify", "search@segment"]
     assert resumed_stages(log[:4] + log[6:9]) == []
+
+
+def test_the_source_listing_alone_is_no_run():
+    assert always_run() == {"source"}

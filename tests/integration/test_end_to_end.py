@@ -1,4 +1,5 @@
-"""The whole chain in a temp clone: `dvc repro` on digits, a no-op second repro, MLflow, the Bento served.
+"""The whole chain in a temp clone: `dvc repro` on digits, a second repro that runs only its source listing,
+MLflow, the Bento served.
 
 One module-scoped pipeline run (tiny params: digits, two families, two trials, one
 epoch) is shared by the checks below; it takes a few minutes on 2 cores. It records the params
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from pipelines.tasks import TASKS
+from tests.fixtures import assert_up_to_date, stages_run
 
 pytestmark = pytest.mark.integration
 
@@ -135,19 +137,18 @@ def project(tmp_path_factory):
 @pytest.mark.timeout(1800)  # its fixture runs the whole tiny pipeline, five tasks
 def test_every_stage_ran_and_status_is_clean(project):
     root, env = project["root"], project["env"]
-    for stage in ("fetch", "augment", "search@classify", "train@detect", "evaluate@segment", "promote@classify",
-                  "package"):
+    for stage in ("source", "fetch", "augment", "search@classify", "train@detect", "evaluate@segment",
+                  "promote@classify", "package"):
         assert f"Running stage '{stage}'" in project["first"].stdout
     for task in TASKS:
         best = json.loads((root / f"artifacts/search/{task}/best.json").read_text())
         assert best["family"] in TINY[f"search.{task}.families"]
         metrics = json.loads((root / f"reports/metrics/{task}.json").read_text())
         assert metrics and all(isinstance(v, (int, float)) for v in metrics.values())
-    status = run(["dvc", "status"], root, env)
-    assert "up to date" in status.stdout
+    assert_up_to_date(run(["dvc", "status"], root, env).stdout)
     started = time.monotonic()
     second = run(["dvc", "repro"], root, env)
-    assert "Running stage" not in second.stdout
+    assert stages_run(second.stdout) == {"source"}, second.stdout
     assert time.monotonic() - started < 30
 
 
