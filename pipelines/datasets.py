@@ -378,7 +378,10 @@ def _read_meta(root: Path) -> dict[str, Any]:
     meta_path = Path(root) / "meta.json"
     if not meta_path.is_file():
         raise _missing(meta_path)
-    return json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text())
+    if "unavailable" in meta:  # augment made no such data, and said why (e.g. scenes of too many classes)
+        raise ConvForgeError(f"{root}: no data here: {meta['unavailable']}")
+    return meta
 
 
 def _check_split(split: str) -> None:

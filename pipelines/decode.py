@@ -5,7 +5,8 @@ format comes from an allow-list (never from a client's Content-Type), the pixel 
 from the header before any pixel is decoded, Pillow's decompression-bomb warning is an error,
 large JPEGs are decoded at 1/2..1/8 scale with `Image.draft()` (libjpeg's DCT scaling) when the
 target size allows it, and EXIF orientation is applied. `to_array` turns any mode into uint8
-[H, W, in_channels] the same way everywhere (alpha composited over black, 16-bit scaled to 8).
+[H, W, in_channels] the same way everywhere (alpha composited over black, 16-bit scaled to 8,
+float in 0..1 scaled to 0..255).
 `fit_square` (classification items) and `letterbox` (scenes) are the training geometry, each
 returning the `Placement` that maps model-input pixels back to the image's own pixels.
 Every failure is a `DecodeError` with an HTTP-like `status`: fetch reports it as a corrupt image,
@@ -19,7 +20,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,6 +31,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)
 BACKGROUND = (0, 0, 0, 255)  # training items sit on black (Fashion-MNIST, scenes): transparent = black
+MAX_STRIP = 16  # fit_square: aspect ratios beyond this resample only the centre they keep
 FULL_SIZE = "convforge_full_size"  # image.info key: (width, height) of the whole image a drafted decode stands for
 
 
@@ -93,7 +95,16 @@ def _identify(source: bytes | Path) -> str | None:
         with open(source, "rb") as handle:
             head = handle.read(64)
     Image.init()
-    return next((name for name in Image.ID if Image.OPEN[name][1] and Image.OPEN[name][1](head)), None)
+    return next((name for name in Image.ID if Image.OPEN[name][1] and _accepts(Image.OPEN[name][1], head)), None)
+
+
+def _accepts(check: Any, head: bytes) -> bool:
+    """A plugin's signature check on the file's first bytes; a check that cannot read so few bytes (Pillow's
+    DIB check unpacks 4: a 3-byte text upload) does not accept them."""
+    try:
+        return bool(check(head))
+    except Exception:  # noqa: BLE001 - third-party checks raise struct.error, IndexError, ...
+        return False
 
 
 def _check_size(image: Image.Image, max_pixels: int | None) -> None:
@@ -156,9 +167,12 @@ def _flatten(image: Image.Image) -> Image.Image:
     """16-bit/int/float to 8-bit L, and any alpha (or palette transparency) composited over black."""
     if image.mode in WIDE_MODES:
         values = np.asarray(image, dtype=np.float64)
-        # 16-bit grey (PNG/TIFF) spans 0..65535: scale to 8 bits; 32-bit int/float images are clipped.
+        # Each kind's full range to 0..255: 16-bit grey (PNG/TIFF) spans 0..65535, a float image whose values
+        # stay within 1.0 spans 0..1 (scientific TIFFs); other 32-bit int/float images are clipped.
         if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
             values = values / 257.0
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     if image.mode in ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -188,7 +202,8 @@ def _shaped(image: Image.Image, like: np.ndarray) -> np.ndarray:
 def fit_square(array: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
     """uint8 [H, W, C]: shorter side to `size` (bilinear, antialiased), then centre crop to size x size.
 
-    The classify geometry; pixel-identical to torchvision's `resize(img, size)` + `center_crop(size)`.
+    The classify geometry; pixel-identical to torchvision's `resize(img, size)` + `center_crop(size)` up to an
+    aspect ratio of MAX_STRIP (beyond it, only the kept centre is resampled).
     """
     height, width = array.shape[:2]
     if width <= height:
@@ -196,11 +211,18 @@ def fit_square(array: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
     else:
         new_w, new_h = int(size * width / height), size
     image = _pil(array)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
     left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    cropped = _shaped(image.crop((left, top, left + size, top + size)), array)
-    return cropped, Placement(width, height, new_w / width, new_h / height, -left, -top)
+    scale_x, scale_y = new_w / width, new_h / height
+    if max(new_w, new_h) > MAX_STRIP * size:
+        # A strip (a 1 x 4,000,000 PNG is 8 KB): resizing it whole would make 28 x 112,000,000 pixels to keep
+        # 28 x 28, so only the kept centre is resampled (Pillow's `box`: the same filter, within 1 of each value).
+        box = (left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y)
+        cropped = _shaped(image.resize((size, size), Image.BILINEAR, box=box), array)
+    else:
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+        cropped = _shaped(image.crop((left, top, left + size, top + size)), array)
+    return cropped, Placement(width, height, scale_x, scale_y, -left, -top)
 
 
 def letterbox(array: np.ndarray, size: int, *, nearest: bool = False) -> tuple[np.ndarray, Placement]:

@@ -24,7 +24,7 @@ from pipelines.drawing import class_colors, draw_detections, save_grid
 from pipelines.errors import ConvForgeError
 from pipelines.params import AugmentParams, SceneParams
 from pipelines.raw import RawData
-from pipelines.scenes import Scene, compose_scenes
+from pipelines.scenes import Scene, compose_scenes, too_many_classes
 from pipelines.transforms import apply_policy, build_policy
 
 SPLITS = ("train", "val", "test")
@@ -40,6 +40,16 @@ def stratified_split(labels: np.ndarray, val_fraction: float,
         val.append(rng.permutation(members)[:count])
     val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
+
+
+def require_every_split(counts: dict[str, int], dataset: str) -> None:
+    """Stop with one line when a split is empty: training would end in a traceback on an empty val or test set
+    (a class of up to 5 training items gives val none: round(0.1 x 5) = 0)."""
+    empty = [split for split in SPLITS if not counts.get(split)]
+    if empty:
+        raise ConvForgeError(f"the {dataset} set's {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                             f"empty ({', '.join(f'{split} {counts.get(split, 0)}' for split in SPLITS)}): add "
+                             "images, or raise augment.val_fraction for val")
 
 
 class ChannelHistogram:
@@ -205,8 +215,11 @@ def prepare_from_classify(raw: RawData, prepared: Path, reports: Path, augment: 
     """Classify splits and scenes composed from them (see module docstring)."""
     train_labels, test_labels = raw.labels("train"), raw.labels("test")
     train_idx, val_idx = stratified_split(train_labels, augment.val_fraction, np.random.default_rng(seed))
+    require_every_split({"train": len(train_idx), "val": len(val_idx), "test": len(test_labels)}, ITEMS_DATA)
     shape = read_rows(raw.images_path("train"), 0, 1).shape[1:]
-    with runtime.atomic_dir(prepared / ITEMS_DATA) as out:
+    # Both sets swap into place together (scenes inside classify): a stopped run leaves the old pair, never a new
+    # classify set beside the old scenes.
+    with runtime.atomic_dir(prepared / ITEMS_DATA) as out, runtime.atomic_dir(prepared / SCENES_DATA) as scenes_out:
         items = ItemsWriter(out, shape)
         for split, keep in (("train", train_idx), ("val", val_idx)):
             for rows, block in _select_blocks(raw.images_path("train"), keep):
@@ -218,20 +231,26 @@ def prepare_from_classify(raw: RawData, prepared: Path, reports: Path, augment: 
             from pipelines.targets import write_targets
 
             write_targets(raw.root, out, {"train": train_idx, "val": val_idx}, augment.copies, raw.meta["target_names"])
-    # Scenes draw items at random: one pread per item from the written splits (no split held in memory).
-    labels = {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels}
-    sources = {"train": [f"train/{i}" for i in train_idx], "val": [f"train/{i}" for i in val_idx],
-               "test": [f"test/{i}" for i in range(len(test_labels))]}
-    counts = {"train": scenes.train_scenes, "val": scenes.val_scenes, "test": scenes.test_scenes}
-    composed = {split: compose_scenes(RowReader(prepared / ITEMS_DATA / split / "images.npy", len(labels[split])),
-                                      labels[split], sources[split], counts[split], scenes,
-                                      np.random.default_rng([seed, n]), progress=f"compose {split} scenes")
-                for n, split in enumerate(SPLITS)}
-    with runtime.atomic_dir(prepared / SCENES_DATA) as out:
-        scenes_written = write_scenes(out, composed, raw.classes, int(shape[-1]), scenes.canvas_size)
+        # Scenes draw items at random: one pread per item from the written splits (no split held in memory).
+        labels = {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels}
+        sources = {"train": [f"train/{i}" for i in train_idx], "val": [f"train/{i}" for i in val_idx],
+                   "test": [f"test/{i}" for i in range(len(test_labels))]}
+        counts = {"train": scenes.train_scenes, "val": scenes.val_scenes, "test": scenes.test_scenes}
+        unavailable = too_many_classes(len(raw.classes))
+        if unavailable:  # classify (and regress, reconstruct) still train; detect and segment say why they cannot
+            composed = {split: [] for split in SPLITS}
+            runtime.write_json(scenes_out / "meta.json", {"unavailable": unavailable})
+            scenes_counts = f"none ({unavailable})"
+        else:
+            composed = {split: compose_scenes(RowReader(out / split / "images.npy", len(labels[split])),
+                                              labels[split], sources[split], counts[split], scenes,
+                                              np.random.default_rng([seed, n]), progress=f"compose {split} scenes")
+                        for n, split in enumerate(SPLITS)}
+            scenes_counts = write_scenes(scenes_out, composed, raw.classes, int(shape[-1]),
+                                         scenes.canvas_size)["counts"]
     preview_items = read_rows(prepared / ITEMS_DATA / "train" / "images.npy", 0, augment.preview_count)
     _write_previews(reports, preview_items, composed["train"], raw.classes, augment, seed)
-    print(f"{ITEMS_DATA}: {items_meta['counts']}  {SCENES_DATA}: {scenes_written['counts']}")
+    print(f"{ITEMS_DATA}: {items_meta['counts']}  {SCENES_DATA}: {scenes_counts}")
 
 
 def instance_crops(scenes: list[Scene], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -294,6 +313,8 @@ def prepare_from_scenes(raw: RawData, prepared: Path, reports: Path, augment: Au
             writer.close()
         if items.writers["train"].count == 0:
             raise ConvForgeError("the training images have no instances to crop for the classify set")
+        require_every_split({split: writers[split].count for split in SPLITS}, SCENES_DATA)
+        require_every_split({split: items.writers[split].count for split in SPLITS}, ITEMS_DATA)
         items_meta = items.finish(raw.classes, augment, seed,
                                   note=f"classify items are instance crops ({augment.crop_size} px) of the "
                                        f"{raw.meta['name']} scenes")

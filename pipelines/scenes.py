@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from pipelines.errors import ConvForgeError
 from pipelines.params import SceneParams
 
 PLACEMENT_TRIES = 20
 MIN_PIXELS = 4  # an instance needs at least this many visible pixels
+MAX_CLASSES = 255  # semantic masks are uint8 (PNG): 0 = background, class c is c + 1 <= 255
 
 
 @dataclass
@@ -34,6 +36,22 @@ class Scene:
     labels: np.ndarray
     sources: list[str]  # where each instance came from, e.g. "train/123" (raw split / item index)
     image_id: int = 0
+
+
+def too_many_classes(count: int) -> str | None:
+    """Why `count` classes cannot be scenes, or None: class c is c + 1 in uint8 semantic masks, so a class past
+    MAX_CLASSES would silently wrap around to another class or to background."""
+    if count <= MAX_CLASSES:
+        return None
+    return (f"{count} classes; scenes (detect, segment) hold at most {MAX_CLASSES}, as 1..{MAX_CLASSES} in 8-bit "
+            "masks (0 = background): merge or leave out classes")
+
+
+def check_class_count(count: int, where: str) -> None:
+    """Stop with a one-line error when `count` classes cannot be scenes (too_many_classes)."""
+    reason = too_many_classes(count)
+    if reason:
+        raise ConvForgeError(f"{where}: {reason}")
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -111,6 +129,7 @@ def compose_scene(items: np.ndarray, labels: np.ndarray, sources: list[str], par
     instance_masks = np.stack([owner == i for i in range(len(placed_index))]) if placed_index \
         else np.zeros((0, size, size), dtype=bool)
     item_labels = labels[placed_index].astype(np.int64) if placed_index else np.zeros(0, dtype=np.int64)
+    check_class_count(int(item_labels.max(initial=-1)) + 1, "compose_scene: item labels")
     semantic = np.zeros((size, size), dtype=np.uint8)
     for mask, label in zip(instance_masks, item_labels):
         semantic[mask] = label + 1
@@ -125,6 +144,7 @@ def compose_scenes(items: np.ndarray, labels: np.ndarray, sources: list[str], co
 
     if len(items) == 0:
         return []
+    check_class_count(int(np.max(labels)) + 1, "scenes composed from classification items")
     scenes = []
     for image_id in tqdm(range(1, count + 1), desc=progress, disable=progress is None, mininterval=2,
                          leave=False):

@@ -2,26 +2,30 @@
 
 Classification sources give `ClassifySplits` (uint8 [N, H, W, C] images per split).
 Own detect/segment data (`coco:PATH`, `masks:PATH`) gives scenes per split (pipelines.scenes.Scene).
-Own data folders have `train/` and `test/` subfolders, or are flat; a flat folder's
-every 5th item in name order (per class for ImageFolder) becomes the test split.
+Own data folders have `train/` and `test/` subfolders (nothing else: val is drawn from train by
+augment.val_fraction), or are flat; a flat folder's every 5th item in name order (per class for
+ImageFolder) becomes the test split. Hidden (dot-prefixed) files and folders are skipped everywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from PIL import features
 
 from pipelines.datasets import ITEMS_DATA, ArrayWriter, SceneWriter, rename_classes, save_array
 from pipelines.errors import ConvForgeError
 from pipelines.params import BUILTIN_DATASETS, OWN_DATA_KINDS, DataParams
-from pipelines.scenes import Scene, masks_to_boxes
+from pipelines.scenes import Scene, check_class_count, masks_to_boxes
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_SPLIT_SEED = 0  # a fixed split: the raw dataset must not change with the experiment seed
@@ -29,7 +33,10 @@ DIGITS_TEST_FRACTION = 0.2
 FLAT_TEST_EVERY = 5
 MIN_COMPONENT_PIXELS = 4  # masks:PATH: smaller connected components are not instances
 RAW_SPLITS = ("train", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLIT_NAMES = (*RAW_SPLITS, "val", "valid", "validation")  # never class names: they mark a pre-split tree
+# Every own-data source lists images by these suffixes (Pillow decodes them all; AVIF where it was built with it).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                  *((".avif",) if features.check("avif") else ()))
 
 
 @dataclass
@@ -249,11 +256,37 @@ def decode(path: Path, in_channels: int, size: int, geometry: str, corrupt: Corr
         return None
 
 
+def _hidden(name: str) -> bool:
+    """A dot-prefixed entry (.ipynb_checkpoints, .thumbnails, macOS ._x.png AppleDouble files, .DS_Store):
+    never data, so skipped by every own-data source."""
+    return name.startswith(".") and name not in (".", "..")
+
+
+def _folders(root: Path) -> list[str]:
+    """The visible sub-folder names of `root`, sorted."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
 def _split_folders(root: Path) -> dict[str, Path] | None:
-    """{"train": root/train, "test": root/test} when the data is pre-split, else None (flat)."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return {"train": root / "train", "test": root / "test"}
-    return None
+    """{"train": root/train, "test": root/test} when the data is pre-split, else None (flat).
+
+    A folder named after a split (train, test, val, ...) makes the tree pre-split, so a split name never
+    becomes a class; such a tree holds train/ and test/ only, since the val split is drawn from train."""
+    names = _folders(root)
+    if not set(names) & set(SPLIT_NAMES):
+        return None
+    others = [f"{n}/" for n in names if n not in RAW_SPLITS]
+    if others:
+        raise ConvForgeError(f"{root}: a pre-split tree holds only train/ and test/ (the val split is drawn from "
+                             f"train/ by augment.val_fraction), found {', '.join(others)} beside them: move their "
+                             f"contents into train/, or remove them (in a flat tree, rename a class folder named "
+                             f"after a split)")
+    missing = [f"{n}/" for n in RAW_SPLITS if n not in names]
+    if missing:
+        raise ConvForgeError(f"{root}: a pre-split tree needs train/ and test/, {missing[0]} is missing: add it, or "
+                             f"move the contents of the split folder up into {root} (a flat tree: every "
+                             f"{FLAT_TEST_EVERY}th item becomes the test split)")
+    return {split: root / split for split in RAW_SPLITS}
 
 
 def _flat_split(names: list) -> dict[str, list]:
@@ -266,33 +299,108 @@ def _require_dir(path: Path, kind: str) -> None:
         raise ConvForgeError(f"data.dataset {kind}:{path}: no such folder")
 
 
-def list_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """The class names and (path, label) items per split of an ImageFolder tree (flat or pre-split)."""
-    from torchvision.datasets import ImageFolder
+def _is_image(path: Path) -> bool:
+    """Whether fetch reads the file as an image: by its suffix (IMAGE_SUFFIXES, the same for every source)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
-    _require_dir(root, "imagefolder")
-    folders = _split_folders(root)
+
+@dataclass
+class IgnoredFiles:
+    """Files fetch leaves out unread (hidden ones aside): not images by their suffix, or outside the class
+    folders; said on one warning line each, so a format Pillow is not asked about or a misplaced file shows."""
+
+    not_images: list[Path] = field(default_factory=list)
+    outside: list[Path] = field(default_factory=list)
+
+    def warn(self, expected: Path | None = None) -> None:
+        """The warning lines (`expected`, e.g. the targets CSV kept beside the class folders, is not reported)."""
+        outside = [p for p in self.outside if expected is None or p.resolve() != expected.resolve()]
+        for paths, where in ((self.not_images, "that are not images"), (outside, "outside the class folders")):
+            if paths:
+                suffixes = sorted({p.suffix.lower() or "no suffix" for p in paths})
+                shown = ", ".join(suffixes[:5]) + (", ..." if len(suffixes) > 5 else "")
+                print(f"warning: ignored {len(paths)} file(s) {where} ({shown})", file=sys.stderr)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not _hidden(p.name))
+
+
+def _image_filter(root: Path, ignored: IgnoredFiles) -> Callable[[str], bool]:
+    """ImageFolder's `is_valid_file`: image suffixes only, nothing hidden at any depth under `root`."""
+    def valid(path: str) -> bool:
+        if any(_hidden(part) for part in Path(path).relative_to(root).parts):
+            return False
+        if not _is_image(Path(path)):
+            ignored.not_images.append(Path(path))
+            return False
+        return True
+    return valid
+
+
+def _image_samples(folder: Path, ignored: IgnoredFiles, allow_empty: bool) -> tuple[list[str], list[tuple[str, int]]]:
+    """The visible class folders of `folder` and their (path, label) images, by torchvision's ImageFolder walk
+    (the same order); files directly in `folder` are outside every class."""
+    from torchvision.datasets.folder import make_dataset
+
+    classes = _folders(folder)
+    if not classes:
+        raise ConvForgeError(f"data.dataset imagefolder:{folder}: no class folders (expected <class>/<image>)")
+    ignored.outside += _visible_files(folder)
     try:
-        if folders:
-            found = {split: ImageFolder(str(path), allow_empty=True) for split, path in folders.items()}
-            if found["train"].classes != found["test"].classes:
-                raise ConvForgeError(f"{root}: train/ and test/ have different class folders "
-                                     f"({found['train'].classes} vs {found['test'].classes})")
-            return found["train"].classes, {split: ds.samples for split, ds in found.items()}
-        # ImageFolder's file walk only: nothing is decoded here
-        dataset = ImageFolder(str(root))
+        samples = make_dataset(str(folder), {c: i for i, c in enumerate(classes)},
+                               is_valid_file=_image_filter(folder, ignored), allow_empty=allow_empty)
     except FileNotFoundError as exc:
-        raise ConvForgeError(f"data.dataset imagefolder:{root}: {exc}") from None
+        raise ConvForgeError(f"data.dataset imagefolder:{folder}: {exc}(images: {', '.join(IMAGE_SUFFIXES)})") \
+            from None
+    return classes, samples
+
+
+def list_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], IgnoredFiles]:
+    """The class names, (path, label) items per split of an ImageFolder tree (flat or pre-split), and the files
+    left out. Nothing is decoded here."""
+    _require_dir(root, "imagefolder")
+    folders, ignored = _split_folders(root), IgnoredFiles()
+    if folders:
+        ignored.outside += _visible_files(root)
+        found = {split: _image_samples(path, ignored, allow_empty=True) for split, path in folders.items()}
+        if found["train"][0] != found["test"][0]:
+            raise ConvForgeError(f"{root}: train/ and test/ have different class folders "
+                                 f"({found['train'][0]} vs {found['test'][0]})")
+        return found["train"][0], {split: samples for split, (_, samples) in found.items()}, ignored
+    classes, samples = _image_samples(root, ignored, allow_empty=False)
     listed: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
-    for c in range(len(dataset.classes)):
-        parts = _flat_split([s for s in dataset.samples if s[1] == c])
+    for c in range(len(classes)):
+        parts = _flat_split([s for s in samples if s[1] == c])
         listed["train"] += parts["train"]
         listed["test"] += parts["test"]
-    return dataset.classes, listed
+    return classes, listed, ignored
 
 
 def _limits(data: DataParams) -> dict[str, int | None]:
     return {"train": data.max_train, "test": data.max_test}
+
+
+def spread_limit(items: list[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:
+    """At most `limit` of the (path, label) items, taken round-robin over the labels (each class's items in
+    their listed order), kept in the listed order: every class keeps items while the limit allows."""
+    if limit is None or len(items) <= limit:
+        return items
+    seen: Counter[int] = Counter()
+    rank = []  # each item's place within its class
+    for _, label in items:
+        rank.append(seen[label])
+        seen[label] += 1
+    chosen = sorted(range(len(items)), key=lambda i: (rank[i], items[i][1]))[:limit]
+    return [items[i] for i in sorted(chosen)]
+
+
+def _check_classify_classes(data: DataParams, classes: list[str]) -> None:
+    """Classification needs 2 classes (with one, training fails later in torchmetrics); regress on a targets CSV
+    needs none. (Past the scenes' class limit, augment composes no scenes and says so: classify still works.)"""
+    if len(classes) < 2 and not data.targets_csv:
+        raise ConvForgeError(f"data.dataset imagefolder:{data.path}: {len(classes)} class folder ({classes}): "
+                             f"classify needs at least 2 classes, one folder of images each")
 
 
 def stream_imagefolder(data: DataParams, out: Path) -> dict:
@@ -305,11 +413,13 @@ def stream_imagefolder(data: DataParams, out: Path) -> dict:
 
     from pipelines.targets import read_targets_csv, target_row
 
-    classes, listed = list_imagefolder(data.path)
+    classes, listed, ignored = list_imagefolder(data.path)
+    _check_classify_classes(data, classes)
+    ignored.warn(Path(data.targets_csv).expanduser() if data.targets_csv else None)
     names, table = read_targets_csv(Path(data.targets_csv)) if data.targets_csv else ([], {})
     corrupt = CorruptImages(data.on_corrupt)
     items = {split: [(Path(p), label, read_header(Path(p), corrupt)) for p, label in
-                     progress(listed[split][:_limits(data)[split]], f"read {split} headers")]
+                     progress(spread_limit(listed[split], _limits(data)[split]), f"read {split} headers")]
              for split in RAW_SPLITS}
     headers = [h for split in items.values() for _, _, h in split if h is not None]
     if not any(h is not None for _, _, h in items["train"]):
@@ -353,30 +463,67 @@ def _find_annotations(folder: Path) -> Path:
     for name in ("instances.json", "annotations.json"):
         if (folder / name).is_file():
             return folder / name
-    found = sorted(folder.glob("*.json")) + sorted((folder / "annotations").glob("*.json"))
+    found = [p for p in sorted(folder.glob("*.json")) + sorted((folder / "annotations").glob("*.json"))
+             if not _hidden(p.name)]
     if len(found) != 1:
         raise ConvForgeError(f"{folder}: expected one COCO instances JSON (instances.json), found "
                              f"{[p.name for p in found] or 'none'}")
     return found[0]
 
 
-def _coco_apis(root: Path) -> tuple[dict[str, Path], dict[str, Any], list[str]]:
-    """Split folders, their pycocotools COCO objects and the class names (category ids ascending)."""
+# What pycocotools assumes of each entry (it asserts, or raises KeyError where it reads them).
+COCO_ENTRY_KEYS = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "category_id"),
+                   "categories": ("id", "name")}
+
+
+def _check_coco(path: Path, dataset: Any) -> None:
+    """A one-line error naming the file and the entry when `dataset` is not the shape pycocotools reads."""
+    if not isinstance(dataset, dict):
+        raise ConvForgeError(f"{path}: not a COCO instances file: its top level is a JSON {type(dataset).__name__}, "
+                             f"not an object with images, annotations and categories")
+    for section, keys in COCO_ENTRY_KEYS.items():
+        entries = dataset.get(section, [])
+        if not isinstance(entries, list):
+            raise ConvForgeError(f"{path}: {section} is a JSON {type(entries).__name__}, not a list")
+        for index, entry in enumerate(entries):
+            missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                named = f" (id {entry['id']})" if isinstance(entry, dict) and "id" in entry else ""
+                raise ConvForgeError(f"{path}: {section}[{index}]{named} has no {missing[0]}")
+
+
+def _load_coco(path: Path) -> Any:
+    """pycocotools' COCO index of an instances file, its structure checked first (`_check_coco`)."""
     from pycocotools.coco import COCO
 
+    try:
+        dataset = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise ConvForgeError(f"{path}: not a COCO instances file ({exc})") from None
+    _check_coco(path, dataset)
+    coco = COCO()
+    coco.dataset = dataset
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # createIndex() prints
+            coco.createIndex()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConvForgeError(f"{path}: not a COCO instances file ({exc!r})") from None
+    return coco
+
+
+def _coco_apis(root: Path) -> tuple[dict[str, Path], dict[str, tuple[Path, Any]], list[str]]:
+    """Split folders, their annotation files with pycocotools COCO objects, and the class names (category ids
+    ascending)."""
     folders = _split_folders(root) or {"": root}
     apis, classes = {}, None
     for split, folder in folders.items():
         ann_path = _find_annotations(folder)
-        try:
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # COCO() prints timings
-                apis[split] = COCO(str(ann_path))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConvForgeError(f"{ann_path}: not a COCO instances file ({exc})") from None
-        names = [c["name"] for c in sorted(apis[split].dataset.get("categories", []), key=lambda c: c["id"])]
+        apis[split] = ann_path, _load_coco(ann_path)
+        names = [c["name"] for c in sorted(apis[split][1].dataset.get("categories", []), key=lambda c: c["id"])]
         if classes is not None and names != classes:
             raise ConvForgeError(f"{root}: train and test COCO files have different categories")
         classes = names
+        check_class_count(len(names), str(ann_path))
     if not classes:
         raise ConvForgeError(f"{root}: the COCO file has no categories")
     return folders, apis, classes
@@ -394,31 +541,47 @@ class SceneSource:
 def _coco_sources(data: DataParams, corrupt: CorruptImages) -> tuple[list[str], dict[str, list[SceneSource]]]:
     folders, apis, classes = _coco_apis(data.path)
     planned: dict[str, list[SceneSource]] = {"train": [], "test": []}
-    for split, coco in apis.items():
+    for split, (ann_path, coco) in apis.items():
         folder = folders[split]
         cat_index = {c["id"]: i for i, c in enumerate(sorted(coco.dataset["categories"], key=lambda c: c["id"]))}
-        infos = sorted(coco.dataset.get("images", []), key=lambda i: i["file_name"])
+        visible = [i for i in coco.dataset.get("images", []) if not any(map(_hidden, Path(i["file_name"]).parts))]
+        infos = sorted(visible, key=lambda i: i["file_name"])
         for target, image_infos in ({split: infos} if split else _flat_split(infos)).items():
             for info in image_infos[:_limits(data)[target]]:
                 path = next((p for p in (folder / "images" / info["file_name"], folder / info["file_name"])
                              if p.is_file()), folder / "images" / info["file_name"])
                 planned[target].append(SceneSource(path, read_header(path, corrupt),
-                                                   _coco_instances(coco, info, cat_index)))
+                                                   _coco_instances(coco, info, cat_index, ann_path)))
     return classes, planned
 
 
-def _coco_instances(coco: Any, info: dict, cat_index: dict[int, int]) -> Callable:
+def _annotation_mask(coco: Any, ann: dict, height: int, width: int) -> np.ndarray:
+    """An annotation's mask; a box-only one (no segmentation, or an empty one, as detection-only exporters write)
+    is its box filled, clipped to the image, so segmentation then learns boxes."""
+    from pycocotools import mask as mask_utils
+
+    if ann.get("segmentation"):
+        return coco.annToMask(ann).astype(bool)
+    box = mask_utils.frPyObjects(np.asarray([ann["bbox"]], dtype=np.float64), height, width)
+    return mask_utils.decode(box)[:, :, 0].astype(bool)
+
+
+def _coco_instances(coco: Any, info: dict, cat_index: dict[int, int], ann_path: Path) -> Callable:
     """The instance masks (full resolution, decoded when called), labels and semantic mask of one image."""
     def instances() -> tuple[list[np.ndarray], list[int], np.ndarray]:
         try:
             anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])) if not a.get("iscrowd", 0)]
-            masks = [coco.annToMask(a).astype(bool) for a in anns]
+            masks = [_annotation_mask(coco, a, info["height"], info["width"]) for a in anns]
             labels = [cat_index[a["category_id"]] for a in anns]
             semantic = np.zeros((info["height"], info["width"]), dtype=np.uint8)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ConvForgeError(f"{info.get('file_name', info.get('id'))}: unusable COCO annotation ({exc!r}): "
-                                 "each needs a segmentation, a known category_id, and its image's height "
-                                 "and width") from None
+            raise ConvForgeError(f"{ann_path}: image {info['file_name']}: unusable COCO annotation ({exc!r}): "
+                                 "each needs a segmentation or a bbox, a known category_id, and its image's "
+                                 "height and width") from None
+        for ann, mask in zip(anns, masks):
+            if mask.shape != semantic.shape:
+                raise ConvForgeError(f"{ann_path}: image {info['file_name']}: annotation {ann['id']}'s segmentation is "
+                                     f"{mask.shape[1]}x{mask.shape[0]}, its image {info['width']}x{info['height']}")
         for i in sorted(range(len(masks)), key=lambda i: -masks[i].sum()):  # small ones on top
             semantic[masks[i]] = labels[i] + 1
         return masks, labels, semantic
@@ -426,14 +589,15 @@ def _coco_instances(coco: Any, info: dict, cat_index: dict[int, int]) -> Callabl
 
 
 def _stream_scenes(data: DataParams, out: Path, name: str, classes: list[str],
-                   planned: dict[str, list[SceneSource]], corrupt: CorruptImages) -> dict:
-    """Decode, letterbox and write each planned scene in turn into `out/{split}/` (the COCO scene layout)."""
+                   planned: dict[str, list[SceneSource]], corrupt: CorruptImages, no_instances: str) -> dict:
+    """Decode, letterbox and write each planned scene in turn into `out/{split}/` (the COCO scene layout).
+    When no scene holds an instance, stops with `no_instances`: detect and segment would have nothing to learn."""
 
     headers = [s.header for split in planned.values() for s in split if s.header is not None]
     if not any(s.header is not None for s in planned["train"]):
         raise ConvForgeError(f"{data.path}: no readable training images")
     size, channels = working_size(data, headers, scene=True), 1 if all(h.grey for h in headers) else 3
-    counts = {}
+    counts, instances = {}, 0
     for split, sources in planned.items():
         with SceneWriter(out / split, classes) as writer:
             for source in progress(sources, f"decode {split} images"):
@@ -444,10 +608,14 @@ def _stream_scenes(data: DataParams, out: Path, name: str, classes: list[str],
                     found = None
                 image = None if found is None else decode(source.image, channels, size, "letterbox", corrupt)
                 if image is not None:
-                    writer.add(_scene(image, *found, size, str(source.image)))
+                    scene = _scene(image, *found, size, str(source.image))
+                    writer.add(scene)
+                    instances += len(scene.labels)
             counts[split] = writer.count
     if counts["train"] == 0:
         raise ConvForgeError(f"{data.path}: no readable training images")
+    if instances == 0:
+        raise ConvForgeError(f"{data.path}: no instance in any image: {no_instances}")
     return {"name": name, "source": str(data.path), "kind": name, "classes": classes, "in_channels": channels,
             "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped}
 
@@ -461,7 +629,16 @@ def stream_coco(data: DataParams, out: Path) -> dict:
     _require_dir(data.path, "coco")
     corrupt = CorruptImages(data.on_corrupt)
     classes, planned = _coco_sources(data, corrupt)
-    return _stream_scenes(data, out, "coco", classes, planned, corrupt)
+    return _stream_scenes(data, out, "coco", classes, planned, corrupt,
+                          "every annotation is a crowd one, or empty once fitted to its image")
+
+
+def _mask_values(mask: Any) -> np.ndarray:
+    """A mask image's class values, uint8 [H, W]: a palette ("P", VOC style) mask's indices, not their colours'
+    brightness; a 1-bit mask's 0/1 (foreground = class 1, not 255, the ignore value); any other mode's grey."""
+    if mask.mode in ("P", "1"):
+        return np.asarray(mask, dtype=np.uint8).copy()
+    return np.asarray(mask.convert("L")).copy()
 
 
 def _mask_instances(mask_path: Path, header: Header, corrupt: CorruptImages, largest: list[int]) -> Callable:
@@ -476,7 +653,7 @@ def _mask_instances(mask_path: Path, header: Header, corrupt: CorruptImages, lar
         except DecodeError as exc:
             corrupt.report(mask_path, str(exc))
             return None
-        semantic = np.asarray(mask.convert("L")).copy()
+        semantic = _mask_values(mask)
         semantic[semantic == 255] = 0
         if semantic.shape != (header.height, header.width):
             corrupt.report(mask_path, f"mask size {semantic.shape[::-1]} differs from its image's "
@@ -496,22 +673,24 @@ def _mask_instances(mask_path: Path, header: Header, corrupt: CorruptImages, lar
 
 def stream_masks(data: DataParams, out: Path) -> dict:
     """Image + mask PNG pairs (images/NAME.* with masks/NAME.png: 0 = background, c + 1 = class c,
-    255 = ignored, read as background) into `out/{split}/` as scenes, one pair at a time. Instances are
-    the 8-connected components of each class (smaller than 4 pixels: semantic only). Class names from
-    classes.txt (one per line) if present."""
+    255 = ignored, read as background; palette masks by index, 1-bit masks as class 1) into `out/{split}/` as
+    scenes, one pair at a time. Instances are the 8-connected components of each class (smaller than 4 pixels:
+    semantic only). Class names from classes.txt (one per line) if present."""
     root = data.path
     _require_dir(root, "masks")
     corrupt = CorruptImages(data.on_corrupt)
     names_file = root / "classes.txt"
     classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()] \
         if names_file.is_file() else None
+    check_class_count(len(classes or []), str(names_file))
     planned: dict[str, list[SceneSource]] = {"train": [], "test": []}
-    largest = [0]
+    largest, ignored = [0], IgnoredFiles()
     for split, folder in (_split_folders(root) or {"": root}).items():
         if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
             raise ConvForgeError(f"{folder}: expected images/ and masks/ folders")
-        images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        found = [(p, folder / "masks" / f"{p.stem}.png") for p in images]
+        files = _visible_files(folder / "images")
+        ignored.not_images += [p for p in files if not _is_image(p)]
+        found = [(p, folder / "masks" / f"{p.stem}.png") for p in files if _is_image(p)]
         for target, pairs in ({split: found} if split else _flat_split(found)).items():
             for image_path, mask_path in pairs[:_limits(data)[target]]:
                 if not mask_path.is_file():
@@ -520,8 +699,12 @@ def stream_masks(data: DataParams, out: Path) -> dict:
                 header = read_header(image_path, corrupt)
                 planned[target].append(SceneSource(image_path, header, _mask_instances(mask_path, header, corrupt,
                                                                                        largest)))
+    ignored.warn()
     # class names are only known once every mask was read: the scenes are written with placeholders
-    meta = _stream_scenes(data, out, "masks", classes or [], planned, corrupt)
+    meta = _stream_scenes(data, out, "masks", classes or [], planned, corrupt,
+                          "the masks hold only background (0) and 255 (the ignore value), or specks under "
+                          f"{MIN_COMPONENT_PIXELS} pixels; write each mask's pixels as 0 = background and "
+                          "1..K = class ids (a binary mask: 0 and 1)")
     if classes is None:
         classes = [f"class_{c + 1}" for c in range(max(largest[0], 1))]
     elif largest[0] > len(classes):

@@ -29,7 +29,7 @@ def read_targets_csv(path: Path) -> tuple[list[str], dict[str, list[float]]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConvForgeError(f"data.targets_csv {path}: no such file")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         rows = list(csv.reader(handle))
     if not rows or len(rows[0]) < 2 or rows[0][0].strip() != "file":
         raise ConvForgeError(f"{path}: the first row must be the header `file,target[,target2...]`")

@@ -257,3 +257,33 @@ def test_only_crop_and_flip_policies_batch():
     policy = build_policy(policy_params(crop_padding=2, color_jitter=0.3), 12, 3)
     assert not hasattr(policy, "batch")
     assert type(build_policy(policy_params(crop_padding=2, color_jitter=0.3), 12, 1)).__name__ == "CropFlip"
+
+
+def test_a_split_left_empty_stops_augment_before_it_writes(splits, tmp_path, project_params):
+    """Five items a class give val none (round(0.1 x 5) = 0): one line naming the split, not a traceback in
+    training, and nothing written."""
+    from dataclasses import replace
+
+    keep = np.concatenate([np.flatnonzero(splits.train_labels == c)[:5] for c in range(3)])
+    tiny = raw_data(replace(splits, train_images=splits.train_images[keep], train_labels=splits.train_labels[keep]),
+                    tmp_path / "raw")
+    with pytest.raises(ConvForgeError, match=r"classify set's val split is empty \(train 15, val 0, test 60\)"):
+        run(tiny, tmp_path, project_params)
+    assert not (tmp_path / "prepared").exists() or not list((tmp_path / "prepared").iterdir())
+
+
+def test_a_run_stopped_while_composing_scenes_keeps_the_old_pair(raw, tmp_path, project_params, monkeypatch):
+    """Classify and scenes swap into place together: a failure while composing the scenes leaves the previous
+    classify set, not a new one beside the old scenes."""
+    import pipelines.preparation as preparation
+
+    before = files_of(run(raw, tmp_path, project_params) / "prepared")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preparation, "compose_scenes", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(raw, tmp_path, project_params, seed=7)
+    assert files_of(tmp_path / "prepared") == before
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["classify", "scenes"]  # no staging left

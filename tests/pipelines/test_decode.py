@@ -136,6 +136,16 @@ def test_modes_and_alpha_the_same_everywhere(files):
     assert to_array(Image.new("1", (4, 4), 1), 1).max() == 255
 
 
+def test_float_images_in_0_to_1_span_0_to_255(tmp_path):
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, "F").save(tmp_path / "unit.tif")
+    Image.fromarray(ramp * 200, "F").save(tmp_path / "wide.tif")
+    unit = to_array(open_image(tmp_path / "unit.tif"), 1)[:, :, 0]
+    assert unit.min() == 0 and unit.max() == 255 and np.array_equal(unit, np.rint(ramp * 255).astype(np.uint8))
+    wide = to_array(open_image(tmp_path / "wide.tif"), 1)[:, :, 0]
+    assert np.array_equal(wide, np.rint(ramp * 200).astype(np.uint8))  # other float ranges: values as they are
+
+
 def test_large_jpegs_are_drafted_but_never_below_the_target(files):
     data = files["large.jpg"].read_bytes()
     assert open_image(data).size == (1600, 1200)
@@ -165,6 +175,20 @@ def test_fit_square_is_torchvision_resize_and_centre_crop():
         assert np.array_equal(fit_square(array, 16)[0], expected)
 
 
+def test_fit_square_of_a_strip_resamples_only_the_centre_it_keeps():
+    """A 1 x 4,000,000 grey PNG is 8 KB: resized whole it would be 28 x 112,000,000 pixels (a MemoryError, the
+    server's event loop stalled); only its kept centre is resampled. Past MAX_STRIP, within 1 of torchvision."""
+    from torchvision.transforms.v2 import functional as F
+
+    strip = np.full((4_000_000, 1, 1), 128, np.uint8)
+    square, placement = fit_square(strip, 28)
+    assert square.shape == (28, 28, 1) and np.all(square == 128)
+    assert placement.scale_x == 28 and placement.offset_y == -round((112_000_000 - 28) / 2)
+    array = np.random.default_rng(0).integers(0, 256, (30, 900, 3), dtype=np.uint8)  # 30:1, past MAX_STRIP
+    expected = np.asarray(F.center_crop(F.resize(Image.fromarray(array), 16, antialias=True), 16))
+    assert np.abs(fit_square(array, 16)[0].astype(int) - expected).max() <= 1
+
+
 def test_letterbox_pads_bottom_right_and_resizes_masks_nearest():
     mask = np.zeros((50, 100), np.uint8)
     mask[10:20, 40:60] = 3
@@ -174,12 +198,13 @@ def test_letterbox_pads_bottom_right_and_resizes_masks_nearest():
 
 
 @pytest.mark.parametrize("data, status", [
-    (b"", 400), (b"plain text, not an image", 400), (b"\x80\x04\x95pickle", 400),
+    (b"", 400), (b"plain text, not an image", 400), (b"\x80\x04\x95pickle", 400), (b"vm\n", 400),
 ])
 def test_unreadable_bytes_are_400(data, status):
     with pytest.raises(DecodeError) as info:
         open_image(data, formats=("PNG", "JPEG"))
     assert info.value.status == status
+    assert "requires a buffer" not in str(info.value)  # a signature check that cannot read 3 bytes is no match
 
 
 def test_format_cap_and_truncation_statuses(files):

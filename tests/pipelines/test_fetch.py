@@ -166,9 +166,9 @@ def test_imagefolder_auto_size_is_the_capped_median_shorter_side(tmp_path, proje
     write_imagefolder(tmp_path / "pets")  # shorter sides 14 and 16: median 15, a multiple of 8 below
     meta, _ = fetch_own(tmp_path, project_params, f"imagefolder:{tmp_path / 'pets'}", image_size="auto")
     assert meta["image_size"] == [8, 8] and meta["params"]["image_size"] == "auto"
-    big = tmp_path / "big" / "a"
-    big.mkdir(parents=True)
     for i, side in enumerate((300, 500, 900)):
+        big = tmp_path / "big" / "ab"[i % 2]
+        big.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (side + 50, side)).save(big / f"{i}.jpg")
     (tmp_path / "raw2").mkdir()
     meta = fetch(data_params(project_params, dataset=f"imagefolder:{tmp_path / 'big'}", image_size="auto",
@@ -182,11 +182,12 @@ def test_fetch_decodes_one_image_at_a_time(tmp_path, project_params, monkeypatch
 
     import pipelines.sources as sources
 
-    root = tmp_path / "photos" / "a"
-    root.mkdir(parents=True)
+    for name in "ab":
+        (tmp_path / "photos" / name).mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(50):
-        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+        image = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+        image.save(tmp_path / "photos" / "ab"[i % 2] / f"{i:02d}.png")
     live, most = [0], [0]
     real = sources.decode
 
@@ -260,13 +261,73 @@ def test_coco_folder(tmp_path, project_params):
         assert scene.semantic[20 // 2 + 5:, :].max() == 0  # letterbox: 40x30 -> 20x15, bottom rows padded
 
 
-def test_a_box_only_coco_annotation_is_one_clear_error(tmp_path, project_params):
+def edit_instances(root: Path, edit) -> Path:
+    """Rewrite root/instances.json with `edit(instances)` applied; returns its path."""
+    path = root / "instances.json"
+    instances = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(instances)))
+    return path
+
+
+def test_box_only_coco_annotations_use_their_box_as_the_mask(tmp_path, project_params):
+    def box_only(instances):  # detection-only exporters: no segmentation key, or an empty one
+        del instances["annotations"][1]["segmentation"]  # img0's roof, a triangle inside [20, 18, 10, 10]
+        instances["annotations"].append({"id": 99, "image_id": 10, "category_id": 3, "iscrowd": 0, "area": 100,
+                                         "bbox": [35, 25, 10, 10], "segmentation": []})  # past the corner
+        return instances
+
     write_coco(tmp_path / "coco")
-    instances = json.loads((tmp_path / "coco" / "instances.json").read_text())
-    del instances["annotations"][0]["segmentation"]  # detection-only COCO: boxes without masks
-    (tmp_path / "coco" / "instances.json").write_text(json.dumps(instances))
-    with pytest.raises(ConvForgeError, match="unusable COCO annotation"):
+    edit_instances(tmp_path / "coco", box_only)
+    _, raw = fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=40)
+    scene = next(raw.scenes("train"))  # img0 at its own size: 40x30 on a 40x40 canvas
+    roofs = {tuple(box.tolist()): int(mask.sum()) for mask, box, label
+             in zip(scene.instance_masks, scene.boxes, scene.labels) if label == 0}
+    assert roofs == {(20, 18, 30, 28): 100, (35, 25, 40, 30): 25}  # filled boxes, the second clipped
+
+
+def rle_of_another_size(instances):
+    from pipelines.coco import encode_mask
+
+    instances["annotations"][0]["segmentation"] = encode_mask(np.ones((20, 20), bool))
+    return instances
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda instances: [instances], "its top level is a JSON list"),
+    (lambda instances: {**instances, "categories": [{"id": 3, "name": "roof"}, {"id": 7}]},
+     r"categories\[1\] \(id 7\) has no name"),
+    (lambda instances: {**instances, "images": [{k: v for k, v in i.items() if k != "file_name"}
+                                                for i in instances["images"]]},
+     r"images\[0\] \(id 10\) has no file_name"),
+    (rle_of_another_size, "image img0.png: annotation 1's segmentation is 20x20, its image 40x30"),
+])
+def test_malformed_coco_files_are_one_error_naming_the_file(tmp_path, project_params, edit, says):
+    write_coco(tmp_path / "coco")
+    path = edit_instances(tmp_path / "coco", edit)
+    with pytest.raises(ConvForgeError, match=says) as info:
         fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=20)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_coco_with_more_categories_than_scene_masks_hold_is_one_error(tmp_path, project_params):
+    def many(instances):
+        instances["categories"] += [{"id": 100 + i, "name": f"c{i}"} for i in range(298)]
+        instances["annotations"][0]["category_id"] = 397  # the last class: value 300 in a uint8 mask
+        return instances
+
+    write_coco(tmp_path / "coco")
+    path = edit_instances(tmp_path / "coco", many)
+    with pytest.raises(ConvForgeError, match="300 classes; scenes .* at most 255") as info:
+        fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=20)
+    assert str(info.value).startswith(str(path))
+
+
+def test_hidden_files_beside_a_coco_file_are_skipped(tmp_path, project_params):
+    write_coco(tmp_path / "coco")
+    (tmp_path / "coco" / "instances.json").rename(tmp_path / "coco" / "_annotations.coco.json")  # Roboflow's name
+    (tmp_path / "coco" / "._annotations.coco.json").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS copies
+    meta, raw = fetch_own(tmp_path, project_params, f"coco:{tmp_path / 'coco'}", image_size=20)
+    assert meta["skipped"] == [] and raw.count("train") + raw.count("test") == 5
 
 
 def test_exif_rotated_image_whose_annotations_are_not_upright_is_skipped(tmp_path, project_params):

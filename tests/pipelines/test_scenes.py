@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 
 from pipelines.coco import decode_mask, encode_mask, read_split
 from pipelines.datasets import load_scenes
+from pipelines.errors import ConvForgeError
 from pipelines.scenes import compose_scene, compose_scenes, item_foreground
 from tests.fixtures import digits_splits, tiny_scene_params
 
@@ -66,6 +67,18 @@ def test_same_seed_same_scenes(items, project_params):
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.instance_masks, b.instance_masks)
     assert [s.image_id for s in first] == [1, 2, 3, 4, 5]
+
+
+def test_labels_past_255_classes_stop_instead_of_wrapping(items, project_params):
+    images, labels, sources = items
+    params = tiny_scene_params(project_params)
+    past = labels + 290  # classes 290..299: as 291..300 in a uint8 mask they would wrap to 35..44
+    with pytest.raises(ConvForgeError, match="300 classes; scenes .* at most 255"):
+        compose_scenes(images, past, sources, 2, params, np.random.default_rng(0))
+    with pytest.raises(ConvForgeError, match="at most 255"):
+        compose_scene(images, np.full_like(labels, 255), sources, params, np.random.default_rng(0))
+    assert compose_scene(images, np.full_like(labels, 254), sources, params, np.random.default_rng(0)).semantic.max() \
+        == 255  # class 254, the last that fits
 
 
 def test_item_foreground_uses_the_items_own_background():

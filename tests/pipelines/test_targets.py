@@ -74,6 +74,11 @@ def test_bad_csvs_are_one_line_errors(tmp_path, text, message):
     assert "\n" not in str(caught.value)
 
 
+def test_excel_csv_utf8_with_a_byte_order_mark_reads(tmp_path):
+    (tmp_path / "targets.csv").write_text("file,angle\nshapes/0.png,1.5\n", encoding="utf-8-sig")
+    assert read_targets_csv(tmp_path / "targets.csv") == (["angle"], {"shapes/0.png": [1.5]})
+
+
 def test_an_image_without_a_row_and_a_missing_csv_are_errors(tmp_path, project_params):
     rows = write_tree(tmp_path / "tree", count=6)
     csv = write_csv(tmp_path / "targets.csv", dict(list(rows.items())[1:]))
