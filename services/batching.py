@@ -2,8 +2,10 @@
 
 The dispatcher is a private BentoML API (`bentoml._internal.marshal.dispatcher`), so it is
 reached only here, and `check_dispatcher` (run by tests/services/test_batching.py) says clearly
-when an installed BentoML has moved or changed it. Each request awaits its images' places in a
-shared batch; a queue whose wait would pass `max_latency_ms` sheds the call through `fallback`.
+when an installed BentoML has moved or changed it. (The module also holds the one other private BentoML
+API the service uses, `bound_endpoint_labels`, at its end: the project keeps them in one place.) Each
+request awaits its images' places in a shared batch; a queue whose wait would pass `max_latency_ms`
+sheds the call through `fallback`.
 
 Three choices differ from BentoML's defaults (bench/serve.py measures them):
 - A batch goes as soon as the model is free. BentoML's optimizer holds a lone request open for
@@ -139,3 +141,91 @@ def batched(run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_latency_ms:
         return await queued(job)
 
     return submit
+
+
+# ---------------------------------------------------------------- bounded endpoint labels of BentoML's series
+# The one other private BentoML API ConvForge relies on, kept here beside the dispatcher (the project keeps
+# private APIs of its stack in this one module). BentoML's outermost middleware, its traffic metrics, labels
+# every request series with the raw `scope["path"]`: each invented path (`/x<uuid>`, `/CLASSIFY`) would add
+# series to /metrics for as long as the server runs. No user middleware runs before it (services/guard.py),
+# so the class that ServiceAppFactory.middlewares imports from METRICS_MODULE when it builds the app is
+# replaced by one that shows it a bounded path instead (services.guard.endpoint_label) and hands the real
+# one on to everything inside it.
+METRICS_MODULE = "bentoml._internal.server.http.instruments"
+METRICS_CLASS = "RunnerTrafficMetricsMiddleware"
+APP_MODULE = "_bentoml_impl.server.app"  # ServiceAppFactory: imports METRICS_CLASS from METRICS_MODULE per app
+REAL_PATH = "convforge.path"  # the scope key that carries the real path past the metrics middleware
+
+
+class MetricsMoved(ImportError):
+    """The installed BentoML no longer labels its request series the way `bound_endpoint_labels` expects."""
+
+
+def check_metrics_middleware() -> type:
+    """BentoML's traffic metrics middleware class, or MetricsMoved naming what changed: it must read its
+    `endpoint` label from `scope["path"]`, pass the scope on to `self.app`, and be imported by the app factory
+    from METRICS_MODULE when an app is built (so replacing the module's class takes effect)."""
+    import importlib
+
+    import bentoml
+
+    def moved(what: str) -> MetricsMoved:
+        return MetricsMoved(f"BentoML moved its traffic metrics middleware: bentoml {bentoml.__version__}'s "
+                            f"{what}; update services/batching.py bound_endpoint_labels")
+
+    try:
+        module, factory = importlib.import_module(METRICS_MODULE), importlib.import_module(APP_MODULE)
+        middleware = getattr(module, METRICS_CLASS)
+    except (ImportError, AttributeError) as exc:
+        raise moved(f"{METRICS_MODULE}.{METRICS_CLASS} is gone ({exc})") from None
+    middleware = getattr(middleware, "bentoml_class", middleware)  # ours already installed: check BentoML's
+    call = inspect.getsource(middleware.__call__)
+    if 'endpoint = scope["path"]' not in call or "self.app(scope" not in call:
+        raise moved(f"{METRICS_CLASS}.__call__ no longer labels with scope['path'] and calls self.app(scope, ...)")
+    built = inspect.getsource(factory.ServiceAppFactory)
+    if METRICS_MODULE not in built or METRICS_CLASS not in built:
+        raise moved(f"{APP_MODULE}.ServiceAppFactory no longer imports {METRICS_CLASS} from {METRICS_MODULE}")
+    return middleware
+
+
+def bound_endpoint_labels(label: Callable[[dict], str]) -> None:
+    """Make the apps BentoML builds from now on label their request series with `label(scope)` instead of the
+    raw path (idempotent); everything inside the metrics middleware still sees the real path."""
+    import importlib
+
+    module = importlib.import_module(METRICS_MODULE)
+    base = check_metrics_middleware()
+    setattr(module, METRICS_CLASS, _bounded(base, label))
+
+
+def _bounded(base: type, label: Callable[[dict], str]) -> type:
+    """`base` (BentoML's metrics middleware) shown `label(scope)` as the path, the real one restored inside."""
+
+    class BoundedPathMetrics(base):
+        bentoml_class = base
+
+        def __init__(self, app: Any, **options: Any) -> None:
+            super().__init__(_RealPath(app), **options)
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            path = scope.get("path")
+            shown = label(scope) if scope["type"].startswith(("http", "websocket")) and path != "/metrics" else path
+            if shown != path:
+                scope = {**scope, "path": shown, REAL_PATH: path}
+            await super().__call__(scope, receive, send)
+
+    return BoundedPathMetrics
+
+
+class _RealPath:
+    """The app inside the metrics middleware, given the request's real path back."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if REAL_PATH in scope:
+            real = scope[REAL_PATH]
+            scope = {key: value for key, value in scope.items() if key != REAL_PATH}
+            scope["path"] = real
+        await self.app(scope, receive, send)

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipelines.tasks import TASKS, ClassifyTask, DetectTask, ReconstructTask, RegressTask, SegmentTask, get_task
 from services import observability as obs
+from services.errors import InputError
 from services.imaging import Fit, Placement, fit_square, letterbox, native
 from services.results import (classify_result, detect_result, foreground_fraction, reconstruct_result, regress_result,
                               segment_result)
@@ -37,6 +38,7 @@ class Endpoint:
     doc: str = ""  # what the api answers: its description in /docs.json and /schema.json
     side: Literal["short", "long"] = "short"  # the side `fit` scales to its size (fit_square: short)
     scalable: bool = False  # fully convolutional / size-free models: `serve.scale: native` applies
+    takes_targets: bool = False  # scores its outputs against the request's `targets` (others answer those 400)
 
 
 def probabilities(logits: np.ndarray) -> list[np.ndarray]:
@@ -106,12 +108,13 @@ ENDPOINTS: dict[type, Endpoint] = {
             "default model: the rotation angle in degrees, counter-clockwise positive), each image resized "
             "as in training."),
     ReconstructTask: Endpoint(
-        letterbox, restored_images, reconstruct_result, observe_psnr, side="long",
+        letterbox, restored_images, reconstruct_result, observe_psnr, side="long", takes_targets=True,
         doc="The restored (denoised, inpainted) image at the input's size as a base64 PNG (`image`): letterboxed "
             "as in training and mapped back; with `targets` (the clean images, one per image) also its `psnr` "
             "in dB."),
 }
 ROUTES = {f"/{name}": name for name in TASKS}  # path -> task
+TARGET_ROUTES = tuple(route for route, task in ROUTES.items() if ENDPOINTS[type(get_task(task))].takes_targets)
 
 
 def endpoint(task: str) -> Endpoint:
@@ -133,10 +136,24 @@ def checked_result(task: str, index: int, value: Any, classes: list[str], option
     """Image `index`'s result in its own pixels, marked `in_domain` (with the `reason`) by the model's
     training-domain check (services.imaging.Domain); returns it and the broken rules (kind, reason)."""
     result = endpoint(task).result(index, value, classes, options, placement)
+    return result, mark_domain(result, domain, facts)
+
+
+def mark_domain(result: ImageResult, domain: Any, facts: Any) -> list[tuple[str, str]]:
+    """Set `result.in_domain` and its `reason` from the model's training-domain check of the image's `facts`;
+    returns the broken rules (kind, reason)."""
     broken = domain.check(facts)
     result.in_domain = not broken
     result.reason = "; ".join(reason for _, reason in broken) or None
-    return result, broken
+    return broken
+
+
+def check_targets(route: str, task: str, options: dict[str, Any]) -> None:
+    """A 400 InputError when a request to `route` (serving `task`) carries `targets` its task does not score:
+    they would only cost their decoding."""
+    if options.get("targets") and not endpoint(task).takes_targets:
+        raise InputError(400, f"targets: only {', '.join(TARGET_ROUTES)} takes targets (clean images to score "
+                              f"its outputs against); {route} does not")
 
 
 def response(task: str, card: Any, options: Options, results: list[ImageResult]) -> PredictionResponse:

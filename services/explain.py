@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pipelines.explain import class_cams, detection_cams
 from pipelines.tasks import ClassifyTask, DetectTask, get_task
+from services.endpoints import mark_domain
 from services.errors import InputError
 from services.imaging import Placement, Prepared
 from services.results import classify_result, detect_result, served_detections
@@ -127,7 +128,10 @@ EXPLAINERS = {ClassifyTask: explain_classify, DetectTask: explain_detect}
 
 def explain_image(runner: TaskRunner, index: int, item: Prepared, options: Options,
                   class_index: int | None) -> ImageResult:
-    """One image's result with its explanation; one image at a time per model (a worker thread calls it)."""
+    """One image's result with its explanation and, as every answer has, its training-domain check (`in_domain`,
+    `reason`); one image at a time per model (a worker thread calls it)."""
     lock = _LOCKS.setdefault(id(runner), threading.Lock())
     with lock:
-        return EXPLAINERS[type(get_task(runner.task))](runner, index, item, options, class_index)
+        result = EXPLAINERS[type(get_task(runner.task))](runner, index, item, options, class_index)
+    mark_domain(result, runner.domain, item.facts)
+    return result

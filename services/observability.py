@@ -6,7 +6,8 @@ Labels stay within a fixed budget: task, endpoint, model_version, status_class, 
 (the three rules of services.imaging.Domain). Latency buckets span sub-millisecond
 preprocessing of a small image up to seconds for a 16 MP upload or a long queue (bench/serve.py
 measures them). Each label is spelled one way in every series: `task` is the task name,
-`endpoint` the route path (`/<task>`), `model_version` the bare version (the part after the
+`endpoint` the route path (`/<task>`; convforge_requests and convforge_request_bytes also count
+POST /explain, as task `explain`), `model_version` the bare version (the part after the
 colon of a `name:version` tag such as the X-Model-Version header; `none` when no model answered).
 Under `bentoml serve` these live in BentoML's multiprocess registry (PROMETHEUS_MULTIPROC_DIR,
 a folder of each server's own: services/serve.py), so gauges say how to merge workers.
@@ -27,7 +28,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STAGE = ("task", "endpoint", "model_version")
 MODEL = ("task", "model_version")
 
-REQUESTS = Counter("convforge_requests", "Prediction requests by outcome", (*STAGE, "status_class"))
+REQUESTS = Counter("convforge_requests", "Prediction (and explain) requests by outcome", (*STAGE, "status_class"))
 QUEUE_SECONDS = Histogram("convforge_queue_seconds", "Time an image waits for its batch", STAGE,
                           buckets=LATENCY_BUCKETS)
 PREPROCESS_SECONDS = Histogram("convforge_preprocess_seconds", "Parse, decode and resize of one request",

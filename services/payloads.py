@@ -7,7 +7,9 @@ InputError with a one-line message: 400 (unreadable), 413 (too many images), 415
 content types), 422 (wrong field names or types).
 
 The reconstruct api also takes `targets`: clean images, one per image (multipart file parts `targets`,
-or base64 strings in JSON), decoded by the same reader under the same limits, to score its output.
+or base64 strings in JSON), to score its output. The reader only reads their bytes: the api that scores
+them decodes them (`decode_targets`, under the images' limits, off the event loop when large), and the
+other apis answer a request carrying them with a 400, so they never cost a decode there.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ async def read_multipart(request: Request, max_images: int) -> tuple[list[bytes]
     except Exception as exc:  # noqa: BLE001 - starlette/python-multipart raise several types on bad bodies
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         if "too many files" in str(detail).lower():
-            raise InputError(413, f"more than {max_images} images in one call; the limit is {max_images}") from None
+            raise InputError(413, f"too many files in one call: the limit is {max_images} images and, for "
+                                  f"/reconstruct, as many {TARGETS}") from None
         raise InputError(400, f"malformed multipart body ({str(detail).splitlines()[0][:120]})") from None
     unknown = sorted(set(form.keys()) - {"images", "image", TARGETS, *OPTION_FIELDS})
     if unknown:
@@ -182,7 +185,6 @@ class PredictionRequest(Options, ImageUploads):
     multipart and JSON; the values are validated there, so the model is built without a second validation."""
 
     max_images: ClassVar[int] = 32
-    limits: ClassVar[Any] = None  # services.imaging.DecodeLimits that `targets` are decoded under (None: refused)
     targets: list[Annotated[bytes, ImageFile()]] | None = Field(
         None, description="reconstruct: clean image files, one per image and in the same order, as multipart parts "
                           "`targets` (or base64 strings in JSON): each result then has the PSNR of the restored image")
@@ -190,21 +192,20 @@ class PredictionRequest(Options, ImageUploads):
     error: SkipJsonSchema[Any] = Field(None, exclude=True)  # the InputError of a bad request, for the api to answer
 
     @classmethod
-    def limited_to(cls, max_images: int, limits: Any = None) -> type[PredictionRequest]:
-        """This model taking at most `max_images` images per request (serve.max_images), decoding `targets` under
-        `limits` (services.imaging.DecodeLimits; None refuses them); checks the BentoML hook."""
+    def limited_to(cls, max_images: int) -> type[PredictionRequest]:
+        """This model taking at most `max_images` images per request (serve.max_images); checks the BentoML
+        hook."""
         check_request_hook()
-        return type(cls.__name__, (cls,), {"max_images": int(max_images), "limits": limits,
-                                           "__module__": cls.__module__})
+        return type(cls.__name__, (cls,), {"max_images": int(max_images), "__module__": cls.__module__})
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: Any) -> PredictionRequest:
         """BentoML's hook that reads an api's input from the HTTP request (`serde` unused): `read_request`.
-        A bad request comes back as `error` rather than raised, so the api answers it as one-line JSON."""
+        A bad request comes back as `error` rather than raised, so the api answers it as one-line JSON. `targets`
+        stay raw bytes: decoding them is the scoring api's (`decode_targets`), never the event loop's here."""
         received = time.perf_counter()
         try:
             blobs, options = await read_request(request, cls.max_images)
-            options = options.model_copy(update={TARGETS: decode_targets(options.targets, cls.limits)})
         except InputError as exc:
             return cls.model_construct(images=[], received=received, error=exc)
         return cls.model_construct(images=blobs, received=received, **dict(options))

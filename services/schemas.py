@@ -48,8 +48,8 @@ class Options(BaseModel):
     class_name: str | None = Field(None, max_length=256, description="explain, classify: the class to explain "
                                                                      "(default: the top class)")
     class_index: int | None = Field(None, ge=0, description="explain, classify: the class to explain, by index")
-    # reconstruct: the clean images to score the restored ones against, decoded by the request reader
-    # (services/payloads.py documents them); never a JSON option of their own
+    # reconstruct: the clean images to score the restored ones against, as read by the request reader and
+    # decoded by the reconstruct api (services/payloads.py documents them); never a JSON option of their own
     targets: SkipJsonSchema[list[Any] | None] = Field(None, exclude=True)
 
 
@@ -158,10 +158,16 @@ class ErrorResponse(BaseModel):
     error: str
 
 
+ASCII_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")  # what `base64 FILE` wraps its output with (76 chars)
+
+
 def decode_base64(text: str, index: int, field: str = "images") -> bytes:
-    """Bytes of a base64 image string (with or without a data-URI prefix), or a 400 InputError."""
+    """Bytes of a base64 image string (with or without a data-URI prefix), or a 400 InputError. ASCII
+    whitespace is dropped first (line-wrapped output of `base64`, a trailing newline); anything else that
+    is not base64 is refused."""
     from services.errors import InputError
 
+    text = text.translate(ASCII_WHITESPACE)
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:

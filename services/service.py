@@ -15,8 +15,11 @@ as the versioned PredictionResponse with an X-Model-Version header; what differs
 entry in services/endpoints.py. POST /explain answers Grad-CAM heatmaps of the served classify and
 detect models (services/explain.py). GET /version is a small FastAPI route mounted beside the apis.
 BentoML supplies the lifecycle, the model store, /livez /readyz /metrics, the timeout (504) and
-the Bento; services.guard.RequestGuard stands in front of every route (body cap, pickles, and the
-concurrency cap: 503 + Retry-After).
+the Bento; services.guard.RequestGuard stands in front of every route (body cap, pickles, the
+concurrency cap of the prediction routes and /explain: 503 + Retry-After, JSON 404/405), and BentoML's
+request series label unknown paths as one `unmatched` endpoint (services.batching.bound_endpoint_labels).
+`targets` are decoded only by the api that scores them (/reconstruct), off the event loop when large;
+any other api answers a request carrying them with a 400.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.params import ServeParams, load_params
-from services import catalog, endpoints, explain, imaging
+from services import batching, catalog, endpoints, explain, imaging
 from services import observability as obs
 from services.endpoints import ROUTES, endpoint
 from services.errors import InputError, Overloaded
-from services.guard import RequestGuard
-from services.payloads import PredictionRequest
+from services.guard import RequestGuard, endpoint_label
+from services.payloads import TARGETS, PredictionRequest, decode_targets
 from services.runners import TaskRunner, load_runner
 from services.schemas import SCHEMA_VERSION, ImageResult, Options, PredictionResponse
 
@@ -63,8 +66,10 @@ def serve_params() -> ServeParams:
 
 PARAMS = serve_params()
 EXPLAIN_ROUTE = "/explain"  # Grad-CAM of the classify and detect models (services/explain.py)
-REQUEST = PredictionRequest.limited_to(  # every prediction api's input; reconstruct's targets decode as images do
-    PARAMS.max_images, imaging.DecodeLimits(PARAMS.max_pixels, tuple(PARAMS.formats)))
+# What the guard admits under the concurrency cap and counts, route -> the `task` label of convforge_requests
+GUARDED = {**ROUTES, EXPLAIN_ROUTE: "explain"}
+REQUEST = PredictionRequest.limited_to(PARAMS.max_images)  # every api's input (targets: raw files, undecoded)
+batching.bound_endpoint_labels(endpoint_label)  # before BentoML builds the app: bounded `endpoint` labels
 
 # GET /version (BentoML's apis are POST); its route joins BentoML's /docs.json, so no docs of its own.
 lineage = FastAPI(title="ConvForge", version=SCHEMA_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
@@ -196,7 +201,7 @@ class ConvForge:
             task = explain.explained_task(options)
         except InputError as exc:
             return _error(exc.status, str(exc))
-        opened = self._open(task, options, received, error)
+        opened = self._open(task, options, received, error, EXPLAIN_ROUTE)
         if isinstance(opened, JSONResponse):
             return opened
         runner, headers, chosen, received = opened
@@ -212,15 +217,21 @@ class ConvForge:
         obs.EXPLAIN_SECONDS.labels(task, runner.card.version).observe(time.perf_counter() - received)
         return answer
 
-    def _open(self, task: str, options: dict[str, Any], received: float, error: InputError | None
-              ) -> tuple[TaskRunner, dict[str, str], Options, float] | JSONResponse:
+    def _open(self, task: str, options: dict[str, Any], received: float, error: InputError | None,
+              route: str | None = None) -> tuple[TaskRunner, dict[str, str], Options, float] | JSONResponse:
         """What every api does first: the task's runner (404 when none is served), its headers, a request
-        that did not parse answered with its 4xx, the options with the default top_k, and the start time
-        (0.0 when called in-process, not read from HTTP)."""
+        that did not parse answered with its 4xx, `targets` sent to an api that does not score them (`route`,
+        default `/<task>`) answered 400, the options with the default top_k, and the start time (0.0 when
+        called in-process, not read from HTTP)."""
         runner = self.runners.get(task)
         if runner is None:
             return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
         headers = {"X-Model-Version": runner.card.tag}
+        if error is None:
+            try:
+                endpoints.check_targets(route or f"/{task}", task, options)
+            except InputError as exc:
+                error = exc
         if error is not None:
             return _error(error.status, str(error), headers)
         chosen = runner.options(options, self.params.top_k)
@@ -236,10 +247,10 @@ class ConvForge:
         labels = (task, f"/{task}", runner.card.version)
         try:
             # Small uploads decode faster inline than a hop to a worker thread: keep them on the loop.
-            if sum(map(len, blobs)) <= INLINE_BYTES:
-                prepared = self._prepare(runner, blobs)
+            if sum(map(len, [*blobs, *(chosen.targets or [])])) <= INLINE_BYTES:
+                prepared, chosen = self._load(runner, blobs, chosen)
             else:
-                prepared = await anyio.to_thread.run_sync(self._prepare, runner, blobs)
+                prepared, chosen = await anyio.to_thread.run_sync(self._load, runner, blobs, chosen)
             obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - received)
             outputs = await asyncio.gather(*(runner.predict(item.array) for item in prepared))
             for out in outputs:
@@ -263,6 +274,15 @@ class ConvForge:
             results = await anyio.to_thread.run_sync(self._results, runner, values, prepared, options)
         body = endpoints.response(runner.task, runner.card, options, results)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
+
+    def _load(self, runner: TaskRunner, blobs: list[bytes], options: Options
+              ) -> tuple[list[imaging.Prepared], Options]:
+        """The prepared images (`_prepare`) and the options with their `targets` decoded under the same limits
+        (only the apis that score targets get here with any: `_open`)."""
+        prepared = self._prepare(runner, blobs)
+        if not options.targets:
+            return prepared, options
+        return prepared, options.model_copy(update={TARGETS: decode_targets(options.targets, self.limits)})
 
     def _prepare(self, runner: TaskRunner, blobs: list[bytes], route: str | None = None) -> list[imaging.Prepared]:
         """Decode each image and fit it to the model input (services.imaging.prepare, the runner's fit);
@@ -295,5 +315,5 @@ class ConvForge:
 
 
 
-ConvForge.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.max_body_bytes, routes=ROUTES,
+ConvForge.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.max_body_bytes, routes=GUARDED,
                               max_concurrency=-(-PARAMS.max_concurrency // PARAMS.workers))  # per worker

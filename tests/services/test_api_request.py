@@ -26,7 +26,9 @@ class Probe:
     async def probe(self, images: list[bytes], received: float = 0.0, error=None, **options) -> JSONResponse:
         if error is not None:
             return JSONResponse({"error": str(error)}, status_code=error.status)
-        return JSONResponse({"sizes": [len(blob) for blob in images], "read": received > 0, **options})
+        targets = options.pop("targets", None)
+        return JSONResponse({"sizes": [len(blob) for blob in images], "read": received > 0, **options,
+                             "targets": None if targets is None else [type(t).__name__ for t in targets]})
 
 
 def call(*requests: dict) -> list[httpx.Response]:
@@ -49,10 +51,17 @@ def test_bentoml_still_has_the_input_hook() -> None:
 
 
 def test_bentoml_api_endpoint_reads_input_with_our_reader() -> None:
-    form, hostile, as_json = call(
+    """(One app per test process: BentoML registers its request series once.) `targets` come through as bytes,
+    undecoded: decoding them is the scoring api's (services/service.py `_load`), not the reader's, which runs on
+    the event loop for every api (it used to decode them all, whether the api scored them or not)."""
+    form, hostile, as_json, targets, json_targets = call(
         dict(files=[("images", ("a.png", b"abc")), ("images", ("b.png", b"abcd"))], data={"top_k": "3"}),
         dict(files=[("images", (None, "http://127.0.0.1:1/x"))]),  # BentoML's own reader would fetch this URL
-        dict(json={"images": [base64.b64encode(b"abc").decode()], "box_format": "xywh"}))
+        dict(json={"images": [base64.b64encode(b"abc").decode()], "box_format": "xywh"}),
+        dict(files=[("images", ("a.png", b"abc")), ("targets", ("t.png", b"not a png"))]),
+        dict(json={"images": [base64.b64encode(b"abc").decode()], "targets": [base64.b64encode(b"nor").decode()]}))
+    assert targets.status_code == 200 and targets.json()["targets"] == ["bytes"], targets.text
+    assert json_targets.status_code == 200 and json_targets.json()["targets"] == ["bytes"], json_targets.text
     assert form.status_code == 200, f"{MOVED} ({form.status_code}: {form.text})"
     assert form.json()["sizes"] == [3, 4] and form.json()["top_k"] == 3 and form.json()["read"], MOVED
     assert hostile.status_code == 422 and "file upload" in hostile.json()["error"], f"{MOVED} ({hostile.text})"
@@ -75,3 +84,4 @@ def test_a_changed_hook_is_one_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(bentoml.IODescriptor, "from_http_request", classmethod(synchronous_is_not_it))
     with pytest.raises(RequestHookMoved, match="BentoML changed its input hook: bentoml .*PredictionRequest"):
         check_request_hook()
+

@@ -92,3 +92,15 @@ def test_input_fit_follows_serve_scale():
         assert input_fit(task, 128, "fit", 1024).resize is imaging.letterbox
         native = input_fit(task, 128, "native", 1024)
         assert native.resize is imaging.native and native.size == 1024 and native.side == "long"
+
+
+def test_explain_answers_say_in_domain_and_why_as_every_answer_does(grey_classifier):
+    """POST /explain's results carry `in_domain` and `reason` like the prediction apis' (they used to lack them)."""
+    from services.explain import explain_image
+    from services.schemas import Options
+
+    runner, test = grey_classifier
+    answers = [explain_image(runner, 0, imaging.prepare(blob, LIMITS, runner.fit, runner.in_channels),
+                             Options(top_k=1), None) for blob in (png(colour_photo()), png(test[0]))]
+    assert [(a.in_domain, a.explanation is not None) for a in answers] == [(False, True), (True, True)]
+    assert "colour image for a greyscale model" in answers[0].reason and answers[1].reason is None

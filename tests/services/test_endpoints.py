@@ -44,3 +44,23 @@ def test_batch_outputs_per_image() -> None:
     masks = label_masks(np.stack([np.zeros((3, 2, 2)), np.ones((3, 2, 2)) * [[[0]], [[0]], [[1]]]]))
     assert [m.dtype for m in masks] == [np.uint8, np.uint8]
     assert masks[0].tolist() == [[0, 0], [0, 0]] and masks[1].tolist() == [[2, 2], [2, 2]]
+
+
+def test_only_the_apis_that_score_targets_take_them() -> None:
+    """`targets` sent elsewhere are a 400 naming the apis that take them, before anything decodes them."""
+    from services.endpoints import TARGET_ROUTES, check_targets
+    from services.errors import InputError
+
+    assert TARGET_ROUTES == ("/reconstruct",)
+    check_targets("/reconstruct", "reconstruct", {"targets": [b"png"]})
+    for route, task in [*((route, task) for route, task in ROUTES.items() if route not in TARGET_ROUTES),
+                        ("/explain", "classify")]:
+        check_targets(route, task, {"targets": None})
+        try:
+            check_targets(route, task, {"targets": [b"png"]})
+        except InputError as exc:
+            assert exc.status == 400 and str(exc) == (
+                f"targets: only /reconstruct takes targets (clean images to score its outputs against); "
+                f"{route} does not")
+        else:
+            raise AssertionError(f"{route} took targets")

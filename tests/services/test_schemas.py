@@ -64,6 +64,20 @@ def test_base64_with_and_without_data_uri():
     assert info.value.status == 400 and "images[3]" in str(info.value)
 
 
+def test_base64_wrapped_by_the_base64_tool_or_with_a_trailing_newline_decodes():
+    """`base64 FILE` wraps at 76 characters and ends with a newline; other stray characters stay refused."""
+    raw = bytes(range(256)) * 3
+    text = base64.b64encode(raw).decode()
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + "\n"
+    assert decode_base64(wrapped, 0) == raw
+    assert decode_base64("data:image/png;base64,\r\n" + wrapped.replace("\n", "\r\n"), 0) == raw
+    assert decode_base64(f" \t{text}\n", 0) == raw
+    for bad in (text[:-4] + "*" + text[-4:], text + "\u00a0", text[:-1]):  # a symbol, non-ASCII space, bad padding
+        with pytest.raises(InputError) as info:
+            decode_base64(bad, 1, "targets")
+        assert info.value.status == 400 and str(info.value) == "targets[1]: not valid base64"
+
+
 def test_options_reject_unknown_fields_and_bad_values():
     with pytest.raises(ValueError):
         Options(top_kk=3)
