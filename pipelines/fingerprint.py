@@ -18,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import runtime
-from pipelines.errors import ConvForgeError
 from pipelines.params import DataParams
 
 
 def tree_fingerprint(root: Path) -> dict[str, Any]:
     """The files below `root` (links followed, in path order): their count, total bytes and a SHA-256 over
     each one's relative path, size and modification time in nanoseconds."""
-    if not root.is_dir():
-        raise ConvForgeError(f"{root}: no such folder (data.dataset names your data's folder)")
+    if not root.is_dir():  # fetch, which runs next, says so in its own line
+        return {"missing": True}
     listing, files, size = hashlib.sha256(), 0, 0
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs.sort()
@@ -49,9 +48,7 @@ def source_fingerprint(data: DataParams) -> dict[str, Any]:
         fingerprint["tree"] = tree_fingerprint(data.path)
     if data.targets_csv is not None:
         csv = Path(data.targets_csv).expanduser()
-        if not csv.is_file():
-            raise ConvForgeError(f"data.targets_csv {csv}: no such file")
-        fingerprint["targets_csv_sha256"] = runtime.sha256_file(csv)
+        fingerprint["targets_csv_sha256"] = runtime.sha256_file(csv) if csv.is_file() else None
     return fingerprint
 
 

@@ -259,7 +259,7 @@ def decode(path: Path, in_channels: int, size: int, geometry: str, corrupt: Corr
 def _hidden(name: str) -> bool:
     """A dot-prefixed entry (.ipynb_checkpoints, .thumbnails, macOS ._x.png AppleDouble files, .DS_Store):
     never data, so skipped by every own-data source."""
-    return name.startswith(".") and name not in (".", "..")
+    return name.startswith(".")
 
 
 def _folders(root: Path) -> list[str]:

@@ -19,8 +19,9 @@ OUT = Path("data/source.json")
 @stage_entry
 def main() -> None:
     fingerprint = write_fingerprint(load_params().data, OUT)
-    tree = fingerprint.get("tree")
-    files = f": {tree['files']:,} files, {tree['bytes'] / 2**20:,.1f} MiB" if tree else ""
+    tree = fingerprint.get("tree", {})
+    files = f": {tree['files']:,} files, {tree['bytes'] / 2**20:,.1f} MiB" if "files" in tree else \
+        (": no such folder" if tree else "")
     print(f"source: {fingerprint['dataset']}{files} -> {OUT}")
 
 
