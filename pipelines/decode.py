@@ -6,7 +6,7 @@ from the header before any pixel is decoded, Pillow's decompression-bomb warning
 large JPEGs are decoded at 1/2..1/8 scale with `Image.draft()` (libjpeg's DCT scaling) when the
 target size allows it, and EXIF orientation is applied. `to_array` turns any mode into uint8
 [H, W, in_channels] the same way everywhere (alpha composited over black, 16-bit scaled to 8,
-float in 0..1 scaled to 0..255).
+float in 0..1 scaled to 0..255, a float image holding NaN or infinity refused).
 `fit_square` (classification items) and `letterbox` (scenes) are the training geometry, each
 returning the `Placement` that maps model-input pixels back to the image's own pixels.
 Every failure is a `DecodeError` with an HTTP-like `status`: fetch reports it as a corrupt image,
@@ -18,9 +18,10 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -152,6 +153,21 @@ def open_image(source: bytes | Path, *, formats: tuple[str, ...] | list[str] | N
             raise DecodeError(400, f"truncated or corrupt image ({reason})") from None
 
 
+@contextmanager
+def bomb_limit(max_pixels: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to `max_pixels` (None: no check) for the block, then put back.
+
+    Pillow keeps it in a module global (`Image.MAX_IMAGE_PIXELS`, 89.5 MP), which stops 108 and 200 MP phone
+    photos: fetch, one thread reading the user's own files, sets data.max_pixels. The service, which decodes
+    uploads on several threads, keeps Pillow's limit as a second guard beside serve.max_pixels."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 def full_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the whole, oriented image: larger than `image.size` when open_image drafted it."""
     return tuple(image.info.get(FULL_SIZE, image.size))
@@ -163,10 +179,21 @@ def is_grey(image: Image.Image) -> bool:
     return image.mode in GREY_MODES
 
 
+def _require_finite(values: np.ndarray) -> None:
+    """A float image's NaN and infinite values have no brightness: a guess (0, the clip's 255) would train on
+    no-data as if it were dark or bright pixels, and spoil the 0..1 range check, so the image is refused."""
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise DecodeError(400, f"float image with {bad} NaN or infinite value(s) of {values.size}: write them as "
+                               "numbers (e.g. 0 for no data)")
+
+
 def _flatten(image: Image.Image) -> Image.Image:
     """16-bit/int/float to 8-bit L, and any alpha (or palette transparency) composited over black."""
     if image.mode in WIDE_MODES:
         values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            _require_finite(values)
         # Each kind's full range to 0..255: 16-bit grey (PNG/TIFF) spans 0..65535, a float image whose values
         # stay within 1.0 spans 0..1 (scientific TIFFs); other 32-bit int/float images are clipped.
         if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):

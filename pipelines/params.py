@@ -44,6 +44,7 @@ class DataParams(Section):
     auto_size_max: Annotated[int, Field(ge=8, le=4096)]  # image_size auto: cap for classification images
     auto_canvas_max: Annotated[int, Field(ge=32, le=4096)]  # image_size auto: cap for detect/segment images
     on_corrupt: Literal["skip", "fail"]
+    max_pixels: PosInt  # own data: images with more pixels are left out per on_corrupt (Pillow's own limit in fetch)
     max_train: PosInt | None
     max_test: PosInt | None
     # regress on own data: a CSV `file,target[,target2...]` (file relative to the imagefolder root)

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipelines import runtime
 from pipelines.datasets import ITEMS_DATA, array_info, iter_scenes, save_array, scene_count
+from pipelines.decode import bomb_limit
 from pipelines.errors import ConvForgeError
 from pipelines.params import OWN_DATA_KINDS, DataParams
 from pipelines.scenes import Scene
@@ -26,6 +27,9 @@ from pipelines.sources import RAW_SPLITS, STREAMERS, ClassifySplits, read_datase
 # recorded in meta.json, so the raw data says how it was made whatever the dataset.
 SHAPING = {"dataset", "image_size", "auto_size_max", "auto_canvas_max", "on_corrupt", "max_train", "max_test",
            "targets_csv"}
+# Shapes own data only and came after the built-in datasets' data/raw: recorded for own data, so a built-in
+# dataset's data/raw keeps its bytes.
+OWN_SHAPING = {"max_pixels"}
 
 
 def write_items(dataset: ClassifySplits, out: Path) -> dict:
@@ -58,13 +62,14 @@ def fetch(data: DataParams, out: Path) -> dict:
     """Read `data.dataset` and write it atomically to `out` (e.g. data/raw); returns the meta.
 
     Own data is streamed into the staging folder (never a whole split in memory); built-in datasets
-    are small and read whole."""
-    with runtime.atomic_dir(out) as staging:
-        if data.kind in OWN_DATA_KINDS:
+    are small and read whole. Image files open under data.max_pixels, Pillow's bomb check included."""
+    own = data.kind in OWN_DATA_KINDS
+    with runtime.atomic_dir(out) as staging, bomb_limit(data.max_pixels):
+        if own:
             fields = STREAMERS[data.kind](data, staging)
         else:
             fields = write_items(read_dataset(data), staging)
-        return write_meta(staging, fields, data.model_dump(include=SHAPING))
+        return write_meta(staging, fields, data.model_dump(include=SHAPING | OWN_SHAPING if own else SHAPING))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_SPLIT_SEED = 0  # a fixed split: the raw dataset must not change with the experiment seed
 DIGITS_TEST_FRACTION = 0.2
 FLAT_TEST_EVERY = 5
+UNLABELLED = "unlabelled"  # imagefolder + targets_csv: the one class of images lying outside any class folder
 MIN_COMPONENT_PIXELS = 4  # masks:PATH: smaller connected components are not instances
 RAW_SPLITS = ("train", "test")
 SPLIT_NAMES = (*RAW_SPLITS, "val", "valid", "validation")  # never class names: they mark a pre-split tree
@@ -183,17 +184,29 @@ def read_digits(data: DataParams) -> ClassifySplits:
 # ---- the user's own data: streamed to disk, one image decoded at a time -------------------------
 
 class CorruptImages:
-    """Unreadable images: reported by path, then skipped or fatal per data.on_corrupt."""
+    """Images left out: unreadable ones and those over data.max_pixels, reported by path, then skipped or fatal
+    per data.on_corrupt."""
 
-    def __init__(self, on_corrupt: str):
-        self.on_corrupt = on_corrupt
+    def __init__(self, on_corrupt: str, max_pixels: int):
+        self.on_corrupt, self.max_pixels = on_corrupt, max_pixels
         self.skipped: list[str] = []
 
     def report(self, path: Path, reason: str) -> None:
+        self._leave_out(path, f"unreadable image ({reason})", "fix or remove it")
+
+    def over_limit(self, path: Path, header: Header) -> bool:
+        """Whether the image has more pixels than data.max_pixels (then reported, with the key to raise)."""
+        pixels = header.width * header.height
+        if pixels <= self.max_pixels:
+            return False
+        self._leave_out(path, f"{header.width}x{header.height} = {pixels:,} pixels, over data.max_pixels "
+                              f"({self.max_pixels:,})", "raise data.max_pixels to read it")
+        return True
+
+    def _leave_out(self, path: Path, problem: str, remedy: str) -> None:
         if self.on_corrupt == "fail":
-            raise ConvForgeError(f"{path}: unreadable image ({reason}); fix or remove it, "
-                                 f"or set data.on_corrupt: skip")
-        print(f"warning: skipping {path}: unreadable image ({reason})", file=sys.stderr)
+            raise ConvForgeError(f"{path}: {problem}; {remedy}, or set data.on_corrupt: skip")
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
         self.skipped.append(str(path))
 
 
@@ -210,20 +223,24 @@ class Header:
 
 
 def read_header(path: Path, corrupt: CorruptImages) -> Header | None:
-    """The file's size and whether it is greyscale (PIL reads the header only); None when unreadable."""
+    """The file's size and whether it is greyscale (PIL reads the header only); None when unreadable or over
+    data.max_pixels."""
     from PIL import Image
 
-    from pipelines.decode import is_grey
+    from pipelines.decode import bomb_limit, is_grey
 
     try:
-        with Image.open(path) as image:
+        # A header allocates no pixels: Pillow's bomb check, which would stop before the size can be named (and
+        # warn on stderr), is off here, and data.max_pixels is checked on the size read.
+        with bomb_limit(None), Image.open(path) as image:
             width, height = image.size
             if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # decoded upright: sides swap
                 width, height = height, width
-            return Header(width, height, is_grey(image))
+            header = Header(width, height, is_grey(image))
     except Exception as exc:  # PIL raises many types for broken files: all mean "unreadable"
         corrupt.report(path, f"{type(exc).__name__}: {exc}")
         return None
+    return None if corrupt.over_limit(path, header) else header
 
 
 def auto_size(sides: list[int], cap: int, multiple: int) -> int:
@@ -313,9 +330,10 @@ class IgnoredFiles:
     outside: list[Path] = field(default_factory=list)
 
     def warn(self, expected: Path | None = None) -> None:
-        """The warning lines (`expected`, e.g. the targets CSV kept beside the class folders, is not reported)."""
-        outside = [p for p in self.outside if expected is None or p.resolve() != expected.resolve()]
-        for paths, where in ((self.not_images, "that are not images"), (outside, "outside the class folders")):
+        """The warning lines (`expected`, e.g. the targets CSV kept beside the class folders or the images, is not
+        reported)."""
+        for paths, where in ((self.not_images, "that are not images"), (self.outside, "outside the class folders")):
+            paths = [p for p in paths if expected is None or p.resolve() != expected.resolve()]
             if paths:
                 suffixes = sorted({p.suffix.lower() or "no suffix" for p in paths})
                 shown = ", ".join(suffixes[:5]) + (", ..." if len(suffixes) > 5 else "")
@@ -338,14 +356,20 @@ def _image_filter(root: Path, ignored: IgnoredFiles) -> Callable[[str], bool]:
     return valid
 
 
-def _image_samples(folder: Path, ignored: IgnoredFiles, allow_empty: bool) -> tuple[list[str], list[tuple[str, int]]]:
+def _image_samples(folder: Path, ignored: IgnoredFiles, allow_empty: bool,
+                   unlabelled: bool) -> tuple[list[str], list[tuple[str, int]]]:
     """The visible class folders of `folder` and their (path, label) images, by torchvision's ImageFolder walk
-    (the same order); files directly in `folder` are outside every class."""
+    (the same order); files directly in `folder` are outside every class. With no class folder and `unlabelled`
+    (regress on a targets CSV, which gives each image its values), the images directly in `folder`, as the one
+    class UNLABELLED."""
     from torchvision.datasets.folder import make_dataset
 
     classes = _folders(folder)
+    if not classes and unlabelled:
+        return _unlabelled_samples(folder, ignored, allow_empty)
     if not classes:
-        raise ConvForgeError(f"data.dataset imagefolder:{folder}: no class folders (expected <class>/<image>)")
+        raise ConvForgeError(f"data.dataset imagefolder:{folder}: no class folders (expected <class>/<image>; images "
+                             f"directly in it are read for regress, with data.targets_csv)")
     ignored.outside += _visible_files(folder)
     try:
         samples = make_dataset(str(folder), {c: i for i, c in enumerate(classes)},
@@ -356,19 +380,32 @@ def _image_samples(folder: Path, ignored: IgnoredFiles, allow_empty: bool) -> tu
     return classes, samples
 
 
-def list_imagefolder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], IgnoredFiles]:
+def _unlabelled_samples(folder: Path, ignored: IgnoredFiles,
+                        allow_empty: bool) -> tuple[list[str], list[tuple[str, int]]]:
+    """The images directly in `folder` (name order), all of the class UNLABELLED."""
+    files = _visible_files(folder)
+    ignored.not_images += [p for p in files if not _is_image(p)]
+    samples = [(str(p), 0) for p in files if _is_image(p)]
+    if not samples and not allow_empty:
+        raise ConvForgeError(f"data.dataset imagefolder:{folder}: no images and no class folders "
+                             f"(images: {', '.join(IMAGE_SUFFIXES)})")
+    return [UNLABELLED], samples
+
+
+def list_imagefolder(root: Path, unlabelled: bool) -> tuple[list[str], dict[str, list[tuple[str, int]]], IgnoredFiles]:
     """The class names, (path, label) items per split of an ImageFolder tree (flat or pre-split), and the files
-    left out. Nothing is decoded here."""
+    left out; `unlabelled`: images without class folders are read too (`_image_samples`). Nothing is decoded here."""
     _require_dir(root, "imagefolder")
     folders, ignored = _split_folders(root), IgnoredFiles()
     if folders:
         ignored.outside += _visible_files(root)
-        found = {split: _image_samples(path, ignored, allow_empty=True) for split, path in folders.items()}
+        found = {split: _image_samples(path, ignored, allow_empty=True, unlabelled=unlabelled)
+                 for split, path in folders.items()}
         if found["train"][0] != found["test"][0]:
             raise ConvForgeError(f"{root}: train/ and test/ have different class folders "
                                  f"({found['train'][0]} vs {found['test'][0]})")
         return found["train"][0], {split: samples for split, (_, samples) in found.items()}, ignored
-    classes, samples = _image_samples(root, ignored, allow_empty=False)
+    classes, samples = _image_samples(root, ignored, allow_empty=False, unlabelled=unlabelled)
     listed: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for c in range(len(classes)):
         parts = _flat_split([s for s in samples if s[1] == c])
@@ -397,10 +434,16 @@ def spread_limit(items: list[tuple[str, int]], limit: int | None) -> list[tuple[
 
 def _check_classify_classes(data: DataParams, classes: list[str]) -> None:
     """Classification needs 2 classes (with one, training fails later in torchmetrics); regress on a targets CSV
-    needs none. (Past the scenes' class limit, augment composes no scenes and says so: classify still works.)"""
-    if len(classes) < 2 and not data.targets_csv:
-        raise ConvForgeError(f"data.dataset imagefolder:{data.path}: {len(classes)} class folder ({classes}): "
-                             f"classify needs at least 2 classes, one folder of images each")
+    needs none, so there a note says classify cannot train on these images. (Past the scenes' class limit, augment
+    composes no scenes and says so: classify still works.)"""
+    if len(classes) >= 2:
+        return
+    folders = "no class folders" if classes == [UNLABELLED] else f"1 class folder ({classes[0]})"
+    if not data.targets_csv:
+        raise ConvForgeError(f"data.dataset imagefolder:{data.path}: {folders}: classify needs at least 2 classes, "
+                             f"one folder of images each")
+    print(f"note: {data.path}: {folders}: regress (data.targets_csv) and reconstruct train on these images; classify "
+          f"needs at least 2 class folders (<class>/<image>)", file=sys.stderr)
 
 
 def stream_imagefolder(data: DataParams, out: Path) -> dict:
@@ -413,11 +456,11 @@ def stream_imagefolder(data: DataParams, out: Path) -> dict:
 
     from pipelines.targets import read_targets_csv, target_row
 
-    classes, listed, ignored = list_imagefolder(data.path)
+    classes, listed, ignored = list_imagefolder(data.path, unlabelled=data.targets_csv is not None)
     _check_classify_classes(data, classes)
     ignored.warn(Path(data.targets_csv).expanduser() if data.targets_csv else None)
     names, table = read_targets_csv(Path(data.targets_csv)) if data.targets_csv else ([], {})
-    corrupt = CorruptImages(data.on_corrupt)
+    corrupt = CorruptImages(data.on_corrupt, data.max_pixels)
     items = {split: [(Path(p), label, read_header(Path(p), corrupt)) for p, label in
                      progress(spread_limit(listed[split], _limits(data)[split]), f"read {split} headers")]
              for split in RAW_SPLITS}
@@ -471,9 +514,13 @@ def _find_annotations(folder: Path) -> Path:
     return found[0]
 
 
-# What pycocotools assumes of each entry (it asserts, or raises KeyError where it reads them).
-COCO_ENTRY_KEYS = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "category_id"),
-                   "categories": ("id", "name")}
+COCO_ID = (int, str)  # ids are integers (some exporters write strings): they must tell entries apart
+# What pycocotools assumes of each entry (it asserts, or raises KeyError where it reads them), and each key's type.
+COCO_ENTRY_KEYS = {"images": {"id": COCO_ID, "file_name": str},
+                   "annotations": {"id": COCO_ID, "image_id": COCO_ID, "category_id": COCO_ID},
+                   "categories": {"id": COCO_ID, "name": object}}
+# Keys naming one entry each: pycocotools' index keeps the last entry of an id, and an image listed twice is read twice.
+COCO_UNIQUE_KEYS = (("images", "id"), ("images", "file_name"), ("annotations", "id"), ("categories", "id"))
 
 
 def _check_coco(path: Path, dataset: Any) -> None:
@@ -486,10 +533,33 @@ def _check_coco(path: Path, dataset: Any) -> None:
         if not isinstance(entries, list):
             raise ConvForgeError(f"{path}: {section} is a JSON {type(entries).__name__}, not a list")
         for index, entry in enumerate(entries):
+            named = f" (id {entry['id']})" if isinstance(entry, dict) and "id" in entry else ""
             missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
             if missing:
-                named = f" (id {entry['id']})" if isinstance(entry, dict) and "id" in entry else ""
                 raise ConvForgeError(f"{path}: {section}[{index}]{named} has no {missing[0]}")
+            wrong = [key for key, kind in keys.items() if not isinstance(entry[key], kind)]
+            if wrong:
+                raise ConvForgeError(f"{path}: {section}[{index}]{named} has {wrong[0]} {json.dumps(entry[wrong[0]])}, "
+                                     f"expected {'a string' if keys[wrong[0]] is str else 'an integer or a string'}")
+    _check_coco_links(path, dataset)
+
+
+def _check_coco_links(path: Path, dataset: dict) -> None:
+    """One line where pycocotools would go on silently: an id or image file_name seen before (its index keeps one
+    entry, an image listed twice is read twice), or an annotation whose image_id names no image (never read)."""
+    for section, key in COCO_UNIQUE_KEYS:
+        first: dict[Any, int] = {}
+        for index, entry in enumerate(dataset.get(section, [])):
+            if entry[key] in first:
+                raise ConvForgeError(f"{path}: {section}[{index}] repeats the {key} {entry[key]!r} of "
+                                     f"{section}[{first[entry[key]]}]: each {key} must be unique within {section}")
+            first[entry[key]] = index
+    images = {image["id"] for image in dataset.get("images", [])}
+    for index, annotation in enumerate(dataset.get("annotations", [])):
+        if annotation["image_id"] not in images:
+            raise ConvForgeError(f"{path}: annotations[{index}] (id {annotation['id']}) has image_id "
+                                 f"{annotation['image_id']!r}, which names no image: add the image to images, or "
+                                 "remove the annotation")
 
 
 def _load_coco(path: Path) -> Any:
@@ -627,7 +697,7 @@ def stream_coco(data: DataParams, out: Path) -> dict:
     Crowd annotations are left out; classes follow the category ids in ascending order.
     """
     _require_dir(data.path, "coco")
-    corrupt = CorruptImages(data.on_corrupt)
+    corrupt = CorruptImages(data.on_corrupt, data.max_pixels)
     classes, planned = _coco_sources(data, corrupt)
     return _stream_scenes(data, out, "coco", classes, planned, corrupt,
                           "every annotation is a crowd one, or empty once fitted to its image")
@@ -678,7 +748,7 @@ def stream_masks(data: DataParams, out: Path) -> dict:
     semantic only). Class names from classes.txt (one per line) if present."""
     root = data.path
     _require_dir(root, "masks")
-    corrupt = CorruptImages(data.on_corrupt)
+    corrupt = CorruptImages(data.on_corrupt, data.max_pixels)
     names_file = root / "classes.txt"
     classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()] \
         if names_file.is_file() else None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipelines.datasets import ITEMS_DATA, SCENES_DATA
+from pipelines.errors import ConvForgeError
 from pipelines.metrics import ClassifyMeter, DetectMeter, SegmentMeter
 from pipelines.params import PolicyParams, TrainConfig
 from pipelines.regression import RegressTask  # imports Batch from here only inside its methods
@@ -83,10 +84,15 @@ class ClassifyTask:
     headline = ("test_accuracy", "test_top5", "test_f1_macro", "test_ece")  # what a person reads first
 
     def load_split(self, root: Path, split: str) -> Any:
-        """A prepared split as in-memory tensors."""
+        """A prepared split as in-memory tensors. One class (regress images without class folders) is one line
+        here: torchmetrics' multiclass metrics would stop training with a traceback."""
         from pipelines.datasets import load_classify
 
-        return load_classify(Path(root), split)
+        data = load_classify(Path(root), split)
+        if len(data.classes) < 2:
+            raise ConvForgeError(f"{root}: classify needs at least 2 classes, this data has {data.classes}: run "
+                                 f"the stages of the tasks it has alone (e.g. dvc repro evaluate@regress)")
+        return data
 
     def target_array(self, data: Any) -> Tensor:
         """What a split's targets are, as one tensor (recorded with the dataset in MLflow)."""

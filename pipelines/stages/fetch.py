@@ -15,7 +15,7 @@ def main() -> None:
     params = load_params()
     started = time.perf_counter()
     meta = fetch(params.data, Path("data/raw"))
-    skipped = f", skipped {len(meta['skipped'])} unreadable image(s)" if meta["skipped"] else ""
+    skipped = f", skipped {len(meta['skipped'])} image(s)" if meta["skipped"] else ""
     print(f"fetch: {meta['name']} from {meta['source']}: {meta['splits']} items, {len(meta['classes'])} classes, "
           f"{meta['in_channels']} channel(s), {meta['image_size']} px{skipped} "
           f"-> data/raw in {time.perf_counter() - started:.1f} s")

@@ -104,11 +104,13 @@ def served_runner(directory: Path, task: str, family: str, in_channels: int, siz
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_training_and_serving_decode_to_identical_inputs(files, tmp_path, task, family, hparams, geometry, size,
                                                          in_channels):
-    serve = load_params(ROOT / "params.yaml").serve
+    params = load_params(ROOT / "params.yaml")
+    serve = params.serve
     limits = imaging.DecodeLimits(serve.max_pixels, tuple(serve.formats))
     runner = served_runner(tmp_path / task, task, family, in_channels, size, **hparams)
+    corrupt = sources.CorruptImages("fail", params.data.max_pixels)
     for name, path in files.items():
-        fetched = sources.decode(path, in_channels, size, geometry, sources.CorruptImages("fail"))
+        fetched = sources.decode(path, in_channels, size, geometry, corrupt)
         served = imaging.prepare(path.read_bytes(), limits, runner.fit, in_channels).array
         assert fetched.dtype == served.dtype == np.uint8
         assert fetched.shape == served.shape == (size, size, in_channels), name
@@ -144,6 +146,18 @@ def test_float_images_in_0_to_1_span_0_to_255(tmp_path):
     assert unit.min() == 0 and unit.max() == 255 and np.array_equal(unit, np.rint(ramp * 255).astype(np.uint8))
     wide = to_array(open_image(tmp_path / "wide.tif"), 1)[:, :, 0]
     assert np.array_equal(wide, np.rint(ramp * 200).astype(np.uint8))  # other float ranges: values as they are
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_images_holding_nan_or_infinity_are_refused_not_guessed(tmp_path, bad):
+    """No-data pixels (NaN, as scientific TIFFs write them) or a division's infinity have no brightness: decoded,
+    NaN became 0 through an undefined cast (and a RuntimeWarning line) and left a 0..1 image unscaled, near black."""
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    ramp[3, 4] = bad
+    Image.fromarray(ramp, "F").save(tmp_path / "holes.tif")
+    with pytest.raises(DecodeError) as info:
+        to_array(open_image(tmp_path / "holes.tif"), 1)
+    assert info.value.status == 400 and str(info.value).startswith("float image with 1 NaN or infinite value(s)")
 
 
 def test_large_jpegs_are_drafted_but_never_below_the_target(files):

@@ -300,6 +300,18 @@ def rle_of_another_size(instances):
                                                 for i in instances["images"]]},
      r"images\[0\] \(id 10\) has no file_name"),
     (rle_of_another_size, "image img0.png: annotation 1's segmentation is 20x20, its image 40x30"),
+    # pycocotools went on silently: an annotation of no image was never read, an image listed twice read twice
+    (lambda instances: {**instances, "annotations": [{**instances["annotations"][0], "image_id": 99},
+                                                     *instances["annotations"][1:]]},
+     r"annotations\[0\] \(id 1\) has image_id 99, which names no image"),
+    (lambda instances: {**instances, "images": [*instances["images"], {**instances["images"][0], "id": 50}]},
+     r"images\[5\] repeats the file_name 'img0.png' of images\[0\]"),
+    (lambda instances: {**instances, "images": [*instances["images"], {**instances["images"][0], "file_name": "x"}]},
+     r"images\[5\] repeats the id 10 of images\[0\]"),
+    (lambda instances: {**instances, "annotations": [*instances["annotations"], instances["annotations"][0]]},
+     r"annotations\[10\] repeats the id 1 of annotations\[0\]"),
+    (lambda instances: {**instances, "images": [{**instances["images"][0], "file_name": 5}]},
+     r"images\[0\] \(id 10\) has file_name 5, expected a string"),
 ])
 def test_malformed_coco_files_are_one_error_naming_the_file(tmp_path, project_params, edit, says):
     write_coco(tmp_path / "coco")

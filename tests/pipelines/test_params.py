@@ -84,6 +84,12 @@ def test_bad_choice(tmp_path):
     assert message.startswith("data.on_corrupt: expected one of") and "'skip'" in message and "'fail'" in message
 
 
+def test_max_pixels_reads_200_mp_phone_photos_and_must_be_a_positive_int(tmp_path):
+    assert load_params(ROOT / "params.yaml").data.max_pixels >= 16320 * 12240  # a phone's 200 MP mode
+    assert error_of(write_params(tmp_path, "data", "max_pixels", 0)) == "data.max_pixels: expected int >= 1, got 0"
+    assert error_of(write_params(tmp_path, "data", "max_pixels", 2.5e8)).startswith("data.max_pixels: expected int")
+
+
 def test_amp_off_written_bare_is_off(tmp_path):
     """YAML reads `amp: off` (and `dvc exp run -S train.amp=off`) as false: it means "off", not a type error."""
     path = tmp_path / "params.yaml"

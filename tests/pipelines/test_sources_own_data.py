@@ -1,5 +1,6 @@
 """pipelines/sources.py on the user's own folders as people lay them out: split folders, hidden entries, the
-image suffixes, data.max_train, the class count, and palette, 1-bit and 0/255 masks."""
+image suffixes, data.max_train, the class count, photo sizes (data.max_pixels), and palette, 1-bit and 0/255
+masks."""
 
 from __future__ import annotations
 
@@ -228,3 +229,46 @@ def test_masks_of_only_0_and_255_are_one_error_saying_how_to_write_them(tmp_path
     message = one_line_error(lambda: fetch(data_params(project_params, dataset=f"masks:{tmp_path / 'bw'}",
                                                        image_size=24), tmp_path / "raw"))
     assert "only background (0) and 255 (the ignore value)" in message and "1..K" in message
+
+
+# ---- photo sizes: data.max_pixels ----------------------------------------------------------------------
+
+def test_a_108_mp_photo_is_read_and_one_over_data_max_pixels_is_left_out_on_one_line(tmp_path, project_params,
+                                                                                     capfd):
+    """Pillow's own limit (89.5 MP) left out 108 and 200 MP camera modes, with a raw DecompressionBombWarning line
+    on stderr; fetch reads under data.max_pixels instead, and the service's decode keeps Pillow's limit."""
+    from pipelines.decode import DecodeError, open_image
+
+    root = tmp_path / "phone"
+    write_classes(root, {"cat": 5, "dog": 5})
+    photo = root / "cat" / "zz_108mp.jpg"
+    Image.new("L", (12000, 9000), 90).save(photo, quality=50)
+    meta, raw = fetch_own(tmp_path, project_params, f"imagefolder:{root}", image_size=8)
+    assert meta["skipped"] == [] and raw.count("train") + raw.count("test") == 11
+    assert "Warning" not in capfd.readouterr().err
+    smaller = data_params(project_params, dataset=f"imagefolder:{root}", image_size=8, max_pixels=100_000_000)
+    assert fetch(smaller, tmp_path / "raw-skip")["skipped"] == [str(photo)]
+    said = "12000x9000 = 108,000,000 pixels, over data.max_pixels (100,000,000)"
+    assert f"warning: skipping {photo}: {said}\n" in capfd.readouterr().err
+    failing = smaller.model_copy(update={"on_corrupt": "fail"})
+    message = one_line_error(lambda: fetch(failing, tmp_path / "raw-fail"))
+    assert message == f"{photo}: {said}; raise data.max_pixels to read it, or set data.on_corrupt: skip"
+    assert not (tmp_path / "raw-fail").exists()
+    with pytest.raises(DecodeError) as info:
+        open_image(photo)
+    assert info.value.status == 413
+
+
+@pytest.mark.parametrize("kind, size, count", [("imagefolder", 8, 10), ("masks", 24, 5)])
+def test_images_and_masks_decode_under_data_max_pixels_whatever_pillows_limit(tmp_path, project_params,
+                                                                              monkeypatch, kind, size, count):
+    """Pillow's limit is a module global: fetch sets data.max_pixels (250 MP) for its reads, then puts Pillow's
+    back."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # as if Pillow's limit were below these 10x8 and 24x24 files
+    if kind == "imagefolder":
+        write_classes(tmp_path / kind, {"cat": 5, "dog": 5})
+    else:
+        write_mask_pairs(tmp_path / kind, voc_mask)
+    meta, raw = fetch_own(tmp_path, project_params, f"{kind}:{tmp_path / kind}", image_size=size)
+    assert meta["skipped"] == [] and raw.count("train") + raw.count("test") == count
+    assert Image.MAX_IMAGE_PIXELS == 50
