@@ -315,6 +315,7 @@ class ServeParams(Section):
     max_side: Annotated[int, Field(ge=32, le=8192)]  # native: larger uploads are fitted to this side
     max_body_bytes: PosInt
     max_pixels: PosInt
+    max_pixels_in_flight: PosInt  # decoded pixels one worker holds for its requests at once (services/budget.py)
     max_images: PosInt
     formats: Annotated[list[str], Field(min_length=1)]
     timeout_s: Annotated[float, Field(gt=0)]

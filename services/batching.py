@@ -20,13 +20,24 @@ Three choices differ from BentoML's defaults (bench/serve.py measures them):
 - The latency model that decides shedding (BentoML's) is refitted every second on the last 16
   batches instead of every 5 s on 50, so it forgets an overload (batches crawling behind a
   saturated event loop) before it sheds the normal traffic that follows.
+- That model counts cost, not jobs: BentoML fits a batch's seconds to its number of jobs and
+  estimates a queue of n jobs as n of them, which holds only while every job costs the same. With
+  `serve.scale: native` one upload is 1,000 times another's pixels: after one large image every
+  small one looked a second long (503s on an idle server). Each job carries its cost (the runner's:
+  pixels over the training input's), batches are fitted on their summed cost, and the queue is
+  estimated by the summed cost of the jobs of other callers than its oldest's (`owner`): a request
+  is shed for the work queued beside it, never for its own images' (a lone large one is served).
+- A job whose caller has left (BentoML's 504 cancelled it) is skipped when its batch runs, and the
+  caller stays cancelled (BentoML's dispatcher would answer it with the fallback instead).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 DISPATCHER_MODULE = "bentoml._internal.marshal.dispatcher"
@@ -34,8 +45,12 @@ DISPATCHER_MODULE = "bentoml._internal.marshal.dispatcher"
 DISPATCHER_PARAMETERS = ("max_latency_in_ms", "max_batch_size", "fallback", "get_batch_size")
 # What ConvForge reads or pins on a dispatcher and its latency model (`Optimizer`).
 DISPATCHER_ATTRIBUTES = ("optimizer", "_queue", "_sema", "max_latency")
-OPTIMIZER_ATTRIBUTES = ("wait", "trigger_refresh", "N_KEPT_SAMPLE", "INTERVAL_REFRESH_PARAMS")
-INLINE_FORWARD_S = 0.005  # a one-job batch measured faster than this runs on the event loop
+OPTIMIZER_ATTRIBUTES = ("wait", "trigger_refresh", "log_outbound", "o_a", "N_KEPT_SAMPLE", "INTERVAL_REFRESH_PARAMS")
+# What the cost model relies on in BentoML's source: the controller's estimate of its queue (n jobs at o_a each,
+# the oldest job's `data` first in `_queue`) and the batch sizes it logs.
+DISPATCHER_SOURCE = {"controller": ("n = len(self._queue)", "a = self.optimizer.o_a", "latency_0 = w0 + a * n + b"),
+                     "outbound_call": ("self.optimizer.log_outbound(",), "inbound_call": ("Job(now, data, future)",)}
+INLINE_FORWARD_S = 0.005  # a job whose forward is estimated faster than this runs alone on the event loop
 # CorkDispatcher.controller trains its latency model on its first 8 + 1 + 1 + 1 batches; lone jobs take
 # the direct path only after that, so the service's warm-up calls still train it.
 TRAINING_BATCHES = 11
@@ -68,77 +83,158 @@ def check_dispatcher() -> type:
     missing = [name for name in DISPATCHER_PARAMETERS if name not in parameters]
     latency_model = _private("Optimizer")(1.0)
     missing += [f"Optimizer.{name}" for name in OPTIMIZER_ATTRIBUTES if not hasattr(latency_model, name)]
+    missing += [f"{method}: {line}" for method, lines in DISPATCHER_SOURCE.items()
+                for line in lines if line not in inspect.getsource(getattr(dispatcher, method))]
     if missing:
         raise _moved(f"CorkDispatcher takes or has no {', '.join(missing)}")
     return dispatcher
 
 
-@functools.cache
-def _send_when_free() -> type:
-    """BentoML's Optimizer (its latency model decides shedding) with the hold-open wait pinned at 0."""
+@dataclass(eq=False)
+class _Ticket:
+    """A job in the dispatcher's queue: its cost, its caller (`owner`), and its `state`: queued, running (a batch
+    took it) or dropped (shed, or its caller left: its batch skips it)."""
 
-    class SendWhenFree(_private("Optimizer")):
+    job: Any
+    cost: float
+    owner: Any
+    state: str = "queued"
+
+
+class _QueueCost:
+    """The summed cost of a dispatcher's queued jobs, in all and per owner (`jobs`: the dispatcher's queue)."""
+
+    def __init__(self, jobs: Sequence[Any]) -> None:
+        self.jobs = jobs
+        self.total = 0.0
+        self.by_owner: dict[Any, tuple[float, int]] = {}  # owner -> (cost, jobs) still queued
+
+    def add(self, ticket: _Ticket, sign: int = 1) -> None:
+        """Count `ticket` in (sign 1) or out (-1)."""
+        cost, count = self.by_owner.get(ticket.owner, (0.0, 0))
+        if count + sign:
+            self.by_owner[ticket.owner] = (cost + sign * ticket.cost, count + sign)
+        else:
+            self.by_owner.pop(ticket.owner, None)
+        self.total = self.total + sign * ticket.cost if self.by_owner else 0.0  # no float residue when empty
+
+    def others_per_job(self) -> float:
+        """The cost queued by other callers than the oldest job's, per queued job (1 when nothing is queued)."""
+        if not self.jobs:
+            return 1.0
+        own, _ = self.by_owner.get(self.jobs[0].data.owner, (0.0, 0))
+        return max(0.0, self.total - own) / len(self.jobs)
+
+
+@functools.cache
+def _by_cost() -> type:
+    """BentoML's Optimizer (its latency model decides shedding) with the hold-open wait pinned at 0, fitted on
+    the summed cost of each batch and estimating its queue by cost (the module docstring says why)."""
+
+    class ByCost(_private("Optimizer")):
         # BentoML fits its model on the last 50 batches, refitted at most every 5 s: after an overload (when
         # batches crawl behind a saturated event loop) it kept shedding normal traffic for seconds.
         N_KEPT_SAMPLE = 16
         INTERVAL_REFRESH_PARAMS = 1
+        unit_s = 0.0  # the fitted seconds per unit of cost (BentoML's o_a, which is per job)
+        batch_cost = 0.0  # the summed cost of the batch that runs (what BentoML logs as its number of jobs)
+        queue: _QueueCost  # set by `batched`
+
+        @property
+        def o_a(self) -> float:
+            """What BentoML's controller multiplies its n queued jobs by: the seconds of the cost that others than
+            the oldest job's caller queued, per job."""
+            return self.unit_s * self.queue.others_per_job()
+
+        @o_a.setter
+        def o_a(self, seconds_per_unit: float) -> None:
+            self.unit_s = seconds_per_unit
+
+        def log_outbound(self, n: int, wait: float, duration: float) -> None:
+            if self.batch_cost:  # a batch whose callers had all left ran nothing
+                super().log_outbound(self.batch_cost, wait, duration)
 
         def trigger_refresh(self) -> None:
             super().trigger_refresh()
             self.wait = 0.0
 
-    return SendWhenFree
+    return ByCost
 
 
 class _ForwardClock:
-    """How long a one-job batch takes: rises at once on a slow one, decays slowly on fast ones."""
+    """Seconds per unit of cost of a one-job batch: rises at once on a slow one, decays slowly on fast ones."""
 
     def __init__(self) -> None:
-        self.single_s = float("inf")
+        self.unit_s = float("inf")
         self.batches = 0
 
-    def timed(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]]) -> Callable[[Sequence[Any]], Sequence[Any]]:
-        def run(jobs: Sequence[Any]) -> Sequence[Any]:
+    def quick(self, ticket: _Ticket) -> bool:
+        """Whether `ticket` alone is estimated to run within INLINE_FORWARD_S."""
+        return self.unit_s * ticket.cost <= INLINE_FORWARD_S
+
+    def timed(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]]) -> Callable[[Sequence[_Ticket]], Any]:
+        def run(tickets: Sequence[_Ticket]) -> Sequence[Any]:
             start = time.perf_counter()
-            outputs = run_batch(jobs)
+            outputs = run_batch(tuple(ticket.job for ticket in tickets))
             self.batches += 1
-            if len(jobs) == 1:
-                took = time.perf_counter() - start
-                self.single_s = took if took > self.single_s or self.single_s == float("inf") else (
-                    0.8 * self.single_s + 0.2 * took)
+            if len(tickets) == 1:
+                took = (time.perf_counter() - start) / tickets[0].cost
+                self.unit_s = took if took > self.unit_s or self.unit_s == float("inf") else (
+                    0.8 * self.unit_s + 0.2 * took)
             return outputs
 
         return run
 
 
 def batched(run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_latency_ms: int, max_batch_size: int,
-            fallback: Callable[[], Any]) -> Callable[[Any], Awaitable[Any]]:
-    """An async `submit(job)` that runs `run_batch` on batches of up to `max_batch_size` jobs (in a thread,
-    or inline for a quick lone job); `fallback` is called instead when a job's queue wait would pass
-    `max_latency_ms`."""
+            fallback: Callable[[], Any], cost: Callable[[Any], float] = lambda job: 1.0
+            ) -> Callable[..., Awaitable[Any]]:
+    """An async `submit(job, owner=None)` that runs `run_batch` on batches of up to `max_batch_size` jobs (in a
+    thread, or inline for a quick lone job); `fallback` is called instead when the queue's estimated latency
+    would pass `max_latency_ms`. `cost(job)`: its weight in that estimate (1 each: BentoML's count of jobs);
+    `owner`: its caller (a request), whose own jobs never count against it."""
     import anyio.to_thread
 
     dispatcher = check_dispatcher()(max_latency_ms, max_batch_size, fallback=fallback, get_batch_size=lambda job: 1)
     absent = [name for name in DISPATCHER_ATTRIBUTES if not hasattr(dispatcher, name)]
     if absent:
         raise _moved(f"CorkDispatcher instances have no {', '.join(absent)}")
-    dispatcher.optimizer = _send_when_free()(dispatcher.max_latency)
+    queue = _QueueCost(dispatcher._queue)
+    dispatcher.optimizer = model = _by_cost()(dispatcher.max_latency)
+    model.queue = queue
     clock = _ForwardClock()
     run = clock.timed(run_batch)
 
-    async def call(jobs: Sequence[Any]) -> Sequence[Any]:
-        if len(jobs) == 1 and not dispatcher._queue and clock.single_s <= INLINE_FORWARD_S:
-            return run(jobs)
-        return await anyio.to_thread.run_sync(run, jobs)
+    async def call(tickets: Sequence[_Ticket]) -> list[Any]:
+        running = [ticket for ticket in tickets if ticket.state == "queued"]  # not those whose callers left
+        for ticket in running:
+            ticket.state = "running"
+            queue.add(ticket, -1)
+        model.batch_cost = sum(ticket.cost for ticket in running)
+        if len(running) == 1 and not dispatcher._queue and clock.quick(running[0]):
+            outputs = iter(run(running))
+        else:
+            outputs = iter(await anyio.to_thread.run_sync(run, running) if running else ())
+        return [next(outputs) if ticket.state == "running" else None for ticket in tickets]
 
     queued = dispatcher(call)
 
-    async def submit(job: Any) -> Any:
+    async def submit(job: Any, owner: Any = None) -> Any:
+        ticket = _Ticket(job, cost(job), owner)
         # Idle, trained and quick: run now, on the loop (nothing can start a batch before this returns).
         idle = not dispatcher._queue and not dispatcher._sema.is_locked()
-        if idle and clock.batches >= TRAINING_BATCHES and clock.single_s <= INLINE_FORWARD_S:
-            return run((job,))[0]
-        return await queued(job)
+        if idle and clock.batches >= TRAINING_BATCHES and clock.quick(ticket):
+            return run((ticket,))[0]
+        queue.add(ticket)
+        try:
+            return await queued(ticket)
+        finally:
+            if ticket.state == "queued":  # shed, or its caller left (it stays in BentoML's queue, skipped)
+                ticket.state = "dropped"
+                queue.add(ticket, -1)
+            # BentoML's dispatcher answers a cancelled caller with `fallback`: it stays cancelled instead.
+            if asyncio.current_task().cancelling():
+                raise asyncio.CancelledError  # noqa: B012
 
     return submit
 

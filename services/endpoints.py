@@ -39,6 +39,7 @@ class Endpoint:
     side: Literal["short", "long"] = "short"  # the side `fit` scales to its size (fit_square: short)
     scalable: bool = False  # fully convolutional / size-free models: `serve.scale: native` applies
     takes_targets: bool = False  # scores its outputs against the request's `targets` (others answer those 400)
+    masks: Callable[[Any], bool] = lambda module: False  # whether a loaded model answers masks (`mask_format`)
 
 
 def probabilities(logits: np.ndarray) -> list[np.ndarray]:
@@ -67,6 +68,12 @@ def observe_detections(result: ImageResult, task: str, version: str) -> None:
         obs.SCORES.labels(task, version).observe(det.score)
 
 
+def has_mask_head(detector: Any) -> bool:
+    """Whether a torchvision detector answers instance masks (Mask R-CNN; not Faster R-CNN or FCOS)."""
+    heads = getattr(detector, "roi_heads", None)
+    return bool(heads is not None and heads.has_mask())
+
+
 def observe_mask_area(result: ImageResult, task: str, version: str) -> None:
     obs.MASK_AREA.labels(task, version).observe(foreground_fraction(result))
 
@@ -93,13 +100,14 @@ ENDPOINTS: dict[type, Endpoint] = {
             "`top_k` labels per image, highest probability first."),
     DetectTask: Endpoint(
         letterbox, list, detect_result, observe_detections, ("box_format", "mask_format"), side="long",
-        scalable=True,
+        scalable=True, masks=has_mask_head,
         doc="Boxes, labels and scores in the input's own pixels: letterboxed as in training (serve.scale "
             "native: at its own pixels up to serve.max_side), boxes mapped back in `box_format`; "
             "`score_threshold` (default: the model's, chosen on val), one label per box unless `nms` is "
-            "per_class, `max_detections`, instance masks in `mask_format`."),
+            "per_class, `max_detections`, instance masks in `mask_format` (models with a mask head)."),
     SegmentTask: Endpoint(
         letterbox, label_masks, segment_result, observe_mask_area, ("mask_format",), side="long", scalable=True,
+        masks=lambda module: True,
         doc="Class mask at the input's size and pixels per class: a PNG (pixel = class + 1) or per-class "
             "RLE/polygons in `mask_format`, and per-class pixel counts."),
     RegressTask: Endpoint(
@@ -158,7 +166,7 @@ def check_targets(route: str, task: str, options: dict[str, Any]) -> None:
 
 def response(task: str, card: Any, options: Options, results: list[ImageResult]) -> PredictionResponse:
     """The versioned response of `task`'s model `card` (services.runners.ModelCard): its results, and the
-    request options the task echoes."""
+    request options the task echoes (those that apply to the model: a box-only detector has no `mask_format`)."""
     return PredictionResponse(
         task=task, model={"task": task, "family": card.family, "name": card.name, "version": card.version},
         **{key: getattr(options, key) for key in endpoint(task).echoes}, results=results)

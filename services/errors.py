@@ -14,4 +14,5 @@ class InputError(ConvForgeError):
 
 
 class Overloaded(Exception):
-    """The batching queue cannot answer within its latency budget: HTTP 503 with Retry-After."""
+    """The server cannot take this now (a batching queue over its latency budget, the pixel budget spent): HTTP
+    503 with Retry-After."""

@@ -2,13 +2,15 @@
 
 Decoding and the training geometry are `pipelines.decode`, the one implementation the fetch
 stage uses too; this module adds what only the service needs: the server's limits (a
-`DecodeError` becomes a 4xx `InputError`), the native scale of detect/segment (the upload's own
+`DecodeError` becomes a 4xx `InputError`), how many pixels a decode will hold (read from the
+header, for the server's pixel budget), the native scale of detect/segment (the upload's own
 pixels up to `serve.max_side`, padded to a multiple of 32), the training-domain check behind each
 result's `in_domain`, and boxes and masks mapped back to the client's pixels.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -20,12 +22,13 @@ from pipelines.decode import DecodeError, Placement, fit_square, full_size, lett
 from services.errors import InputError
 
 __all__ = ["DecodeLimits", "Domain", "Fit", "ImageFacts", "Placement", "Prepared", "boxes_to_image", "decode",
-           "fit_square", "letterbox", "mask_to_image", "native", "prepare", "to_array"]
+           "decoded_pixels", "fit_square", "letterbox", "mask_to_image", "native", "prepare", "to_array"]
 
 STRIDE = 32  # native inputs are padded to a multiple of the deepest stride of the served models
 PROBE_SIDE = 64  # the domain check looks at a nearest-neighbour thumbnail this size at most
 COLOUR_SPREAD = 0.05  # mean (max - min) over RGB, in [0, 1]: above it an image is colour, not grey
 SIZE_FACTOR = 4.0  # an upload more than 4x larger or smaller (linear) than the training images is out of domain
+ASPECT_FACTOR = 4.0  # ... and so is one whose width:height is more than 4x wider or taller than theirs
 INTENSITY_SD = 1.0  # mean intensity beyond training mean +- 1 pixel sd is out of domain (Fashion-MNIST: 0.25% of test)
 
 
@@ -76,6 +79,22 @@ def decode(source: bytes | Path, limits: DecodeLimits, min_side: int | None = No
         raise InputError(exc.status, str(exc)) from None
 
 
+def decoded_pixels(blob: bytes, limits: DecodeLimits, fit: Fit | None = None) -> int:
+    """The pixels `decode` will hold for `blob` decoded for `fit` (None: at full size), from its header alone: its
+    width x height, a JPEG's at the scale Pillow's draft picks for the fit's side. 0 when decode refuses it
+    unread: no allowed format reads the header, or it is over `max_pixels`."""
+    try:
+        image = Image.open(io.BytesIO(blob), formats=list(limits.formats))
+        width, height = image.size
+        if fit is not None and image.format == "JPEG":  # draft keeps each side >= the size asked for
+            kept = (fit.size, fit.size) if fit.side == "short" else (fit.size, 1) if width >= height else (1, fit.size)
+            image.draft(None, kept)
+    except Exception:  # noqa: BLE001 - an unreadable header is decode's to refuse, with its 4xx
+        return 0
+    pixels = image.width * image.height
+    return pixels if width * height <= limits.max_pixels else 0
+
+
 def native(array: np.ndarray, max_side: int) -> tuple[np.ndarray, Placement]:
     """The upload at its own pixels (longer side fitted to `max_side` when larger), zero-padded at the
     bottom/right to a multiple of 32: the native-scale input of detect and segment."""
@@ -123,19 +142,22 @@ def prepare(blob: bytes, limits: DecodeLimits, fit: Fit, in_channels: int) -> Pr
 
 @dataclass(frozen=True)
 class Domain:
-    """A model's training domain: channels, image side in pixels, pixel mean and sd in [0, 1]."""
+    """A model's training domain: channels, image side in pixels, pixel mean and sd in [0, 1], and width:height."""
 
     in_channels: int
     image_size: int
     mean: float
     std: float
+    aspect: float = 1.0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Domain":
-        """From a model's config.json (in_channels, image_size, per-channel mean/std of its training data)."""
+        """From a model's config.json (in_channels, image_size as a side or [height, width], per-channel mean/std of
+        its training data)."""
         size = config["image_size"]
-        side = int(np.sqrt(size[0] * size[1])) if isinstance(size, (list, tuple)) else int(size)
-        return cls(int(config["in_channels"]), side, float(np.mean(config["mean"])), float(np.mean(config["std"])))
+        height, width = (size[0], size[1]) if isinstance(size, (list, tuple)) else (size, size)
+        return cls(int(config["in_channels"]), int(np.sqrt(height * width)), float(np.mean(config["mean"])),
+                   float(np.mean(config["std"])), width / height)
 
     def check(self, image: ImageFacts) -> list[tuple[str, str]]:
         """Why an image is outside the training domain, as (kind, reason) pairs; empty when inside."""
@@ -147,6 +169,11 @@ class Domain:
             found.append(("size", f"{ratio:.1f}x larger than the training images ({self.image_size} px)"))
         elif ratio < 1.0 / SIZE_FACTOR:
             found.append(("size", f"{1.0 / ratio:.1f}x smaller than the training images ({self.image_size} px)"))
+        stretch = (image.width / image.height) / self.aspect
+        if max(stretch, 1.0 / stretch) > ASPECT_FACTOR:
+            found.append(("aspect", f"{image.width}x{image.height} is {max(stretch, 1.0 / stretch):.1f}x "
+                                    f"{'wider' if stretch > 1 else 'taller'} than the training images "
+                                    f"(width:height {self.aspect:.3g}:1)"))
         if abs(image.mean - self.mean) > INTENSITY_SD * self.std:
             found.append(("intensity", f"mean intensity {image.mean:.2f} outside training {self.mean:.2f} "
                                        f"± {INTENSITY_SD * self.std:.2f} ({INTENSITY_SD:g} sd)"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, get_args
 
 import pipelines.runtime  # noqa: F401  (telemetry off before bentoml is imported)
 
@@ -40,7 +40,7 @@ ACCEPTED = "application/json (base64 images) or multipart/form-data (file field 
 
 
 def validation_message(exc: ValidationError) -> str:
-    """The first pydantic problem as `field: message` on one line."""
+    """The first pydantic problem as `field: message` on one line; a numeric option says its range."""
     first = exc.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first["loc"]) or "body"
     if first["type"] == "value_error":
@@ -48,7 +48,24 @@ def validation_message(exc: ValidationError) -> str:
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"unknown field '{where}'; fields are images (or image), {TARGETS}, {', '.join(OPTION_FIELDS)}{more}"
+    expected = number_range(where)
+    if expected:
+        return f"{where}: must be {expected}, got {json.dumps(first.get('input'), default=str)}{more}"
     return f"{where}: {first['msg']}{more}"
+
+
+def number_range(name: str) -> str | None:
+    """What the numeric option `name` takes, in words (`a number in [0, 1]`, `an integer >= 0`); None for others."""
+    field = Options.model_fields.get(name)
+    types = {field.annotation, *get_args(field.annotation)} if field else set()
+    kind = "an integer" if int in types else "a number" if float in types else None
+    if kind is None:
+        return None
+    bounds = {key: getattr(meta, key) for meta in field.metadata for key in ("ge", "le")
+              if getattr(meta, key, None) is not None}
+    if len(bounds) == 2:
+        return f"{kind} in [{bounds['ge']:g}, {bounds['le']:g}]"
+    return f"{kind} >= {bounds['ge']:g}" if bounds else kind
 
 
 def _check_count(count: int, max_images: int) -> None:
@@ -97,6 +114,9 @@ async def read_multipart(request: Request, max_images: int) -> tuple[list[bytes]
     if unknown:
         raise InputError(422, f"unknown field '{unknown[0]}'; fields are images (or image), {TARGETS}, "
                               f"{', '.join(OPTION_FIELDS)}")
+    repeated = sorted(key for key in OPTION_FIELDS if len(form.getlist(key)) > 1)
+    if repeated:  # which one counts would be the reader's guess
+        raise InputError(400, f"{repeated[0]}: sent {len(form.getlist(repeated[0]))} times; send each option once")
     files, target_files = [*form.getlist("images"), *form.getlist("image")], form.getlist(TARGETS)
     if any(not isinstance(item, UploadFile) for item in [*files, *target_files]):
         raise InputError(422, "images and targets: each must be a file upload (use JSON for base64)")

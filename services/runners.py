@@ -4,8 +4,9 @@ Batching is BentoML's own CORK dispatcher (services/batching.py), used in-proces
 endpoint stays one short async method that decodes, awaits its images' places in the shared
 per-model batch, and encodes; no internal HTTP hop or serialization, and no internal batch
 route open to clients. The dispatcher sheds load whose queue wait would exceed
-`max_latency_ms` (then the client gets 503 + Retry-After). What a batch's outputs are per
-image is the task's endpoint (services/endpoints.py).
+`max_latency_ms` (then the client gets 503 + Retry-After), estimated by pixels: each image weighs
+its pixels over the training input's. What a batch's outputs are per image is the task's
+endpoint (services/endpoints.py).
 
 With `serve.scale: native` detect/segment inputs differ in size: a batch runs one forward per
 input size (images of one size share a tensor), and a torchvision detector's internal resize
@@ -26,8 +27,8 @@ import numpy as np
 from services import observability as obs
 from services.backends import OnnxBackend, TorchBackend, choose, on_device, read_figures
 from services.batching import batched
-from services.endpoints import input_fit
-from services.errors import Overloaded
+from services.endpoints import endpoint, input_fit
+from services.errors import InputError, Overloaded
 from services.imaging import Domain, Fit, native
 from services.schemas import Options
 
@@ -92,14 +93,26 @@ class TaskRunner:
         def overloaded() -> None:
             raise Overloaded(f"{self.task} queue is over its {max_latency_ms} ms latency budget")
 
-        self._submit = batched(self._run_batch, max_latency_ms, self.max_batch_size, overloaded)
+        self._submit = batched(self._run_batch, max_latency_ms, self.max_batch_size, overloaded, self._cost)
 
     def options(self, given: dict[str, Any], top_k: int) -> Options:
-        """A request's (validated) options with this model's defaults where it set none: `top_k` (serve.top_k)
-        and `score_threshold` (the one training chose on val at max F1, stored with the model)."""
-        threshold = given.get("score_threshold")
-        return Options.model_construct(**{**given, "top_k": given.get("top_k") or top_k,
-                                          "score_threshold": self.score_threshold if threshold is None else threshold})
+        """A request's (validated) options with this model's defaults where it set none: `top_k` (serve.top_k),
+        `score_threshold` (the one training chose on val at max F1, stored with the model) and `mask_format` (png
+        where the model answers masks, else none to echo); a 400 InputError for a `mask_format` sent to a model of
+        a task that echoes it but which answers no masks (a box-only detector)."""
+        threshold, mask_format = given.get("score_threshold"), given.get("mask_format")
+        if mask_format is not None and not self.masks and "mask_format" in endpoint(self.task).echoes:
+            raise InputError(400, f"mask_format: the served {self.task} model ({self.card.family}) answers boxes "
+                                  "only, no masks; leave mask_format out")
+        return Options.model_construct(**{
+            **given, "top_k": given.get("top_k") or top_k,
+            "score_threshold": self.score_threshold if threshold is None else threshold,
+            "mask_format": mask_format or ("png" if self.masks else None)})
+
+    @property
+    def masks(self) -> bool:
+        """Whether the model answers masks (every segmenter; a detector with a mask head): `mask_format` applies."""
+        return endpoint(self.task).masks(self.module)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] to the model's float32 [N, C, H, W] input (training's mean/std)."""
@@ -129,6 +142,12 @@ class TaskRunner:
                 outputs[index] = output
         return outputs
 
+    def _cost(self, job: tuple[np.ndarray, float]) -> float:
+        """A job's weight in the batching latency model: its input's pixels over the training input's (1 for every
+        fitted upload; a native-scale one is weighed by its own pixels)."""
+        image, _ = job
+        return image.shape[0] * image.shape[1] / self.image_size ** 2
+
     def _run_batch(self, jobs: tuple[tuple[np.ndarray, float], ...]) -> list[BatchOutput]:
         start = time.perf_counter()
         outputs = self.run_sizes([image for image, _ in jobs])
@@ -136,9 +155,10 @@ class TaskRunner:
         obs.BATCH_SIZE.labels(self.task, self.card.version).observe(len(jobs))
         return [BatchOutput(out, start - queued, elapsed, len(jobs)) for out, (_, queued) in zip(outputs, jobs)]
 
-    async def predict(self, image: np.ndarray) -> BatchOutput:
-        """One uint8 [H, W, C] image through the shared batch; raises Overloaded when shedding load."""
-        return await self._submit((image, time.perf_counter()))
+    async def predict(self, image: np.ndarray, owner: Any = None) -> BatchOutput:
+        """One uint8 [H, W, C] image through the shared batch; raises Overloaded when shedding load. `owner`: the
+        request it belongs to (its own images never count against it when the queue decides to shed)."""
+        return await self._submit((image, time.perf_counter()), owner)
 
     def warm_up(self) -> float:
         """Run the model at batch 1 and at the largest batch once; returns the seconds it took."""

@@ -32,18 +32,21 @@ NmsMode = Literal[NMS_MODES]  # pipelines/metrics.py: what evaluate measures is 
 
 
 class Options(BaseModel):
-    """Per-request options shared by the three endpoints (each endpoint uses the ones that apply)."""
+    """Per-request options shared by the endpoints (each endpoint uses the ones that apply). Strict: `true` is no
+    integer, `"3"` no number, and NaN no score."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     top_k: int | None = Field(None, ge=1, le=1000, description="classify: labels per image (default serve.top_k)")
-    score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="detect: drop detections scored below "
-                                          "this (default: the model's, chosen on val at max F1)")
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                          description="detect: drop detections scored below this (default: the "
+                                                      "model's, chosen on val at max F1)")
     max_detections: int = Field(100, ge=1, le=1000, description="detect: keep at most this many per image")
     nms: NmsMode = Field("agnostic", description="detect: agnostic keeps one label per "
                                                   "box (the best), per_class a box per class the model found")
     box_format: BoxFormat = Field("xyxy", description="detect: xyxy | xywh pixels, or xyxy normalized to [0, 1]")
-    mask_format: MaskFormat = Field("png", description="segment class mask and detect instance masks")
+    mask_format: MaskFormat | None = Field(None, description="segment class mask and detect instance masks (default "
+                                                             "png; detect: models with a mask head only)")
     task: TaskName | None = Field(None, description="explain: the served model to explain (default classify)")
     class_name: str | None = Field(None, max_length=256, description="explain, classify: the class to explain "
                                                                      "(default: the top class)")

@@ -25,6 +25,7 @@ any other api answers a request carrying them with a 400.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -44,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipelines.params import ServeParams, load_params
 from services import batching, catalog, endpoints, explain, imaging
 from services import observability as obs
+from services.budget import Claim, PixelBudget
 from services.endpoints import ROUTES, endpoint
 from services.errors import InputError, Overloaded
 from services.guard import RequestGuard, endpoint_label
@@ -54,7 +56,8 @@ from services.schemas import SCHEMA_VERSION, ImageResult, Options, PredictionRes
 logger = logging.getLogger("convforge.service")
 PARAMS_ENV = "CONVFORGE_PARAMS"
 WARMUP_QUEUE_CALLS = 16  # trains the dispatcher's latency model on real timings before the first client
-INLINE_BYTES = 64 * 1024  # uploads up to this size are decoded on the event loop
+INLINE_BYTES = 64 * 1024  # uploads up to this size are decoded on the event loop ...
+INLINE_DECODED_PIXELS = 256 * 256  # ... when they decode to at most this many pixels (a 50 KB PNG can hold 16 MP)
 INLINE_PIXELS = 128 * 128  # outputs up to this many input pixels are encoded on the event loop
 
 
@@ -133,6 +136,8 @@ class ConvForge:
         # than free cores make OpenMP spin (BENCHMARKS.md).
         self.threads = set_threads(PARAMS.num_threads)
         self.limits = imaging.DecodeLimits(PARAMS.max_pixels, tuple(PARAMS.formats))
+        # Decoded pixels held for the requests in flight (services/budget.py): memory bounded by construction.
+        self.pixels = PixelBudget(PARAMS.max_pixels_in_flight)
         self.runners: dict[str, TaskRunner] = {}
         for source in catalog.sources():
             self.runners[source.task] = load_runner(
@@ -205,13 +210,18 @@ class ConvForge:
         if isinstance(opened, JSONResponse):
             return opened
         runner, headers, chosen, received = opened
+        claim = self.pixels.claim()
         try:
             class_index = explain.chosen_class(runner, options)
-            prepared = await anyio.to_thread.run_sync(self._prepare, runner, images, EXPLAIN_ROUTE)
-            results = [await anyio.to_thread.run_sync(explain.explain_image, runner, index, item, chosen, class_index)
+            prepared = await _in_thread(claim, self._prepare, runner, images, claim, EXPLAIN_ROUTE)
+            results = [await _in_thread(claim, explain.explain_image, runner, index, item, chosen, class_index)
                        for index, item in enumerate(prepared)]
         except InputError as exc:
             return _error(exc.status, str(exc), headers)
+        except Overloaded as exc:
+            return _error(503, str(exc), {**headers, "Retry-After": "1"})
+        finally:
+            claim.release()
         body = endpoints.response(task, runner.card, chosen, results)
         answer = JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
         obs.EXPLAIN_SECONDS.labels(task, runner.card.version).observe(time.perf_counter() - received)
@@ -221,20 +231,19 @@ class ConvForge:
               route: str | None = None) -> tuple[TaskRunner, dict[str, str], Options, float] | JSONResponse:
         """What every api does first: the task's runner (404 when none is served), its headers, a request
         that did not parse answered with its 4xx, `targets` sent to an api that does not score them (`route`,
-        default `/<task>`) answered 400, the options with the default top_k, and the start time (0.0 when
-        called in-process, not read from HTTP)."""
+        default `/<task>`) answered 400, the options with the model's defaults (an option the model cannot honour
+        answered 400), and the start time (0.0 when called in-process, not read from HTTP)."""
         runner = self.runners.get(task)
         if runner is None:
             return _error(404, f"no {task} model is served (package one with `python -m pipelines.stages.package`)")
         headers = {"X-Model-Version": runner.card.tag}
-        if error is None:
-            try:
-                endpoints.check_targets(route or f"/{task}", task, options)
-            except InputError as exc:
-                error = exc
         if error is not None:
             return _error(error.status, str(error), headers)
-        chosen = runner.options(options, self.params.top_k)
+        try:
+            endpoints.check_targets(route or f"/{task}", task, options)
+            chosen = runner.options(options, self.params.top_k)
+        except InputError as exc:
+            return _error(exc.status, str(exc), headers)
         return runner, headers, chosen, received or time.perf_counter()
 
     async def _predict(self, task: str, blobs: list[bytes], options: dict[str, Any], received: float,
@@ -245,55 +254,73 @@ class ConvForge:
             return opened
         runner, headers, chosen, received = opened
         labels = (task, f"/{task}", runner.card.version)
+        claim = self.pixels.claim()
         try:
             # Small uploads decode faster inline than a hop to a worker thread: keep them on the loop.
-            if sum(map(len, [*blobs, *(chosen.targets or [])])) <= INLINE_BYTES:
-                prepared, chosen = self._load(runner, blobs, chosen)
+            if self._small(runner, blobs, chosen):
+                prepared, chosen = self._load(runner, blobs, chosen, claim)
             else:
-                prepared, chosen = await anyio.to_thread.run_sync(self._load, runner, blobs, chosen)
+                prepared, chosen = await _in_thread(claim, self._load, runner, blobs, chosen, claim)
             obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - received)
-            outputs = await asyncio.gather(*(runner.predict(item.array) for item in prepared))
+            outputs = await asyncio.gather(*(runner.predict(item.array, claim) for item in prepared))
             for out in outputs:
                 obs.QUEUE_SECONDS.labels(*labels).observe(out.queue_s)
                 obs.INFERENCE_SECONDS.labels(*labels).observe(out.inference_s)
             start = time.perf_counter()
-            response = await self._respond(runner, [out.value for out in outputs], prepared, chosen, headers)
+            response = await self._respond(runner, [out.value for out in outputs], prepared, chosen, headers, claim)
             obs.POSTPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
             return response
         except InputError as exc:
             return _error(exc.status, str(exc), headers)
         except Overloaded as exc:
             return _error(503, str(exc), {**headers, "Retry-After": "1"})
+        finally:
+            claim.release()
 
     async def _respond(self, runner: TaskRunner, values: list[Any], prepared: list[imaging.Prepared],
-                       options: Options, headers: dict[str, str]) -> JSONResponse:
+                       options: Options, headers: dict[str, str], claim: Claim) -> JSONResponse:
         """The JSON response: results mapped back and encoded (inline when small, else in a thread)."""
         if sum(p.placement.width * p.placement.height for p in prepared) <= INLINE_PIXELS:
             results = self._results(runner, values, prepared, options)
         else:
-            results = await anyio.to_thread.run_sync(self._results, runner, values, prepared, options)
+            results = await _in_thread(claim, self._results, runner, values, prepared, options)
         body = endpoints.response(runner.task, runner.card, options, results)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    def _load(self, runner: TaskRunner, blobs: list[bytes], options: Options
+    def _small(self, runner: TaskRunner, blobs: list[bytes], options: Options) -> bool:
+        """Whether a request's uploads and targets are small enough to decode on the event loop: in bytes, and in
+        the pixels they decode to (read from their headers)."""
+        targets = options.targets or []
+        if sum(map(len, [*blobs, *targets])) > INLINE_BYTES:
+            return False
+        pixels = [imaging.decoded_pixels(blob, self.limits, runner.fit) for blob in blobs] + [
+            imaging.decoded_pixels(blob, self.limits) for blob in targets]
+        return sum(pixels) <= INLINE_DECODED_PIXELS
+
+    def _load(self, runner: TaskRunner, blobs: list[bytes], options: Options, claim: Claim
               ) -> tuple[list[imaging.Prepared], Options]:
-        """The prepared images (`_prepare`) and the options with their `targets` decoded under the same limits
-        (only the apis that score targets get here with any: `_open`)."""
-        prepared = self._prepare(runner, blobs)
+        """The prepared images (`_prepare`) and the options with their `targets` decoded under the same limits,
+        held on `claim` until the answer (only the apis that score targets get here with any: `_open`)."""
+        prepared = self._prepare(runner, blobs, claim)
         if not options.targets:
             return prepared, options
+        claim.hold(sum(imaging.decoded_pixels(blob, self.limits) for blob in options.targets))
         return prepared, options.model_copy(update={TARGETS: decode_targets(options.targets, self.limits)})
 
-    def _prepare(self, runner: TaskRunner, blobs: list[bytes], route: str | None = None) -> list[imaging.Prepared]:
-        """Decode each image and fit it to the model input (services.imaging.prepare, the runner's fit);
-        `route`: the endpoint whose metrics see it (the task's own by default)."""
+    def _prepare(self, runner: TaskRunner, blobs: list[bytes], claim: Claim,
+                 route: str | None = None) -> list[imaging.Prepared]:
+        """Decode each image and fit it to the model input (services.imaging.prepare, the runner's fit), its
+        pixels held on `claim` while it decodes and its input's until the answer; `route`: the endpoint whose
+        metrics see it (the task's own by default)."""
         route = route or f"/{runner.task}"
         prepared = []
         for index, blob in enumerate(blobs):
             try:
-                item = imaging.prepare(blob, self.limits, runner.fit, runner.in_channels)
+                with claim.holding(imaging.decoded_pixels(blob, self.limits, runner.fit)):
+                    item = imaging.prepare(blob, self.limits, runner.fit, runner.in_channels)
             except InputError as exc:
                 raise InputError(exc.status, f"images[{index}]: {exc}") from None
+            claim.hold(item.array.shape[0] * item.array.shape[1])
             obs.IMAGE_PIXELS.labels(runner.task, route, runner.card.version).observe(
                 item.placement.width * item.placement.height)
             prepared.append(item)
@@ -313,6 +340,20 @@ class ConvForge:
             results.append(result)
         return results
 
+
+
+async def _in_thread(claim: Claim, function: Any, *args: Any) -> Any:
+    """`function(*args)` in a worker thread. When the request is cancelled (BentoML's 504) it waits for the thread,
+    which stops at its next claim on pixels (services.budget.RequestGone), so that the claim is given back once
+    the pixels are freed, not while a thread still decodes them."""
+    thread = asyncio.ensure_future(anyio.to_thread.run_sync(function, *args))
+    try:
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        claim.cancel()
+        with contextlib.suppress(Exception):  # nobody waits for its answer any more
+            await thread
+        raise
 
 
 ConvForge.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.max_body_bytes, routes=GUARDED,

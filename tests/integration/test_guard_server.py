@@ -1,9 +1,11 @@
 """The request guard on a real server (the reviewer's findings): invented paths cannot grow /metrics, /explain
 shares the concurrency cap and the outcome counter, `targets` are refused where nothing scores them, options
-stay in the body, wrapped base64 decodes, 404/405 are JSON, and a cancelled upload is neither parsed nor counted.
+stay in the body, wrapped base64 decodes, 404/405 are JSON, a cancelled upload is neither parsed nor counted,
+and large uploads at once stay within the pixel budget (503 + Retry-After past it), so memory stays bounded.
 
-One `python -m services.serve --models-dir` server of untrained tiny models (classify, reconstruct) on
-127.0.0.1 with `serve.max_concurrency: 2`, in its own BENTOML_HOME.
+`python -m services.serve --models-dir` servers of untrained tiny models (classify, reconstruct) on
+127.0.0.1, each in its own BENTOML_HOME: one with `serve.max_concurrency: 2`, one with room for many
+requests and a pixel budget of two 4096 px uploads.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ pytestmark = pytest.mark.integration
 
 SERVE = {"max_concurrency": 2, "workers": 1}
 CONCURRENT_EXPLAINS = 6
+LARGE_SIDE = 4096  # serve.max_pixels: 16.8 MP, about 100 MB while it decodes and converts
+LARGE_UPLOADS = 24  # at once: 2.4 GB of decoding without a budget
+BUDGET_SERVE = {"max_concurrency": 64, "workers": 1, "max_pixels_in_flight": 2 * LARGE_SIDE ** 2}
+PEAK_RISE_MB = 800  # what the budget's two decodes, threads and buffers may add to the worker's peak RSS
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("guard")
-    models = save_untrained(work / "models", (ClassifyTask.name, ReconstructTask.name))
+def serve_with(work, serve: dict, tasks: tuple[str, ...]):
+    """A ready server of untrained `tasks` models with params.yaml's `serve` section updated by `serve`."""
+    models = save_untrained(work / "models", tasks)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["serve"].update(SERVE)
+    raw["serve"].update(serve)
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "CONVFORGE_PARAMS": str(work / "params.yaml"),
            "PYTHONUNBUFFERED": "1"}
@@ -47,6 +52,16 @@ def server(tmp_path_factory):
         yield running
     finally:
         stop(running)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serve_with(tmp_path_factory.mktemp("guard"), SERVE, (ClassifyTask.name, ReconstructTask.name))
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory):
+    yield from serve_with(tmp_path_factory.mktemp("budget"), BUDGET_SERVE, (ClassifyTask.name,))
 
 
 def outcomes(base: str, task: str) -> dict[str, float]:
@@ -136,3 +151,50 @@ def test_a_cancelled_upload_is_neither_answered_nor_counted(server):
     time.sleep(1.0)
     assert outcomes(server.base, ClassifyTask.name) == before  # the old guard parsed the half body: a 4xx
     assert httpx.get(f"{server.base}/livez", timeout=10).status_code == 200
+
+
+def peak_rss_mb(root_pid: int) -> float:
+    """The highest peak RSS (VmHWM) of `root_pid` and its descendants (BentoML's worker), in MB."""
+    import subprocess
+
+    table = [line.split() for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True,
+                                                     check=True).stdout.splitlines()]
+    family, grown = {str(root_pid)}, True
+    while grown:
+        children = {pid for pid, parent in table if parent in family} - family
+        family |= children
+        grown = bool(children)
+    peaks = []
+    for pid in family:
+        try:
+            status = open(f"/proc/{pid}/status").read()
+        except OSError:  # gone meanwhile
+            continue
+        peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
+    return max(peaks)
+
+
+def test_large_uploads_at_once_stay_within_the_pixel_budget(budget_server):
+    """24 uploads of 4096 x 4096 PNGs (0.4 MB each, 100 MB apiece decoding) at once: those past the budget of two
+    get 503 + Retry-After instead of all decoding together (which took the worker 2 GB higher), and the budget
+    comes back for the next client."""
+    y, x = np.mgrid[0:LARGE_SIDE, 0:LARGE_SIDE] * 256 // LARGE_SIDE
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)).save(buffer, format="PNG")
+    body = buffer.getvalue()
+    before = peak_rss_mb(budget_server.process.pid)
+
+    def classify(_: int) -> httpx.Response:
+        return httpx.post(f"{budget_server.base}/classify", files={"images": ("g.png", body, "image/png")},
+                          timeout=120)
+
+    with ThreadPoolExecutor(LARGE_UPLOADS) as pool:
+        answers = list(pool.map(classify, range(LARGE_UPLOADS)))
+    rise = peak_rss_mb(budget_server.process.pid) - before
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) == {200, 503}, statuses
+    refused = [a for a in answers if a.status_code == 503]
+    assert all(a.headers["retry-after"] == "1" and "decoded pixels in flight" in a.json()["error"] for a in refused)
+    assert rise < PEAK_RISE_MB, f"the worker's peak RSS rose {rise:.0f} MB"
+    time.sleep(1)
+    assert classify(0).status_code == 200  # the budget came back

@@ -99,3 +99,53 @@ def test_a_queue_past_its_latency_budget_sheds_through_fallback() -> None:
 
     answers = asyncio.run(main())
     assert "shed" in answers and any(answer != "shed" for answer in answers)
+
+
+def test_jobs_of_a_cancelled_caller_never_run_and_the_caller_stays_cancelled() -> None:
+    """BentoML's 504 cancels a request while its images wait for a batch: the batch skips them (no forward for
+    nobody), and the request ends cancelled rather than with the fallback's answer."""
+    import time
+
+    ran = []
+
+    def run(jobs):
+        time.sleep(0.2 if "busy" in jobs else 0.0)  # the model busy with another batch meanwhile
+        ran.extend(jobs)
+        return list(jobs)
+
+    async def main():
+        submit = batched(run, max_latency_ms=60_000, max_batch_size=8, fallback=lambda: "shed")
+        busy = asyncio.ensure_future(submit("busy"))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(asyncio.gather(submit("gone-1"), submit("gone-2")))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        kept = await asyncio.gather(busy, submit("kept"))
+        return kept, await asyncio.gather(gone, return_exceptions=True)
+
+    kept, (outcome,) = asyncio.run(main())
+    assert kept == ["busy", "kept"] and sorted(ran) == ["busy", "kept"], ran
+    assert isinstance(outcome, asyncio.CancelledError), outcome
+
+
+def test_the_latency_estimate_weighs_jobs_by_cost_and_not_the_callers_own() -> None:
+    """A job's cost (a native upload's pixels) weighs in the queue's estimate: 8 dear jobs of other callers shed,
+    8 cheap ones do not, and a caller's own dear jobs never shed it (the estimate used to count jobs)."""
+    import time
+
+    def run(jobs):
+        time.sleep(0.01 * sum(jobs))  # 10 ms a unit of cost
+        return list(jobs)
+
+    async def main():
+        submit = batched(run, max_latency_ms=100, max_batch_size=8, fallback=lambda: "shed", cost=float)
+        for cost in [1, 4] * 8:
+            await submit(cost)  # trains the model: 10 ms a unit
+        own = await asyncio.gather(*(submit(4, owner="one request") for _ in range(8)))
+        cheap = await asyncio.gather(*(submit(1, owner=index) for index in range(8)))
+        dear = await asyncio.gather(*(submit(4, owner=index) for index in range(8)))
+        return own, cheap, dear
+
+    own, cheap, dear = asyncio.run(main())
+    assert "shed" not in own and "shed" not in cheap, (own, cheap)
+    assert "shed" in dear and 4 in dear, dear

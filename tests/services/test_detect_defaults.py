@@ -49,3 +49,30 @@ def test_one_label_per_box_unless_per_class_is_asked():
     assert [d.label for d in every] == ["b", "b", "a", "c"]
     capped = detect_result(0, output, ["a", "b", "c"], Options(score_threshold=0.0, max_detections=1), placement)
     assert len(capped.detections) == 1
+
+
+def test_mask_format_applies_only_to_detectors_with_a_mask_head(tmp_path):
+    """Faster R-CNN (and FCOS) answer boxes only: their answers echo no mask_format, and a request that asks for
+    one is a 400 naming it; Mask R-CNN's masks come as png unless asked otherwise."""
+    import pytest
+
+    from services.endpoints import response
+    from services.errors import InputError
+
+    served = {}
+    for family in ("faster_rcnn", "mask_rcnn"):
+        torch.manual_seed(0)
+        checkpoint.save(build("detect", family, 3, 1, 32), {
+            "task": "detect", "family": family, "hparams": {}, "num_classes": 3, "in_channels": 1, "image_size": 32,
+            "classes": ["a", "b", "c"], "mean": [0.3], "std": [0.2]}, tmp_path / family)
+        served[family] = runner(tmp_path / family)
+    request = Options().model_dump()
+    boxes = served["faster_rcnn"].options(request, 5)
+    echoed = response("detect", served["faster_rcnn"].card, boxes, []).model_dump(exclude_none=True)
+    assert boxes.mask_format is None and echoed["box_format"] == "xyxy" and "mask_format" not in echoed
+    with pytest.raises(InputError, match="mask_format: the served detect model .faster_rcnn. answers boxes only") \
+            as refused:
+        served["faster_rcnn"].options({**request, "mask_format": "rle"}, 5)
+    assert refused.value.status == 400
+    assert served["mask_rcnn"].options(request, 5).mask_format == "png"
+    assert served["mask_rcnn"].options({**request, "mask_format": "rle"}, 5).mask_format == "rle"

@@ -104,3 +104,11 @@ def test_explain_answers_say_in_domain_and_why_as_every_answer_does(grey_classif
                              Options(top_k=1), None) for blob in (png(colour_photo()), png(test[0]))]
     assert [(a.in_domain, a.explanation is not None) for a in answers] == [(False, True), (True, True)]
     assert "colour image for a greyscale model" in answers[0].reason and answers[1].reason is None
+
+
+def test_a_1x1000_strip_is_out_of_domain_and_says_why(grey_classifier):
+    """Its 1,000 pixels are a 32 px square's: the size rule alone let it pass as in domain."""
+    runner, _ = grey_classifier
+    strip = np.full((1000, 1), round(runner.domain.mean * 255), np.uint8)
+    reasons = dict(check(runner, png(strip)))
+    assert list(reasons) == ["aspect"] and reasons["aspect"].startswith("1x1000 is 1000.0x taller"), reasons

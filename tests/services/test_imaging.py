@@ -205,3 +205,30 @@ def test_an_image_that_decodes_but_does_not_convert_is_a_4xx():
     with pytest.raises(InputError) as info:
         prepare(lab, LIMITS, grey, 1)
     assert 400 <= info.value.status < 500 and "\n" not in str(info.value)
+
+
+def test_decoded_pixels_are_read_from_the_header_as_the_decode_will_hold_them():
+    """What the pixel budget holds for an upload before it decodes: its size, a JPEG's at its draft scale."""
+    from services.imaging import decoded_pixels
+
+    photo = encode(gradient(1600, 1200), "JPEG", quality=90)
+    for fit in (Fit(fit_square, 28, "short"), Fit(letterbox, 64, "long"), Fit(native, 1024, "long"), None):
+        drafted = decode(photo, LIMITS, fit.size if fit else None, fit.side if fit else "short")
+        assert decoded_pixels(photo, LIMITS, fit) == drafted.width * drafted.height, fit
+    assert decoded_pixels(photo, LIMITS, Fit(fit_square, 28, "short")) == 200 * 150  # 1/8 scale
+    assert decoded_pixels(encode(gradient(300, 200), "PNG"), LIMITS, Fit(fit_square, 28, "short")) == 300 * 200
+    assert decoded_pixels(png_header_only(3000, 3000), LIMITS) == 0  # over max_pixels: refused unread
+    assert decoded_pixels(b"not an image", LIMITS) == 0
+
+
+def test_a_strip_is_out_of_domain_by_its_aspect_ratio():
+    """A 1 x 1000 strip has the pixels of a 32 px square: its size looked in domain, its shape is not."""
+    grey28 = Domain(in_channels=1, image_size=28, mean=0.29, std=0.35)
+    assert dict(grey28.check(ImageFacts(1, 1000, colour=False, mean=0.3))) == {
+        "aspect": "1x1000 is 1000.0x taller than the training images (width:height 1:1)"}
+    wide_strip = dict(grey28.check(ImageFacts(1000, 1, colour=False, mean=0.3)))
+    assert wide_strip["aspect"].startswith("1000x1 is 1000.0x wider")
+    assert grey28.check(ImageFacts(84, 28, colour=False, mean=0.3)) == []  # 3:1 is still a photo's shape
+    wide = Domain.from_config({"in_channels": 1, "image_size": [32, 96], "mean": [0.3], "std": [0.3]})
+    assert wide.check(ImageFacts(96, 32, colour=False, mean=0.3)) == []
+    assert "taller" in dict(wide.check(ImageFacts(32, 96, colour=False, mean=0.3)))["aspect"]

@@ -84,7 +84,7 @@ def endpoint_response(path: Path, task: str, models_dir: Path, score_threshold: 
     runner = load_runner(task, source.directory, name=source.name, version=source.version, backend=serve.backend,
                          max_batch_size=serve.max_batch_size, max_latency_ms=serve.max_latency_ms,
                          expected_sha256=source.expected_sha256, scale=serve.scale, max_side=serve.max_side)
-    options = Options(top_k=serve.top_k, score_threshold=score_threshold)
+    options = runner.options(Options(score_threshold=score_threshold).model_dump(), serve.top_k)
     prepared = imaging.prepare(path.read_bytes(), imaging.DecodeLimits(serve.max_pixels, tuple(serve.formats)),
                                runner.fit, runner.in_channels)
     output = asyncio.run(runner.predict(prepared.array))

@@ -12,6 +12,7 @@ import torch
 from models import _checkpoint as checkpoint
 from models._registry import build
 from pipelines.export import export_checked
+from services.endpoints import input_fit
 from services.errors import Overloaded
 from services.runners import ModelCard, TaskRunner, load_runner
 
@@ -136,6 +137,53 @@ def test_over_the_latency_budget_the_queue_sheds_with_overloaded():
     shed = [o for o in outcomes if isinstance(o, Exception)]
     assert shed and all(isinstance(o, Overloaded) for o in shed)
     assert any(not isinstance(o, Exception) for o in outcomes)
+
+
+async def pixel_priced_runner(max_latency_ms: int) -> TaskRunner:
+    """A native-scale segment runner whose forward takes 0.2 s per megapixel (a large upload costs what its
+    pixels cost), after the service's warm-up on training-size blanks (in the caller's event loop)."""
+    def by_pixels(batch: np.ndarray) -> list:
+        time.sleep(batch.size * 2e-7)
+        return [np.zeros(batch.shape[2:], np.uint8)] * len(batch)
+
+    card = ModelCard("segment", "slow", "convforge-segment", "v1", "torch")
+    config = {"classes": CLASSES[:3], "image_size": 16, "in_channels": 1, "mean": [0.0], "std": [1.0]}
+    runner = TaskRunner(card, config, by_pixels, max_batch_size=8, max_latency_ms=max_latency_ms,
+                        fit=input_fit("segment", 16, "native", 1024))
+    for _ in range(16):
+        await runner.predict(SMALL)
+    await asyncio.gather(*(runner.predict(SMALL) for _ in range(8)))
+    return runner
+
+
+SMALL, LARGE = np.zeros((16, 16, 1), np.uint8), np.zeros((512, 512, 1), np.uint8)  # 0.05 ms and 52 ms
+
+
+def test_native_scale_weighs_uploads_by_pixels_in_the_latency_budget():
+    """serve.scale native: after requests of large uploads, the latency model took every image for a large one:
+    an idle server shed a request of 8 small images, and one of 2 large ones (0.1 s of work, a 0.1 s budget)."""
+    async def requests():
+        runner = await pixel_priced_runner(max_latency_ms=100)
+        for count in [1, 2] * 8:  # the model learns from large uploads' batches (what their requests got: any)
+            await asyncio.gather(*(runner.predict(LARGE) for _ in range(count)), return_exceptions=True)
+        small = await asyncio.gather(*(runner.predict(SMALL) for _ in range(8)), return_exceptions=True)
+        large = await asyncio.gather(*(runner.predict(LARGE) for _ in range(2)), return_exceptions=True)
+        return small, large
+
+    small, large = asyncio.run(requests())
+    assert not [o for o in small + large if isinstance(o, Exception)], small + large
+
+
+def test_native_scale_still_sheds_large_uploads_past_the_budget():
+    """Six requests of one large upload each (52 ms apiece) at once pass a 0.1 s budget: some are shed."""
+    async def requests():
+        runner = await pixel_priced_runner(max_latency_ms=100)
+        return await asyncio.gather(*(runner.predict(LARGE, owner=index) for index in range(6)),
+                                    return_exceptions=True)
+
+    outcomes = asyncio.run(requests())
+    shed = [o for o in outcomes if isinstance(o, Exception)]
+    assert shed and all(isinstance(o, Overloaded) for o in shed) and len(shed) < len(outcomes), outcomes
 
 
 def test_warm_up_runs_both_batch_shapes(tmp_path):
