@@ -70,6 +70,7 @@ bench:
 	$(PY) bench/serve.py
 	$(PY) bench/owndata.py
 	$(PY) bench/upload.py
+	$(PY) bench/upload_memory.py
 	$(PY) bench/pretrain.py
 	$(PY) bench/transfer.py
 	$(PY) bench/families.py

@@ -19,8 +19,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ORDER = ("repro_times", "train_throughput", "augment", "roi_align", "determinism", "cpu_amp", "tune_efficiency",
-         "tune_efficiency_27_epochs", "trial_vs_final", "serve", "owndata", "upload", "pretrain", "transfer",
-         "families")
+         "tune_efficiency_27_epochs", "trial_vs_final", "serve", "owndata", "upload", "upload_memory", "pretrain",
+         "transfer", "families")
 TITLES = {
     "train_throughput": "Training throughput: the engine against a plain PyTorch loop and a naive DataLoader loop",
     "tune_efficiency": "Tuning efficiency: do trial scores predict final ones; ASHA against every trial at full "
@@ -34,6 +34,7 @@ TITLES = {
     "serve": "Serving: the ConvForge service against bare FastAPI handlers doing the same work",
     "owndata": "Own data at real resolution: memory and input speed",
     "upload": "A 12 MP phone photo on /classify",
+    "upload_memory": "Large uploads at once: a server's peak memory with its pixel budget against without",
     "repro_times": "The default run: time per stage against the 25-minute budget",
     "pretrain": "Autoencoder pretraining with few labels: classify from the encoder against from scratch",
     "transfer": "Transfer from the classifier: detect and segment from its trunk against from scratch",
@@ -523,6 +524,27 @@ def upload_section(name: str, result: dict) -> list[str]:
                          result["met"]]], "rrrrll")
 
 
+def upload_memory_section(name: str, result: dict) -> list[str]:
+    """Peak memory and answers of one burst of large uploads, with the pixel budget and without."""
+    out = _intro(name, result, f"python bench/upload_memory.py --clients {result['clients']} "
+                               f"--side {result['payload'].split('x')[0]} --route {result['route']}")
+    out += [f"Against a real `python -m services.serve` of {result['model']}: {result['clients']} clients post one "
+            f"{result['payload']} ({result['payload_mb']} MB) each to `/{result['route']}` at once, and retry after a "
+            "503's Retry-After, so both servers answer every upload. Peak memory is the largest VmHWM of the "
+            "server's processes; the body limit alone lets each small PNG decode to 50 MB and more.", ""]
+    rows = [[row["server"], f"{row['max_pixels_in_flight']:,}" if row["max_pixels_in_flight"] else "off",
+             f"{row['peak_mb']:,.0f} MB", f"{row['idle_peak_mb']:,.0f} MB", _answers(row["first_answers"]),
+             _answers(row["final_answers"]), f"{row['wall_s']} s"] for row in result["rows"]]
+    out += table(["server", "`serve.max_pixels_in_flight`", "peak", "idle", "first answers", "final answers",
+                  "wall"], rows, "lrrrllr")
+    return out + [f"Peak memory without the budget / with it: **{result['peak_ratio']}x**.", ""]
+
+
+def _answers(counts: dict[str, int]) -> str:
+    """HTTP statuses and their counts, e.g. `4 x 200, 28 x 503`."""
+    return ", ".join(f"{count} x {status}" for status, count in sorted(counts.items()))
+
+
 def repro_section(name: str, result: dict) -> list[str]:
     """Minutes per stage of one timed `dvc repro`, and the total against the budget."""
     out = _intro(name, result, f"python bench/repro_times.py {result['command'].removeprefix('dvc repro').strip()}")
@@ -620,7 +642,8 @@ SECTIONS: dict[str, Callable[[str, dict], list[str]]] = {
     "determinism": determinism_section, "cpu_amp": cpu_amp_section, "tune_efficiency": tune_section,
     "tune_efficiency_27_epochs": tune_section, "trial_vs_final": trial_vs_final_section,
     "serve": serve_section,
-    "owndata": owndata_section, "upload": upload_section, "repro_times": repro_section,
+    "owndata": owndata_section, "upload": upload_section, "upload_memory": upload_memory_section,
+    "repro_times": repro_section,
     "pretrain": pretrain_section, "transfer": transfer_section, "families": families_section}
 
 
