@@ -117,6 +117,32 @@ def _check_size(image: Image.Image, max_pixels: int | None) -> None:
                                f"of {max_pixels} pixels")
 
 
+def _header(source: bytes | Path, formats: tuple[str, ...] | None, max_pixels: int | None, min_side: int | None,
+            side: str) -> tuple[Image.Image, tuple[int, int]]:
+    """The identified file, size-checked and, a JPEG, drafted for `min_side` (nothing decoded yet: `image.size` is
+    what decoding will hold), and its full size."""
+    image = _open(source, formats)
+    _check_size(image, max_pixels)
+    full = image.size
+    if min_side and image.format == "JPEG":
+        image.draft(None, _draft_size(*image.size, min_side, side))
+    return image, full
+
+
+def decoded_pixels(source: bytes | Path, *, formats: tuple[str, ...] | list[str] | None = None,
+                   max_pixels: int | None = None, min_side: int | None = None,
+                   side: Literal["short", "long"] = "short") -> int:
+    """The pixels `open_image` with the same arguments will hold, from the header alone (a JPEG's at its draft
+    scale); 0 when it refuses the file before decoding (unreadable, a format not allowed, over `max_pixels`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image, _ = _header(source, tuple(formats) if formats is not None else None, max_pixels, min_side, side)
+        except (DecodeError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return 0
+    return image.width * image.height
+
+
 def open_image(source: bytes | Path, *, formats: tuple[str, ...] | list[str] | None = None,
                max_pixels: int | None = None, min_side: int | None = None,
                side: Literal["short", "long"] = "short") -> Image.Image:
@@ -131,11 +157,7 @@ def open_image(source: bytes | Path, *, formats: tuple[str, ...] | list[str] | N
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = _open(source, allowed)
-            _check_size(image, max_pixels)
-            full = image.size
-            if min_side and image.format == "JPEG":
-                image.draft(None, _draft_size(*image.size, min_side, side))
+            image, full = _header(source, allowed, max_pixels, min_side, side)
             image.load()
             stored = image.size
             # Phones store rotation in EXIF: use the orientation people see (in place: no copy).

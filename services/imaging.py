@@ -10,7 +10,6 @@ result's `in_domain`, and boxes and masks mapped back to the client's pixels.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.decode import DecodeError, Placement, fit_square, full_size, letterbox, open_image, to_array
+from pipelines.decode import decoded_pixels as header_pixels
 from services.errors import InputError
 
 __all__ = ["DecodeLimits", "Domain", "Fit", "ImageFacts", "Placement", "Prepared", "boxes_to_image", "decode",
@@ -80,19 +80,10 @@ def decode(source: bytes | Path, limits: DecodeLimits, min_side: int | None = No
 
 
 def decoded_pixels(blob: bytes, limits: DecodeLimits, fit: Fit | None = None) -> int:
-    """The pixels `decode` will hold for `blob` decoded for `fit` (None: at full size), from its header alone: its
-    width x height, a JPEG's at the scale Pillow's draft picks for the fit's side. 0 when decode refuses it
-    unread: no allowed format reads the header, or it is over `max_pixels`."""
-    try:
-        image = Image.open(io.BytesIO(blob), formats=list(limits.formats))
-        width, height = image.size
-        if fit is not None and image.format == "JPEG":  # draft keeps each side >= the size asked for
-            kept = (fit.size, fit.size) if fit.side == "short" else (fit.size, 1) if width >= height else (1, fit.size)
-            image.draft(None, kept)
-    except Exception:  # noqa: BLE001 - an unreadable header is decode's to refuse, with its 4xx
-        return 0
-    pixels = image.width * image.height
-    return pixels if width * height <= limits.max_pixels else 0
+    """The pixels `decode` will hold for `blob` decoded for `fit` (None: at full size), from its header alone
+    (pipelines.decode.decoded_pixels); 0 when decode refuses it unread."""
+    return header_pixels(blob, formats=limits.formats, max_pixels=limits.max_pixels,
+                         min_side=fit.size if fit else None, side=fit.side if fit else "short")
 
 
 def native(array: np.ndarray, max_side: int) -> tuple[np.ndarray, Placement]:

@@ -257,8 +257,9 @@ class ConvForge:
         claim = self.pixels.claim()
         try:
             # Small uploads decode faster inline than a hop to a worker thread: keep them on the loop.
-            if self._small(runner, blobs, chosen):
-                prepared, chosen = self._load(runner, blobs, chosen, claim)
+            sizes = self._inline_sizes(runner, blobs, chosen)
+            if sizes is not None:
+                prepared, chosen = self._load(runner, blobs, chosen, claim, sizes)
             else:
                 prepared, chosen = await _in_thread(claim, self._load, runner, blobs, chosen, claim)
             obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - received)
@@ -287,36 +288,38 @@ class ConvForge:
         body = endpoints.response(runner.task, runner.card, options, results)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    def _small(self, runner: TaskRunner, blobs: list[bytes], options: Options) -> bool:
-        """Whether a request's uploads and targets are small enough to decode on the event loop: in bytes, and in
-        the pixels they decode to (read from their headers)."""
+    def _inline_sizes(self, runner: TaskRunner, blobs: list[bytes], options: Options) -> list[int] | None:
+        """The pixels each upload decodes to (read from its header) when the request's uploads and targets are
+        small enough to decode on the event loop, in bytes and in those pixels; None when they are not (the
+        headers are then read in the worker thread)."""
         targets = options.targets or []
         if sum(map(len, [*blobs, *targets])) > INLINE_BYTES:
-            return False
-        pixels = [imaging.decoded_pixels(blob, self.limits, runner.fit) for blob in blobs] + [
-            imaging.decoded_pixels(blob, self.limits) for blob in targets]
-        return sum(pixels) <= INLINE_DECODED_PIXELS
+            return None
+        sizes = [imaging.decoded_pixels(blob, self.limits, runner.fit) for blob in blobs]
+        in_targets = sum(imaging.decoded_pixels(blob, self.limits) for blob in targets)
+        return sizes if sum(sizes) + in_targets <= INLINE_DECODED_PIXELS else None
 
-    def _load(self, runner: TaskRunner, blobs: list[bytes], options: Options, claim: Claim
-              ) -> tuple[list[imaging.Prepared], Options]:
+    def _load(self, runner: TaskRunner, blobs: list[bytes], options: Options, claim: Claim,
+              sizes: list[int] | None = None) -> tuple[list[imaging.Prepared], Options]:
         """The prepared images (`_prepare`) and the options with their `targets` decoded under the same limits,
         held on `claim` until the answer (only the apis that score targets get here with any: `_open`)."""
-        prepared = self._prepare(runner, blobs, claim)
+        prepared = self._prepare(runner, blobs, claim, sizes=sizes)
         if not options.targets:
             return prepared, options
         claim.hold(sum(imaging.decoded_pixels(blob, self.limits) for blob in options.targets))
         return prepared, options.model_copy(update={TARGETS: decode_targets(options.targets, self.limits)})
 
-    def _prepare(self, runner: TaskRunner, blobs: list[bytes], claim: Claim,
-                 route: str | None = None) -> list[imaging.Prepared]:
+    def _prepare(self, runner: TaskRunner, blobs: list[bytes], claim: Claim, route: str | None = None,
+                 sizes: list[int] | None = None) -> list[imaging.Prepared]:
         """Decode each image and fit it to the model input (services.imaging.prepare, the runner's fit), its
-        pixels held on `claim` while it decodes and its input's until the answer; `route`: the endpoint whose
-        metrics see it (the task's own by default)."""
+        pixels (`sizes` where the caller read them from the headers already) held on `claim` while it decodes and
+        its input's until the answer; `route`: the endpoint whose metrics see it (the task's own by default)."""
         route = route or f"/{runner.task}"
+        sizes = sizes or [imaging.decoded_pixels(blob, self.limits, runner.fit) for blob in blobs]
         prepared = []
-        for index, blob in enumerate(blobs):
+        for index, (blob, size) in enumerate(zip(blobs, sizes)):
             try:
-                with claim.holding(imaging.decoded_pixels(blob, self.limits, runner.fit)):
+                with claim.holding(size):
                     item = imaging.prepare(blob, self.limits, runner.fit, runner.in_channels)
             except InputError as exc:
                 raise InputError(exc.status, f"images[{index}]: {exc}") from None
