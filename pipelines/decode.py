@@ -4,11 +4,13 @@
 format comes from an allow-list (never from a client's Content-Type), the pixel count is checked
 from the header before any pixel is decoded, Pillow's decompression-bomb warning is an error,
 large JPEGs are decoded at 1/2..1/8 scale with `Image.draft()` (libjpeg's DCT scaling) when the
-target size allows it, and EXIF orientation is applied. `to_array` turns any mode into uint8
-[H, W, in_channels] the same way everywhere (alpha composited over black, 16-bit scaled to 8,
-float in 0..1 scaled to 0..255, a float image holding NaN or infinity refused).
+target size allows it, and EXIF orientation is applied. `to_image` turns any mode into an L or RGB
+image the same way everywhere (alpha composited over black, 16-bit scaled to 8, float in 0..1 scaled
+to 0..255, a float image holding NaN or infinity refused), `to_array` that into uint8 [H, W, in_channels].
 `fit_square` (classification items) and `letterbox` (scenes) are the training geometry, each
-returning the `Placement` that maps model-input pixels back to the image's own pixels.
+returning the `Placement` that maps model-input pixels back to the image's own pixels. They take that
+image as well as an array: a decoded image is resized as it is, never copied into numpy at full size (a
+large RGB PNG then peaks at its decoded image, ~4 bytes a pixel).
 Every failure is a `DecodeError` with an HTTP-like `status`: fetch reports it as a corrupt image,
 the service answers it as a 4xx.
 """
@@ -28,6 +30,7 @@ from PIL import Image, ImageOps
 
 from models._errors import ConvForgeError
 
+Picture = np.ndarray | Image.Image  # what fit_square and letterbox take: [H, W], [H, W, C] or a Pillow image
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)
@@ -224,67 +227,85 @@ def _flatten(image: Image.Image) -> Image.Image:
             values = values * 255.0
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     if image.mode in ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # convert to its own mode would copy
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)
     return image
 
 
-def to_array(image: Image.Image, in_channels: int) -> np.ndarray:
-    """Any mode (1/L/P/PA/LA/RGB/RGBA/CMYK/YCbCr/16-bit/float) to uint8 [H, W, in_channels]
-    (1: luma, 3: RGB); alpha over black. Raises DecodeError(400) for modes Pillow cannot convert."""
+def to_image(image: Image.Image, in_channels: int) -> Image.Image:
+    """Any mode (1/L/P/PA/LA/RGB/RGBA/CMYK/YCbCr/16-bit/float) to an L (in_channels 1: luma) or RGB image; alpha
+    over black. `image` itself when it already is one (Pillow's convert to the same mode would copy it).
+    Raises DecodeError(400) for modes Pillow cannot convert."""
+    target = "L" if in_channels == 1 else "RGB"
     try:
-        array = np.asarray(_flatten(image).convert("L" if in_channels == 1 else "RGB"))
+        flat = _flatten(image)
+        return flat if flat.mode == target else flat.convert(target)
     except (ValueError, OSError) as exc:
         raise DecodeError(400, f"cannot convert a {image.mode} image ({exc})") from None
-    return array[:, :, None] if array.ndim == 2 else array
 
 
-def _pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+def to_array(image: Image.Image, in_channels: int) -> np.ndarray:
+    """`to_image` as uint8 [H, W, in_channels]."""
+    flat = to_image(image, in_channels)
+    return _shaped(flat, _bands(flat))
 
 
-def _shaped(image: Image.Image, like: np.ndarray) -> np.ndarray:
+def _pil(picture: Picture) -> Image.Image:
+    if isinstance(picture, Image.Image):
+        return picture
+    return Image.fromarray(picture[:, :, 0] if picture.ndim == 3 and picture.shape[2] == 1 else picture)
+
+
+def _bands(picture: Picture) -> tuple[int, ...]:
+    """The axes after [H, W] of the picture as an array: () for a 2-D array, (C,) for [H, W, C] or an image."""
+    return (len(picture.getbands()),) if isinstance(picture, Image.Image) else picture.shape[2:]
+
+
+def _shaped(image: Image.Image, bands: tuple[int, ...]) -> np.ndarray:
     out = np.asarray(image)
-    return out[:, :, None] if like.ndim == 3 and out.ndim == 2 else out
+    return out.reshape(*out.shape[:2], *bands)
 
 
-def fit_square(array: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
-    """uint8 [H, W, C]: shorter side to `size` (bilinear, antialiased), then centre crop to size x size.
+def fit_square(picture: Picture, size: int) -> tuple[np.ndarray, Placement]:
+    """uint8 [H, W, C] (or an L/RGB image, its C 1/3): shorter side to `size` (bilinear, antialiased), then centre
+    crop to size x size.
 
     The classify geometry; pixel-identical to torchvision's `resize(img, size)` + `center_crop(size)` up to an
     aspect ratio of MAX_STRIP (beyond it, only the kept centre is resampled).
     """
-    height, width = array.shape[:2]
+    image, bands = _pil(picture), _bands(picture)
+    width, height = image.size
     if width <= height:
         new_w, new_h = size, int(size * height / width)
     else:
         new_w, new_h = int(size * width / height), size
-    image = _pil(array)
     left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     scale_x, scale_y = new_w / width, new_h / height
     if max(new_w, new_h) > MAX_STRIP * size:
         # A strip (a 1 x 4,000,000 PNG is 8 KB): resizing it whole would make 28 x 112,000,000 pixels to keep
         # 28 x 28, so only the kept centre is resampled (Pillow's `box`: the same filter, within 1 of each value).
         box = (left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y)
-        cropped = _shaped(image.resize((size, size), Image.BILINEAR, box=box), array)
+        cropped = _shaped(image.resize((size, size), Image.BILINEAR, box=box), bands)
     else:
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.BILINEAR)
-        cropped = _shaped(image.crop((left, top, left + size, top + size)), array)
+        cropped = _shaped(image.crop((left, top, left + size, top + size)), bands)
     return cropped, Placement(width, height, scale_x, scale_y, -left, -top)
 
 
-def letterbox(array: np.ndarray, size: int, *, nearest: bool = False) -> tuple[np.ndarray, Placement]:
-    """[H, W] or [H, W, C]: longer side to `size`, zero padding at the bottom/right to size x size.
+def letterbox(picture: Picture, size: int, *, nearest: bool = False) -> tuple[np.ndarray, Placement]:
+    """[H, W] or [H, W, C] (or an L/RGB image, as [H, W, 1/3]): longer side to `size`, zero padding at the
+    bottom/right to size x size.
 
     The scene geometry (keeps the aspect ratio and every object); `nearest` for label masks.
     """
-    height, width = array.shape[:2]
+    image, bands = _pil(picture), _bands(picture)
+    width, height = image.size
     scale = size / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = _shaped(_pil(array).resize((new_w, new_h), Image.NEAREST if nearest else Image.BILINEAR), array)
-    out = np.zeros((size, size, *array.shape[2:]), dtype=array.dtype)
-    out[:new_h, :new_w] = resized.reshape(new_h, new_w, *array.shape[2:])
+    resized = _shaped(image.resize((new_w, new_h), Image.NEAREST if nearest else Image.BILINEAR), bands)
+    out = np.zeros((size, size, *bands), dtype=resized.dtype)
+    out[:new_h, :new_w] = resized
     return out, Placement(width, height, new_w / width, new_h / height)
 
 
@@ -293,5 +314,5 @@ def decode_file(path: Path, in_channels: int, size: int, geometry: Literal["squa
     """A file to the model's uint8 [size, size, in_channels] input, the way training and serving do it."""
     side = "short" if geometry == "square" else "long"
     with open_image(Path(path), formats=formats, min_side=size, side=side) as image:
-        array = to_array(image, in_channels)
-    return (fit_square if geometry == "square" else letterbox)(array, size)[0]
+        # Resized as the decoded image: its full size never becomes a numpy array (nor its bytes, nor a copy).
+        return (fit_square if geometry == "square" else letterbox)(to_image(image, in_channels), size)[0]

@@ -17,7 +17,8 @@ from typing import Any, Callable, Literal
 import numpy as np
 from PIL import Image
 
-from pipelines.decode import DecodeError, Placement, fit_square, full_size, letterbox, open_image, to_array
+from pipelines.decode import (DecodeError, Placement, fit_square, full_size, letterbox, open_image, to_array,
+                              to_image)
 from pipelines.decode import decoded_pixels as header_pixels
 from services.errors import InputError
 
@@ -42,10 +43,10 @@ class DecodeLimits:
 
 @dataclass(frozen=True)
 class Fit:
-    """How an upload becomes the model input: `resize(array, size)`, and which side ("short" for
-    fit_square, "long" for letterbox and native) a drafted JPEG keeps >= size."""
+    """How an upload becomes the model input: `resize(image, size)` of its decoded L or RGB image, and which side
+    ("short" for fit_square, "long" for letterbox and native) a drafted JPEG keeps >= size."""
 
-    resize: Callable[[np.ndarray, int], tuple[np.ndarray, Placement]]
+    resize: Callable[[Image.Image, int], tuple[np.ndarray, Placement]]
     size: int
     side: Literal["short", "long"]
 
@@ -86,16 +87,14 @@ def decoded_pixels(blob: bytes, limits: DecodeLimits, fit: Fit | None = None) ->
                          min_side=fit.size if fit else None, side=fit.side if fit else "short")
 
 
-def native(array: np.ndarray, max_side: int) -> tuple[np.ndarray, Placement]:
-    """The upload at its own pixels (longer side fitted to `max_side` when larger), zero-padded at the
+def native(image: Image.Image, max_side: int) -> tuple[np.ndarray, Placement]:
+    """An L or RGB image at its own pixels (longer side fitted to `max_side` when larger), zero-padded at the
     bottom/right to a multiple of 32: the native-scale input of detect and segment."""
-    height, width = array.shape[:2]
+    width, height = image.size
     if max(height, width) > max_side:
         scale = max_side / max(height, width)
-        resized_w, resized_h = max(1, round(width * scale)), max(1, round(height * scale))
-        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-        array = np.asarray(image.resize((resized_w, resized_h), Image.BILINEAR)).reshape(
-            resized_h, resized_w, array.shape[2])
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    array = np.asarray(image).reshape(image.height, image.width, len(image.getbands()))
     new_h, new_w = array.shape[:2]
     padded = np.zeros((-(-new_h // STRIDE) * STRIDE, -(-new_w // STRIDE) * STRIDE, array.shape[2]), np.uint8)
     padded[:new_h, :new_w] = array
@@ -125,7 +124,7 @@ def prepare(blob: bytes, limits: DecodeLimits, fit: Fit, in_channels: int) -> Pr
     own pixels; raises InputError."""
     image = decode(blob, limits, fit.size, fit.side)
     try:  # a mode that decodes but does not convert (e.g. LAB to grey) is the upload's fault: a 4xx
-        array, placement = fit.resize(to_array(image, in_channels), fit.size)
+        array, placement = fit.resize(to_image(image, in_channels), fit.size)  # never a full-size array or copy
         return Prepared(array, placement.for_size(*full_size(image)), facts(image, in_channels))
     except DecodeError as exc:
         raise InputError(exc.status, str(exc)) from None

@@ -18,8 +18,8 @@ from PIL import Image
 
 from models import _checkpoint as checkpoint
 from models._registry import build
-from pipelines.decode import (DecodeError, Placement, decode_file, fit_square, full_size, is_grey, letterbox,
-                              open_image, to_array)
+from pipelines.decode import (MAX_STRIP, DecodeError, Placement, _flatten, decode_file, fit_square, full_size, is_grey,
+                              letterbox, open_image, to_array, to_image)
 from pipelines import sources
 from pipelines.params import load_params
 from pipelines.tasks import ClassifyTask, SegmentTask
@@ -232,3 +232,90 @@ def test_format_cap_and_truncation_statuses(files):
     with pytest.raises(DecodeError) as info:
         open_image(data[: len(data) // 2])
     assert info.value.status == 400 and "\n" not in str(info.value)
+
+
+MODES = [("L", "PNG"), ("RGB", "PNG"), ("RGB", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG"), ("CMYK", "TIFF"),
+         ("I;16", "PNG"), ("F", "TIFF")]
+SHAPES = [(120, 80), (80, 120), (97, 97), (61, 13), (5, 3), (900, 30), (30, 900)]  # the last two: strips
+
+
+def noise(width: int, height: int, mode: str) -> Image.Image:
+    """Random pixels in `mode` (any rounding difference shows), with random alpha in RGBA and LA."""
+    rng = np.random.default_rng(width * 1000 + height)
+    rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    if mode in ("RGBA", "LA"):
+        image = rgb.convert(mode[:-1])
+        image.putalpha(Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)))
+        return image
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)  # saved with a transparent index
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    if mode == "F":
+        return Image.fromarray(rng.random((height, width), dtype=np.float32))
+    return rgb.convert(mode)
+
+
+def noise_file(folder: Path, width: int, height: int, mode: str, fmt: str) -> Path:
+    path = folder / f"{mode.replace(';', '')}_{width}x{height}.{fmt.lower()}"
+    noise(width, height, mode).save(path, format=fmt, **({"transparency": 0} if mode == "P" else {}))
+    return path
+
+
+def old_to_array(image: Image.Image, in_channels: int) -> np.ndarray:
+    """to_array as it was before decode_file resized the decoded image itself: every pixel through numpy."""
+    array = np.asarray(_flatten(image).convert("L" if in_channels == 1 else "RGB"))
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+@pytest.mark.parametrize("mode, fmt", MODES)
+def test_resizing_the_decoded_image_gives_the_pixels_of_the_array_path(tmp_path, mode, fmt):
+    """decode_file and the service resize the converted Pillow image instead of an array made from it: the same
+    pixels and placement as the old arithmetic (fit_square or letterbox of to_array's array), every mode, both
+    geometries, sizes that shrink and grow, and strips past MAX_STRIP (fit_square's centre-only resample)."""
+    assert max(SHAPES[-1]) / min(SHAPES[-1]) > MAX_STRIP
+    for width, height in SHAPES:
+        path = noise_file(tmp_path, width, height, mode, fmt)
+        assert open_image(path).mode == mode and (mode != "P" or "transparency" in open_image(path).info)
+        for size, geometry, in_channels in [(s, g, c) for s in (7, 28, 64) for g in ("square", "letterbox")
+                                            for c in (1, 3)]:
+            fit = fit_square if geometry == "square" else letterbox
+            image = open_image(path, min_side=size, side="short" if geometry == "square" else "long")
+            expected, placement = fit(old_to_array(image, in_channels), size)
+            case = (width, height, size, geometry, in_channels)
+            assert np.array_equal(to_array(image, in_channels), old_to_array(image, in_channels)), case
+            pixels, where = fit(to_image(image, in_channels), size)
+            assert np.array_equal(pixels, expected) and where == placement, case
+            got = decode_file(path, in_channels, size, geometry)
+            assert got.dtype == np.uint8 and got.shape == expected.shape and np.array_equal(got, expected), case
+
+
+@pytest.mark.parametrize("mode, fmt", [m for m in MODES if m[0] not in ("I;16", "F") and m[1] != "JPEG"])
+def test_the_full_size_image_never_becomes_a_numpy_array(tmp_path, monkeypatch, mode, fmt):
+    """A 200 MP PNG peaked at 2.7 GB in fetch (~14 bytes a pixel): the decoded image became bytes, an array and a
+    Pillow image again before it was resized. Now only what is as small as the model input (or the service's
+    64 px domain probe) is turned into numpy or back. 16-bit and float images go through numpy to be scaled, and
+    a JPEG is drafted near the input size, so neither is a case here."""
+    width, height = 400, 300
+    path = noise_file(tmp_path, width, height, mode, fmt)
+    limits = imaging.DecodeLimits(max_pixels=1_000_000, formats=(fmt,))
+    converted = []  # pixels of each image turned into bytes (numpy's way in) and of each array made an image
+
+    def spy(original, pixels):
+        def counted(first, *args, **kwargs):
+            converted.append(pixels(first))
+            return original(first, *args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(Image.Image, "tobytes", spy(Image.Image.tobytes, lambda image: image.width * image.height))
+    monkeypatch.setattr(Image, "fromarray", spy(Image.fromarray, lambda array: int(np.prod(np.shape(array)[:2]))))
+    for size, geometry, in_channels in [(28, "square", 1), (28, "square", 3), (40, "letterbox", 1),
+                                        (40, "letterbox", 3)]:
+        fit = imaging.Fit(fit_square, size, "short") if geometry == "square" else imaging.Fit(letterbox, size, "long")
+        converted.clear()
+        assert decode_file(path, in_channels, size, geometry).shape == (size, size, in_channels)
+        fetched, converted[:] = list(converted), []
+        assert imaging.prepare(path.read_bytes(), limits, fit, in_channels).array.shape == (size, size, in_channels)
+        largest = max(size, imaging.PROBE_SIDE) ** 2  # the model input, the domain check's probe
+        assert fetched and converted and max(fetched + converted) <= largest < width * height, \
+            (geometry, in_channels, fetched, converted)

@@ -158,10 +158,10 @@ def test_fit_square_matches_training_geometry():
 
 def test_native_keeps_pixels_pads_to_32_and_fits_large_uploads():
     array = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    out, placement = native(array, 1024)
+    out, placement = native(Image.fromarray(array), 1024)
     assert out.shape == (64, 96, 3) and np.array_equal(out[:50, :70], array) and out[50:].max() == 0
     assert placement == Placement(70, 50, 1.0, 1.0)
-    big, placement = native(np.zeros((300, 2000, 1), np.uint8), 1000)
+    big, placement = native(Image.new("L", (2000, 300)), 1000)
     assert big.shape == (160, 1024, 1) and placement.scale_x == 0.5
     mask = np.zeros(big.shape[:2], np.uint8)
     mask[:150, :1000] = 2
@@ -196,6 +196,25 @@ def test_prepared_drafted_jpegs_are_placed_in_the_uploads_own_pixels():
     assert (item.facts.width, item.facts.height) == (1200, 400)
     assert mask_to_image(np.ones((40, 40), np.uint8), item.placement).shape == (400, 1200)
     assert np.allclose(boxes_to_image(np.array([[0, 0, 40, 13.33]]), item.placement), [[0, 0, 1200, 400]], atol=1)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16"])
+def test_prepare_gives_the_pixels_of_fitting_to_arrays_array(mode):
+    """prepare resizes the decoded image itself (no full-size array): each fit gives the pixels and placement of
+    fitting to_array's array, as prepare did before (native, which takes images alone, that array as an image)."""
+    wide = Image.fromarray(np.arange(4500, dtype=np.uint16).reshape(50, 90) * 13)
+    image = wide if mode == "I;16" else gradient(90, 50, mode)
+    if mode == "RGBA":
+        image.putalpha(gradient(90, 50, "L"))
+    blob = encode(image, "TIFF")
+    assert decode(blob, LIMITS).mode == mode
+    for fit in (Fit(fit_square, 28, "short"), Fit(letterbox, 40, "long"), Fit(native, 64, "long")):
+        for in_channels in (1, 3):
+            array = to_array(decode(blob, LIMITS), in_channels)
+            picture = Image.fromarray(array[:, :, 0] if in_channels == 1 else array) if fit.resize is native else array
+            expected, placement = fit.resize(picture, fit.size)
+            item = prepare(blob, LIMITS, fit, in_channels)
+            assert np.array_equal(item.array, expected) and item.placement == placement, (fit, in_channels)
 
 
 def test_an_image_that_decodes_but_does_not_convert_is_a_4xx():
