@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import time
 from typing import Annotated, Any, ClassVar, get_args
 
 import pipelines.runtime  # noqa: F401  (telemetry off before bentoml is imported)
 
 import bentoml
+import jiter
 from pydantic import Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 from starlette.datastructures import UploadFile
@@ -88,6 +90,7 @@ async def read_json(request: Request, max_images: int) -> tuple[list[bytes], Opt
     body = await request.body()
     if not body.strip():
         raise InputError(400, f"empty request body; send {ACCEPTED}")
+    _refuse_repeated_keys(body)
     try:
         payload = JsonRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -99,6 +102,18 @@ async def read_json(request: Request, max_images: int) -> tuple[list[bytes], Opt
     blobs = [decode_base64(text, i) for i, text in enumerate(images)]
     targets = [decode_base64(text, i, TARGETS) for i, text in enumerate(payload.targets or [])]
     return blobs, _with_targets(Options(**payload.model_dump(include=set(OPTION_FIELDS))), targets, len(blobs))
+
+
+def _refuse_repeated_keys(body: bytes) -> None:
+    """A JSON key given twice is a 400, as an option sent twice in a form is: which one counts would be the
+    parser's guess (pydantic keeps the last). jiter, pydantic's own parser, finds them (3 ms for 16 MB of base64);
+    a body that is not JSON is left to pydantic's own message."""
+    try:
+        jiter.from_json(body, catch_duplicate_keys=True, cache_mode=False)
+    except ValueError as exc:
+        repeated = re.match(r'Detected duplicate key "(.*)" at line', str(exc))
+        if repeated:
+            raise InputError(400, f"{repeated.group(1)[:64]}: sent more than once; send each key once") from None
 
 
 async def read_multipart(request: Request, max_images: int) -> tuple[list[bytes], Options]:

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pipelines.runtime  # noqa: F401  (telemetry off before bentoml is imported)
 
@@ -107,6 +107,13 @@ def with_task_apis(cls: type) -> type:
             raise TypeError(f"task {task!r} would replace {cls.__name__}.{task}: rename one of them")
         setattr(cls, task, task_api(task, route))
     return cls
+
+
+class Pixels(NamedTuple):
+    """What a request's uploads decode to, read from their headers: each image's pixels, and its targets' in all."""
+
+    images: list[int]
+    targets: int
 
 
 @bentoml.service(
@@ -257,9 +264,9 @@ class ConvForge:
         claim = self.pixels.claim()
         try:
             # Small uploads decode faster inline than a hop to a worker thread: keep them on the loop.
-            sizes = self._inline_sizes(runner, blobs, chosen)
-            if sizes is not None:
-                prepared, chosen = self._load(runner, blobs, chosen, claim, sizes)
+            pixels = self._inline_pixels(runner, blobs, chosen)
+            if pixels is not None:
+                prepared, chosen = self._load(runner, blobs, chosen, claim, pixels)
             else:
                 prepared, chosen = await _in_thread(claim, self._load, runner, blobs, chosen, claim)
             obs.PREPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - received)
@@ -288,25 +295,27 @@ class ConvForge:
         body = endpoints.response(runner.task, runner.card, options, results)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    def _inline_sizes(self, runner: TaskRunner, blobs: list[bytes], options: Options) -> list[int] | None:
-        """The pixels each upload decodes to (read from its header) when the request's uploads and targets are
-        small enough to decode on the event loop, in bytes and in those pixels; None when they are not (the
-        headers are then read in the worker thread)."""
+    def _inline_pixels(self, runner: TaskRunner, blobs: list[bytes], options: Options) -> Pixels | None:
+        """What the uploads and targets decode to (read from their headers) when they are small enough to decode on
+        the event loop, in bytes and in those pixels; None when they are not (the headers are then read in the
+        worker thread)."""
         targets = options.targets or []
         if sum(map(len, [*blobs, *targets])) > INLINE_BYTES:
             return None
-        sizes = [imaging.decoded_pixels(blob, self.limits, runner.fit) for blob in blobs]
-        in_targets = sum(imaging.decoded_pixels(blob, self.limits) for blob in targets)
-        return sizes if sum(sizes) + in_targets <= INLINE_DECODED_PIXELS else None
+        pixels = Pixels([imaging.decoded_pixels(blob, self.limits, runner.fit) for blob in blobs],
+                        sum(imaging.decoded_pixels(blob, self.limits) for blob in targets))
+        return pixels if sum(pixels.images) + pixels.targets <= INLINE_DECODED_PIXELS else None
 
     def _load(self, runner: TaskRunner, blobs: list[bytes], options: Options, claim: Claim,
-              sizes: list[int] | None = None) -> tuple[list[imaging.Prepared], Options]:
+              pixels: Pixels | None = None) -> tuple[list[imaging.Prepared], Options]:
         """The prepared images (`_prepare`) and the options with their `targets` decoded under the same limits,
-        held on `claim` until the answer (only the apis that score targets get here with any: `_open`)."""
-        prepared = self._prepare(runner, blobs, claim, sizes=sizes)
+        held on `claim` until the answer (only the apis that score targets get here with any: `_open`); `pixels`
+        where the caller read the headers already."""
+        prepared = self._prepare(runner, blobs, claim, sizes=pixels.images if pixels else None)
         if not options.targets:
             return prepared, options
-        claim.hold(sum(imaging.decoded_pixels(blob, self.limits) for blob in options.targets))
+        claim.hold(pixels.targets if pixels else sum(imaging.decoded_pixels(blob, self.limits)
+                                                     for blob in options.targets))
         return prepared, options.model_copy(update={TARGETS: decode_targets(options.targets, self.limits)})
 
     def _prepare(self, runner: TaskRunner, blobs: list[bytes], claim: Claim, route: str | None = None,
@@ -342,7 +351,6 @@ class ConvForge:
             served.observe(result, task, version)
             results.append(result)
         return results
-
 
 
 async def _in_thread(claim: Claim, function: Any, *args: Any) -> Any:

@@ -529,19 +529,26 @@ def test_bentoml_clients_call_every_task_by_name(server, tmp_path):
 
 
 def test_bentoml_async_client(server, tmp_path):
+    """One call with a path, and 16 at once with opened images, as the README does (its client closes the files
+    it opened from paths whenever any call ends, so concurrent calls with paths fail with 'read of closed file')."""
     import asyncio
 
     import bentoml
 
     image = tmp_path / "scene.png"
     image.write_bytes(encode(Image.new("L", (40, 40), 30)))
+    sides = range(24, 40)
 
     async def main():
         async with bentoml.AsyncHTTPClient(server["base"]) as client:
-            return await client.segment(images=[image], mask_format="none")
+            one = await client.segment(images=[image], mask_format="none")
+            many = await asyncio.gather(*(client.classify(images=[Image.open(io.BytesIO(encode(
+                Image.new("L", (side, side), side))))]) for side in sides))
+            return one, many
 
-    body = asyncio.run(main())
+    body, answers = asyncio.run(main())
     assert body["task"] == "segment" and (body["results"][0]["width"], body["results"][0]["height"]) == (40, 40)
+    assert [answer["results"][0]["width"] for answer in answers] == list(sides)
 
 
 def test_a_text_images_field_is_422_and_never_fetched(server):

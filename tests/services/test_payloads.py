@@ -1,5 +1,6 @@
 """Reading a request (services/payloads.py), the reviewer's message findings: options are strict (a boolean is no
-integer), a bad number says the range it must be in, and an option sent twice is refused, naming it."""
+integer), a bad number says the range it must be in, and an option sent twice (a form field or a JSON key) is
+refused, naming it."""
 
 from __future__ import annotations
 
@@ -44,3 +45,21 @@ def test_an_option_sent_twice_is_400_naming_it():
     assert error(twice) == (400, "top_k: sent 2 times; send each option once")
     images = c.post("/classify", files=[*IMAGE, *IMAGE], data={"top_k": "1"})  # images are repeatable
     assert images.status_code == 200 and images.json()["sizes"] == [1, 1]
+
+
+def test_a_json_key_sent_twice_is_400_naming_it():
+    c = client(cap=10_000)
+
+    def post(body: bytes):
+        return c.post("/classify", content=body, headers={"Content-Type": "application/json"})
+
+    assert error(post(b'{"images": ["YQ=="], "top_k": 1, "top_k": 5}')) == (
+        400, "top_k: sent more than once; send each key once")
+    assert error(post(b'{"images": ["YQ=="], "top_k": 5, "top_k": true}')) == (  # whatever the values
+        400, "top_k: sent more than once; send each key once")
+    assert error(post(b'{"images": ["YQ=="], "images": ["Yg=="]}')) == (
+        400, "images: sent more than once; send each key once")
+    assert error(post(b'{"images": ["YQ=="], "' + b"k" * 2000 + b'": 1, "' + b"k" * 2000 + b'": 2}'))[1] == (
+        f"{'k' * 64}: sent more than once; send each key once")  # a hostile key is not echoed whole
+    assert error(post(b'{"images": ["YQ=="], "top_k": 1')) == (400, "request body is not valid JSON")
+    assert post(b'{"images": ["YQ=="], "top_k": 2}').json()["top_k"] == 2
