@@ -1,13 +1,14 @@
 """Large uploads at once: a server's peak memory with its pixel budget against without, on a real `services.serve`.
 
-    .venv/bin/python bench/upload_memory.py [--clients 32] [--side 4096] [--route detect]
+    .venv/bin/python bench/upload_memory.py [--clients 16 32 64] [--side 4096] [--route detect]
 
-Each of `--clients` clients posts one `--side` px PNG (about 0.4 MB each: a smooth gradient, small to
-send, 50 MB decoded) at the same moment, and retries after a 503's Retry-After until it gets another
-answer, so both servers do the same work. One server runs `serve.max_pixels_in_flight` as
-params.yaml has it, the other with the budget off (memory then bounded only by the body size, as
-before the budget). Peak memory is the kernel's high-water mark (VmHWM) of the server's process
-tree. Writes bench/results/upload_memory.json.
+For each count in `--clients`, that many clients post one `--side` px PNG each (about 0.4 MB: a
+smooth gradient, small to send, 50 MB decoded) at the same moment, and retry after a 503's
+Retry-After until they get another answer, so both servers do the same work. One server runs
+`serve.max_pixels_in_flight` as params.yaml has it, the other with the budget off (memory then
+bounded only by the body size, as before the budget); each count gets fresh servers. Peak memory
+is the kernel's high-water mark (VmHWM) of the server's process tree: with the budget it should
+stay flat as clients grow, without it grow with them. Writes bench/results/upload_memory.json.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def main() -> None:
     from pipelines.params import load_params
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=positive, default=32)
+    parser.add_argument("--clients", type=positive, nargs="+", default=[16, 32, 64])
     parser.add_argument("--side", type=positive, default=4096)
     parser.add_argument("--route", choices=["classify", "detect", "segment"], default="detect")
     parser.add_argument("--out", type=result_file, default=ROOT / "bench" / "results" / "upload_memory.json")
@@ -101,19 +102,22 @@ def main() -> None:
     machine, data, budget = describe(), gradient_png(args.side), serve.max_pixels_in_flight
     print(f"payload: {args.side}x{args.side} PNG, {len(data) / 1e6:.2f} MB; {args.clients} clients on /{args.route}",
           flush=True)
+    runs = [(clients, name, pixels) for clients in sorted(set(args.clients))
+            for name, pixels in (("pixel budget", budget), ("no budget", UNBOUNDED))]
     rows = []
     with tempfile.TemporaryDirectory(prefix="convforge-bench-upload-memory-") as tmp:
         work = Path(tmp)
         models, source = bench_models(work)
-        for name, pixels in (("pixel budget", budget), ("no budget", UNBOUNDED)):
-            config, port = Config(name.replace(" ", "-"), "bento"), free_port()
+        for clients, name, pixels in runs:
+            config, port = Config(f"{name.replace(' ', '-')}-{clients}", "bento"), free_port()
             process = launch(config, models, write_params(work, config.name, {"max_pixels_in_flight": pixels}),
                              port, work)
             try:
                 wait_ready(port, process, work / f"{config.name}.log")
                 idle = tree_peak_mb(process.pid)
-                row = {"server": name, "max_pixels_in_flight": pixels if pixels != UNBOUNDED else None,
-                       "idle_peak_mb": idle, **burst(port, args.route, data, args.clients),
+                row = {"server": name, "clients": clients,
+                       "max_pixels_in_flight": pixels if pixels != UNBOUNDED else None,
+                       "idle_peak_mb": idle, **burst(port, args.route, data, clients),
                        "peak_mb": tree_peak_mb(process.pid)}
             except RuntimeError as exc:  # the server did not come up: wait_ready's reason and the log's tail
                 sys.exit(f"bench/upload_memory.py: {exc}")
@@ -121,11 +125,14 @@ def main() -> None:
                 stop(process)
             print(json.dumps(row), flush=True)
             rows.append(row)
+    peaks = {(row["clients"], row["server"]): row["peak_mb"] for row in rows}
+    ratios = {str(clients): round(peaks[clients, "no budget"] / peaks[clients, "pixel budget"], 2)
+              for clients in sorted(set(args.clients))}
     result = {"payload": f"{args.side}x{args.side} PNG", "payload_mb": round(len(data) / 1e6, 2),
-              "clients": args.clients, "route": args.route, "model": source[args.route], "rows": rows,
-              "peak_ratio": round(rows[1]["peak_mb"] / rows[0]["peak_mb"], 2),
-              "machine": {**machine, "load_avg_at_end": load_average()}}
-    print(f"peak memory without the budget / with it: {result['peak_ratio']}x")
+              "clients": sorted(set(args.clients)), "route": args.route, "model": source[args.route], "rows": rows,
+              "peak_ratio": ratios, "machine": {**machine, "load_avg_at_end": load_average()}}
+    print("peak memory without the budget / with it, by clients: "
+          + ", ".join(f"{clients}: {ratio}x" for clients, ratio in ratios.items()))
     runtime.write_json(args.out, result)
     print(f"wrote {args.out}")
 

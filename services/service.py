@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.params import ServeParams, load_params
-from services import batching, catalog, endpoints, explain, imaging
+from services import batching, budget, catalog, endpoints, explain, imaging
 from services import observability as obs
 from services.budget import Claim, PixelBudget
 from services.endpoints import ROUTES, endpoint
@@ -145,6 +145,7 @@ class ConvForge:
         self.limits = imaging.DecodeLimits(PARAMS.max_pixels, tuple(PARAMS.formats))
         # Decoded pixels held for the requests in flight (services/budget.py): memory bounded by construction.
         self.pixels = PixelBudget(PARAMS.max_pixels_in_flight)
+        budget.return_freed_memory()  # and the pixels given back leave the process
         self.runners: dict[str, TaskRunner] = {}
         for source in catalog.sources():
             self.runners[source.task] = load_runner(
