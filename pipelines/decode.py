@@ -36,6 +36,7 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)
 BACKGROUND = (0, 0, 0, 255)  # training items sit on black (Fashion-MNIST, scenes): transparent = black
 MAX_STRIP = 16  # fit_square: aspect ratios beyond this resample only the centre they keep
+BAND_PIXELS = 1 << 20  # _to_8bit scales this many pixels at a time (8 MB of float64)
 FULL_SIZE = "convforge_full_size"  # image.info key: (width, height) of the whole image a drafted decode stands for
 
 
@@ -213,19 +214,31 @@ def _require_finite(values: np.ndarray) -> None:
                                "numbers (e.g. 0 for no data)")
 
 
-def _flatten(image: Image.Image) -> Image.Image:
-    """16-bit/int/float to 8-bit L, and any alpha (or palette transparency) composited over black."""
-    if image.mode in WIDE_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            _require_finite(values)
-        # Each kind's full range to 0..255: 16-bit grey (PNG/TIFF) spans 0..65535, a float image whose values
-        # stay within 1.0 spans 0..1 (scientific TIFFs); other 32-bit int/float images are clipped.
-        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit int or float image as 8-bit L: each kind's full range to 0..255. 16-bit grey (PNG/TIFF)
+    spans 0..65535, a float image whose values stay within 1.0 spans 0..1 (scientific TIFFs); other 32-bit int
+    and float images are clipped. Scaled in float64 a band of rows at a time: the image's own values (2-4 bytes a
+    pixel) and the 8-bit result are all that is held whole (the whole image in float64 took ~24 bytes a pixel)."""
+    raw = np.asarray(image)
+    if image.mode == "F":
+        _require_finite(raw)
+    peak = raw.max(initial=0)
+    out = np.empty(raw.shape, np.uint8)
+    rows = max(1, BAND_PIXELS // max(1, raw.shape[1]))
+    for top in range(0, raw.shape[0], rows):
+        values = raw[top:top + rows].astype(np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
             values = values / 257.0
-        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        elif image.mode == "F" and peak <= 1.0:
             values = values * 255.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+        out[top:top + rows] = np.clip(np.rint(values), 0, 255)
+    return Image.fromarray(out, mode="L")
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """16-bit/int/float to 8-bit L (`_to_8bit`), and any alpha (or palette transparency) composited over black."""
+    if image.mode in WIDE_MODES:
+        image = _to_8bit(image)
     if image.mode in ALPHA_MODES or "transparency" in image.info:
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # convert to its own mode would copy
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)

@@ -319,3 +319,54 @@ def test_the_full_size_image_never_becomes_a_numpy_array(tmp_path, monkeypatch, 
         largest = max(size, imaging.PROBE_SIDE) ** 2  # the model input, the domain check's probe
         assert fetched and converted and max(fetched + converted) <= largest < width * height, \
             (geometry, in_channels, fetched, converted)
+
+
+def old_to_8bit(image: Image.Image) -> np.ndarray:
+    """_flatten's scaling of 16-bit, int and float images as it was: the whole image in float64 at once."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0
+    elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1 << 20])  # pixels a band: one row, bands of a row and a part, one band
+def test_wide_images_scale_a_band_at_a_time_to_the_old_pixels(monkeypatch, rows):
+    """16-bit (both byte orders), 32-bit int and float images, both ranges each and negatives, give the pixels of
+    scaling the whole image at once, whatever the band size."""
+    from pipelines import decode
+
+    monkeypatch.setattr(decode, "BAND_PIXELS", rows)
+    rng = np.random.default_rng(7)
+    sixteen = rng.integers(0, 65536, (13, 11), dtype=np.uint16)
+    images = [Image.fromarray(sixteen),                                                         # I;16
+              Image.frombytes("I;16B", (11, 13), sixteen.astype(">u2").tobytes()),              # I;16B
+              Image.fromarray(rng.integers(-300, 70000, (13, 11), dtype=np.int32)),             # I, > 255
+              Image.fromarray(rng.integers(-20, 255, (13, 11), dtype=np.int32)),                # I, <= 255
+              Image.fromarray(rng.random((13, 11), dtype=np.float32)),                          # F in 0..1
+              Image.fromarray((rng.random((13, 11), dtype=np.float32) - 0.2) * 400),            # F, clipped
+              Image.fromarray(np.float32([[0.5 / 255, 1.5 / 255], [2.5 / 255, 1.0]]))]          # F, halves
+    assert [image.mode for image in images] == ["I;16", "I;16B", "I", "I", "F", "F", "F"]
+    for image in images:
+        flat = _flatten(image)
+        assert flat.mode == "L" and np.array_equal(np.asarray(flat), old_to_8bit(image)), image.mode
+
+
+def test_a_wide_image_is_never_held_whole_in_float64(monkeypatch):
+    """A 16-bit image took ~24 bytes a pixel to scale (float64 copies of the whole image); now its own values, the
+    8-bit result and one band: numpy reports its buffers to tracemalloc, so this counts them, not the RSS."""
+    import tracemalloc
+
+    from pipelines import decode
+
+    monkeypatch.setattr(decode, "BAND_PIXELS", 1 << 14)  # bands well under the image, as a large one has them
+    side = 1000
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 65536, (side, side), dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        _flatten(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * side * side, f"{peak / side / side:.1f} bytes a pixel"
