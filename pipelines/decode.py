@@ -223,14 +223,13 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         _require_finite(raw)
     peak = raw.max(initial=0)
+    sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and peak > 255)
+    unit = image.mode == "F" and peak <= 1.0
     out = np.empty(raw.shape, np.uint8)
     rows = max(1, BAND_PIXELS // max(1, raw.shape[1]))
     for top in range(0, raw.shape[0], rows):
         values = raw[top:top + rows].astype(np.float64)
-        if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
-            values = values / 257.0
-        elif image.mode == "F" and peak <= 1.0:
-            values = values * 255.0
+        values = values / 257.0 if sixteen_bit else values * 255.0 if unit else values
         out[top:top + rows] = np.clip(np.rint(values), 0, 255)
     return Image.fromarray(out, mode="L")
 

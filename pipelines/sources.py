@@ -383,9 +383,8 @@ def _image_samples(folder: Path, ignored: IgnoredFiles, allow_empty: bool,
 def _unlabelled_samples(folder: Path, ignored: IgnoredFiles,
                         allow_empty: bool) -> tuple[list[str], list[tuple[str, int]]]:
     """The images directly in `folder` (name order), all of the class UNLABELLED."""
-    files = _visible_files(folder)
-    ignored.not_images += [p for p in files if not _is_image(p)]
-    samples = [(str(p), 0) for p in files if _is_image(p)]
+    valid = _image_filter(folder, ignored)
+    samples = [(str(p), 0) for p in _visible_files(folder) if valid(str(p))]
     if not samples and not allow_empty:
         raise ConvForgeError(f"data.dataset imagefolder:{folder}: no images and no class folders "
                              f"(images: {', '.join(IMAGE_SUFFIXES)})")

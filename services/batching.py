@@ -106,7 +106,6 @@ class _QueueCost:
 
     def __init__(self, jobs: Sequence[Any]) -> None:
         self.jobs = jobs
-        self.total = 0.0
         self.by_owner: dict[Any, tuple[float, int]] = {}  # owner -> (cost, jobs) still queued
 
     def add(self, ticket: _Ticket, sign: int = 1) -> None:
@@ -116,14 +115,13 @@ class _QueueCost:
             self.by_owner[ticket.owner] = (cost + sign * ticket.cost, count + sign)
         else:
             self.by_owner.pop(ticket.owner, None)
-        self.total = self.total + sign * ticket.cost if self.by_owner else 0.0  # no float residue when empty
 
     def others_per_job(self) -> float:
         """The cost queued by other callers than the oldest job's, per queued job (1 when nothing is queued)."""
         if not self.jobs:
             return 1.0
-        own, _ = self.by_owner.get(self.jobs[0].data.owner, (0.0, 0))
-        return max(0.0, self.total - own) / len(self.jobs)
+        oldest = self.jobs[0].data.owner
+        return sum(cost for owner, (cost, _) in self.by_owner.items() if owner != oldest) / len(self.jobs)
 
 
 @functools.cache

@@ -15,4 +15,6 @@ class InputError(ConvForgeError):
 
 class Overloaded(Exception):
     """The server cannot take this now (a batching queue over its latency budget, the pixel budget spent): HTTP
-    503 with Retry-After."""
+    503, to which services/guard.py adds Retry-After as to every 503."""
+
+    status = 503

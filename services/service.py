@@ -224,10 +224,8 @@ class ConvForge:
             prepared = await _in_thread(claim, self._prepare, runner, images, claim, EXPLAIN_ROUTE)
             results = [await _in_thread(claim, explain.explain_image, runner, index, item, chosen, class_index)
                        for index, item in enumerate(prepared)]
-        except InputError as exc:
+        except (InputError, Overloaded) as exc:  # 4xx, or 503 (the guard adds its Retry-After)
             return _error(exc.status, str(exc), headers)
-        except Overloaded as exc:
-            return _error(503, str(exc), {**headers, "Retry-After": "1"})
         finally:
             claim.release()
         body = endpoints.response(task, runner.card, chosen, results)
@@ -279,10 +277,8 @@ class ConvForge:
             response = await self._respond(runner, [out.value for out in outputs], prepared, chosen, headers, claim)
             obs.POSTPROCESS_SECONDS.labels(*labels).observe(time.perf_counter() - start)
             return response
-        except InputError as exc:
+        except (InputError, Overloaded) as exc:  # 4xx, or 503 (the guard adds its Retry-After)
             return _error(exc.status, str(exc), headers)
-        except Overloaded as exc:
-            return _error(503, str(exc), {**headers, "Retry-After": "1"})
         finally:
             claim.release()
 
