@@ -36,7 +36,7 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)
 BACKGROUND = (0, 0, 0, 255)  # training items sit on black (Fashion-MNIST, scenes): transparent = black
 MAX_STRIP = 16  # fit_square: aspect ratios beyond this resample only the centre they keep
-BAND_PIXELS = 1 << 20  # _to_8bit scales this many pixels at a time (8 MB of float64)
+BAND_PIXELS = 1 << 20  # _to_8bit and _over_black convert this many pixels at a time (8 MB of float64)
 FULL_SIZE = "convforge_full_size"  # image.info key: (width, height) of the whole image a drafted decode stands for
 
 
@@ -234,24 +234,34 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(out, mode="L")
 
 
-def _flatten(image: Image.Image) -> Image.Image:
-    """16-bit/int/float to 8-bit L (`_to_8bit`), and any alpha (or palette transparency) composited over black."""
-    if image.mode in WIDE_MODES:
-        image = _to_8bit(image)
-    if image.mode in ALPHA_MODES or "transparency" in image.info:
-        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # convert to its own mode would copy
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)
-    return image
+def _over_black(image: Image.Image, target: str) -> Image.Image:
+    """An image with alpha (or palette transparency) composited over black, as a `target` (L/RGB) image, a band of
+    rows at a time: the image itself and the result are all that is held whole (the whole image as RGBA, a black
+    RGBA background and the composite took ~12 bytes a pixel on top of the decoded image's 4)."""
+    width, height = image.size
+    out = Image.new(target, image.size)
+    rows = max(1, BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(height, top + rows)))
+        if band.mode == "La":  # premultiplied grey (a TIFF's associated alpha): Pillow converts it only to LA
+            band = band.convert("LA")
+        rgba = band if band.mode == "RGBA" else band.convert("RGBA")
+        out.paste(Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba).convert(target), (0, top))
+    return out
 
 
 def to_image(image: Image.Image, in_channels: int) -> Image.Image:
-    """Any mode (1/L/P/PA/LA/RGB/RGBA/CMYK/YCbCr/16-bit/float) to an L (in_channels 1: luma) or RGB image; alpha
-    over black. `image` itself when it already is one (Pillow's convert to the same mode would copy it).
+    """Any mode (1/L/P/PA/LA/RGB/RGBA/CMYK/YCbCr/16-bit/float) to an L (in_channels 1: luma) or RGB image: 16-bit,
+    int and float scaled to 8 bits (`_to_8bit`), alpha composited over black (`_over_black`). `image` itself when
+    it already is one (Pillow's convert to the same mode would copy it).
     Raises DecodeError(400) for modes Pillow cannot convert."""
     target = "L" if in_channels == 1 else "RGB"
     try:
-        flat = _flatten(image)
-        return flat if flat.mode == target else flat.convert(target)
+        if image.mode in WIDE_MODES:
+            image = _to_8bit(image)
+        if image.mode in ALPHA_MODES or "transparency" in image.info:
+            return _over_black(image, target)
+        return image if image.mode == target else image.convert(target)
     except (ValueError, OSError) as exc:
         raise DecodeError(400, f"cannot convert a {image.mode} image ({exc})") from None
 

@@ -18,8 +18,8 @@ from PIL import Image
 
 from models import _checkpoint as checkpoint
 from models._registry import build
-from pipelines.decode import (MAX_STRIP, DecodeError, Placement, _flatten, decode_file, fit_square, full_size, is_grey,
-                              letterbox, open_image, to_array, to_image)
+from pipelines.decode import (ALPHA_MODES, BACKGROUND, MAX_STRIP, WIDE_MODES, DecodeError, Placement, _to_8bit,
+                              decode_file, fit_square, full_size, is_grey, letterbox, open_image, to_array, to_image)
 from pipelines import sources
 from pipelines.params import load_params
 from pipelines.tasks import ClassifyTask, SegmentTask
@@ -262,9 +262,20 @@ def noise_file(folder: Path, width: int, height: int, mode: str, fmt: str) -> Pa
     return path
 
 
+def old_flatten(image: Image.Image) -> Image.Image:
+    """Scaling and alpha as they were: alpha composited over black on the whole image at once, as RGBA."""
+    if image.mode in WIDE_MODES:
+        image = _to_8bit(image)
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        image = image.convert("LA") if image.mode == "La" else image  # (it refused La: a 400 for such a TIFF)
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)
+    return image
+
+
 def old_to_array(image: Image.Image, in_channels: int) -> np.ndarray:
     """to_array as it was before decode_file resized the decoded image itself: every pixel through numpy."""
-    array = np.asarray(_flatten(image).convert("L" if in_channels == 1 else "RGB"))
+    array = np.asarray(old_flatten(image).convert("L" if in_channels == 1 else "RGB"))
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -322,7 +333,7 @@ def test_the_full_size_image_never_becomes_a_numpy_array(tmp_path, monkeypatch, 
 
 
 def old_to_8bit(image: Image.Image) -> np.ndarray:
-    """_flatten's scaling of 16-bit, int and float images as it was: the whole image in float64 at once."""
+    """_to_8bit's scaling of 16-bit, int and float images as it was: the whole image in float64 at once."""
     values = np.asarray(image, dtype=np.float64)
     if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
         values = values / 257.0
@@ -349,7 +360,7 @@ def test_wide_images_scale_a_band_at_a_time_to_the_old_pixels(monkeypatch, rows)
               Image.fromarray(np.float32([[0.5 / 255, 1.5 / 255], [2.5 / 255, 1.0]]))]          # F, halves
     assert [image.mode for image in images] == ["I;16", "I;16B", "I", "I", "F", "F", "F"]
     for image in images:
-        flat = _flatten(image)
+        flat = _to_8bit(image)
         assert flat.mode == "L" and np.array_equal(np.asarray(flat), old_to_8bit(image)), image.mode
 
 
@@ -365,8 +376,78 @@ def test_a_wide_image_is_never_held_whole_in_float64(monkeypatch):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 65536, (side, side), dtype=np.uint16))
     tracemalloc.start()
     try:
-        _flatten(image)
+        _to_8bit(image)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 6 * side * side, f"{peak / side / side:.1f} bytes a pixel"
+
+
+def alpha_images() -> list[Image.Image]:
+    """Every kind of transparency Pillow decodes: straight and premultiplied alpha, grey and colour, and a palette's
+    transparent index; random pixels and alpha, so any rounding difference shows."""
+    rng = np.random.default_rng(11)
+    rgb = Image.fromarray(rng.integers(0, 256, (13, 11, 3), dtype=np.uint8))
+    alpha = Image.fromarray(rng.integers(0, 256, (13, 11), dtype=np.uint8))
+    rgba, la = rgb.copy(), rgb.convert("L")
+    rgba.putalpha(alpha)
+    la.putalpha(alpha)
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 3
+    pa = palette.copy()
+    pa.putalpha(alpha)
+    grey_key = la.convert("L")
+    grey_key.info["transparency"] = int(np.asarray(grey_key)[0, 0])
+    return [rgba, la, rgba.convert("RGBa"), la.convert("La"), palette, pa, grey_key]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1 << 20])  # pixels a band: one row, bands of a row and a part, one band
+def test_alpha_is_composited_a_band_at_a_time_to_the_old_pixels(monkeypatch, rows):
+    """Alpha over black a band of rows at a time gives the pixels of compositing the whole image as RGBA, every
+    kind of transparency, into L and RGB, whatever the band size. Premultiplied grey (La, a TIFF with associated
+    alpha) was refused with 'conversion from La to L not supported': now it is unpremultiplied first."""
+    from pipelines import decode
+
+    monkeypatch.setattr(decode, "BAND_PIXELS", rows)
+    images = alpha_images()
+    assert [image.mode for image in images] == ["RGBA", "LA", "RGBa", "La", "P", "PA", "L"]
+    for image in images:
+        for in_channels in (1, 3):
+            assert np.array_equal(to_array(image, in_channels), old_to_array(image, in_channels)), \
+                (image.mode, in_channels)
+
+
+def test_an_alpha_image_is_never_composited_whole(monkeypatch):
+    """A 100 MP RGBA PNG took ~11.5 bytes a pixel over its decode to flatten (the image as RGBA, a black RGBA
+    background and their composite, all whole); now each of those is one band. Pillow's buffers are not
+    tracemalloc's, so this counts the pixels of every image alpha_composite makes."""
+    from pipelines import decode
+
+    monkeypatch.setattr(decode, "BAND_PIXELS", 1000)
+    made = []
+    original = Image.alpha_composite
+
+    def counted(background: Image.Image, image: Image.Image) -> Image.Image:
+        made.append(image.width * image.height)
+        return original(background, image)
+
+    monkeypatch.setattr(Image, "alpha_composite", counted)
+    image = Image.new("RGBA", (100, 400), (200, 100, 50, 128))
+    flat = to_image(image, 3)
+    assert flat.mode == "RGB" and flat.size == image.size and flat.getpixel((99, 399)) == (100, 50, 25)
+    assert len(made) == 40 and max(made) == 1000, made
+
+
+def test_a_tiff_with_premultiplied_grey_alpha_decodes():
+    """A grey TIFF with associated (premultiplied) alpha opens as La, which Pillow converts only to LA: it was a
+    400 'cannot convert a La image'. Pillow writes LA with unassociated alpha (ExtraSamples 2), so the tag is
+    rewritten to 1 here, as such a file has it."""
+    grey, alpha = 100, 128  # premultiplied: 100 is the grey over black already
+    data = encode(Image.new("LA", (6, 4), (grey, alpha)), "TIFF")
+    entry = (338).to_bytes(2, "little") + (3).to_bytes(2, "little") + (1).to_bytes(4, "little")  # SHORT, 1 value
+    assert data.count(entry + (2).to_bytes(2, "little")) == 1
+    data = data.replace(entry + (2).to_bytes(2, "little"), entry + (1).to_bytes(2, "little"))
+    image = open_image(data)
+    assert image.mode == "La" and is_grey(image)
+    for in_channels in (1, 3):
+        assert np.abs(to_array(image, in_channels).astype(int) - grey).max() <= 1
