@@ -49,15 +49,25 @@ WORKLOADS = {"resnet18_32px": ("classify", "resnet", {"depth": 18, "width": 64},
 # ---------------------------------------------------------------- GPU utilisation
 
 
+def training_gpu() -> str:
+    """nvidia-smi's id of the GPU torch trains on (cuda:0) by its UUID: nvidia-smi numbers GPUs in PCI order and
+    ignores CUDA_VISIBLE_DEVICES, so on a shared box `--id=0` may be another job's card."""
+    import torch
+
+    return f"GPU-{torch.cuda.get_device_properties(0).uuid}"
+
+
 class Utilisation:
-    """`nvidia-smi --query-gpu=utilization.gpu -lms 200` in a background process: (time, %) samples of GPU 0."""
+    """`nvidia-smi --query-gpu=utilization.gpu -lms 200` in a background process: (time, %) samples of the GPU
+    torch trains on."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float]] = []
         self.process = None
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
-                ["nvidia-smi", "--id=0", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                ["nvidia-smi", f"--id={training_gpu()}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "200"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             threading.Thread(target=self._read, daemon=True).start()
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
 from pipelines.errors import ConvForgeError, end_on_sigterm
 from pipelines.runtime import token_source
+
+if TYPE_CHECKING:
+    from pipelines.params import SearchParams
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Generated trees a Ray cluster's workers never need (Ray also honours .gitignore).
@@ -108,6 +111,25 @@ def connect(address: str | None = None, num_cpus: int | None = None, log: Callab
         start_local(num_cpus, log)
     end_on_sigterm()  # ray.init's core worker replaced the stage's SIGTERM handler with an abort
     return True
+
+
+def trial_resources(search: "SearchParams") -> tuple[float, float]:
+    """(CPUs, GPUs) per search trial: search.cpus_per_trial and gpus_per_trial, `auto` resolved on the machines the
+    trials run on: this one, or the Ray cluster the search joins (search.ray_address or RAY_ADDRESS; joined here,
+    as the search would). On a cluster `auto` shares its live nodes' CPUs and GPUs between max_concurrent trials,
+    a trial's CPUs within one node: a head node without GPUs (or with fewer cores) no longer decides."""
+    from pipelines import runtime
+
+    address = search.ray_address or os.environ.get("RAY_ADDRESS")
+    hw = runtime.probe()
+    if "auto" not in (search.cpus_per_trial, search.gpus_per_trial) or not address or address == "local":
+        return runtime.trial_resources(search.cpus_per_trial, search.gpus_per_trial, search.max_concurrent, hw)
+    import ray
+
+    connect(address)
+    nodes, node_cpus = runtime.cluster_hardware(ray.nodes())
+    cpus, gpus = runtime.trial_resources(search.cpus_per_trial, search.gpus_per_trial, search.max_concurrent, nodes)
+    return (min(cpus, node_cpus) if search.cpus_per_trial == "auto" else cpus), gpus
 
 
 def spans_machines(nodes: list[dict[str, Any]], here: str, address: str | None) -> bool:

@@ -133,12 +133,19 @@ def failure_line(exc: Exception) -> str:
     return lines[-1] if lines else type(first).__name__
 
 
+def process_group_backend(gpu: bool) -> str:
+    """torch.distributed's backend per device type. On GPUs NCCL carries the gradients, and gloo what stays on the
+    CPU: the metrics' states (torchmetrics gathers them at compute) and AveragedModel's step count, which NCCL
+    (CUDA tensors only) refuses with 'No backend type associated with device type cpu'."""
+    return "cpu:gloo,cuda:nccl" if gpu else "gloo"
+
+
 def fit_on_workers(job: "TrainingJob", workers: Workers, run_id: str, name: str,
                    log: Callable[[str], None] = print) -> FitResult:
     """Train `job` on `workers.count` Ray Train workers; its epochs go to MLflow run `run_id` (from rank 0)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     check(job)
     for key, value in TRAIN_ENV.items():
@@ -152,6 +159,7 @@ def fit_on_workers(job: "TrainingJob", workers: Workers, run_id: str, name: str,
         trainer = TorchTrainer(worker_loop, train_loop_config={"job": job, "run_id": run_id,
                                                                "tracking_uri": tracking.tracking_uri()},
                                scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=gpu),
+                               torch_config=TorchConfig(backend=process_group_backend(gpu)),
                                run_config=RunConfig(name=name, storage_path=workers.storage))
         try:
             result = trainer.fit()

@@ -276,15 +276,24 @@ def prefetch(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
         yield pending
 
 
-def resident(data: Any, device: torch.device) -> Any:
-    """On CUDA, the dataset's uint8 images (and masks) on the GPU when they fit easily; else unchanged
-    (always for a split read lazily from disk: it is large by construction)."""
+RESIDENT_SHARE = 0.25  # of a run's share of the GPU's free memory: the most its resident data may take
+
+
+def fits_resident(size: int, free: int, sharing: int) -> bool:
+    """Whether `size` bytes of data may live on a GPU with `free` bytes free, shared by `sharing` runs (a search's
+    concurrent trials, which may all see the same free memory as they start)."""
+    return size <= RESIDENT_SHARE * free / max(1, sharing)
+
+
+def resident(data: Any, device: torch.device, sharing: int = 1) -> Any:
+    """On CUDA, the dataset's uint8 images (and masks) on the GPU when they fit easily (`fits_resident`); else
+    unchanged (always for a split read lazily from disk: it is large by construction)."""
     from dataclasses import replace
 
     if device.type != "cuda" or _lazy(data):
         return data
     size = data.images.numel() + (data.masks.numel() if hasattr(data, "masks") else 0)
-    if size > 0.25 * torch.cuda.mem_get_info(device)[0]:
+    if not fits_resident(size, torch.cuda.mem_get_info(device)[0], sharing):
         return data
     moved = {"images": data.images.to(device)}
     if hasattr(data, "labels"):
@@ -343,7 +352,7 @@ def set_up(model: nn.Module, task: str, train: Any, cfg: TrainConfig, settings: 
     mean, std = _normalizer(train.mean, train.std, device)
     augment = adapter.augmenter(train, policy, cfg.aug_strength)
     mixer = adapter.mixer(cfg, len(train.classes))
-    data = resident(train, device) if augment is None else train
+    data = resident(train, device, settings.concurrent_runs) if augment is None else train
     return Setup(model, forward_model, adapter, optimizer, ema, scaler, device, dtype, mean, std, augment, mixer, data,
                  settings.choice().channels_last, held)
 
@@ -430,7 +439,8 @@ def resume(path: Path | None, setup: Setup, cfg: TrainConfig, say: Callable[[str
     except ValueError as exc:  # another number of param groups: `freeze` went from 0 to N or back
         raise ConvForgeError(f"{path}: saved with freeze {saved['cfg'].get('freeze')}, now {cfg.freeze}, and its "
                              f"optimizer does not fit ({exc}); delete it to train from the start") from None
-    setup.scaler.load_state_dict(saved["scaler"])
+    if saved["scaler"]:  # empty from a run without loss scaling (CPU, bf16, amp off): an fp16 run starts a new scale
+        setup.scaler.load_state_dict(saved["scaler"])
     if setup.ema is not None and saved["ema"] is not None:
         setup.ema.load_state_dict(saved["ema"])
     state = RunState(**{f.name: saved[f.name] for f in fields(RunState)})

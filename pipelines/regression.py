@@ -221,7 +221,8 @@ class RegressTask(TensorPredictions):
     def loss(self, model: nn.Module, images: Tensor, targets: Tensor, cfg: TrainConfig,
              mixer: Callable | None = None) -> Tensor:
         """MSE or smooth L1 (Huber, beta 1; Girshick 2015) of the standardized error."""
-        error = (model(images).float() - targets.float()) / model.target_std
+        std = getattr(model, "module", model).target_std  # DDP (Ray Train) holds the Regressor as .module
+        error = (model(images).float() - targets.float()) / std
         if cfg.loss == "smooth_l1":
             return F.smooth_l1_loss(error, torch.zeros_like(error))
         return error.square().mean()

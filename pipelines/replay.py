@@ -104,10 +104,20 @@ def data_root_of(task: str, data_root: Path | None) -> Path:
     return Path(data_root) if data_root is not None else PROJECT_ROOT / "data" / "prepared" / get_task(task).data
 
 
-def on_cpu(settings: EngineSettings, recorded_on_cpu: bool) -> tuple[EngineSettings, bool]:
+def recorded_on_cpu(run: lineage.RecordedRun) -> bool:
+    """Whether a training run trained on the CPU: its engine.device param (the device as resolved), else (runs
+    that predate it) the lack of MLflow's GPU system metrics, which a short run or a container without NVML lacks
+    on a GPU as well."""
+    device = run.params.get("engine.device")
+    if device:
+        return device == "cpu"
+    return not any(key.startswith("system/gpu") for key in run.metrics)
+
+
+def on_cpu(settings: EngineSettings, cpu_run: bool) -> tuple[EngineSettings, bool]:
     """The replay's settings and whether equal metrics are expected: a deterministic run recorded on the CPU is
     replayed on the CPU, whatever this machine has."""
-    exact = settings.deterministic and recorded_on_cpu
+    exact = settings.deterministic and cpu_run
     return (replace(settings, device="cpu") if exact else settings), exact
 
 
@@ -127,9 +137,7 @@ def replay_training(run: lineage.RecordedRun, data_root: Path | None, tolerance:
     task, family = config["task"], config["family"]
     data_root = data_root_of(task, data_root)
     check_workspace(config.get("data_hash"), config.get("git_commit"), data_root, log)
-    gpu = any(key.startswith("system/gpu") for key in run.metrics)
-    settings, exact = on_cpu(EngineSettings(**params_section(run.params, "engine")),
-                             run.params.get("engine.device") == "cpu" or not gpu)
+    settings, exact = on_cpu(EngineSettings(**params_section(run.params, "engine")), recorded_on_cpu(run))
     policy = validate(PolicyParams, params_section(run.params, "policy"), prefix="policy")
     cfg = recorded_config(config["train"], "train")
     adapter = get_task(task)

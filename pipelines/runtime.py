@@ -20,6 +20,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from models._files import atomic_dir, sha256_file, write_json  # noqa: F401  (re-exported)
 
@@ -237,6 +238,15 @@ def resolve_device(name: str) -> "torch.device":
     import torch
 
     return torch.device(resolve(name, "off", False, False, probe()).device)
+
+
+def cluster_hardware(nodes: list[dict[str, Any]]) -> tuple[Hardware, int]:
+    """What `auto` shares on a Ray cluster (`nodes` as `ray.nodes()` lists them): the live nodes' CPUs and GPUs
+    in all, and the most CPUs one node has (a trial runs on one node)."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    cpus = [int(resources.get("CPU", 0)) for resources in alive]
+    gpus = sum(int(resources.get("GPU", 0)) for resources in alive)
+    return Hardware(cores=sum(cpus), threads=max(cpus, default=1), gpus=gpus), max(cpus, default=1)
 
 
 def trial_resources(cpus: float | str, gpus: float | str, max_concurrent: int, hw: Hardware) -> tuple[float, float]:

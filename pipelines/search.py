@@ -27,11 +27,11 @@ from typing import Any, Callable
 import pipelines.runtime as runtime
 from models import _checkpoint as checkpoint
 from models.summary import profile
-from pipelines import tracking
+from pipelines import cluster, tracking
 from pipelines.engine import EngineSettings
 from pipelines.errors import ConvForgeError
 from pipelines.geometry import data_geometry
-from pipelines.params import Params, TaskSearchParams, TrainConfig
+from pipelines.params import Params, SearchParams, TaskSearchParams, TrainConfig
 from pipelines.recipe import run_model
 from pipelines.search_progress import SearchProgress
 from pipelines.search_space import SearchSpace
@@ -109,10 +109,31 @@ def prepare_search(params: Params, task: str, data_root: Path, storage: str | No
 
 
 def trial_resources(params: Params) -> tuple[float, float]:
-    """(CPUs, GPUs) per trial: search.cpus_per_trial and gpus_per_trial, `auto` resolved on this machine."""
-    search = params.search
-    return runtime.trial_resources(search.cpus_per_trial, search.gpus_per_trial, search.max_concurrent,
-                                   runtime.probe())
+    """(CPUs, GPUs) per trial: search.cpus_per_trial and gpus_per_trial, `auto` resolved on this machine or the
+    Ray cluster the search joins (`pipelines.cluster.trial_resources`)."""
+    return cluster.trial_resources(params.search)
+
+
+def gpus_elsewhere(gpus: float) -> bool:
+    """Whether the trials get GPUs this machine lacks (a cluster's, from a head node without one): this process
+    cannot resolve their device, each trial resolves its own."""
+    return gpus > 0 and runtime.probe().gpus == 0
+
+
+def trial_device(params: Params) -> tuple[str, str]:
+    """(device, the line that says how) of the trials, as MLflow records them and the search logs them."""
+    gpus = trial_resources(params)[1]
+    if gpus_elsewhere(gpus):
+        return "cuda", "cuda, the Ray cluster's GPUs (each trial resolves its AMP and says it in its run)"
+    choice = trial_settings(params).choice()
+    return choice.device, runtime.device_line(choice, runtime.probe()).removeprefix("device: ")
+
+
+def trial_determinism(params: Params) -> str:
+    """The trials' deterministic mode (runtime.DeviceChoice.deterministic), on a cluster's GPUs as well."""
+    if gpus_elsewhere(trial_resources(params)[1]):
+        return "cudnn" if params.deterministic else "off"
+    return trial_settings(params).choice().deterministic
 
 
 def trial_settings(params: Params) -> EngineSettings:
@@ -141,7 +162,16 @@ def search_inputs(params: Params, experiment: Experiment, data_hash: str) -> dic
     cpus, gpus = trial_resources(params)
     return {"task": experiment.task, "metric": experiment.metric, "budget": params.search.budget,
             "data_hash": data_hash, "git_commit": tracking.git_commit(), **trial_inputs(params, experiment.task),
-            "engine": trial_settings(params).recorded(), "cpus_per_trial": cpus, "gpus_per_trial": gpus}
+            "engine": recorded_engine(params), "cpus_per_trial": cpus, "gpus_per_trial": gpus}
+
+
+def recorded_engine(params: Params) -> dict[str, Any]:
+    """The trials' engine settings as a replay reads them: resolved here, or (GPUs this machine lacks) as given,
+    device cuda."""
+    settings = trial_settings(params)
+    if gpus_elsewhere(trial_resources(params)[1]):
+        return {**asdict(settings), "device": "cuda"}
+    return settings.recorded()
 
 
 def search_trials(params: Params, experiment: Experiment, data_hash: str, key: str, log: Callable[[str], None],
@@ -153,10 +183,9 @@ def search_trials(params: Params, experiment: Experiment, data_hash: str, key: s
     values = {"task": task, "budget": params.search.budget, "scheduler": params.search.scheduler,
               "algorithm": params.search.algorithm, "seed": params.seed, "data_hash": data_hash,
               **experiment.budget.model_dump()}
-    (cpus, gpus), settings = trial_resources(params), trial_settings(params)
-    device = runtime.device_line(settings.choice(), runtime.probe()).removeprefix("device: ")
-    log(f"search {task}: each trial gets {cpus:g} CPU(s), {gpus:g} GPU(s); device: {device}")
-    values.update(cpus_per_trial=cpus, gpus_per_trial=gpus, device=settings.choice().device)
+    (cpus, gpus), (device, how) = trial_resources(params), trial_device(params)
+    log(f"search {task}: each trial gets {cpus:g} CPU(s), {gpus:g} GPU(s); device: {how}")
+    values.update(cpus_per_trial=cpus, gpus_per_trial=gpus, device=device)
     parent_id, complete = tracking.open_search(experiment_id, task, key, values)
     if complete and is_saved(experiment):
         # It ended by its trial count or time budget: a rerun (e.g. for another max_latency_ms) re-reads it.
@@ -193,6 +222,15 @@ def guard_fired(budget: TaskSearchParams, records: list[TrialRecord]) -> str | N
             f"drawn, {cut} stopped; the search is not reproducible (raise the guard or lower the budget)")
 
 
+def is_reproducible(search: SearchParams, fired: str | None, deterministic: str) -> bool:
+    """Whether the same params, code and data give the same trials, scores and winner on the same kind of machine:
+    trials budgeted in epochs, the time guard silent, the winner not picked by latencies measured on this machine
+    (max_latency_ms), and trials on the CPU's deterministic kernels (`deterministic`: the trials' mode, as
+    `trial_determinism` gives it). On CUDA only cuDNN's convolutions are deterministic (other backward kernels add
+    with atomics: max-pool with overlapping windows, bilinear upsampling, RoIAlign), so trial scores vary."""
+    return search.budget == "epochs" and not fired and search.max_latency_ms is None and deterministic == "kernels"
+
+
 def run_search(params: Params, task: str, data_root: Path, out_dir: Path, *, storage: str | None = None,
                space: SearchSpace | None = None, log: Callable[[str], None] = print,
                trial: Callable[..., None] = train_trial) -> dict[str, Any]:
@@ -211,8 +249,7 @@ def run_search(params: Params, task: str, data_root: Path, out_dir: Path, *, sto
     fired = guard_fired(budget, records) if params.search.budget == "epochs" else None
     if fired:
         log(f"search {task}: warning: {fired}")
-    # max_latency_ms picks by latencies measured on this machine: the trials reproduce, the winner may not.
-    reproducible = params.search.budget == "epochs" and not fired and params.search.max_latency_ms is None
+    reproducible = is_reproducible(params.search, fired, trial_determinism(params))
     log(f"search {task}: {len(records)} trials done; profiling their models")
     rows = trial_rows(records, profile_trials(task, records, experiment.train, experiment.data.geometry,
                                               trunks(records, experiment)))
@@ -270,15 +307,20 @@ def profile_trials(task: str, records: list[TrialRecord], data: Any, geometry: d
     import torch
 
     # One thread: per-request serving latency, and stable figures on a busy machine (two threads
-    # that wait on each other under load read many times slower: BENCHMARKS.md).
+    # that wait on each other under load read many times slower: BENCHMARKS.md). The process's own count
+    # comes back after: what runs next in it (a final training) has its cores.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
-    for record in records:
-        if record.score is None:
-            continue
-        _, model, _ = run_model(task, record.family, record.hparams, data, 0, geometry or {},
-                                (pretrained or {}).get(record.trial_id))
-        out[record.trial_id] = profile(model, task, data.in_channels, data.image_size, reps=5)
+    try:
+        for record in records:
+            if record.score is None:
+                continue
+            _, model, _ = run_model(task, record.family, record.hparams, data, 0, geometry or {},
+                                    (pretrained or {}).get(record.trial_id))
+            out[record.trial_id] = profile(model, task, data.in_channels, data.image_size, reps=5)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

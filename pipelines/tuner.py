@@ -501,10 +501,9 @@ def make_tuner(trainable: Any, experiment: Experiment, search: SearchParams, see
         failure_config=tune.FailureConfig(max_failures=search.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    # `auto` shares this machine between max_concurrent trials; a GPU share makes Ray give the trial its GPU
-    # (with none it hides them all: CUDA_VISIBLE_DEVICES="")
-    cpus, gpus = runtime.trial_resources(search.cpus_per_trial, search.gpus_per_trial, search.max_concurrent,
-                                         runtime.probe())
+    # `auto` shares this machine (or the cluster) between max_concurrent trials; a GPU share makes Ray give the
+    # trial its GPU (with none it hides them all: CUDA_VISIBLE_DEVICES="")
+    cpus, gpus = cluster.trial_resources(search)
     resources = {"cpu": cpus, "gpu": gpus}
     return tune.Tuner(tune.with_resources(trainable, resources),
                       param_space=space.ray_space() if search.algorithm == "random" and not in_order else None,

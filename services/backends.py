@@ -42,7 +42,8 @@ def onnx_providers(device: str) -> list[str]:
 
 class TorchBackend:
     """Runs the PyTorch module (eval mode, inference_mode) the way its task's adapter calls it, on `device`
-    in the batch's dtype (float32: the served outputs are the CPU's up to kernel rounding)."""
+    in the batch's dtype (float32: on the CPU the evaluated outputs up to kernel rounding; on Ampere and later
+    GPUs torch's TF32 convolutions, ~1e-3 relative from the CPU's)."""
 
     name = "torch"
 

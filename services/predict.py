@@ -86,8 +86,10 @@ def model_sources(models_dir: str | None, bento: str | None) -> tuple[list[catal
 def load_runners(sources: list[catalog.ModelSource], where: str, tasks: list[str],
                  serve: ServeParams) -> tuple[dict[str, TaskRunner], list[str]]:
     """A runner per wanted task as the service loads it, and one line per task that has no usable model."""
-    # The service's thread count: float sums in the same order, the same numbers to the last bit.
-    threads = pipelines.runtime.set_threads(serve.num_threads)
+    from services.backends import serve_device
+
+    # The service's thread count and device: float sums in the same order, the same numbers to the last bit.
+    threads, device = pipelines.runtime.set_threads(serve.num_threads), serve_device(serve.device)
     found = {source.task: source for source in sources}
     runners, problems = {}, []
     for task in tasks:
@@ -100,7 +102,7 @@ def load_runners(sources: list[catalog.ModelSource], where: str, tasks: list[str
                 task, source.directory, name=source.name, version=source.version, backend=serve.backend,
                 max_batch_size=1, max_latency_ms=serve.max_latency_ms, lineage=source.lineage,
                 expected_sha256=source.expected_sha256, num_threads=threads, scale=serve.scale,
-                max_side=serve.max_side)
+                max_side=serve.max_side, device=device)
         except ConvForgeError as exc:
             problems.append(f"{task}: {exc}")
     return runners, problems

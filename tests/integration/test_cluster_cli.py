@@ -191,3 +191,36 @@ def test_search_and_ray_train_on_a_ray_start_cluster(cluster, project_params, pr
         mlflow.set_tracking_uri(None), mlflow.set_registry_uri(None)
     assert (model / "MLmodel").is_file() and list(model.rglob("model.safetensors"))
     assert not list((work / "ray_storage").glob("train-classify-*"))  # Ray Train's checkpoints of the done run
+
+
+def test_auto_trial_resources_are_the_clusters(project_params):
+    """`search.cpus_per_trial` and `gpus_per_trial` at `auto` counted the driver's machine: from a head node without
+    GPUs (this one) every trial of a GPU cluster trained on the CPU. A cluster of one node declaring 4 CPUs and 2 GPUs
+    (Ray takes the counts given) gives each of the 2 concurrent trials 2 CPUs and a GPU, and the search records
+    the trials' device as cuda without resolving it here."""
+    work = Path(tempfile.mkdtemp(prefix="cf-gpus-", dir="/tmp"))
+    token = work / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    gcs = free_port()
+    head = start([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", "--num-gpus=2",
+                  "--include-dashboard=false", f"--temp-dir={work / 'ray'}", "--disable-usage-stats"],
+                 work / "head.log", env, work)
+    try:
+        wait_for(lambda: "Ray runtime started" in (work / "head.log").read_text(), "ray head", head, work / "head.log")
+        assert project_params.search.max_concurrent == 2 and project_params.search.gpus_per_trial == "auto"
+        script = ("from pipelines.params import load_params\n"
+                  "from pipelines.search import recorded_engine, trial_determinism, trial_device, trial_resources\n"
+                  "params = load_params('params.yaml')\n"
+                  "print(trial_resources(params), trial_device(params)[0], recorded_engine(params)['device'],"
+                  " trial_determinism(params))\n")
+        env.pop("RAY_AUTH_MODE")
+        env.update(PYTHONPATH=str(ROOT), RAY_ADDRESS=f"127.0.0.1:{gcs}")
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.splitlines()[-1] == "(2.0, 1.0) cuda cuda cudnn", done.stdout
+    finally:
+        stop([head])
+        shutil.rmtree(work, ignore_errors=True)

@@ -299,3 +299,36 @@ def test_crop_and_flip_batches_are_fetched_whole_and_match_item_by_item(prepared
     for a, b in zip(by_item, whole, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
     assert not torch.equal(whole[0].images, task.gather(train, torch.arange(32)).images)  # augmented and shuffled
+
+
+def test_a_run_without_loss_scaling_resumes_with_it(digits, cfg, tmp_path):
+    """A checkpoint of a run without loss scaling (the CPU, bf16, amp off) holds an empty GradScaler state, which an
+    fp16 run's scaler refused ('The source state dict is empty'): resumed with `-S train.amp=fp16`, or on a GPU
+    without bf16, the run stopped. It resumes with a new scale."""
+    from dataclasses import replace
+
+    from pipelines.engine import resume, set_up
+
+    train, val = digits
+
+    def stop(result):
+        raise InterruptedError
+
+    with pytest.raises(InterruptedError):
+        fit(lenet(train), "classify", train, val, cfg, CPU, checkpoint_dir=tmp_path, on_epoch=stop, log=None)
+    setup = set_up(lenet(train), "classify", train, cfg, CPU, None)
+    assert not setup.scaler.is_enabled()
+    scaling = replace(setup, scaler=torch.amp.GradScaler("cpu", enabled=True))  # fp16's, on the device at hand
+    state = resume(tmp_path / CHECKPOINT, scaling, cfg, say=lambda line: None)
+    assert state.epoch == 1 and scaling.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+def test_trials_sharing_a_gpu_keep_their_share_of_it_for_resident_data():
+    """A split went onto the GPU when under a quarter of the card's free memory, whatever the run's share: four
+    trials starting together on one card (gpus_per_trial 0.25) each saw the same free memory, and 5 GB of own data
+    each would take 20 of a 24 GB card before any activation. Each run now has a quarter of its share."""
+    from pipelines.engine import fits_resident
+
+    gib = 2**30
+    assert fits_resident(5 * gib, 24 * gib, sharing=1)
+    assert not fits_resident(5 * gib, 24 * gib, sharing=4) and fits_resident(1.5 * gib, 24 * gib, sharing=4)

@@ -222,3 +222,20 @@ def test_a_run_recorded_before_a_train_key_existed_replays_at_that_keys_old_beha
     assert recorded_config(recorded, "train").precise_bn == 0  # validated with the running averages, as it trained
     with pytest.raises(ConvForgeError, match="precise_bn"):
         recorded_config({**recorded, "precise_bn": -1}, "train")
+
+
+def test_a_cuda_run_is_never_replayed_as_a_cpu_one():
+    """A run recorded with engine.device cuda but without MLflow's GPU system metrics (shorter than their sampling
+    interval, NVML out of the container's reach, system metrics off) was taken for a CPU run: replayed on the CPU
+    and compared for exact equality, it always reported a mismatch. The recorded device decides; the metrics only
+    for runs that predate it."""
+    from pipelines.replay import recorded_on_cpu
+    from pipelines.tracking.lineage import RecordedRun
+
+    def run(params, metrics):
+        return RecordedRun("r", "0", {}, params, metrics)
+
+    assert not recorded_on_cpu(run({"engine.device": "cuda"}, {}))
+    assert recorded_on_cpu(run({"engine.device": "cpu"}, {"system/gpu_0_utilization_percentage": 3.0}))
+    assert recorded_on_cpu(run({}, {"system/cpu_utilization_percentage": 50.0}))
+    assert not recorded_on_cpu(run({}, {"system/gpu_0_utilization_percentage": 80.0}))

@@ -389,3 +389,56 @@ def test_trials_get_their_share_of_this_machine(project_params):
     on_cuda = params.model_copy(update={"train": params.train.model_copy(update={"device": "cuda"})})
     with pytest.raises(ConvForgeError, match="train.device is cuda but search.gpus_per_trial is 0"):
         trial_settings(on_cuda)
+
+
+def test_a_search_is_reproducible_only_on_deterministic_kernels(project_params):
+    """A search on CUDA said `reproducible: true` in best.json and MLflow: there only cuDNN's convolutions are
+    deterministic (max-pool, bilinear upsampling and RoIAlign backward add with atomics), so its trial scores,
+    and with them TPE's draws and the halving, vary from run to run."""
+    from pipelines.search import is_reproducible, trial_determinism
+
+    search = project_params.search
+    assert search.budget == "epochs" and trial_determinism(project_params) == "kernels"  # this CPU, the defaults
+    assert is_reproducible(search, None, "kernels")
+    assert not is_reproducible(search, None, "cudnn") and not is_reproducible(search, None, "off")
+    assert not is_reproducible(search, "the time guard fired", "kernels")
+    assert not is_reproducible(search.model_copy(update={"max_latency_ms": 5.0}), None, "kernels")
+    assert not is_reproducible(search.model_copy(update={"budget": "time"}), None, "kernels")
+
+
+def test_auto_shares_a_clusters_nodes_not_the_head_nodes_machine():
+    """On a Ray cluster `auto` took the driver's machine: from a head node without GPUs every trial trained on the
+    CPU. It shares the live nodes' CPUs and GPUs, a trial's CPUs within the largest node."""
+    from pipelines.runtime import cluster_hardware, trial_resources
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0}},                   # the head: no GPU
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]     # gone
+    hardware, node_cpus = cluster_hardware(nodes)
+    assert (hardware.cores, hardware.gpus, node_cpus) == (20, 4, 8)
+    assert trial_resources("auto", "auto", 8, hardware) == (2.0, 0.5)
+    assert trial_resources("auto", "auto", 2, hardware) == (10.0, 1.0)  # capped at node_cpus by the search
+
+
+def test_profiling_the_trials_gives_the_process_its_threads_back(monkeypatch):
+    """Profiling measures each trial's latency on one thread; it left the whole process on one, so a final training
+    run after it in the same process (bench/gpu_check.py) trained its CPU work on a single thread."""
+    import torch
+
+    from pipelines import search
+
+    def one_thread_inside(*args, **kwargs):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("stop")
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(search, "run_model", one_thread_inside)
+    record = search.TrialRecord("t1", 0, "lenet5", {}, {}, "completed", 0.5, 1, None, None)
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            search.profile_trials("classify", [record], data=None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -158,3 +158,23 @@ def test_a_task_without_a_model_is_one_line_and_the_others_still_run(models_dir,
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and out == ""
     assert err.startswith(f"error: no packaged model in {tmp_path}: ") and len(err.splitlines()) == 1
+
+
+def test_the_command_runs_where_the_service_would(models_dir, tmp_path, capsys, monkeypatch):
+    """The command ignored serve.device and always ran on the CPU: on a GPU box its numbers were not the server's.
+    It resolves serve.device as the service does, so `cuda` on a machine without one is the service's own error."""
+    import yaml
+
+    from services.predict import PARAMS_ENV, main
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["serve"]["device"] = "cuda"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv(PARAMS_ENV, str(tmp_path / "params.yaml"))
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: serve.device cuda is usable here")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(EXAMPLES / "shirt.png"), "--models-dir", str(models_dir), "--task", "classify"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err == "error: serve.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')\n"
