@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipelines.scenes import IGNORE
+
 
 PER_CLASS = "per_class"  # the prefix of per-class metric names
 
@@ -278,11 +280,14 @@ class SegmentMeter:
         self.confusion = torch.zeros((len(self.names), len(self.names)), dtype=torch.int64)
 
     def update(self, pred_masks: Tensor, target_masks: Tensor) -> None:
-        """Add a batch: predicted and true class-index masks [N, H, W] (0 = background, c + 1 = class c)."""
+        """Add a batch: predicted and true class-index masks [N, H, W] (0 = background, c + 1 = class c; true
+        pixels at IGNORE are left out)."""
         # A CPU bincount: torchmetrics' confusion matrix takes a far slower path under
         # torch.use_deterministic_algorithms (BENCHMARKS.md), and CPU bincount is deterministic anyway.
         k = len(self.names)
-        pairs = target_masks.reshape(-1).cpu().long() * k + pred_masks.detach().reshape(-1).cpu().long()
+        truth, pred = target_masks.reshape(-1).cpu().long(), pred_masks.detach().reshape(-1).cpu().long()
+        kept = truth != IGNORE
+        pairs = truth[kept] * k + pred[kept]
         self.confusion += torch.bincount(pairs, minlength=k * k).reshape(k, k)
 
     def compute(self) -> MetricReport:

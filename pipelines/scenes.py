@@ -21,7 +21,8 @@ from pipelines.params import SceneParams
 
 PLACEMENT_TRIES = 20
 MIN_PIXELS = 4  # an instance needs at least this many visible pixels
-MAX_CLASSES = 255  # semantic masks are uint8 (PNG): 0 = background, class c is c + 1 <= 255
+IGNORE = 255  # a semantic mask's pixels of no class (VOC's void boundaries): left out of the segment loss and metrics
+MAX_CLASSES = 254  # semantic masks are uint8 (PNG): 0 = background, class c is c + 1 <= 254, 255 = IGNORE
 
 
 @dataclass
@@ -40,11 +41,11 @@ class Scene:
 
 def too_many_classes(count: int) -> str | None:
     """Why `count` classes cannot be scenes, or None: class c is c + 1 in uint8 semantic masks, so a class past
-    MAX_CLASSES would silently wrap around to another class or to background."""
+    MAX_CLASSES would be ignored (IGNORE) or wrap around to another class or to background."""
     if count <= MAX_CLASSES:
         return None
     return (f"{count} classes; scenes (detect, segment) hold at most {MAX_CLASSES}, as 1..{MAX_CLASSES} in 8-bit "
-            "masks (0 = background): merge or leave out classes")
+            f"masks (0 = background, {IGNORE} = ignored): merge or leave out classes")
 
 
 def check_class_count(count: int, where: str) -> None:

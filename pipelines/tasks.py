@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from pipelines.datasets import ITEMS_DATA, SCENES_DATA
 from pipelines.errors import ConvForgeError
 from pipelines.metrics import ClassifyMeter, DetectMeter, SegmentMeter
+from pipelines.scenes import IGNORE
 from pipelines.params import PolicyParams, TrainConfig
 from pipelines.regression import RegressTask  # imports Batch from here only inside its methods
 from pipelines.reconstruction import ReconstructTask  # imports Batch from here only inside its methods
@@ -301,7 +302,7 @@ class SegmentTask(SceneTask):
              mixer: Callable | None = None) -> Tensor:
         logits = model(images).float()
         target = targets.long()
-        loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE, label_smoothing=cfg.label_smoothing)
         if cfg.dice_weight > 0:
             loss = loss + cfg.dice_weight * soft_dice_loss(logits, target)
         return loss
@@ -328,9 +329,12 @@ class SegmentTask(SceneTask):
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
-    """1 - mean soft Dice over classes (Milletari et al. 2016, V-Net), from logits [N, K, H, W]."""
-    probs = logits.softmax(1)
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    """1 - mean soft Dice over classes (Milletari et al. 2016, V-Net), from logits [N, K, H, W]; pixels of
+    `target` at IGNORE count for no class."""
+    valid = (target != IGNORE).unsqueeze(1)
+    probs = logits.softmax(1) * valid
+    one_hot = F.one_hot(target.masked_fill(~valid[:, 0], 0), logits.shape[1]).permute(0, 3, 1, 2) * valid
+    one_hot = one_hot.to(probs.dtype)
     intersection = (probs * one_hot).sum((0, 2, 3))
     total = probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()

@@ -87,6 +87,21 @@ def test_segmentation_iou_dice_and_pixel_accuracy_by_hand():
     assert report.scalars["dice"] == pytest.approx((0.5 + 0.0) / 2)  # foreground classes a, b
 
 
+def test_ignored_truth_pixels_are_left_out_of_the_segment_metrics():
+    """Truth pixels at IGNORE (255: a masks: dataset's void boundaries) count for nothing, whatever was predicted
+    there; they made the confusion matrix's bincount overflow its K x K shape (the meter raised)."""
+    from pipelines.scenes import IGNORE
+
+    truth = torch.tensor([[[0, 0, IGNORE], [1, 2, IGNORE]]])
+    pred = torch.tensor([[[0, 1, 2], [1, 1, 0]]])
+    meter = SegmentMeter(["a", "b", "c"])
+    meter.update(pred, truth)
+    reference = SegmentMeter(["a", "b", "c"])
+    reference.update(pred[:, :, :2], truth[:, :, :2])  # the same pixels, the ignored ones cut away
+    assert meter.compute().confusion == reference.compute().confusion
+    assert meter.compute().scalars == reference.compute().scalars
+
+
 def test_perfect_segmentation_scores_one():
     masks = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(0))
     report = segment_report(torch.zeros((3, 3), dtype=torch.int64), ["bg", "x", "y"])

@@ -69,16 +69,16 @@ def test_same_seed_same_scenes(items, project_params):
     assert [s.image_id for s in first] == [1, 2, 3, 4, 5]
 
 
-def test_labels_past_255_classes_stop_instead_of_wrapping(items, project_params):
+def test_labels_past_254_classes_stop_instead_of_wrapping_or_being_ignored(items, project_params):
     images, labels, sources = items
     params = tiny_scene_params(project_params)
     past = labels + 290  # classes 290..299: as 291..300 in a uint8 mask they would wrap to 35..44
-    with pytest.raises(ConvForgeError, match="300 classes; scenes .* at most 255"):
+    with pytest.raises(ConvForgeError, match="300 classes; scenes .* at most 254"):
         compose_scenes(images, past, sources, 2, params, np.random.default_rng(0))
-    with pytest.raises(ConvForgeError, match="at most 255"):
-        compose_scene(images, np.full_like(labels, 255), sources, params, np.random.default_rng(0))
-    assert compose_scene(images, np.full_like(labels, 254), sources, params, np.random.default_rng(0)).semantic.max() \
-        == 255  # class 254, the last that fits
+    with pytest.raises(ConvForgeError, match="at most 254"):  # class 254 would be 255, the ignored value
+        compose_scene(images, np.full_like(labels, 254), sources, params, np.random.default_rng(0))
+    assert compose_scene(images, np.full_like(labels, 253), sources, params, np.random.default_rng(0)).semantic.max() \
+        == 254  # class 253, the last that fits
 
 
 def test_item_foreground_uses_the_items_own_background():

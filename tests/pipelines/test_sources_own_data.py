@@ -162,7 +162,7 @@ def test_one_class_folder_is_one_error(tmp_path, project_params):
 
 
 def test_more_classes_than_scene_masks_hold_classify_and_say_why_scenes_cannot(tmp_path, project_params):
-    """256 class folders: classify data as usual; augment composes no scenes (their masks hold 255 classes), and
+    """256 class folders: classify data as usual; augment composes no scenes (their masks hold 254 classes), and
     what reads them (detect, segment) stops with that reason in one line."""
     from pipelines.datasets import load_classify, load_scenes
     from pipelines.preparation import prepare_from_classify
@@ -175,7 +175,7 @@ def test_more_classes_than_scene_masks_hold_classify_and_say_why_scenes_cannot(t
                           tiny_scene_params(project_params), project_params.seed)
     assert len(load_classify(tmp_path / "prepared" / "classify", "val").labels) == 256
     message = one_line_error(lambda: load_scenes(tmp_path / "prepared" / "scenes", "train"))
-    assert "no data here: 256 classes" in message and "at most 255" in message
+    assert "no data here: 256 classes" in message and "at most 254" in message
 
 
 # ---- masks: palette, 1-bit and 0/255 ---------------------------------------------------------------

@@ -85,6 +85,28 @@ def test_segmentation_loss_adds_dice_and_decodes_argmax(cfg):
     assert torch.equal(task.decode(perfect), target)
 
 
+def test_ignored_pixels_count_in_no_loss(cfg):
+    """A masks: dataset's 255 (VOC's void boundaries, IGNORE) trained as background: now the cross-entropy and the
+    Dice term leave those pixels out (target 255 was out of range for both: the loss raised)."""
+    from pipelines.scenes import IGNORE
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 1:3, 1:4] = IGNORE
+    kept = target != IGNORE
+    flat_logits = logits.permute(1, 0, 2, 3)[:, kept].T  # [P, K]: the kept pixels only
+    flat_logits_4d = flat_logits.T[None, :, None, :]     # [1, K, 1, P]
+    flat_target = target[kept][None, None, :]            # [1, 1, P]
+    task = get_task("segment")
+    loss = task.loss(lambda x: x, logits, target, cfg.updated(dice_weight=1.0, label_smoothing=0.1))
+    expected = (F.cross_entropy(flat_logits, target[kept], label_smoothing=0.1)
+                + soft_dice_loss(flat_logits_4d, flat_target))
+    assert loss == pytest.approx(float(expected), rel=1e-6)
+    assert soft_dice_loss(logits, target) == pytest.approx(float(soft_dice_loss(flat_logits_4d, flat_target)),
+                                                           rel=1e-6)
+
+
 def test_per_sample_augmentation_keeps_targets_in_step(prepared_scenes, project_params):
     data = load_scenes(prepared_scenes, "train")
     policy = project_params.augment.policy.model_copy(update={"hflip": 1.0})
