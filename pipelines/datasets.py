@@ -433,6 +433,7 @@ class ClassifyData(_ImageTensors):
     mean: list[float]
     std: list[float]
     is_copy: torch.Tensor | None = None  # bool [N] on train: materialized augmented copies
+    source_size: dict[str, float] | None = None  # own photos: their own size (preparation.with_source_size)
 
     def subset(self, n: int | None, seed: int) -> "ClassifyData":
         """A random subset of `n` items (all of them when n is None or >= len)."""
@@ -458,7 +459,8 @@ def load_classify(root: Path, split: str, in_memory_bytes: int = IN_MEMORY_BYTES
         images = NpyImages(folder / "images.npy")
     labels = torch.from_numpy(np.load(folder / "labels.npy").astype(np.int64))
     is_copy = torch.from_numpy(np.load(folder / "is_copy.npy")) if (folder / "is_copy.npy").is_file() else None
-    return ClassifyData(images, labels, list(meta["classes"]), list(meta["mean"]), list(meta["std"]), is_copy)
+    return ClassifyData(images, labels, list(meta["classes"]), list(meta["mean"]), list(meta["std"]), is_copy,
+                        meta.get("source_size"))
 
 
 @dataclass(frozen=True)
@@ -474,6 +476,7 @@ class SceneData(_ImageTensors):
     mean: list[float]
     std: list[float]
     image_ids: list[int] = field(default_factory=list)
+    source_size: dict[str, float] | None = None  # own photos: their own size (preparation.with_source_size)
 
     def subset(self, n: int | None, seed: int) -> "SceneData":
         """A random subset of `n` scenes (all of them when n is None or >= len)."""
@@ -513,7 +516,8 @@ def _lazy_scenes(folder: Path, coco: dict[str, Any], meta: dict[str, Any]) -> Sc
     return SceneData(PngRows([folder / "images" / n for n in names], channels, size),
                      PngRows([folder / "masks" / n for n in names], 0, size),
                      SceneTargets([by_image[info["id"]] for info in infos], size),
-                     list(meta["classes"]), list(meta["mean"]), list(meta["std"]), [info["id"] for info in infos])
+                     list(meta["classes"]), list(meta["mean"]), list(meta["std"]), [info["id"] for info in infos],
+                     meta.get("source_size"))
 
 
 def _eager_scenes(folder: Path, meta: dict[str, Any]) -> SceneData:
@@ -531,7 +535,7 @@ def _eager_scenes(folder: Path, meta: dict[str, Any]) -> SceneData:
         "masks": torch.from_numpy(scene.instance_masks.astype(np.uint8)),
     } for scene in scenes]
     return SceneData(images, masks, targets, list(meta["classes"]), list(meta["mean"]), list(meta["std"]),
-                     [scene.image_id for scene in scenes])
+                     [scene.image_id for scene in scenes], meta.get("source_size"))
 
 
 def _to_chw(image: np.ndarray, channels: int) -> torch.Tensor:

@@ -144,6 +144,29 @@ def champion_of(task: str, promotion_dir: Path) -> dict[str, Any] | None:
     return report["champion"]
 
 
+NATIVE_SCALES = (0.5, 2.0)  # serve.scale native: the training scale of photos past which objects no longer match
+
+
+def native_scale_warning(task: str, config: dict[str, Any]) -> str | None:
+    """Why `serve.scale: native` would serve `task`'s model at another scale than it trained at, or None: own photos
+    letterboxed to the training canvas far from their own size (12 MP photos on a 640 px canvas: 0.16x) reach the
+    model at their own pixels, their objects several times the size it learned them at."""
+    source = config.get("source_size")
+    if not source or task not in ("detect", "segment"):
+        return None
+    size = config["image_size"]
+    canvas = max(size) if isinstance(size, (list, tuple)) else int(size)
+    aspect = float(source["aspect"])
+    longer = float(source["side"]) * max(aspect, 1.0 / aspect) ** 0.5  # side = sqrt(width x height)
+    scale = canvas / longer
+    if NATIVE_SCALES[0] <= scale <= NATIVE_SCALES[1]:
+        return None
+    return (f"{task}: serve.scale native serves uploads at their own pixels, but the model trained on its photos "
+            f"at about {scale:.2g}x (their longer side ~{longer:.0f} px on a {canvas} px canvas): objects would reach "
+            f"it {max(scale, 1 / scale):.1f}x {'smaller' if scale > 1 else 'larger'} than it learned them; "
+            "serve.scale fit serves them as trained")
+
+
 def package(models_dir: Path, promotion_dir: Path, out_dir: Path, export: bool = True,
             serve: ServeParams | None = None) -> dict[str, Any]:
     """Import every task's champion (`models_dir/<task>`, written by the promote stage, with its report in
@@ -154,12 +177,17 @@ def package(models_dir: Path, promotion_dir: Path, out_dir: Path, export: bool =
     from pipelines.errors import ConvForgeError
     from pipelines.runtime import atomic_dir, write_json
 
-    choice = serving_choice(serve or load_params(ROOT / "params.yaml").serve)
+    serve = serve or load_params(ROOT / "params.yaml").serve
+    choice = serving_choice(serve)
     tags, onnx, backends = {}, {}, {}
     for task in TASKS:
         if (Path(models_dir) / task).exists():
             tags[task], report, (backend, reason) = import_model(
                 task, Path(models_dir) / task, champion_of(task, promotion_dir), export, choice)
+            config = json.loads((Path(models_dir) / task / "config.json").read_text())  # import_model checked it
+            warning = native_scale_warning(task, config) if serve.scale == "native" else None
+            if warning:
+                print(f"package: warning: {warning}", flush=True)
             backends[task] = {"backend": backend, "reason": reason}
             if report:
                 onnx[task] = report

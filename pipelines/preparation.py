@@ -132,8 +132,10 @@ class ItemsWriter:
         if split == "train":
             self.histogram.add(images)
 
-    def finish(self, classes: list[str], params: AugmentParams, seed: int, note: str | None = None) -> dict:
-        """Close the splits, append the train copies, write labels, is_copy and meta.json; returns the meta."""
+    def finish(self, classes: list[str], params: AugmentParams, seed: int, note: str | None = None,
+               source_size: dict[str, float] | None = None) -> dict:
+        """Close the splits, append the train copies, write labels, is_copy and meta.json; returns the meta.
+        `source_size`: the training photos' own size (own data; see `with_source_size`)."""
         counts = {split: writer.close() for split, writer in self.writers.items()}
         labels = {split: np.concatenate(parts) if parts else np.zeros(0, np.int64)
                   for split, parts in self.labels.items()}
@@ -151,8 +153,17 @@ class ItemsWriter:
                                          "test": counts["test"]}}
         if note:
             meta["note"] = note
+        meta = with_source_size(meta, source_size)
         runtime.write_json(self.out / "meta.json", meta)
         return meta
+
+
+def with_source_size(meta: dict, source_size: dict[str, float] | None) -> dict:
+    """`meta` with the training images' own size, when the raw data has one: own photos ({"side": median
+    sqrt(width x height) in px, "aspect": median width / height} of the train split, as fetch read them), which the
+    service's domain check compares uploads with. Built-in datasets have none: their items are at the working
+    size."""
+    return {**meta, "source_size": source_size} if source_size else meta
 
 
 def scenes_meta(classes: list[str], in_channels: int, image_size: int, histogram: ChannelHistogram,
@@ -226,7 +237,7 @@ def prepare_from_classify(raw: RawData, prepared: Path, reports: Path, augment: 
                 items.add(split, block, train_labels[rows])
         for start, block in row_blocks(raw.images_path("test")):
             items.add("test", block, test_labels[start:start + len(block)])
-        items_meta = items.finish(raw.classes, augment, seed)
+        items_meta = items.finish(raw.classes, augment, seed, source_size=raw.meta.get("source_size"))
         if raw.meta.get("target_names"):  # data.targets_csv: the regress task's own targets
             from pipelines.targets import write_targets
 
@@ -318,8 +329,9 @@ def prepare_from_scenes(raw: RawData, prepared: Path, reports: Path, augment: Au
         items_meta = items.finish(raw.classes, augment, seed,
                                   note=f"classify items are instance crops ({augment.crop_size} px) of the "
                                        f"{raw.meta['name']} scenes")
-        scenes_written = scenes_meta(raw.classes, channels, canvas, histogram,
-                                     {split: writers[split].count for split in SPLITS}, instances)
+        scenes_written = with_source_size(scenes_meta(raw.classes, channels, canvas, histogram,
+                                                      {split: writers[split].count for split in SPLITS}, instances),
+                                          raw.meta.get("source_size"))
         runtime.write_json(scenes_out / "meta.json", scenes_written)
     preview_items = read_rows(prepared / ITEMS_DATA / "train" / "images.npy", 0, augment.preview_count)
     _write_previews(reports, preview_items, previews, raw.classes, augment, seed)

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from PIL import features
 
+from pipelines.coco_annotations import annotation_problem, check_rle_size, declared_size
 from pipelines.datasets import ITEMS_DATA, ArrayWriter, SceneWriter, rename_classes, save_array
 from pipelines.errors import ConvForgeError
 from pipelines.params import BUILTIN_DATASETS, OWN_DATA_KINDS, DataParams
-from pipelines.scenes import Scene, check_class_count, masks_to_boxes
+from pipelines.scenes import IGNORE, Scene, check_class_count, masks_to_boxes
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_SPLIT_SEED = 0  # a fixed split: the raw dataset must not change with the experiment seed
@@ -190,9 +193,28 @@ class CorruptImages:
     def __init__(self, on_corrupt: str, max_pixels: int):
         self.on_corrupt, self.max_pixels = on_corrupt, max_pixels
         self.skipped: list[str] = []
+        self.no_mask: list[str] = []  # masks:PATH: what each image left out for its mask said
 
     def report(self, path: Path, reason: str) -> None:
         self._leave_out(path, f"unreadable image ({reason})", "fix or remove it")
+
+    def missing_mask(self, image: Path, mask: Path, others: list[Path]) -> None:
+        """An image of a masks tree without its masks/NAME.png; `others` are masks/NAME.* of another suffix,
+        named so that a JPEG (lossy: its class ids blur) or a .PNG shows as the reason."""
+        problem = f"no mask masks/{mask.name}"
+        if others:
+            misnamed = others[0].suffix.lower() == ".png"  # x.PNG: a PNG whose suffix is not the .png looked for
+            problem += (f" (found masks/{others[0].name}: " +
+                        (f"name it {mask.name})" if misnamed else "masks must be PNG, lossless)"))
+        self.no_mask.append(problem)
+        self._leave_out(image, problem, f"add masks/{mask.name}")
+
+    def bad_annotation(self, where: str, problem: str) -> None:
+        """A COCO annotation that cannot be read: dropped (its image kept) with one warning line, or fatal per
+        data.on_corrupt."""
+        if self.on_corrupt == "fail":
+            raise ConvForgeError(f"{where}: {problem}; fix or remove it, or set data.on_corrupt: skip")
+        print(f"warning: dropping {where}: {problem}", file=sys.stderr)
 
     def over_limit(self, path: Path, header: Header) -> bool:
         """Whether the image has more pixels than data.max_pixels (then reported, with the key to raise)."""
@@ -259,6 +281,14 @@ def working_size(data: DataParams, headers: list[Header], scene: bool) -> int:
     if scene:
         return auto_size([max(h.width, h.height) for h in headers], data.auto_canvas_max, 32)
     return auto_size([min(h.width, h.height) for h in headers], data.auto_size_max, 8)
+
+
+def source_size(headers: list[Header]) -> dict[str, int | float]:
+    """The training images' own size, upright, for the serving domain check (an upload is compared with the
+    photos trained on, not with the working canvas they were fitted to): the median round(sqrt(width x height))
+    and the median width / height."""
+    sides = [round(math.sqrt(h.width * h.height)) for h in headers]
+    return {"side": int(np.median(sides)), "aspect": round(float(np.median([h.width / h.height for h in headers])), 4)}
 
 
 def decode(path: Path, in_channels: int, size: int, geometry: str, corrupt: CorruptImages) -> np.ndarray | None:
@@ -431,6 +461,32 @@ def spread_limit(items: list[tuple[str, int]], limit: int | None) -> list[tuple[
     return [items[i] for i in sorted(chosen)]
 
 
+def spread_scenes(classes_of: list[frozenset[int]], limit: int | None) -> list[int]:
+    """The indices, in listed order, of at most `limit` scenes given the classes each holds: in turn the class in
+    the fewest chosen scenes (the lowest class on a tie) takes its next scene in listed order, so every class keeps
+    scenes while the limit allows; scenes of no class fill what is left. No limit: every index, in order."""
+    if limit is None or len(classes_of) <= limit:
+        return list(range(len(classes_of)))
+    queues: dict[int, deque[int]] = defaultdict(deque)
+    for index, classes in enumerate(classes_of):
+        for c in classes:
+            queues[c].append(index)
+    chosen: set[int] = set()
+    held: Counter[int] = Counter()
+    while len(chosen) < limit:
+        for queue in queues.values():
+            while queue and queue[0] in chosen:
+                queue.popleft()
+        waiting = [c for c, queue in queues.items() if queue]
+        if not waiting:
+            break
+        index = queues[min(waiting, key=lambda c: (held[c], c))].popleft()
+        chosen.add(index)
+        held.update(classes_of[index])
+    rest = [i for i in range(len(classes_of)) if i not in chosen]
+    return sorted(chosen | set(islice(rest, limit - len(chosen))))
+
+
 def _check_classify_classes(data: DataParams, classes: list[str]) -> None:
     """Classification needs 2 classes (with one, training fails later in torchmetrics); regress on a targets CSV
     needs none, so there a note says classify cannot train on these images. (Past the scenes' class limit, augment
@@ -485,6 +541,7 @@ def stream_imagefolder(data: DataParams, out: Path) -> dict:
         raise ConvForgeError(f"{data.path}: no readable training images")
     return {"name": "imagefolder", "source": str(data.path), "kind": ITEMS_DATA, "classes": list(classes),
             "in_channels": channels, "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped,
+            "source_size": source_size([h for _, _, h in items["train"] if h is not None]),
             **({"target_names": names} if names else {})}
 
 
@@ -588,7 +645,9 @@ def _coco_apis(root: Path) -> tuple[dict[str, Path], dict[str, tuple[Path, Any]]
     for split, folder in folders.items():
         ann_path = _find_annotations(folder)
         apis[split] = ann_path, _load_coco(ann_path)
-        names = [c["name"] for c in sorted(apis[split][1].dataset.get("categories", []), key=lambda c: c["id"])]
+        categories = sorted(apis[split][1].dataset.get("categories", []), key=lambda c: c["id"])
+        _check_category_names(ann_path, categories)
+        names = [c["name"] for c in categories]
         if classes is not None and names != classes:
             raise ConvForgeError(f"{root}: train and test COCO files have different categories")
         classes = names
@@ -596,6 +655,19 @@ def _coco_apis(root: Path) -> tuple[dict[str, Path], dict[str, tuple[Path, Any]]
     if not classes:
         raise ConvForgeError(f"{root}: the COCO file has no categories")
     return folders, apis, classes
+
+
+def _check_category_names(ann_path: Path, categories: list[dict]) -> None:
+    """One line when two categories share a name: two classes under one label would be told apart nowhere (the
+    service's answers, the per-class metrics and plots)."""
+    first: dict[str, Any] = {}
+    for category in categories:
+        name = json.dumps(category["name"], sort_keys=True)
+        if name in first:
+            ids = f"{json.dumps(first[name])} and {json.dumps(category['id'])}"
+            raise ConvForgeError(f"{ann_path}: categories id {ids} share the name {name}: give each category its own "
+                                 "name, or merge them into one")
+        first[name] = category["id"]
 
 
 @dataclass(frozen=True)
@@ -616,12 +688,27 @@ def _coco_sources(data: DataParams, corrupt: CorruptImages) -> tuple[list[str], 
         visible = [i for i in coco.dataset.get("images", []) if not any(map(_hidden, Path(i["file_name"]).parts))]
         infos = sorted(visible, key=lambda i: i["file_name"])
         for target, image_infos in ({split: infos} if split else _flat_split(infos)).items():
-            for info in image_infos[:_limits(data)[target]]:
+            classes_of = lambda info: _coco_classes(coco, info, cat_index)  # noqa: E731 (read only under a limit)
+            for info in _spread(image_infos, classes_of, _limits(data)[target]):
                 path = next((p for p in (folder / "images" / info["file_name"], folder / info["file_name"])
                              if p.is_file()), folder / "images" / info["file_name"])
                 planned[target].append(SceneSource(path, read_header(path, corrupt),
-                                                   _coco_instances(coco, info, cat_index, ann_path)))
+                                                   _coco_instances(coco, info, cat_index, ann_path, corrupt)))
     return classes, planned
+
+
+def _spread(items: list, classes_of: Callable[[Any], frozenset[int]], limit: int | None) -> list:
+    """At most `limit` scenes of `items` with every class kept in turn (`spread_scenes`); each item's classes are
+    looked up only when the limit leaves items out, so no limit reads nothing more."""
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[i] for i in spread_scenes([classes_of(item) for item in items], limit)]
+
+
+def _coco_classes(coco: Any, info: dict, cat_index: dict[Any, int]) -> frozenset[int]:
+    """The classes an image's annotations name (crowd ones and unknown category ids aside), from the index alone."""
+    return frozenset(cat_index[a["category_id"]] for a in coco.imgToAnns.get(info["id"], [])
+                     if not a.get("iscrowd", 0) and a["category_id"] in cat_index)
 
 
 def _annotation_mask(coco: Any, ann: dict, height: int, width: int) -> np.ndarray:
@@ -635,22 +722,28 @@ def _annotation_mask(coco: Any, ann: dict, height: int, width: int) -> np.ndarra
     return mask_utils.decode(box)[:, :, 0].astype(bool)
 
 
-def _coco_instances(coco: Any, info: dict, cat_index: dict[int, int], ann_path: Path) -> Callable:
-    """The instance masks (full resolution, decoded when called), labels and semantic mask of one image."""
+def _coco_instances(coco: Any, info: dict, cat_index: dict[Any, int], ann_path: Path,
+                    corrupt: CorruptImages) -> Callable:
+    """The instance masks (full resolution, decoded when called), labels and semantic mask of one image; an
+    annotation that cannot be read is named by its id and dropped, or stops the fetch, per data.on_corrupt."""
     def instances() -> tuple[list[np.ndarray], list[int], np.ndarray]:
-        try:
-            anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])) if not a.get("iscrowd", 0)]
-            masks = [_annotation_mask(coco, a, info["height"], info["width"]) for a in anns]
-            labels = [cat_index[a["category_id"]] for a in anns]
-            semantic = np.zeros((info["height"], info["width"]), dtype=np.uint8)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ConvForgeError(f"{ann_path}: image {info['file_name']}: unusable COCO annotation ({exc!r}): "
-                                 "each needs a segmentation or a bbox, a known category_id, and its image's "
-                                 "height and width") from None
-        for ann, mask in zip(anns, masks):
-            if mask.shape != semantic.shape:
-                raise ConvForgeError(f"{ann_path}: image {info['file_name']}: annotation {ann['id']}'s segmentation is "
-                                     f"{mask.shape[1]}x{mask.shape[0]}, its image {info['width']}x{info['height']}")
+        height, width = declared_size(info, ann_path)
+        masks, labels = [], []
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])):
+            if ann.get("iscrowd", 0):
+                continue
+            where = f"{ann_path}: image {info['file_name']}: annotation {ann['id']}"
+            problem = annotation_problem(ann, cat_index)
+            if problem is None:
+                check_rle_size(ann, height, width, where)
+                try:
+                    masks.append(_annotation_mask(coco, ann, height, width))
+                    labels.append(cat_index[ann["category_id"]])
+                except (KeyError, TypeError, ValueError, IndexError) as exc:
+                    problem = f"unusable segmentation ({exc!r})"
+            if problem is not None:
+                corrupt.bad_annotation(where, problem)
+        semantic = np.zeros((height, width), dtype=np.uint8)
         for i in sorted(range(len(masks)), key=lambda i: -masks[i].sum()):  # small ones on top
             semantic[masks[i]] = labels[i] + 1
         return masks, labels, semantic
@@ -686,14 +779,16 @@ def _stream_scenes(data: DataParams, out: Path, name: str, classes: list[str],
     if instances == 0:
         raise ConvForgeError(f"{data.path}: no instance in any image: {no_instances}")
     return {"name": name, "source": str(data.path), "kind": name, "classes": classes, "in_channels": channels,
-            "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped}
+            "image_size": [size, size], "splits": counts, "skipped": corrupt.skipped,
+            "source_size": source_size([s.header for s in planned["train"] if s.header is not None])}
 
 
 def stream_coco(data: DataParams, out: Path) -> dict:
     """COCO instances data (folder with instances.json + images/, or train/ and test/ such folders) into
     `out/{split}/` as letterboxed scenes, one image at a time; returns the raw meta's fields.
 
-    Crowd annotations are left out; classes follow the category ids in ascending order.
+    Crowd annotations are left out, and those that cannot be read per data.on_corrupt (`annotation_problem`);
+    classes follow the category ids in ascending order, each with its own name.
     """
     _require_dir(data.path, "coco")
     corrupt = CorruptImages(data.on_corrupt, data.max_pixels)
@@ -702,35 +797,77 @@ def stream_coco(data: DataParams, out: Path) -> dict:
                           "every annotation is a crowd one, or empty once fitted to its image")
 
 
-def _mask_values(mask: Any) -> np.ndarray:
+def _mask_values(mask: Any, mask_path: Path) -> np.ndarray:
     """A mask image's class values, uint8 [H, W]: a palette ("P", VOC style) mask's indices, not their colours'
-    brightness; a 1-bit mask's 0/1 (foreground = class 1, not 255, the ignore value); any other mode's grey."""
-    if mask.mode in ("P", "1"):
-        return np.asarray(mask, dtype=np.uint8).copy()
+    brightness; a 1-bit mask's 0/1 (foreground = class 1, not 255, the ignore value); any other grey mode's grey.
+    A colour mask (VOC colours saved as RGB) stops the fetch: the brightness of its colours would be read as
+    hundreds of classes."""
+    if mask.mode in ("P", "PA", "1"):
+        return np.asarray(mask.getchannel(0), dtype=np.uint8).copy()
+    if len([band for band in mask.getbands() if band not in ("A", "a", "X")]) > 1:
+        rgb = np.asarray(mask.convert("RGB"))
+        if (rgb != rgb[..., :1]).any():
+            raise ConvForgeError(f"{mask_path}: a colour ({mask.mode}) mask: write class ids as a grey (L) or palette "
+                                 f"(P) PNG (0 = background, 1..K = classes, {IGNORE} = ignored)")
+        return rgb[..., 0].copy()
     return np.asarray(mask.convert("L")).copy()
 
 
-def _mask_instances(mask_path: Path, header: Header, corrupt: CorruptImages, largest: list[int]) -> Callable:
-    """The instances of one masks/NAME.png, read when called: 8-connected components per class value."""
+def _class_values(semantic: np.ndarray) -> np.ndarray:
+    """The class values a mask holds: 1..254, background (0) and the ignore value aside."""
+    return np.unique(semantic[(semantic > 0) & (semantic != IGNORE)])
+
+
+def _read_mask(mask_path: Path, corrupt: CorruptImages | None) -> np.ndarray | None:
+    """A mask's class values (`_mask_values`); None when unreadable (reported when `corrupt` is given)."""
+    from pipelines.decode import DecodeError, open_image
+
+    try:
+        mask = open_image(mask_path)
+    except DecodeError as exc:
+        if corrupt is not None:
+            corrupt.report(mask_path, str(exc))
+        return None
+    return _mask_values(mask, mask_path)
+
+
+def _mask_classes(mask_path: Path) -> frozenset[int]:
+    """The classes a mask holds, for data.max_train's choice of scenes: a missing or unreadable mask holds none
+    here (it is reported if its scene is chosen)."""
+    semantic = _read_mask(mask_path, None) if mask_path.is_file() else None
+    return frozenset() if semantic is None else frozenset(int(v) - 1 for v in _class_values(semantic))
+
+
+@dataclass
+class MaskValues:
+    """The largest class value in the masks read (the ignore value aside) and a mask that holds it, for the check
+    against classes.txt."""
+
+    largest: int = 0
+    where: Path | None = None
+
+    def add(self, semantic: np.ndarray, mask_path: Path) -> None:
+        top = int(semantic[semantic != IGNORE].max(initial=0))
+        if top > self.largest:
+            self.largest, self.where = top, mask_path
+
+
+def _mask_instances(mask_path: Path, header: Header, corrupt: CorruptImages, values: MaskValues) -> Callable:
+    """The instances of one masks/NAME.png, read when called: 8-connected components per class value (1..254);
+    the ignore value stays in the semantic mask and makes no instance."""
     def instances() -> tuple[list[np.ndarray], list[int], np.ndarray] | None:
         from scipy import ndimage
 
-        from pipelines.decode import DecodeError, open_image
-
-        try:
-            mask = open_image(mask_path)
-        except DecodeError as exc:
-            corrupt.report(mask_path, str(exc))
+        semantic = _read_mask(mask_path, corrupt)
+        if semantic is None:
             return None
-        semantic = _mask_values(mask)
-        semantic[semantic == 255] = 0
         if semantic.shape != (header.height, header.width):
             corrupt.report(mask_path, f"mask size {semantic.shape[::-1]} differs from its image's "
                                       f"{(header.width, header.height)}")
             return None
-        largest[0] = max(largest[0], int(semantic.max()))
+        values.add(semantic, mask_path)
         masks, labels = [], []
-        for value in np.unique(semantic[semantic > 0]):
+        for value in _class_values(semantic):
             components, count = ndimage.label(semantic == value, structure=np.ones((3, 3)))
             for k in range(1, count + 1):
                 if (components == k).sum() >= MIN_COMPONENT_PIXELS:
@@ -740,11 +877,35 @@ def _mask_instances(mask_path: Path, header: Header, corrupt: CorruptImages, lar
     return instances
 
 
+def _mask_pairs(folder: Path, ignored: IgnoredFiles) -> list[tuple[Path, Path]]:
+    """(images/NAME.*, masks/NAME.png) of one folder of a masks tree, in name order; two images of one NAME stop
+    the fetch, as both would pair with the same mask."""
+    if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
+        raise ConvForgeError(f"{folder}: expected images/ and masks/ folders")
+    files = _visible_files(folder / "images")
+    ignored.not_images += [p for p in files if not _is_image(p)]
+    seen: dict[str, Path] = {}
+    for image in filter(_is_image, files):
+        if image.stem in seen:
+            raise ConvForgeError(f"{folder / 'images'}: {seen[image.stem].name} and {image.name} share the name "
+                                 f"{image.stem}, so both would pair with masks/{image.stem}.png: rename or remove one")
+        seen[image.stem] = image
+    return [(image, folder / "masks" / f"{image.stem}.png") for image in seen.values()]
+
+
+def _by_stem(folder: Path) -> dict[str, list[Path]]:
+    """The visible files of `folder` by name without suffix."""
+    found: dict[str, list[Path]] = defaultdict(list)
+    for path in _visible_files(folder):
+        found[path.stem].append(path)
+    return found
+
+
 def stream_masks(data: DataParams, out: Path) -> dict:
     """Image + mask PNG pairs (images/NAME.* with masks/NAME.png: 0 = background, c + 1 = class c,
-    255 = ignored, read as background; palette masks by index, 1-bit masks as class 1) into `out/{split}/` as
-    scenes, one pair at a time. Instances are the 8-connected components of each class (smaller than 4 pixels:
-    semantic only). Class names from classes.txt (one per line) if present."""
+    255 = ignored: left out of the segment loss and metrics; palette masks by index, 1-bit masks as class 1) into
+    `out/{split}/` as scenes, one pair at a time. Instances are the 8-connected components of each class (smaller
+    than 4 pixels: semantic only). Class names from classes.txt (one per line) if present."""
     root = data.path
     _require_dir(root, "masks")
     corrupt = CorruptImages(data.on_corrupt, data.max_pixels)
@@ -753,31 +914,31 @@ def stream_masks(data: DataParams, out: Path) -> dict:
         if names_file.is_file() else None
     check_class_count(len(classes or []), str(names_file))
     planned: dict[str, list[SceneSource]] = {"train": [], "test": []}
-    largest, ignored = [0], IgnoredFiles()
+    values, ignored = MaskValues(), IgnoredFiles()
     for split, folder in (_split_folders(root) or {"": root}).items():
-        if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
-            raise ConvForgeError(f"{folder}: expected images/ and masks/ folders")
-        files = _visible_files(folder / "images")
-        ignored.not_images += [p for p in files if not _is_image(p)]
-        found = [(p, folder / "masks" / f"{p.stem}.png") for p in files if _is_image(p)]
+        found, masks = _mask_pairs(folder, ignored), _by_stem(folder / "masks")
         for target, pairs in ({split: found} if split else _flat_split(found)).items():
-            for image_path, mask_path in pairs[:_limits(data)[target]]:
+            for image_path, mask_path in _spread(pairs, lambda pair: _mask_classes(pair[1]), _limits(data)[target]):
                 if not mask_path.is_file():
-                    corrupt.report(image_path, f"no mask {mask_path.name} in masks/")
+                    corrupt.missing_mask(image_path, mask_path, [p for p in masks[mask_path.stem] if p != mask_path])
                     continue
                 header = read_header(image_path, corrupt)
                 planned[target].append(SceneSource(image_path, header, _mask_instances(mask_path, header, corrupt,
-                                                                                       largest)))
+                                                                                       values)))
     ignored.warn()
+    if not planned["train"] and corrupt.no_mask:
+        raise ConvForgeError(f"{root}: no training image has its mask in masks/ (images/NAME.* needs "
+                             f"masks/NAME.png); the first: {corrupt.no_mask[0]}")
     # class names are only known once every mask was read: the scenes are written with placeholders
     meta = _stream_scenes(data, out, "masks", classes or [], planned, corrupt,
                           "the masks hold only background (0) and 255 (the ignore value), or specks under "
                           f"{MIN_COMPONENT_PIXELS} pixels; write each mask's pixels as 0 = background and "
                           "1..K = class ids (a binary mask: 0 and 1)")
     if classes is None:
-        classes = [f"class_{c + 1}" for c in range(max(largest[0], 1))]
-    elif largest[0] > len(classes):
-        raise ConvForgeError(f"{names_file}: names {len(classes)} classes but a mask has value {largest[0]}")
+        classes = [f"class_{c + 1}" for c in range(max(values.largest, 1))]
+    elif values.largest > len(classes):
+        raise ConvForgeError(f"{names_file}: names {len(classes)} classes but {values.where} has value "
+                             f"{values.largest}: name class c + 1 on line c + 1")
     for split in RAW_SPLITS:
         rename_classes(out / split, classes)
     return {**meta, "classes": classes}

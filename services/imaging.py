@@ -142,12 +142,18 @@ class Domain:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Domain":
-        """From a model's config.json (in_channels, image_size as a side or [height, width], per-channel mean/std of
-        its training data)."""
-        size = config["image_size"]
-        height, width = (size[0], size[1]) if isinstance(size, (list, tuple)) else (size, size)
-        return cls(int(config["in_channels"]), int(np.sqrt(height * width)), float(np.mean(config["mean"])),
-                   float(np.mean(config["std"])), width / height)
+        """From a model's config.json: in_channels, per-channel mean/std of its training data, and the training
+        images' size: their own (`source_size`, own photos: a 12 MP phone photo trained at 224 px is no larger
+        than its training photos) or else the model input's (image_size as a side or [height, width])."""
+        source = config.get("source_size")
+        if source:
+            side, aspect = int(source["side"]), float(source["aspect"])
+        else:
+            size = config["image_size"]
+            height, width = (size[0], size[1]) if isinstance(size, (list, tuple)) else (size, size)
+            side, aspect = int(np.sqrt(height * width)), width / height
+        return cls(int(config["in_channels"]), side, float(np.mean(config["mean"])), float(np.mean(config["std"])),
+                   aspect)
 
     def check(self, image: ImageFacts) -> list[tuple[str, str]]:
         """Why an image is outside the training domain, as (kind, reason) pairs; empty when inside."""

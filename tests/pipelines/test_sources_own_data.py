@@ -205,7 +205,7 @@ def test_palette_masks_are_read_by_index(tmp_path, project_params):
     _, raw = fetch_own(tmp_path, project_params, f"masks:{tmp_path / 'voc'}", image_size=24)
     assert raw.classes == ["class_1", "class_2"]
     scene = next(raw.scenes("train"))
-    assert sorted(scene.labels.tolist()) == [0, 1] and set(np.unique(scene.semantic)) == {0, 1, 2}
+    assert sorted(scene.labels.tolist()) == [0, 1] and set(np.unique(scene.semantic)) == {0, 1, 2, 255}
 
 
 def test_one_bit_masks_are_class_1(tmp_path, project_params):
@@ -272,3 +272,27 @@ def test_images_and_masks_decode_under_data_max_pixels_whatever_pillows_limit(tm
     meta, raw = fetch_own(tmp_path, project_params, f"{kind}:{tmp_path / kind}", image_size=size)
     assert meta["skipped"] == [] and raw.count("train") + raw.count("test") == count
     assert Image.MAX_IMAGE_PIXELS == 50
+
+
+def test_the_photos_own_size_reaches_the_prepared_data_and_the_served_domain(tmp_path, project_params):
+    """fetch records the training photos' own size; augment carries it into the prepared meta, the loaders into the
+    data, and the service's domain check compares uploads with it: a model trained at 8 px on 90 x 20 photos
+    takes a 90 x 20 upload as in domain (it was '5.3x larger than the training images (8 px)' and 4.5x wider)."""
+    from pipelines.datasets import load_classify
+    from pipelines.preparation import prepare_from_classify
+    from services.imaging import Domain, ImageFacts
+    from tests.fixtures import tiny_scene_params
+
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("L", (90, 20), 60 + 100 * (name == "dog")).save(tmp_path / "pets" / name / f"{i}.png")
+    _, raw = fetch_own(tmp_path, project_params, f"imagefolder:{tmp_path / 'pets'}", image_size=8)
+    prepare_from_classify(raw, tmp_path / "prepared", tmp_path / "reports", project_params.augment,
+                          tiny_scene_params(project_params), project_params.seed)
+    data = load_classify(tmp_path / "prepared" / "classify", "train")
+    assert data.source_size == {"side": 42, "aspect": 4.5} and data.subset(4, 0).source_size == data.source_size
+    config = {"in_channels": 1, "image_size": 8, "mean": data.mean, "std": data.std}
+    upload = ImageFacts(90, 20, False, data.mean[0])
+    assert [kind for kind, _ in Domain.from_config(config).check(upload)] == ["size", "aspect"]
+    assert Domain.from_config({**config, "source_size": data.source_size}).check(upload) == []

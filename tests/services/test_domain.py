@@ -112,3 +112,34 @@ def test_a_1x1000_strip_is_out_of_domain_and_says_why(grey_classifier):
     strip = np.full((1000, 1), round(runner.domain.mean * 255), np.uint8)
     reasons = dict(check(runner, png(strip)))
     assert list(reasons) == ["aspect"] and reasons["aspect"].startswith("1x1000 is 1000.0x taller"), reasons
+
+
+def test_own_photos_are_compared_with_the_training_photos_not_the_working_size():
+    """A model trained on 12 MP photos resized to 224 px (image_size auto) flagged every 12 MP upload, its own
+    training photos included, as '15.6x larger than the training images (224 px)': the domain compared uploads
+    with the model input. config.json now carries the photos' own size (source_size), and the check uses it."""
+    config = {"in_channels": 3, "image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    phone = imaging.ImageFacts(4032, 3024, True, 0.5)
+    before = imaging.Domain.from_config(config).check(phone)
+    assert [kind for kind, _ in before] == ["size"] and "larger than the training images (224 px)" in before[0][1]
+    own = imaging.Domain.from_config({**config, "source_size": {"side": 3492, "aspect": 1.3333}})
+    assert own.check(phone) == []
+    assert own.check(imaging.ImageFacts(640, 480, True, 0.5)) == [("size", "6.3x smaller than the training images "
+                                                                          "(3492 px)")]
+    assert own.check(imaging.ImageFacts(3024, 4032, True, 0.5)) == []  # portrait: within the aspect factor
+
+
+def test_native_scale_is_flagged_when_training_resized_the_photos_far():
+    """The README's COCO recipe served at native scale: with 12 MP photos on a 640 px canvas the detector met objects
+    6x larger than it trained on (the review: no detection, or boxes on fragments). The package stage warns."""
+    from pipelines.packaging import native_scale_warning
+
+    phones = {"image_size": 640, "source_size": {"side": 3492, "aspect": 1.3333}}
+    warning = native_scale_warning("detect", phones)
+    assert warning.startswith("detect: serve.scale native serves uploads at their own pixels, but the model trained "
+                              "on its photos at about 0.16x (their longer side ~4032 px on a 640 px canvas)")
+    assert "6.3x larger" in warning
+    assert native_scale_warning("segment", {"image_size": [640, 640], "source_size": {"side": 420, "aspect": 1.5}}) \
+        is None  # 514 px photos on a 640 px canvas: 1.25x
+    assert native_scale_warning("classify", phones) is None  # classify is always fitted
+    assert native_scale_warning("detect", {"image_size": 64}) is None  # built-in data: no source size
