@@ -72,6 +72,16 @@ class EngineSettings:
         return {**asdict(self), "device": chosen.device, "amp": chosen.amp, "channels_last": chosen.channels_last}
 
 
+COMPUTING_KEYS = ("device", "amp", "channels_last", "compile")  # engine settings that change what a step computes
+
+
+def computing(engine: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings (resolved, as `EngineSettings.recorded` gives them) that change what training computes:
+    bf16 or float32 steps, another device, memory format or compiled kernels give other scores. A search or an
+    interrupted training is only resumed under the same ones."""
+    return {key: engine[key] for key in COMPUTING_KEYS}
+
+
 @dataclass
 class EpochResult:
     epoch: int  # 1-based

@@ -20,6 +20,7 @@ A failed gate is a result, not an error: the champion stays, and the summary say
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from models import _checkpoint as checkpoint
 from pipelines import tracking
 from pipelines.errors import ConvForgeError
 from pipelines.params import Params, PromoteGate
+from pipelines.tasks import get_task
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = (checkpoint.WEIGHTS, checkpoint.CONFIG, "history.json")  # what the logged model holds too
@@ -220,6 +222,18 @@ def report_of(task: str, gate: PromoteGate, candidate: Candidate, checks: list[C
             "champion": {**now, "model_dir": Path(champion_dir).as_posix()} if now else None}
 
 
+def test_data_hash(params: Params, task: str, test_dir: Path, root: Path = PROJECT_ROOT) -> str:
+    """What a test score was measured on: the prepared test folder's hash, and for a task whose test inputs are made
+    from params as they load (reconstruct: `corruption`), those params too; a champion tested on other inputs (a
+    noise level of 0.05 against 0.3) is then not comparable, as another test folder is not."""
+    folder = tracking.data_hash(test_dir, root)
+    adapter = get_task(task)
+    if not hasattr(adapter, "made_by"):
+        return folder
+    made = json.dumps(adapter.made_by(params), sort_keys=True)
+    return f"{folder}+{hashlib.sha256(made.encode()).hexdigest()[:16]}"
+
+
 def run_promotion(params: Params, task: str, model_dir: Path, metrics_path: Path, test_dir: Path,
                   champion_dir: Path, report_path: Path, *, root: Path = PROJECT_ROOT,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -228,7 +242,7 @@ def run_promotion(params: Params, task: str, model_dir: Path, metrics_path: Path
     gate = params.promote.task(task)
     metrics = read_metrics(metrics_path, task)
     check_names(gate, metrics, task, metrics_path)
-    test_hash = tracking.data_hash(Path(test_dir), root)
+    test_hash = test_data_hash(params, task, Path(test_dir), root)
     tracking.configure(params.mlflow, root)
     candidate = read_candidate(Path(model_dir), metrics, test_hash, task)
     name, number = candidate.version.name, candidate.version.version

@@ -28,7 +28,7 @@ import pipelines.runtime as runtime
 from models import _checkpoint as checkpoint
 from models.summary import profile
 from pipelines import cluster, tracking
-from pipelines.engine import EngineSettings
+from pipelines.engine import EngineSettings, computing
 from pipelines.errors import ConvForgeError
 from pipelines.geometry import data_geometry
 from pipelines.params import Params, SearchParams, TaskSearchParams, TrainConfig
@@ -80,6 +80,7 @@ def search_key(params: Params, task: str, space: SearchSpace, data_hash: str,
               "search": {key: getattr(params.search, key) for key in SHAPING_KEYS},
               "budget": params.search.task(task).model_dump(), "train": trial_config(params, task).model_dump(),
               "policy": params.augment.policy.model_dump(), "space": repr(space), "data": data_hash,
+              "engine": computing(recorded_engine(params)),
               **({"pretrained": weights_of(pretrained)} if pretrained else {}),
               # what an adapter makes of the prepared data (reconstruct: the corruption), when params choose it
               **({"made": get_task(task).made_by(params)} if hasattr(get_task(task), "made_by") else {})}

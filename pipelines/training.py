@@ -28,7 +28,7 @@ from torch import nn
 import pipelines.runtime as runtime
 from models import _checkpoint as checkpoint
 from pipelines import distributed, tracking
-from pipelines.engine import EngineSettings, FitResult, evaluate_report, fit
+from pipelines.engine import EngineSettings, FitResult, computing, evaluate_report, fit
 from pipelines.errors import ConvForgeError
 from pipelines.metrics import SERVED_SETTINGS
 from pipelines.params import Params, PolicyParams, TrainConfig
@@ -114,7 +114,8 @@ def resume_key(job: TrainingJob, params: Params) -> str:
     same code."""
     inputs = {"task": job.task, "family": job.family, "hparams": job.hparams, "train": job.cfg.model_dump(),
               "data": job.data_hash, "seed": params.seed, "deterministic": params.deterministic,
-              "policy": job.policy.model_dump(), "code": tracking.code_hash()}
+              "policy": job.policy.model_dump(), "code": tracking.code_hash(),
+              "engine": computing(job.settings.recorded())}
     if job.transfer is not None:  # new pretrained weights (e.g. a retrained classifier): a new run
         inputs["pretrained"] = job.transfer
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -172,7 +173,8 @@ def model_config(job: TrainingJob, result: FitResult, run_id: str, registered: s
             "mean": data.mean, "std": data.std, "train": job.cfg.model_dump(), "data_hash": job.data_hash,
             "metric": job.metric, "val_score": result.best_score, "best_epoch": result.best_epoch,
             "mlflow_run_id": run_id, "registered_model": registered, "search_trial_id": job.best.get("trial_id"),
-            "git_commit": tracking.git_commit(root)}
+            "git_commit": tracking.git_commit(root),
+            **({"source_size": data.source_size} if getattr(data, "source_size", None) else {})}
 
 
 def save(job: TrainingJob, result: FitResult, config: dict[str, Any], out_dir: Path) -> tracking.Registration:

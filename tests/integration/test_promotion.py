@@ -91,6 +91,8 @@ def test_a_worse_experiment_leaves_the_champion_and_the_served_model_unchanged(r
     assert weights == (root / "artifacts/models/classify/model.safetensors").read_bytes()
     assert json.loads((champion_dir / "registration.json").read_text()) == {
         "registered_model": "convforge-classify", "registered_version": 1, "registered_alias": "champion"}
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline"], root, env)
 
     worse = run(["dvc", "exp", "run", "-S", "train.classify.grad_clip=0.0001"], root, env)
     assert "Running stage 'train@classify'" in worse.stdout and "Running stage 'promote@classify'" in worse.stdout
@@ -110,6 +112,13 @@ def test_a_worse_experiment_leaves_the_champion_and_the_served_model_unchanged(r
     summary = summary_text(collect(root), "sqlite:///mlflow.db", "127.0.0.1", 3000)
     assert "convforge-classify v2 not promoted (" in summary and "the champion stays v1" in summary, summary
     assert "the newest run was not promoted: the service keeps serving v1" in summary, summary
+
+    # Back to the baseline commit: git and DVC restore what its dvc.lock records, the promotion verdict included
+    # (it was in neither: promote reran and dvc.lock changed under the commit).
+    run(["git", "checkout", "--", "."], root, env)
+    run(["dvc", "checkout", "--force"], root, env)
+    assert "up to date" in run(["dvc", "status"], root, env).stdout
+    assert json.loads((root / "reports/promotion/classify.json").read_text())["candidate"]["version"] == 1
 
 
 def _register(root: Path, seed: int, data) -> Path:

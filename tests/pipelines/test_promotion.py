@@ -103,3 +103,25 @@ def test_the_summary_says_when_the_newest_run_was_not_promoted():
     assert "there is no champion" in promotion_lines({**report, "champion": None})[1]
     assert len(promotion_lines({**report, "promoted": True, "champion": {"version": 2}})) == 1
     assert promotion_lines(None) == []
+
+
+def test_reconstruct_test_inputs_made_from_other_params_are_other_test_data(tmp_path, project_params):
+    """reconstruct corrupts its clean test split as it loads, by params.yaml's `corruption`: the gate hashed the clean
+    folder alone, so a champion tested at noise 0.05 counted as tested on the same data as a candidate at 0.3 (the
+    review: a model 8.7 dB worse than its own noisy input became champion on an easier test). The params that make
+    the inputs are part of the test data's identity; tasks that make nothing keep the folder's hash."""
+    from pipelines import tracking
+    from pipelines.promotion import test_data_hash
+
+    folder = tmp_path / "test"
+    folder.mkdir()
+    (folder / "images.npy").write_bytes(b"clean test items")
+    easier = project_params.model_copy(update={"corruption": project_params.corruption.model_copy(
+        update={"noise_std": 0.05})})
+    assert project_params.corruption.noise_std != 0.05
+    assert test_data_hash(project_params, "reconstruct", folder, tmp_path) != \
+        test_data_hash(easier, "reconstruct", folder, tmp_path)
+    assert test_data_hash(project_params, "reconstruct", folder, tmp_path) == \
+        test_data_hash(project_params.model_copy(), "reconstruct", folder, tmp_path)
+    assert test_data_hash(project_params, "classify", folder, tmp_path) == \
+        test_data_hash(easier, "classify", folder, tmp_path) == tracking.data_hash(folder, tmp_path)

@@ -29,3 +29,20 @@ def test_a_sound_best_json_reads_back(tmp_path):
     best = {"family": "resnet", "model": {"depth": 10}, "train": {"lr": 0.1}}
     (tmp_path / "best.json").write_text(json.dumps(best))
     assert read_best(tmp_path / "best.json", "detect") == best
+
+
+def test_an_interrupted_training_resumes_only_under_the_same_engine(project_params, tmp_path):
+    """The resume key left the engine out: a float32 run interrupted and rerun with `-S train.amp=bf16` went on from
+    its float32 checkpoint under bf16. The resolved device, AMP, memory format and compilation are in it."""
+    from dataclasses import replace
+
+    from pipelines.engine import EngineSettings
+    from pipelines.training import TrainingJob, resume_key
+
+    settings = EngineSettings.from_params(project_params)
+    job = TrainingJob("classify", "lenet5", {}, project_params.train.classify, None, None, None, settings,
+                      project_params.augment.policy, tmp_path, "data", {})
+    key = resume_key(job, project_params)
+    assert resume_key(replace(job, settings=replace(settings, amp="off")), project_params) == key  # auto, here
+    assert resume_key(replace(job, settings=replace(settings, amp="bf16")), project_params) != key
+    assert resume_key(replace(job, settings=replace(settings, compile=True)), project_params) != key

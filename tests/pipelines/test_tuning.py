@@ -282,8 +282,12 @@ def test_search_key_changes_with_what_shapes_the_trials_only(project_params, spa
     data = data_hash(prepared_classify)
     key = search_key(project_params, "classify", space, data)
     assert key == search_key(project_params, "classify", space, data)
-    # Picking among finished trials, or where Ray runs, is no new search: the finished one is reused.
-    assert search_key(with_search(max_latency_ms=5.0, ray_address="10.0.0.1:6379"), "classify", space, data) == key
+    # Picking among finished trials, or where Ray runs, is no new search: the finished one is reused. (Resources
+    # given: at `auto` the key would count the cluster's, joining it.)
+    given = search_key(with_search(cpus_per_trial=1, gpus_per_trial=0.0), "classify", space, data)
+    assert search_key(with_search(cpus_per_trial=1, gpus_per_trial=0.0, max_latency_ms=5.0,
+                                  ray_address="10.0.0.1:6379"), "classify", space, data) == given
+    assert search_key(with_search(max_latency_ms=5.0), "classify", space, data) == key
     assert search_key(with_search(max_concurrent=7), "classify", space, data) != key
     assert search_key(with_search(budget="time"), "classify", space, data) != key
     raw = project_params.model_dump()
@@ -292,6 +296,24 @@ def test_search_key_changes_with_what_shapes_the_trials_only(project_params, spa
     raw["search"]["classify"]["num_samples"] = 99
     assert search_key(validate(Params, raw), "classify", space, data) != key
     assert search_key(project_params, "classify", space, "other data") != key
+
+
+def test_settings_that_change_what_trials_compute_are_another_search(project_params, space):
+    """`dvc exp run -S train.amp=bf16 search@classify` read the float32 trials back as the bf16 search ('already
+    complete'): the key left the engine out. The resolved device, AMP, memory format and compilation are in it."""
+    from pipelines.params import Params
+
+    def with_train(**changes) -> Params:
+        raw = project_params.model_dump()
+        raw["train"].update(changes)
+        return validate(Params, raw)
+
+    key = search_key(project_params, "classify", space, "data")
+    assert project_params.train.amp == "auto"  # float32 on this CPU
+    assert search_key(with_train(amp="off"), "classify", space, "data") == key  # what auto resolves to here
+    for changed in ({"amp": "bf16"}, {"channels_last": False}, {"compile": True}):
+        assert search_key(with_train(**changed), "classify", space, "data") != key, changed
+    assert search_key(with_train(num_workers=3), "classify", space, "data") == key  # how batches arrive: the same
 
 
 def test_changed_code_is_another_search(project_params, space, tmp_path):
