@@ -54,10 +54,11 @@ test-slow: setup
 serve:
 	PATH=$(BIN):$$PATH $(PY) -m services.serve
 
-## ui: MLflow's UI on http://127.0.0.1:5000, after printing which pages to open
+## ui: MLflow's UI on http://127.0.0.1:5000, after printing which pages to open (both of the store the stages use)
 ui:
 	$(PY) -m pipelines.tracking.ui --url http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+	uri=$$($(PY) -m pipelines.tracking.ui --print-uri) && \
+	  $(BIN)/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000
 
 bench:
 	$(PY) bench/train_throughput.py

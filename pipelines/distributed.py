@@ -47,7 +47,7 @@ class Workers:
     @classmethod
     def from_params(cls, params: Params) -> "Workers":
         return cls(params.train.workers, params.train.use_gpu, params.train.device, params.search.ray_address,
-                   params.search.storage or str(Path("ray_results").resolve()))
+                   params.search.storage or str(tracking.workspace_root(Path.cwd()) / "ray_results"))
 
     def gpus(self) -> bool:
         """Whether each worker gets a GPU, decided on the connected cluster; one line when it cannot hold the

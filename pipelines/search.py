@@ -97,7 +97,8 @@ def prepare_search(params: Params, task: str, data_root: Path, storage: str | No
     data_hash = tracking.data_hash(data_root)
     pretrained = pretrained_sources(params, task, space)
     key = search_key(params, task, space, data_hash, pretrained)
-    storage = storage or params.search.storage or str(Path("ray_results").resolve())
+    # ./ray_results of the main workspace, also from a `dvc exp run --temp` copy (its results outlive the copy)
+    storage = storage or params.search.storage or str(tracking.workspace_root(Path.cwd()) / "ray_results")
     data = TrialData(str(data_root.resolve()), budget.train_subset, params.seed, data_geometry(train), pretrained)
     search = params.search
     # budget epochs: trials drawn in order, each from the trials `window` or more places before it; sha decides
@@ -206,6 +207,7 @@ def search_trials(params: Params, experiment: Experiment, data_hash: str, key: s
         tracking.end_search(parent_id, "FAILED")
         raise
     except KeyboardInterrupt:  # the state saved at the last epoch stays: a rerun resumes from it
+        tracking.end_open_trials(parent_id)
         tracking.end_search(parent_id, "KILLED")
         raise
     tracking.mark_complete(parent_id)

@@ -57,11 +57,17 @@ def code_hash(root: Path = PROJECT_ROOT, packages: Iterable[str] = CODE_PACKAGES
     return digest.hexdigest()[:16]
 
 
-def has_changes(root: Path = PROJECT_ROOT) -> bool:
-    """Whether the work tree has uncommitted changes to tracked files (False outside git)."""
+# What makes a run besides its data: a change here that is not committed (`dvc exp run -S ...`) is not in the
+# commit a run records; dvc.lock and the metrics a repro rewrites are left out
+RUN_INPUTS = ("params.yaml", *CODE_PACKAGES)
+
+
+def has_changes(root: Path = PROJECT_ROOT, paths: Iterable[str] = ()) -> bool:
+    """Whether the work tree has uncommitted changes to tracked files (under `paths` when given; False outside
+    git)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
+                             capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0 and bool(out.stdout.strip())

@@ -22,7 +22,7 @@ from pipelines.engine import EngineSettings, predict
 from pipelines.errors import ConvForgeError
 from pipelines.tracking import tags
 from pipelines.tracking.outputs import pyfunc_output
-from pipelines.tracking.runs import METRICS_PER_BATCH, set_tags
+from pipelines.tracking.runs import METRICS_PER_BATCH, set_tags, tree_tags
 from pipelines.tracking.store import client
 
 MLMODEL = "MLmodel"
@@ -146,8 +146,9 @@ def registered_description(task: str) -> str:
 
 def register_model(model_dir: Path, model: nn.Module, data: Any, name: str, card: ModelCard) -> Registration:
     """Log the saved model of the active run with its metrics (its epoch's, and the run's `best_*` but not
-    their `per_class/` sections), and register it as `name`, tagged with its validation score, data hash and
-    weights hash. Whether it becomes the champion is the promote stage's call, on test data."""
+    their `per_class/` sections), and register it as `name`, tagged with its validation score, data hash,
+    weights hash and the tree's tags (uncommitted changes, DVC experiment). Whether it becomes the champion is
+    the promote stage's call, on test data."""
     example, output = pyfunc_example(model, card.task, data)
     # At its epoch's step, so MLflow links that epoch's metrics (not the step-0 per-class values) to the model.
     logged = log_model(model_dir, example, output, name, card.model_name,
@@ -157,7 +158,7 @@ def register_model(model_dir: Path, model: nn.Module, data: Any, name: str, card
     version = logged.version
     tag_version(name, version, {tags.VERSION_METRIC: card.metric, tags.VERSION_SCORE: f"{card.score:.10g}",
                                 tags.VERSION_DATA_HASH: card.data_hash,
-                                tags.VERSION_WEIGHTS_SHA256: card.weights_sha256})
+                                tags.VERSION_WEIGHTS_SHA256: card.weights_sha256, **tree_tags()})
     store = client()
     store.update_model_version(name, str(version), description=card.description())
     store.update_registered_model(name, description=registered_description(card.task))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 import re
 import subprocess
@@ -23,6 +24,7 @@ from pipelines.tracking.store import PROJECT_ROOT, client
 METRICS_PER_BATCH = 1000  # MLflow's limits on one logging call
 PARAMS_PER_BATCH = 100
 PARAM_LENGTH = 6000
+DVC_EXP_NAME = "DVC_EXP_NAME"  # set by `dvc exp run` (DVC 3.x, dvc.env) in the commands of its stages
 
 
 def sanitize(name: str) -> str:
@@ -137,23 +139,40 @@ def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def tree_tags(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """Whether the run's params or code differ from the commit (in git only), and the DVC experiment running now:
+    a `dvc exp run` applies its params to the baseline commit without committing them."""
+    from pipelines.tracking.lineage import RUN_INPUTS, has_changes  # lineage imports the registry, which imports us
+
+    found = {tags.GIT_DIRTY: str(has_changes(root, RUN_INPUTS)).lower()} if git_commit(root) else {}
+    experiment = os.environ.get(DVC_EXP_NAME)
+    return {**found, tags.DVC_EXP: experiment} if experiment else found
+
+
 def source_tags(root: Path = PROJECT_ROOT) -> dict[str, str]:
-    """The source and commit tags `mlflow.start_run` gives a run, for runs created through the client."""
+    """The source and commit tags `mlflow.start_run` gives a run, for runs created through the client, with the
+    tree's (`tree_tags`)."""
     found = {tags.SOURCE_NAME: str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0] else "",
-             tags.SOURCE_TYPE: "LOCAL"}
+             tags.SOURCE_TYPE: "LOCAL", **tree_tags(root)}
     commit = git_commit(root)
     return {**found, tags.GIT_COMMIT: commit} if commit else found
 
 
 @contextmanager
 def training_run(experiment_id: str, resume_run_id: str | None, task: str, family: str) -> Iterator[str]:
-    """The active run of a training (run `resume_run_id` again when given), with system metrics; yields its id."""
+    """The active run of a training (run `resume_run_id` again when given), with system metrics; yields its id.
+    Ctrl-C or SIGTERM (`pipelines.errors.Terminated` is a KeyboardInterrupt) ends it KILLED, not FAILED: the
+    stage resumes it when rerun."""
     # The commit of the project, not of sys.argv[0]'s folder (MLflow's guess, wrong under pytest or a venv script)
     run_tags = {tags.TASK: task, tags.STAGE: "train", tags.FAMILY: family, **source_tags()}
     with mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
                           run_name=f"train-{task}-{family}", tags=run_tags,
                           log_system_metrics=system_metrics_available()) as run:
-        yield run.info.run_id
+        try:
+            yield run.info.run_id
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")  # the context then leaves the ended run as it is
+            raise
 
 
 def add_to_run(run_id: str, metrics: Mapping[str, Any], artifacts: Mapping[str, Path]) -> None:

@@ -84,6 +84,19 @@ def close_trial_runs(experiment_id: str, parent_id: str, outcomes: Mapping[str, 
             store.set_terminated(run.info.run_id, "FINISHED" if state in ("completed", "stopped") else "KILLED")
 
 
+def end_open_trials(parent_id: str, status: str = "KILLED") -> list[str]:
+    """End the child runs of search `parent_id` still RUNNING (trials a Ctrl-C or SIGTERM stopped), tagged
+    `interrupted`, so an abandoned search keeps none open; a rerun resumes them. Returns their run ids."""
+    store = client()
+    experiment_id = store.get_run(parent_id).info.experiment_id
+    running = store.search_runs([experiment_id], filter_string=f"tags.`{tags.PARENT_RUN}` = '{parent_id}' "
+                                                                "and attributes.status = 'RUNNING'")
+    for run in running:
+        store.set_tag(run.info.run_id, tags.TRIAL_STATE, "interrupted")
+        store.set_terminated(run.info.run_id, status)
+    return [run.info.run_id for run in running]
+
+
 def log_search_result(parent_id: str, files: list[Path], table: Mapping[str, list[Any]], totals: Mapping[str, float],
                       winner: Mapping[str, Any]) -> None:
     """The parent run's record of a finished search, then its end: the files written, the families table,

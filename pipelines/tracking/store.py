@@ -1,4 +1,8 @@
-"""The MLflow store: its URI, the experiment, and the retry SQLite needs when several processes start at once."""
+"""The MLflow store: its URI, the experiment, and the retry SQLite needs when several processes start at once.
+
+A relative store path is taken from the main workspace, also when `dvc exp run --temp`/`--queue` runs the
+pipeline in a copy of the project under `<workspace>/.dvc/tmp/exps/` (deleted afterwards, with any store in it).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import os
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 from mlflow import MlflowClient
@@ -15,21 +21,48 @@ from pipelines.params import MlflowParams
 from pipelines.tracking import tags
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT_COPIES = (".dvc", "tmp", "exps")  # DVC 3.x's folder of the copies it runs temp and queued experiments in
 T = TypeVar("T")
 
 
+def workspace_root(root: Path = PROJECT_ROOT) -> Path:
+    """The main workspace of the project at `root`: `root` itself, or the folder holding the `.dvc` of the
+    `.dvc/tmp/exps/` copy `root` lies in, so the store and Ray's results outlive the copy. Found from the path:
+    DVC_ROOT is set only in the commands DVC starts, and the copy's git repository is its own (no way back)."""
+    root = Path(root).resolve()
+    for folder in root.parents:
+        if folder.parts[-len(EXPERIMENT_COPIES):] == EXPERIMENT_COPIES:
+            return folder.parents[len(EXPERIMENT_COPIES) - 1]
+    return root
+
+
 def resolve_uri(uri: str, root: Path = PROJECT_ROOT) -> str:
-    """A tracking URI with a relative SQLite or file path made absolute against `root`."""
+    """A tracking URI with a relative SQLite or file path made absolute against `root`'s main workspace."""
+    base = workspace_root(root)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).resolve()}"
+        return f"sqlite:///{(base / uri.removeprefix('sqlite:///')).resolve()}"
     if "://" not in uri and not uri.startswith("databricks"):
-        return (root / uri).resolve().as_uri()
+        return (base / uri).resolve().as_uri()
     return uri
+
+
+def store_uri(params: MlflowParams, root: Path = PROJECT_ROOT) -> str:
+    """The project's store: MLFLOW_TRACKING_URI when set, else params.yaml's `mlflow.tracking_uri`, resolved."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or resolve_uri(params.tracking_uri, root)
 
 
 def configure(params: MlflowParams, root: Path = PROJECT_ROOT) -> str:
     """Point MLflow at the project's store (MLFLOW_TRACKING_URI wins); returns the URI."""
-    return use_store(os.environ.get("MLFLOW_TRACKING_URI") or resolve_uri(params.tracking_uri, root))
+    return use_store(store_uri(params, root))
+
+
+def store_exists(uri: str) -> bool:
+    """Whether a local store (SQLite file, file-store folder) is there already; a remote one counts as there."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    if uri.startswith("file:"):
+        return Path(url2pathname(urlparse(uri).path)).is_dir()
+    return True
 
 
 def use_store(uri: str) -> str:

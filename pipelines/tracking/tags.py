@@ -15,6 +15,10 @@ MODEL_TRAINING_KIND = "custom_model_development"
 TASK = "convforge.task"
 STAGE = "convforge.stage"
 FAMILY = "convforge.family"
+# What the commit tag leaves out (also on registered versions): whether params.yaml or the code differed from the
+# commit ("true"/"false"; `dvc exp run` applies its params there), and the DVC experiment that ran it
+GIT_DIRTY = "convforge.git_dirty"
+DVC_EXP = "convforge.dvc_exp"
 
 # A search's parent run
 SEARCH_KEY = "convforge.search_key"

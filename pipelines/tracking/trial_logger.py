@@ -70,7 +70,8 @@ class TrialLogger(tune.Callback):
         return found
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self.run_id(trial)
+        # RUNNING again: a trial a Ctrl-C stopped was ended KILLED (search_runs.end_open_trials), now it resumes
+        self.client.update_run(self.run_id(trial), status="RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         step = int(result.get("epoch") or result.get("training_iteration") or 0)

@@ -2,7 +2,8 @@
 
 MLflow 3.17's UI opens in its GenAI view, whatever the experiment's kind; the `workflowType=machine_learning`
 query of a link opens the "Model training" view (runs, logged models, the registry) instead.
-`python -m pipelines.tracking.ui [--url http://127.0.0.1:5000]` prints them.
+`python -m pipelines.tracking.ui [--url http://127.0.0.1:5000]` prints them; `--print-uri` prints the store they
+are read from (MLFLOW_TRACKING_URI, else params.yaml's, resolved), the one `make ui` serves.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 
 from pipelines.errors import stage_entry
 from pipelines.params import load_params
-from pipelines.tracking.store import client, configure
+from pipelines.tracking.store import client, store_exists, store_uri, use_store
 
 TRAINING_VIEW = "workflowType=machine_learning"
 
@@ -35,15 +36,27 @@ def ui_lines(url: str, experiment: str, experiment_id: str | None) -> list[str]:
     ]
 
 
+def store_lines(uri: str, url: str, experiment: str) -> list[str]:
+    """The pages of the store at `uri`, read without creating it: a store not made yet gets one line."""
+    if not store_exists(uri):
+        return [f"no MLflow store at {uri} yet: run `make repro` first"]
+    use_store(uri)
+    found = client().get_experiment_by_name(experiment)
+    return ui_lines(url, experiment, found and found.experiment_id)
+
+
 @stage_entry
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="where `mlflow ui` listens")
+    parser.add_argument("--print-uri", action="store_true", help="print the store's URI only")
     args = parser.parse_args()
     params = load_params()
-    configure(params.mlflow)
-    found = client().get_experiment_by_name(params.mlflow.experiment)
-    print("\n".join(ui_lines(args.url.rstrip("/"), params.mlflow.experiment, found and found.experiment_id)))
+    uri = store_uri(params.mlflow)
+    if args.print_uri:
+        print(uri)
+        return
+    print("\n".join(store_lines(uri, args.url.rstrip("/"), params.mlflow.experiment)))
 
 
 if __name__ == "__main__":

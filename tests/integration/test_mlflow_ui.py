@@ -5,6 +5,7 @@ commit of search runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -16,6 +17,7 @@ from pipelines.params import MlflowParams
 from tests.fixtures import saved_lenet5
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -89,3 +91,55 @@ def test_search_runs_carry_source_and_commit(store):
         run_tags = client.get_run(run_id).data.tags
         assert run_tags[tracking.tags.SOURCE_TYPE] == "LOCAL" and run_tags[tracking.tags.SOURCE_NAME]
         assert run_tags.get(tracking.tags.GIT_COMMIT) == commit
+
+
+@pytest.fixture()
+def ui_params(monkeypatch):
+    """Run `python -m pipelines.tracking.ui` in-process on a params.yaml whose store is `set_store(uri)`."""
+    from pipelines import params as params_module
+    from pipelines.tracking import ui
+
+    def set_store(uri):
+        loaded = params_module.load_params()
+        mlflow_params = loaded.mlflow.model_copy(update={"tracking_uri": uri})
+        monkeypatch.setattr(ui, "load_params", lambda: loaded.model_copy(update={"mlflow": mlflow_params}))
+
+    yield set_store
+    mlflow.set_registry_uri("")
+    mlflow.set_tracking_uri(None)
+
+
+def run_ui(monkeypatch, capsys, *args):
+    """What `python -m pipelines.tracking.ui ARGS` prints (its stage wrapper left out: it sets SIGTERM's handler)."""
+    from pipelines.tracking import ui
+
+    monkeypatch.setattr("sys.argv", ["ui", *args])
+    ui.main.__wrapped__()
+    return capsys.readouterr().out.strip()
+
+
+def test_listing_pages_of_a_store_not_made_yet_creates_none(tmp_path, monkeypatch, capsys, ui_params):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "tracking").mkdir()
+    uri = f"sqlite:///{tmp_path / 'tracking' / 'runs.db'}"
+    ui_params(uri)
+    assert run_ui(monkeypatch, capsys) == f"no MLflow store at {uri} yet: run `make repro` first"
+    assert not (tmp_path / "tracking" / "runs.db").exists()
+
+
+def test_pages_and_printed_uri_are_of_the_store_the_stages_use(tmp_path, monkeypatch, capsys, ui_params):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ui_params("sqlite:///tracking/runs.db")
+    assert run_ui(monkeypatch, capsys, "--print-uri") == tracking.resolve_uri("sqlite:///tracking/runs.db")
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert run_ui(monkeypatch, capsys, "--print-uri") == uri
+    tracking.use_store(uri)
+    experiment_id = tracking.ensure_experiment("convforge")
+    lines = run_ui(monkeypatch, capsys, "--url", "http://h:1")
+    assert f"http://h:1/#/experiments/{experiment_id}/runs?" in lines
+
+
+def test_make_ui_serves_the_printed_store():
+    recipe = (ROOT / "Makefile").read_text().split("\nui:\n")[1].split("\n\n")[0]
+    assert "--print-uri" in recipe and "--backend-store-uri \"$$uri\"" in recipe and "mlflow.db" not in recipe

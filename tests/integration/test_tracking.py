@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -132,7 +133,6 @@ class OneChoice:
 
 def test_trial_logger_logs_each_trial_as_a_child_run_without_rays_bookkeeping(store):
     import pickle
-    from types import SimpleNamespace
 
     from mlflow import MlflowClient
 
@@ -163,3 +163,107 @@ def test_trial_logger_logs_each_trial_as_a_child_run_without_rays_bookkeeping(st
 
     tracking.mark_complete(parent)
     assert tracking.open_search(experiment, "classify", "key-1", {}) == (parent, True)
+
+
+def git_repo(folder: Path) -> Path:
+    """A git repository in `folder` with one committed file, params.yaml."""
+    import subprocess
+
+    folder.mkdir()
+    (folder / "params.yaml").write_text("lr: 0.1\n")
+    author = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for command in (["init", "-q"], ["add", "params.yaml"], [*author, "commit", "-q", "-m", "one"]):
+        subprocess.run(["git", *command], cwd=folder, check=True)
+    return folder
+
+
+def test_source_tags_say_whether_params_or_code_changed_and_which_dvc_experiment_ran(tmp_path, monkeypatch):
+    import subprocess
+
+    from pipelines.tracking.runs import source_tags
+
+    repo = git_repo(tmp_path / "repo")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    clean = source_tags(repo)
+    assert clean[tracking.tags.GIT_DIRTY] == "false" and tracking.tags.DVC_EXP not in clean
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")  # a repro's own records are no change of its inputs
+    subprocess.run(["git", "add", "dvc.lock"], cwd=repo, check=True)
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert source_tags(repo)[tracking.tags.GIT_DIRTY] == "false"
+    (repo / "params.yaml").write_text("lr: 0.5\n")  # what `dvc exp run -S lr=0.5` does to the baseline's tree
+    monkeypatch.setenv("DVC_EXP_NAME", "ruddy-rant")
+    dirty = source_tags(repo)
+    assert dirty[tracking.tags.GIT_DIRTY] == "true" and dirty[tracking.tags.DVC_EXP] == "ruddy-rant"
+    assert dirty[tracking.tags.GIT_COMMIT] == clean[tracking.tags.GIT_COMMIT]
+    assert tracking.tags.GIT_DIRTY not in source_tags(tmp_path)  # outside git: no commit, nothing to differ from
+
+
+def test_training_runs_search_runs_and_registered_versions_carry_the_tree_tags(store, tmp_path, monkeypatch,
+                                                                               prepared_classify):
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.lineage import RUN_INPUTS, has_changes
+    from pipelines.tracking.trial_logger import TrialLogger
+
+    monkeypatch.setenv("DVC_EXP_NAME", "ruddy-rant")
+    dirty = str(has_changes(paths=RUN_INPUTS)).lower()
+    expected = {tracking.tags.GIT_DIRTY: dirty, tracking.tags.DVC_EXP: "ruddy-rant"}
+    experiment = tracking.ensure_experiment("tree")
+    model, data, folder, sha = saved_lenet5(tmp_path / "model", prepared_classify)
+    with tracking.training_run(experiment, None, "classify", "lenet5") as run_id:
+        card = tracking.ModelCard("classify", "lenet5", "val_accuracy", 0.5, "abc123", sha)
+        registration = tracking.register_model(folder, model, data, "p-tree", card)
+    parent, _ = tracking.open_search(experiment, "classify", "key-tree", {"task": "classify"})
+    trial = SimpleNamespace(trial_id="t9", experiment_tag="1", config={}, num_failures=0, last_result={})
+    TrialLogger(store, experiment, parent, OneChoice(), "val_accuracy", max_epochs=2).on_trial_start(0, [], trial)
+    client = MlflowClient(store)
+    for run in (run_id, parent, tracking.trial_run(experiment, parent, "t9")):
+        assert expected.items() <= client.get_run(run).data.tags.items(), run
+    version = client.get_model_version("p-tree", str(registration.version))
+    assert expected.items() <= version.tags.items()
+
+
+def test_an_interrupted_training_run_ends_killed_and_a_failed_one_failed(store):
+    from mlflow import MlflowClient
+
+    from pipelines.errors import Terminated
+
+    experiment = tracking.ensure_experiment("interrupted")
+    ended = {}
+    for error in (KeyboardInterrupt, Terminated, ValueError):
+        with pytest.raises(error):
+            with tracking.training_run(experiment, None, "classify", "lenet5") as run_id:
+                ended[error] = run_id
+                raise error()
+    status = {error: MlflowClient(store).get_run(run_id).info.status for error, run_id in ended.items()}
+    assert status == {KeyboardInterrupt: "KILLED", Terminated: "KILLED", ValueError: "FAILED"}
+    with tracking.training_run(experiment, ended[KeyboardInterrupt], "classify", "lenet5"):  # the rerun resumes it
+        pass
+    assert MlflowClient(store).get_run(ended[KeyboardInterrupt]).info.status == "FINISHED"
+
+
+def test_an_interrupted_searchs_open_trials_end_killed_and_run_again_when_resumed(store):
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.trial_logger import TrialLogger
+
+    experiment = tracking.ensure_experiment("interrupted-search")
+    parent, _ = tracking.open_search(experiment, "classify", "key-stop", {"task": "classify"})
+    logger = TrialLogger(store, experiment, parent, OneChoice(), "val_accuracy", max_epochs=2)
+    trials = [SimpleNamespace(trial_id=f"s{i}", experiment_tag=str(i), config={}, num_failures=0,
+                              last_result={"epoch": 2}) for i in range(3)]
+    for trial in trials:
+        logger.on_trial_start(0, [], trial)
+    logger.on_trial_complete(0, [], trials[0])
+    client = MlflowClient(store)
+    runs = [tracking.trial_run(experiment, parent, trial.trial_id) for trial in trials]
+
+    assert sorted(tracking.end_open_trials(parent)) == sorted(runs[1:])
+    status = [client.get_run(run).info.status for run in runs]
+    assert status == ["FINISHED", "KILLED", "KILLED"]
+    assert [client.get_run(run).data.tags[tracking.tags.TRIAL_STATE] for run in runs] == [
+        "completed", "interrupted", "interrupted"]
+    assert client.get_run(parent).info.status == "RUNNING"  # the search's own run is search.py's to end
+    assert tracking.end_open_trials(parent) == []
+    logger.on_trial_start(0, [], trials[1])  # a rerun resumes the trial in its run
+    assert client.get_run(runs[1]).info.status == "RUNNING"
