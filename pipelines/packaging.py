@@ -24,6 +24,7 @@ from pipelines.params import ServeParams, load_params
 from pipelines.tasks import TASKS
 from services.backends import FIGURES, choose, read_figures
 from services.catalog import lineage_from_config, model_name
+from services.endpoints import endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOFILE = ROOT / "services" / "bentofile.yaml"
@@ -152,7 +153,7 @@ def native_scale_warning(task: str, config: dict[str, Any]) -> str | None:
     letterboxed to the training canvas far from their own size (12 MP photos on a 640 px canvas: 0.16x) reach the
     model at their own pixels, their objects several times the size it learned them at."""
     source = config.get("source_size")
-    if not source or task not in ("detect", "segment"):
+    if not source or not endpoint(task).scalable:  # native applies to the scalable tasks only (detect, segment)
         return None
     size = config["image_size"]
     canvas = max(size) if isinstance(size, (list, tuple)) else int(size)
