@@ -203,11 +203,12 @@ def test_auto_trial_resources_are_the_clusters(project_params):
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
-    gcs = free_port()
-    head = start([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", "--num-gpus=2",
-                  "--include-dashboard=false", f"--temp-dir={work / 'ray'}", "--disable-usage-stats"],
-                 work / "head.log", env, work)
+    gcs, services = free_port(), []
     try:
+        head = start([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", "--num-gpus=2",
+                      "--include-dashboard=false", f"--temp-dir={work / 'ray'}", "--disable-usage-stats"],
+                     work / "head.log", env, work)
+        services.append(head)
         wait_for(lambda: "Ray runtime started" in (work / "head.log").read_text(), "ray head", head, work / "head.log")
         assert project_params.search.max_concurrent == 2 and project_params.search.gpus_per_trial == "auto"
         script = ("from pipelines.params import load_params\n"
@@ -222,5 +223,5 @@ def test_auto_trial_resources_are_the_clusters(project_params):
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.splitlines()[-1] == "(2.0, 1.0) cuda cuda cudnn", done.stdout
     finally:
-        stop([head])
+        stop(services)
         shutil.rmtree(work, ignore_errors=True)
